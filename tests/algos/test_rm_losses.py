@@ -1,0 +1,275 @@
+"""Reward-model losses, batching, training and normalisation (rlhf.algos.rm) against explicit
+pair enumeration and hand numbers."""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+from itertools import combinations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rlhf.algos.rm import (
+    RMTrainConfig,
+    batch_loss,
+    best_of_k_loss,
+    make_batch,
+    normalize_reward_model,
+    pair_accuracy,
+    pairwise_loss,
+    ranking_loss,
+    train_reward_model,
+)
+from rlhf.data import Comparison
+from rlhf.errors import DataError
+from rlhf.models import RewardModel, TinyLMConfig, build_tiny_lm, train_tokenizer
+
+torch.set_num_threads(1)
+
+
+def log_sigmoid(d: float) -> float:
+    return -math.log1p(math.exp(-d)) if d >= 0 else d - math.log1p(math.exp(d))
+
+
+C4 = Comparison(prompt="p4", responses=("a0", "a1", "a2", "a3"), kind="ranking", ranking=((2,), (0,), (3,), (1,)))
+C3 = Comparison(prompt="p3", responses=("b0", "b1", "b2"), kind="ranking", ranking=((1,), (2,), (0,)))
+
+
+def explicit_ranking_loss(order_scores: list[list[float]]) -> float:
+    """order_scores[g]: the scores of prompt g listed best first (no ties)."""
+    per_prompt = []
+    for s in order_scores:
+        K = len(s)
+        pairs = list(combinations(range(K), 2))  # (i, j) with i ranked above j
+        assert len(pairs) == math.comb(K, 2)
+        per_prompt.append(-sum(log_sigmoid(s[i] - s[j]) for i, j in pairs) / math.comb(K, 2))
+    return sum(per_prompt) / len(per_prompt)
+
+
+def test_ranking_loss_equals_explicit_pair_enumeration():
+    b = make_batch([C4, C3], "ranking")
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(7, generator=g, dtype=torch.float64) * 2
+    s = scores.tolist()
+    # prompt 0 occupies rows 0..3, prompt 1 rows 4..6; list each prompt's scores best first
+    best_first = [[s[0 + i] for i in (2, 0, 3, 1)], [s[4 + i] for i in (1, 2, 0)]]
+    got = ranking_loss(scores, b.win, b.lose, b.tie, b.pair_group, b.n_groups).item()
+    assert got == pytest.approx(explicit_ranking_loss(best_first), rel=1e-10)
+    assert batch_loss(scores, b, "ranking").item() == pytest.approx(got, rel=1e-12)
+
+
+def test_ranking_loss_hand_number():
+    # K=2, one prompt: -log sigmoid(1) = log(1 + e^-1)
+    c = Comparison(prompt="p", responses=("x", "y"), kind="ranking", ranking=((1,), (0,)))
+    b = make_batch([c], "ranking")
+    got = batch_loss(torch.tensor([0.0, 1.0]), b, "ranking").item()
+    assert got == pytest.approx(math.log(1 + math.exp(-1)), rel=1e-6)
+
+
+def test_ranking_loss_with_ties():
+    c = Comparison(prompt="p", responses=("x", "y", "z"), kind="ranking", ranking=((0,), (1, 2)))
+    b = make_batch([c], "ranking")
+    s = [0.7, -0.4, 1.3]
+    loss = batch_loss(torch.tensor(s, dtype=torch.float64), b, "ranking").item()
+    strict = -log_sigmoid(s[0] - s[1]) - log_sigmoid(s[0] - s[2])
+    d = s[1] - s[2]
+    tied = -0.5 * (log_sigmoid(d) + log_sigmoid(-d))
+    assert loss == pytest.approx((strict + tied) / 3, rel=1e-10)
+    assert b.tie.tolist().count(True) == 1
+
+
+def test_make_batch_layouts():
+    r = make_batch([C4, C3], "ranking")
+    assert r.prompts == ["p4"] * 4 + ["p3"] * 3  # K sequences per prompt, not 2 per pair
+    assert r.responses == ["a0", "a1", "a2", "a3", "b0", "b1", "b2"]
+    assert r.group.tolist() == [0, 0, 0, 0, 1, 1, 1]
+    assert r.n_groups == 2
+    assert len(r.win) == 6 + 3
+    pairs = sorted(zip(r.win.tolist(), r.lose.tolist(), r.pair_group.tolist()))
+    order4, order3 = [2, 0, 3, 1], [1, 2, 0]
+    expected = [(order4[i], order4[j], 0) for i, j in combinations(range(4), 2)]
+    expected += [(4 + order3[i], 4 + order3[j], 1) for i, j in combinations(range(3), 2)]
+    assert pairs == sorted(expected)
+
+    p = make_batch([C4, C3], "pairwise")
+    assert len(p.prompts) == 2 * (6 + 3)  # 2 sequences per pair
+    assert p.n_groups == 9
+    assert p.win.tolist() == list(range(0, 18, 2)) and p.lose.tolist() == list(range(1, 18, 2))
+    got = sorted(zip(p.prompts[0::2], p.responses[0::2], p.responses[1::2]))
+    want = sorted([("p4", f"a{order4[i]}", f"a{order4[j]}") for i, j in combinations(range(4), 2)]
+                  + [("p3", f"b{order3[i]}", f"b{order3[j]}") for i, j in combinations(range(3), 2)])
+    assert got == want
+
+    k = make_batch([C4, Comparison(prompt="q", responses=("c0", "c1", "c2"), kind="best_of_k", best=2)], "best_of_k")
+    assert len(k.prompts) == 7
+    assert k.best.tolist() == [2, 4 + 2]
+
+
+def test_best_of_k_loss_equals_cross_entropy():
+    cs = [C4, C3, Comparison(prompt="q", responses=("c0", "c1", "c2", "c3", "c4"), kind="best_of_k", best=3)]
+    b = make_batch(cs, "best_of_k")
+    g = torch.Generator().manual_seed(1)
+    scores = torch.randn(12, generator=g, dtype=torch.float64) * 3
+    got = best_of_k_loss(scores, b.group, b.best, b.n_groups).item()
+    spans, best = [(0, 4), (4, 7), (7, 12)], [2, 1, 3]
+    ce = [F.cross_entropy(scores[a:z].unsqueeze(0), torch.tensor([t])).item() for (a, z), t in zip(spans, best)]
+    assert got == pytest.approx(sum(ce) / 3, rel=1e-10)
+    assert batch_loss(scores, b, "best_of_k").item() == pytest.approx(got, rel=1e-12)
+
+
+def test_best_of_k_hand_number():
+    # scores (0, ln 3) best=1: -log(3 / (1 + 3)) = log(4/3)
+    b = make_batch([Comparison(prompt="p", responses=("x", "y"), kind="best_of_k", best=1)], "best_of_k")
+    assert best_of_k_loss(torch.tensor([0.0, math.log(3)]), b.group, b.best, b.n_groups).item() == pytest.approx(
+        math.log(4 / 3), rel=1e-6)
+
+
+def test_best_of_k_loss_is_stable_across_prompts_with_different_scales():
+    b = make_batch([Comparison(prompt="p", responses=("x", "y"), kind="best_of_k", best=1),
+                    Comparison(prompt="q", responses=("x", "y"), kind="best_of_k", best=0)], "best_of_k")
+    scores = torch.tensor([0.0, 1.0, -200.0, -201.0])
+    expected = (F.cross_entropy(scores[:2].unsqueeze(0), torch.tensor([1]))
+                + F.cross_entropy(scores[2:].unsqueeze(0), torch.tensor([0]))).item() / 2
+    got = best_of_k_loss(scores, b.group, b.best, b.n_groups).item()
+    assert got == pytest.approx(expected, rel=1e-5)
+
+
+def test_pairwise_loss_hand_numbers():
+    chosen, rejected = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 0.0])
+    # -log sigmoid(1) = log(1 + e^-1) = 0.3132616875 ; -log sigmoid(0) = log 2 = 0.6931471806
+    assert pairwise_loss(chosen, rejected).item() == pytest.approx((0.3132616875 + 0.6931471806) / 2, rel=1e-6)
+    # a tie with d = 2: -1/2 [log sigmoid(2) + log sigmoid(-2)] = 1/2 [log(1+e^-2) + log(1+e^2)] = 1.1269280110
+    tie = pairwise_loss(torch.tensor([1.0]), torch.tensor([-1.0]), torch.tensor([True])).item()
+    assert tie == pytest.approx(1.1269280110, rel=1e-6)
+    # a tie is symmetric in the two scores
+    assert pairwise_loss(torch.tensor([-1.0]), torch.tensor([1.0]), torch.tensor([True])).item() == pytest.approx(tie)
+
+
+def test_pairwise_batch_loss_uses_ties():
+    pair_tie = Comparison(prompt="p", responses=("x", "y"), kind="pair", ranking=((0, 1),))
+    pair = Comparison(prompt="p", responses=("x", "y"), kind="pair", ranking=((0,), (1,)))
+    b = make_batch([pair, pair_tie], "pairwise")
+    assert b.tie.tolist() == [False, True]
+    scores = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    expected = (-log_sigmoid(2.0) + 1.1269280110) / 2
+    assert batch_loss(scores, b, "pairwise").item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_best_of_k_with_a_tie_at_the_top_raises():
+    with pytest.raises(DataError):
+        make_batch([Comparison(prompt="p", responses=("x", "y", "z"), kind="ranking", ranking=((0, 1), (2,)))],
+                   "best_of_k")
+    with pytest.raises(DataError):
+        make_batch([Comparison(prompt="p", responses=("x", "y"), kind="pair", ranking=((0, 1),))], "best_of_k")
+
+
+def test_unknown_loss_kind():
+    b = make_batch([C3], "ranking")
+    with pytest.raises(ValueError):
+        batch_loss(torch.zeros(3), b, "hinge")
+
+
+# ----------------------------------------------------------------------------------------------
+# Training a tiny causal reward model
+# ----------------------------------------------------------------------------------------------
+
+SUBJECTS = ["cats", "dogs", "the sea", "rain", "music", "bread", "trains", "winter", "books", "coffee", "apples",
+            "the moon"]
+ADJS = ["good", "bad", "boring", "odd", "fine", "late"]
+
+
+def _comparisons(rng: random.Random, n_per_subject: int) -> list[Comparison]:
+    out = []
+    for s in SUBJECTS:
+        for _ in range(n_per_subject):
+            adjs = ["good"] + rng.sample(ADJS[1:], 2)
+            perm = [0, 1, 2]
+            rng.shuffle(perm)
+            responses = [f" It is {adjs[i]}." for i in perm]
+            good = perm.index(0)
+            out.append(Comparison(prompt=f"Tell me about {s}.", responses=responses, kind="ranking",
+                                  ranking=((good,), tuple(i for i in range(3) if i != good))))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer([f"Tell me about {s}. It is {a}." for s in SUBJECTS for a in ADJS], vocab_size=300)
+
+
+def _rm(tok):
+    lm = build_tiny_lm(TinyLMConfig(n_layer=1, n_embd=32, n_head=2, n_positions=64, vocab_size=len(tok)), seed=0)
+    torch.manual_seed(0)
+    return RewardModel.from_causal_lm(lm, tok)
+
+
+@pytest.fixture(scope="module")
+def trained(tok):
+    rm = _rm(tok)
+    rng = random.Random(0)
+    train, held = _comparisons(rng, 20), _comparisons(rng, 2)
+    before = pair_accuracy(rm, held)
+    hist = train_reward_model(rm, train, RMTrainConfig(batch_size=8, lr=3e-3, epochs=1, max_length=32))
+    return rm, before, hist, held
+
+
+def test_training_improves_pair_accuracy(trained):
+    rm, before, hist, held = trained
+    assert len(hist) == 30  # 240 comparisons / 8
+    assert {"loss", "accuracy", "pairs", "sequences"} <= set(hist[0])
+    assert hist[0]["sequences"] == 8 * 3 and hist[0]["pairs"] == 8 * 3
+    after = pair_accuracy(rm, held)
+    assert after > 0.8, (before, after)
+    assert after > before
+    assert statistics.mean(h["loss"] for h in hist[-5:]) < statistics.mean(h["loss"] for h in hist[:5])
+
+
+def test_normalize_reward_model(trained, tok):
+    rm, _, _, held = trained
+    prompts = [c.prompt for c in held for _ in c.responses]
+    responses = [r for c in held for r in c.responses]
+    bias, gain = normalize_reward_model(rm, prompts, responses)
+    assert gain == 1.0
+    s = rm.score(prompts, responses).tolist()
+    assert statistics.mean(s) == pytest.approx(0.0, abs=1e-4)
+    _, gain = normalize_reward_model(rm, prompts, responses, unit_variance=True)
+    s = rm.score(prompts, responses).tolist()
+    assert statistics.mean(s) == pytest.approx(0.0, abs=1e-4)
+    assert statistics.stdev(s) == pytest.approx(1.0, rel=1e-4)
+    with pytest.raises(DataError):
+        normalize_reward_model(rm, [], [])
+
+
+def test_reward_model_save_load_round_trip(trained, tmp_path):
+    rm, _, _, held = trained
+    rm.config.bias, rm.config.gain = 0.25, 2.0
+    prompts = [c.prompt for c in held[:4] for _ in c.responses]
+    responses = [r for c in held[:4] for r in c.responses]
+    before = rm.score(prompts, responses)
+    rm.save(tmp_path / "rm", manifest={"kind": "reward-model"})
+    loaded = RewardModel.load(tmp_path / "rm")
+    assert loaded.config.backbone == "causal"
+    assert (loaded.config.bias, loaded.config.gain) == (0.25, 2.0)
+    after = loaded.score(prompts, responses)
+    assert torch.allclose(before, after, atol=1e-6), (before - after).abs().max()
+    # the normalisation is applied: score = (raw - bias) * gain
+    enc = loaded.encode(prompts, responses)
+    with torch.no_grad():
+        raw = loaded.raw_scores(enc["input_ids"], enc["attention_mask"])
+    assert torch.allclose(after, (raw - 0.25) * 2.0, atol=1e-6)
+
+
+def test_train_reward_model_rejects_empty_data(tok):
+    with pytest.raises(DataError):
+        train_reward_model(_rm(tok), [], RMTrainConfig())
+
+
+def test_pairwise_batch_size_counts_pairs(tok):
+    rm = _rm(tok)
+    comps = _comparisons(random.Random(1), 1)[:4]  # 4 rankings of K=3: 12 pairs
+    hist = train_reward_model(rm, comps, RMTrainConfig(loss="pairwise", batch_size=2, lr=1e-3, max_length=32))
+    assert all(h["pairs"] <= 2 for h in hist), [h["pairs"] for h in hist]
+    assert len(hist) == 6

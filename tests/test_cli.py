@@ -1,0 +1,96 @@
+"""The command line end to end on tiny data: init-model -> train sft -> train rm -> train ppo -> eval."""
+
+import json
+
+import pytest
+import torch
+
+from rlhf.cli import main
+from rlhf.data import write_jsonl
+
+GOOD = ["a great film", "wonderful acting", "i loved it", "a fine story"]
+BAD = ["a dull film", "awful acting", "i hated it", "a boring story"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    torch.set_num_threads(1)
+    d = tmp_path_factory.mktemp("cli")
+    prompts = [f"review {i}:" for i in range(12)]
+    write_jsonl(d / "demos.jsonl", [{"prompt": p, "response": " " + GOOD[i % 4]} for i, p in enumerate(prompts)])
+    write_jsonl(d / "prompts.jsonl", [{"prompt": p} for p in prompts])
+    write_jsonl(d / "cmp.jsonl", [
+        {"prompt": p, "responses": [" " + BAD[i % 4], " " + GOOD[i % 4], " " + BAD[(i + 1) % 4]], "ranking": [1, 0, 2]}
+        for i, p in enumerate(prompts)])
+    assert main(["init-model", "--out", str(d / "base"), "--texts", str(d / "demos.jsonl"),
+                 "--set", "n_layer=1", "--set", "n_embd=32", "--set", "n_head=2", "--set", "vocab_size=300"]) == 0
+    return d
+
+
+def test_train_sft_rm_ppo_and_eval(workdir, capsys):
+    d = workdir
+    (d / "sft.yaml").write_text(f"model: {d / 'base'}\ndata: {d / 'demos.jsonl'}\neval_data: {d / 'demos.jsonl'}\n"
+                                f"output: {d / 'sft'}\nsft:\n  max_steps: 3\n  batch_size: 4\n")
+    assert main(["train", "sft", "--config", str(d / "sft.yaml")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["steps"] == 3 and out["eval_perplexity"] > 1
+    assert (d / "sft" / "manifest.json").is_file() and len((d / "sft" / "metrics.jsonl").read_text().splitlines()) == 3
+
+    (d / "rm.toml").write_text(f'model = "{d / "sft"}"\ndata = "{d / "cmp.jsonl"}"\neval_data = "{d / "cmp.jsonl"}"\n'
+                               f'output = "{d / "rm"}"\n[rm]\nbatch_size = 4\nepochs = 2\nlr = 1e-3\n')
+    assert main(["train", "rm", "--config", str(d / "rm.toml"), "--set", "rm.loss=ranking"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["steps"] == 6 and 0.0 <= out["heldout_accuracy"] <= 1.0
+    assert (d / "rm" / "reward_config.json").is_file()
+
+    (d / "ppo.yaml").write_text(f"policy: {d / 'sft'}\nreward_model: {d / 'rm'}\nprompts: {d / 'prompts.jsonl'}\n"
+                                f"output: {d / 'ppo'}\nsteps: 2\nppo:\n  batch_size: 4\n  mini_batch_size: 2\n"
+                                f"  ppo_epochs: 1\n  sampling:\n    max_new_tokens: 4\n")
+    assert main(["train", "ppo", "--config", str(d / "ppo.yaml")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["samples_total"] == 8
+    assert (d / "ppo" / "config.json").is_file() and (d / "ppo" / "value_head.pt").is_file()
+
+    assert main(["eval", "rm", "--model", str(d / "rm"), "--data", str(d / "cmp.jsonl")]) == 0
+    assert 0.0 <= json.loads(capsys.readouterr().out)["rm_accuracy"] <= 1.0
+
+    write_jsonl(d / "a.jsonl", [{"prompt": "review 0:", "response": " a great film"}, {"prompt": "review 1:", "response": " x"}])
+    write_jsonl(d / "b.jsonl", [{"prompt": "review 0:", "response": " awful acting"}, {"prompt": "review 1:", "response": " x"}])
+    assert main(["eval", "winrate", "--a", str(d / "a.jsonl"), "--b", str(d / "b.jsonl"), "--judge", str(d / "rm")]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["n"] == 2 and 0.0 <= res["win_rate_a_vs_b"] <= 1.0
+
+
+@pytest.mark.parametrize("case", ["missing_model", "empty_data", "repeated_index", "unknown_field", "output_exists", "k1"])
+def test_bad_input_gives_one_line_error(workdir, tmp_path, capsys, case):
+    d = workdir
+    data = d / "cmp.jsonl"
+    model = d / "base"
+    extra = []
+    output = tmp_path / "out"
+    if case == "missing_model":
+        model = tmp_path / "no-such-model"
+    elif case == "empty_data":
+        data = tmp_path / "empty.jsonl"
+        data.write_text("")
+    elif case == "repeated_index":
+        data = tmp_path / "bad.jsonl"
+        data.write_text(json.dumps({"prompt": "p", "responses": ["a", "b", "c"], "ranking": [0, 0, 1]}) + "\n")
+    elif case == "k1":
+        data = tmp_path / "bad.jsonl"
+        data.write_text(json.dumps({"prompt": "p", "responses": ["a"], "best": 0}) + "\n")
+    elif case == "unknown_field":
+        extra = ["--set", "rm.lrr=1"]
+    elif case == "output_exists":
+        output.mkdir()
+        (output / "x").write_text("taken")
+    cfg = tmp_path / "rm.yaml"
+    cfg.write_text(f"model: {model}\ndata: {data}\noutput: {output}\n")
+    assert main(["train", "rm", "--config", str(cfg), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rlhf: error: ") and len(err.splitlines()) == 1
+    expected = {"missing_model": "does not exist", "empty_data": "no records", "repeated_index": "repeats index",
+                "unknown_field": "rm.lrr", "output_exists": "already exists", "k1": "at least 2"}[case]
+    assert expected in err
+    if case != "output_exists":
+        assert not output.exists() or not any(output.iterdir()), "nothing is written on bad input"

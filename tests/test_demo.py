@@ -1,0 +1,45 @@
+"""Smoke test: `rlhf demo --quick` runs every stage and writes what the README promises."""
+
+import json
+
+import pytest
+
+from rlhf.cli import main
+
+KEYS = ["gold_score_sft", "gold_score_ppo", "win_rate_ppo_vs_sft", "rm_accuracy_heldout", "kl_target", "kl_final",
+        "beta_final", "ppo_steps", "wall_seconds", "distinct2_sft", "distinct2_ppo", "gold_score_ppo_beta0",
+        "proxy_reward_ppo_beta0", "models"]
+
+
+@pytest.mark.slow
+def test_demo_quick(tmp_path, monkeypatch):
+    monkeypatch.setenv("RLHF_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    for k in KEYS:
+        assert k in s, k
+    assert s["ppo_steps"] == 4 and s["kl_target"] == 3.0
+    assert 0.0 <= s["win_rate_ppo_vs_sft"] <= 1.0 and 0.0 <= s["rm_accuracy_heldout"] <= 1.0
+    assert s["kl_final"] > 0.0, "PPO must move the policy away from rho"
+    assert s["beta_final"] != 0.1, "the adaptive controller must have moved beta"
+    for name in ("sft", "rm", "ppo", "ppo_beta0"):
+        assert (tmp_path / s["models"][name] / "config.json").is_file() or (out / "models" / name / "config.json").is_file()
+    lines = (out / "samples_ppo.jsonl").read_text().splitlines()
+    assert len(lines) == s["eval_prompts"] == 16
+    assert set(json.loads(lines[0])) == {"prompt", "response"}
+    assert len((out / "samples_sft.jsonl").read_text().splitlines()) == 16
+    for png in ("ppo_overview.png", "ppo_reward.png", "ppo_gold.png", "ppo_kl.png", "ppo_kl_coef.png"):
+        assert (out / png).stat().st_size > 1000
+    # a second run reuses the cached reference policy
+    out2 = tmp_path / "run2"
+    assert main(["demo", "--quick", "--out", str(out2)]) == 0
+    s2 = json.loads((out2 / "summary.json").read_text())
+    assert s2["models"]["rho_cache"] == s["models"]["rho_cache"]
+    assert s2["gold_score_sft"] == pytest.approx(s["gold_score_sft"])
+
+
+def test_demo_refuses_a_used_run_directory(tmp_path, capsys):
+    (tmp_path / "x").write_text("taken")
+    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 2
+    assert "not empty" in capsys.readouterr().err
