@@ -21,6 +21,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -41,6 +42,7 @@ from rlhf.models import (
     count_parameters,
     load_causal_lm,
     load_tokenizer,
+    minilm_path,
     position_ids_from_mask,
     save_pretrained,
     train_tokenizer,
@@ -60,15 +62,16 @@ class DemoConfig:
     prompt_words: int = 8  # a prompt is the first words of a review
     response_tokens: int = 24  # length of each continuation
     k: int = 4  # responses per labeled prompt (Ziegler et al. and InstructGPT's smallest K)
-    label_prompts: int = 640  # prompts the simulated labeler ranks
+    label_prompts: int = 1600  # prompts the simulated labeler ranks (K each)
     heldout_fraction: float = 0.15  # comparisons kept out of RM training, for RM accuracy
+    rm_backbone: Literal["policy", "minilm"] = "policy"  # rho's own trunk (Ziegler et al.), or the packaged MiniLM encoder
     rm: RMTrainConfig = field(default_factory=lambda: RMTrainConfig(
-        loss="ranking", epochs=2, batch_size=16, lr=1e-4, max_length=64, bf16=True))
+        loss="ranking", epochs=1, batch_size=16, lr=3e-4, max_length=64, bf16=True))
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(
-        batch_size=32, mini_batch_size=8, ppo_epochs=4, lr=3e-5, kl_coef=0.1, kl_target=3.0,
+        batch_size=32, mini_batch_size=8, ppo_epochs=4, lr=3e-5, kl_coef=0.15, kl_target=6.0,
         vf_coef=0.1, max_prompt_tokens=24, bf16=True))
-    ppo_steps: int = 60
-    beta0_steps: int = 60  # the same PPO with beta = 0, to show what the KL penalty prevents
+    ppo_steps: int = 80
+    beta0_steps: int = 80  # the same PPO with beta = 0, to show what the KL penalty prevents
     eval_prompts: int = 200  # held-out prompts (IMDB valid split)
     seed: int = 0
 
@@ -106,6 +109,20 @@ def detokenize_rt(s: str) -> str:
 
 def prompt_of(text: str, words: int) -> str:
     return " ".join(text.split()[:words])
+
+
+_SENTENCE_START = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+
+
+def sentence_prompts(texts: list[str], words: int) -> list[str]:
+    """The first ``words`` words of every sentence (of at least 2 * words words) of every review:
+    many more prompts than reviews, so the RM and PPO see varied contexts."""
+    out = []
+    for t in texts:
+        for sent in _SENTENCE_START.split(t):
+            if len(sent.split()) >= 2 * words:
+                out.append(prompt_of(sent, words))
+    return out
 
 
 def corpus_fingerprint(data_dir: Path) -> str:
@@ -164,7 +181,7 @@ def pretrain_reference(cfg: DemoConfig, data_dir: Path, texts: list[str], valid_
 
 @torch.no_grad()
 def sample_texts(model, tok, prompts: list[str], n: int, max_new_tokens: int, seed: int,
-                 batch_size: int = 64, bf16: bool = False):
+                 batch_size: int = 256, bf16: bool = False):
     """n samples per prompt -> (responses [len(prompts)][n], response token id lists)."""
     gen = torch.Generator().manual_seed(seed)
     flat = [p for p in prompts for _ in range(n)]
@@ -276,7 +293,7 @@ def run_demo(out_dir: Path, cfg: DemoConfig, data_dir: Path | None = None, progr
     task = progress.add("gold judge (hidden from the RM)", total=1)
     judge = GoldJudge.from_data(data_dir, seed=cfg.seed)
     progress.update(task, advance=1)
-    train_prompts = [prompt_of(t, cfg.prompt_words) for t in train_reviews]
+    train_prompts = sentence_prompts(train_reviews, cfg.prompt_words)
     eval_prompts = [prompt_of(t, cfg.prompt_words) for t in valid_reviews][: cfg.eval_prompts]
     rng = np.random.default_rng(cfg.seed)
     label_prompts = [train_prompts[i] for i in rng.choice(len(train_prompts), min(cfg.label_prompts, len(train_prompts)), replace=False)]
@@ -300,7 +317,10 @@ def run_demo(out_dir: Path, cfg: DemoConfig, data_dir: Path | None = None, progr
     held, train_cmp = comparisons[:n_held], comparisons[n_held:]
 
     # 3. reward model
-    rm = RewardModel.from_causal_lm(copy.deepcopy(rho).requires_grad_(True), tok)
+    if cfg.rm_backbone == "minilm":
+        rm = RewardModel.from_encoder(minilm_path())
+    else:  # Ziegler et al.: the RM starts from rho, with a new scalar head
+        rm = RewardModel.from_causal_lm(copy.deepcopy(rho).requires_grad_(True), tok)
     total = math.ceil(len(train_cmp) / cfg.rm.batch_size) * cfg.rm.epochs
     task = progress.add(f"reward model ({cfg.rm.loss} loss)", total=total)
     train_reward_model(rm, train_cmp, cfg.rm, lambda m: progress.update(task, advance=1, info=f"loss {m['loss']:.3f}"))

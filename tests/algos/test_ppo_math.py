@@ -271,8 +271,10 @@ TEXTS = [f"Tell me about {s}. {s.capitalize()} are a fine thing and a lot of fun
 ]
 PROMPTS = [f"Tell me about {s}." for s in SUBJECTS[:8]]
 
-METRIC_KEYS = {"kl", "kl_coef", "reward", "policy_loss", "value_loss", "clipfrac_ratio", "entropy",
-               "response_length_tokens", "samples_per_second", "tokens_per_second"}
+from rlhf.metrics import PPO_METRICS  # noqa: E402
+
+# every metric DESIGN.md names for the trainer, plus throughput
+METRIC_KEYS = set(PPO_METRICS) | {"samples_per_second", "tokens_per_second"}
 
 
 @pytest.fixture(scope="module")
@@ -444,3 +446,14 @@ def test_stop_tokens_and_missing_stop_penalty(tok):
     assert m["_scores"].tolist() == [s if e else -3.0 for s, e in zip(raw, ended)]
     assert m["stopped_fraction"] == pytest.approx(sum(ended) / 8)
     assert not all(ended)
+
+
+def test_step_metrics_cover_every_design_metric_name():
+    from rlhf.metrics import PPO_METRICS, ppo_metric_values
+
+    names = {n for n, _, _ in PPO_METRICS.values()}
+    assert {"rlhf_ppo_kl", "rlhf_ppo_reward", "rlhf_ppo_kl_coef", "rlhf_ppo_samples_total"} <= names
+    assert all(n.startswith("rlhf_ppo_") and ":" not in n for n in names)
+    assert all((kind == "counter") == n.endswith("_total") for n, kind, _ in PPO_METRICS.values())
+    values = ppo_metric_values({"kl": 1.5, "samples_total": 8, "unrelated": 3})
+    assert values == {"rlhf_ppo_kl": 1.5, "rlhf_ppo_samples_total": 8.0}
