@@ -13,6 +13,5 @@ stamp=".venv/.installed-$(cat pyproject.toml | sha256sum | cut -c1-16)-${EXTRAS/
 if [ ! -f "$stamp" ]; then
   echo "[setup] installing rlhf-platform[$EXTRAS] and its pinned dependencies (torch is large: a few minutes the first time)" >&2
   .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[$EXTRAS]"
-  rm -f .venv/.installed-*
   touch "$stamp"
 fi

@@ -3,7 +3,6 @@ PPOTrainer steps on a tiny GPT-2 (including the KV-cache rollout log-probs)."""
 
 from __future__ import annotations
 
-import copy
 import math
 import random
 
