@@ -3,6 +3,8 @@
 import json
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from rlhf.cli import main
 
@@ -21,7 +23,10 @@ def test_demo_quick(tmp_path, monkeypatch):
         assert k in s, k
     assert s["ppo_steps"] == 4 and s["kl_target"] == 3.0
     assert 0.0 <= s["win_rate_ppo_vs_sft"] <= 1.0 and 0.0 <= s["rm_accuracy_heldout"] <= 1.0
-    assert s["kl_final"] > 0.0, "PPO must move the policy away from rho"
+    assert s["kl_final"] != 0.0  # a sampled estimate: tiny and of either sign after 4 steps
+    sft = load_file(str(out / "models" / "sft" / "model.safetensors"))
+    ppo = load_file(str(out / "models" / "ppo" / "model.safetensors"))
+    assert any(not torch.equal(sft[k], ppo[k]) for k in sft), "PPO must move the policy away from rho"
     assert s["beta_final"] != 0.1, "the adaptive controller must have moved beta"
     for name in ("sft", "rm", "ppo", "ppo_beta0"):
         assert (tmp_path / s["models"][name] / "config.json").is_file() or (out / "models" / name / "config.json").is_file()
