@@ -363,32 +363,18 @@ def run_demo(out_dir: Path, cfg: DemoConfig, data_dir: Path | None = None, progr
     last = hist[-max(1, len(hist) // 5):]
     kls = [h["kl"] for h in last]
     gold0 = [h["gold"] for h in hist0]
-    summary = {
-        "task": "positive continuation of IMDB review openings (Ziegler et al. 2019)",
-        "gold_score_sft": ev["sft"]["gold_mean"],
-        "gold_score_ppo": ev["ppo"]["gold_mean"],
-        "gold_score_ppo_beta0": ev["ppo_beta0"]["gold_mean"],
-        "win_rate_ppo_vs_sft": win_rate(ev["ppo"]["gold"], ev["sft"]["gold"]),
-        "win_rate_ppo_beta0_vs_sft": win_rate(ev["ppo_beta0"]["gold"], ev["sft"]["gold"]),
-        "proxy_reward_sft": ev["sft"]["proxy_reward"],
-        "proxy_reward_ppo": ev["ppo"]["proxy_reward"],
-        "proxy_reward_ppo_beta0": ev["ppo_beta0"]["proxy_reward"],
+    summary = {"task": "positive continuation of IMDB review openings (Ziegler et al. 2019)"}
+    per_policy = {"gold_score": "gold_mean", "proxy_reward": "proxy_reward", "distinct2": "distinct2",
+                  "repetition": "repetition", "length": "length", "perplexity_under_sft": "perplexity_under_ref"}
+    for name in ev:  # sft, ppo, ppo_beta0
+        summary.update({f"{key}_{name}": ev[name][field_] for key, field_ in per_policy.items()})
+    for name in ("ppo", "ppo_beta0"):
+        summary[f"win_rate_{name}_vs_sft"] = win_rate(ev[name]["gold"], ev["sft"]["gold"])
+        summary[f"kl_to_sft_{name}"] = ev[name]["kl_to_ref"]
+    summary.update({
         "beta0_gold_peak": float(max(gold0)) if gold0 else None,
         "beta0_gold_peak_step": int(np.argmax(gold0)) + 1 if gold0 else None,
         "beta0_gold_final": float(np.mean(gold0[-max(1, len(gold0) // 10):])) if gold0 else None,
-        "distinct2_sft": ev["sft"]["distinct2"],
-        "distinct2_ppo": ev["ppo"]["distinct2"],
-        "distinct2_ppo_beta0": ev["ppo_beta0"]["distinct2"],
-        "repetition_sft": ev["sft"]["repetition"],
-        "repetition_ppo": ev["ppo"]["repetition"],
-        "repetition_ppo_beta0": ev["ppo_beta0"]["repetition"],
-        "length_sft": ev["sft"]["length"],
-        "length_ppo": ev["ppo"]["length"],
-        "kl_to_sft_ppo": ev["ppo"]["kl_to_ref"],
-        "kl_to_sft_ppo_beta0": ev["ppo_beta0"]["kl_to_ref"],
-        "perplexity_under_sft_sft": ev["sft"]["perplexity_under_ref"],
-        "perplexity_under_sft_ppo": ev["ppo"]["perplexity_under_ref"],
-        "perplexity_under_sft_ppo_beta0": ev["ppo_beta0"]["perplexity_under_ref"],
         "rm_accuracy_heldout": rm_acc,
         "rm_accuracy_train": rm_acc_train,
         "oracle_accuracy_heldout": oracle_acc,
@@ -410,7 +396,7 @@ def run_demo(out_dir: Path, cfg: DemoConfig, data_dir: Path | None = None, progr
         "models": {"sft": str(sft_dir), "rm": str(rm_dir), "ppo": str(ppo_dir), "ppo_beta0": str(b0_dir),
                    "rho_cache": str(rho_path)},
         "eval_prompts": len(eval_prompts),
-    }
+    })
     (out_dir / "history_ppo.json").write_text(json.dumps(hist, indent=1) + "\n")
     (out_dir / "history_ppo_beta0.json").write_text(json.dumps(hist0, indent=1) + "\n")
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
