@@ -8,6 +8,7 @@ running a second forward pass.
 
 from __future__ import annotations
 
+import inspect
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -72,6 +73,21 @@ def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
     return logits
 
 
+def _sample_categorical(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One draw per row by inverting the CDF with a uniform number: the same distribution as
+    ``torch.multinomial``, ~20x cheaper on CPU, and the generator may live on another device."""
+    dev = generator.device if generator is not None else probs.device
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=dev).to(probs.device)  # (B, 1)
+    cdf = probs.cumsum(-1)  # (B, V)
+    idx = torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(-1)  # (B,)
+    return idx.clamp_(max=probs.shape[-1] - 1)
+
+
+def accepts_logits_to_keep(model) -> bool:
+    """Whether ``model.forward`` can skip the LM head on positions nobody reads (transformers >= 4.50)."""
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
 @torch.no_grad()
 def sample(
     model,
@@ -96,6 +112,7 @@ def sample(
     ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
     want_hidden = value_head is not None
 
+    keep_last = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}  # the prefill needs 1 position
     tokens, logps, vals, alive_hist = [], [], [], []
     alive = torch.ones(B, dtype=torch.bool, device=device)
     past = None
@@ -109,6 +126,7 @@ def sample(
                 past_key_values=past,
                 use_cache=True,
                 output_hidden_states=want_hidden,
+                **keep_last,
             )
         past = out.past_key_values
         logits = out.logits[:, -1, :].float()  # (B, V)
@@ -121,7 +139,7 @@ def sample(
             nxt = logits.argmax(-1)
         else:
             scaled = _filter_logits(logits / params.temperature, params.top_k, params.top_p)
-            nxt = torch.multinomial(scaled.softmax(-1), 1, generator=generator).squeeze(-1)  # (B,)
+            nxt = _sample_categorical(scaled.softmax(-1), generator)  # (B,)
         nxt = torch.where(alive, nxt, torch.full_like(nxt, pad_token_id))
         tokens.append(nxt)
         logps.append(logp_all.gather(-1, nxt.unsqueeze(-1)).squeeze(-1))

@@ -243,3 +243,13 @@ def test_top_p_nucleus_away_from_the_boundary():
     assert torch.isfinite(_filter_logits(logits, 0, 0.7))[0].tolist() == [False, True, True]
     assert torch.isfinite(_filter_logits(logits, 0, 0.95))[0].tolist() == [True, True, True]
     assert torch.isfinite(_filter_logits(logits, 2, 1.0))[0].tolist() == [False, True, True]
+
+
+def test_inverse_cdf_sampling_matches_the_distribution():
+    from rlhf.generation import _sample_categorical
+
+    probs = torch.tensor([[0.1, 0.2, 0.0, 0.7]]).expand(40000, 4)
+    draws = _sample_categorical(probs, torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=4).float() / draws.numel()
+    assert torch.allclose(freq, probs[0], atol=0.01), freq
+    assert (draws != 2).all(), "a zero-probability token is never drawn"

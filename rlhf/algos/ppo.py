@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from rlhf.algos.kl import make_kl_controller
 from rlhf.algos.masked import masked_mean, whiten
 from rlhf.algos.sft import sft_loss
-from rlhf.generation import Rollout, SamplingParams, decode_responses, sample, tokenize_prompts
+from rlhf.generation import (Rollout, SamplingParams, accepts_logits_to_keep, decode_responses, sample,
+                              tokenize_prompts)
 from rlhf.models import ValueHead, hidden_size_of, position_ids_from_mask
 
 RewardFn = Callable[[list[str], list[str]], torch.Tensor]  # (prompts, responses) -> scores (B,)
@@ -202,11 +203,12 @@ class PPOTrainer:
         self.value_head = ValueHead(hidden_size_of(policy)).to(self.device)
         self.critic = None
         if cfg.value_model == "separate":
-            self.critic = copy.deepcopy(policy)  # the value network starts from the policy, as in Ziegler et al.
+            # the value network starts from the policy's trunk (Ziegler et al.); it needs no LM head
+            self.critic = copy.deepcopy(policy.base_model)
         params = list(policy.parameters()) + list(self.value_head.parameters())
         if self.critic is not None:
             params += list(self.critic.parameters())
-        self.opt = torch.optim.Adam(params, lr=cfg.lr, eps=1e-5)
+        self.opt = torch.optim.Adam(params, lr=cfg.lr, eps=1e-5, fused=self.device.type in ("cpu", "cuda"))
         self.kl_ctl = make_kl_controller(cfg.kl_coef, cfg.kl_target, cfg.adaptive_kl)
         self.ptx_blocks = ptx_blocks
         if cfg.ptx_coef > 0 and ptx_blocks is None:
@@ -222,18 +224,21 @@ class PPOTrainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16)
 
     def _forward(self, model, input_ids, attn, P: int, want_hidden: bool):
+        R = input_ids.shape[1] - P
+        keep = {"logits_to_keep": R + 1} if accepts_logits_to_keep(model) else {}  # no LM head on the prompt
         with self._autocast():
             out = model(input_ids=input_ids, attention_mask=attn, position_ids=position_ids_from_mask(attn),
-                        output_hidden_states=want_hidden)
-        logits = out.logits[:, P - 1 : -1, :]  # (B, R, V): position P-1+t predicts response token t
+                        output_hidden_states=want_hidden, **keep)
+        logits = out.logits[:, -(R + 1) : -1, :]  # (B, R, V): position P-1+t predicts response token t
         hidden = out.hidden_states[-1][:, P - 1 : -1, :].float() if want_hidden else None
         return logits, hidden
 
     def _values(self, input_ids, attn, P, hidden_from_policy):
         if self.critic is None:
             return self.value_head(hidden_from_policy)
-        _, h = self._forward(self.critic, input_ids, attn, P, want_hidden=True)
-        return self.value_head(h)
+        with self._autocast():
+            out = self.critic(input_ids=input_ids, attention_mask=attn, position_ids=position_ids_from_mask(attn))
+        return self.value_head(out.last_hidden_state[:, P - 1 : -1, :].float())
 
     # -- one PPO step ------------------------------------------------------------------------------
 
@@ -336,7 +341,8 @@ class PPOTrainer:
                 mb = perm[i : i + cfg.mini_batch_size]
                 m = rmask[mb]
                 logits, hidden = self._forward(self.policy, ids[mb], attn[mb], P, want_hidden=self.critic is None)
-                logprobs = logprobs_of(logits, resp[mb])
+                logp_all = F.log_softmax(logits.float(), dim=-1)  # (b, R, V): for log-probs and entropy
+                logprobs = logp_all.gather(-1, resp[mb].unsqueeze(-1)).squeeze(-1)
                 values = self._values(ids[mb], attn[mb], P, hidden)
                 pg, clipfrac, approx_kl = policy_loss(logprobs, old_logprobs[mb], adv[mb], m, cfg.clip_range)
                 vf, vclip = value_loss(values, old_values[mb], returns[mb], m, cfg.clip_range_value)
@@ -350,7 +356,7 @@ class PPOTrainer:
                 nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], cfg.max_grad_norm)
                 self.opt.step()
                 with torch.no_grad():
-                    ent = masked_mean(entropy_from_logits(logits), m)
+                    ent = masked_mean(-(logp_all.exp() * logp_all).sum(-1), m)
                 for k, v in (("policy_loss", pg), ("value_loss", vf), ("clipfrac_ratio", clipfrac),
                              ("value_clipfrac_ratio", vclip), ("entropy", ent), ("approx_kl", approx_kl)):
                     acc[k] += v.item()

@@ -388,7 +388,9 @@ def test_ppo_separate_value_model_and_ptx(tok):
     cfg = _cfg(value_model="separate", ptx_coef=0.5, ptx_batch_size=4, ppo_epochs=1)
     trainer = PPOTrainer(_tiny_lm(tok), tok, _reward_fn(tok, target), cfg, ptx_blocks=blocks)
     critic0 = _state(trainer.critic)
+    assert not hasattr(trainer.critic, "lm_head"), "the critic is a trunk: no LM head to run and discard"
     m = trainer.step(PROMPTS)
+    m = trainer.step(PROMPTS)  # the value head starts at 0: the trunk gets gradients from the 2nd update on
     assert METRIC_KEYS <= set(m)
     assert math.isfinite(m["value_loss"]) and math.isfinite(m["policy_loss"])
     # a randomly initialised LM on ~300 tokens: the pre-training NLL is about log(300)
