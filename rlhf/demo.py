@@ -31,7 +31,7 @@ from rlhf.algos.rm import RMTrainConfig, normalize_reward_model, pair_accuracy, 
 from rlhf.algos.sft import SFTConfig, pack_texts, perplexity, train_lm
 from rlhf.config import to_dict
 from rlhf.data import Comparison, write_jsonl
-from rlhf.evaluate import distinct_n, mean_length, repetition_rate, win_rate
+from rlhf.evaluate import distinct_n, mean_length, pairwise_accuracy, repetition_rate, win_rate
 from rlhf.generation import SamplingParams, decode_responses, sample, tokenize_prompts
 from rlhf.judge import GoldJudge, default_data_dir, load_imdb, load_rt_polarity
 from rlhf.labeler import SimulatedLabeler
@@ -422,10 +422,9 @@ def _ranking_agreement(r1: list[list[int]], r2: list[list[int]]) -> float:
 
 def _oracle_accuracy(judge: GoldJudge, comparisons: list[Comparison]) -> float:
     """Accuracy against the labels of a scorer that knows the hidden gold score (the ceiling)."""
-    correct = total = 0.0
+    chosen, rejected = [], []
     for c in comparisons:
         g = judge.score([c.prompt] * c.K, list(c.responses))
         for w, l in c.pairs():
-            correct += 1.0 if g[w] > g[l] else 0.5 if g[w] == g[l] else 0.0
-            total += 1
-    return correct / max(total, 1)
+            chosen.append(g[w]), rejected.append(g[l])
+    return pairwise_accuracy(chosen, rejected)
