@@ -15,3 +15,15 @@ class ConfigError(RLHFError, ValueError):
 
 class ModelNotFoundError(RLHFError, FileNotFoundError):
     """A model directory does not exist or holds no model."""
+
+
+class NotFoundError(RLHFError, LookupError):
+    """A named thing (task, job, model version, prompt) does not exist. Services answer NOT_FOUND."""
+
+
+class ResourceExhaustedError(RLHFError):
+    """A queue or limit is full; the caller should retry later. Services answer RESOURCE_EXHAUSTED."""
+
+
+class ConflictError(RLHFError, ValueError):
+    """A request contradicts what is stored, e.g. an idempotency key reused for other content."""
