@@ -27,3 +27,7 @@ class ResourceExhaustedError(RLHFError):
 
 class ConflictError(RLHFError, ValueError):
     """A request contradicts what is stored, e.g. an idempotency key reused for other content."""
+
+
+class UnavailableError(RLHFError):
+    """The service cannot answer yet (e.g. no model version loaded). Services answer UNAVAILABLE."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -99,11 +100,14 @@ def sample(
     value_head=None,
     generator: torch.Generator | None = None,
     autocast_dtype: torch.dtype | None = None,
+    on_step: Callable[[torch.Tensor, torch.Tensor], bool | None] | None = None,
 ) -> Rollout:
     """Sample up to ``params.max_new_tokens`` tokens per row with a KV cache.
 
     Rows that emit EOS stop (later positions are padding, masked out). ``logprobs`` are taken at
     temperature 1 from the same logits used to sample, whatever the sampling temperature.
+    ``on_step(tokens, logprobs)`` (each (B,)) is called after every step, for streaming; when it
+    returns False, sampling stops there (the caller went away).
     """
     B = prompt_ids.shape[0]
     device = prompt_ids.device
@@ -145,6 +149,8 @@ def sample(
         logps.append(logp_all.gather(-1, nxt.unsqueeze(-1)).squeeze(-1))
         alive_hist.append(alive.clone())
         alive = alive & (nxt != eos_token_id)
+        if on_step is not None and on_step(nxt, logps[-1]) is False:
+            break
         if not alive.any():
             break
         mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], dim=1)

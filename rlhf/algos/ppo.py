@@ -261,16 +261,32 @@ class PPOTrainer:
 
         t0 = time.perf_counter()
         r = self.generate(prompts)
-        stopped = truncate_at_stop(r, cfg.stop_token_ids, cfg.min_response_tokens)
         timings["generate"] = time.perf_counter() - t0
+        return self.step_on_rollout(prompts, r, own_rollout=True, _t_start=t_start, _timings=timings)
+
+    def step_on_rollout(self, prompts: list[str], r: Rollout, own_rollout: bool = False,
+                        _t_start: float | None = None, _timings: dict | None = None) -> dict:
+        """One PPO step on a rollout batch sampled elsewhere (e.g. by a policy-server).
+
+        Unless ``own_rollout``, the old log-probs and values are recomputed with this trainer's
+        current policy: the sampler may have served an older version, and PPO's ratio must start
+        at 1 for the policy being updated.
+        """
+        cfg = self.cfg
+        t_start = _t_start if _t_start is not None else time.perf_counter()
+        timings = _timings if _timings is not None else {}
+        if r.response_ids.shape[0] != len(prompts):
+            raise ValueError(f"rollout has {r.response_ids.shape[0]} rows for {len(prompts)} prompts")
+        stopped = truncate_at_stop(r, cfg.stop_token_ids, cfg.min_response_tokens)
 
         t0 = time.perf_counter()
         ids, attn, P = r.input_ids, r.attention_mask, r.prompt_ids.shape[1]
         resp, rmask = r.response_ids, r.response_mask.float()
+        from_rollout = cfg.logprobs_from_rollout and own_rollout
         with torch.no_grad():
-            if cfg.logprobs_from_rollout and r.values is not None:
+            if from_rollout and r.values is not None:
                 old_logprobs, old_values = r.logprobs, r.values
-            elif cfg.logprobs_from_rollout:  # separate critic: log-probs from the rollout, values from the critic
+            elif from_rollout:  # separate critic: log-probs from the rollout, values from the critic
                 old_logprobs = r.logprobs
                 old_values = self._values(ids, attn, P, None) * rmask
             else:

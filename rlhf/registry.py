@@ -1,0 +1,102 @@
+"""The model registry: a directory of immutable model versions (DESIGN.md, "Parts").
+
+Layout::
+
+    <root>/policy/<version>/   a causal LM in Hugging Face format + manifest.json
+    <root>/reward/<version>/   a reward model (rlhf.models.RewardModel.save) + manifest.json
+
+A version is written into a hidden temporary directory and renamed into place, so a reader never
+sees a half-written version, and it is never modified afterwards. Version ids sort by creation
+time (``v<UTC timestamp>-<random>``). The manifest records the parent version, the job, the data
+snapshot, the config and the metrics that made it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from rlhf.errors import DataError, NotFoundError
+
+KINDS = ("policy", "reward")
+
+
+def new_version_id() -> str:
+    t = time.time()
+    return time.strftime("v%Y%m%dT%H%M%S", time.gmtime(t)) + f"{int(t * 1e6) % 1_000_000:06d}-{secrets.token_hex(3)}"
+
+
+@dataclass
+class Manifest:
+    kind: str
+    version: str
+    parent_version: str = ""
+    job_id: str = ""
+    base_model: str = ""
+    data: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    created_at: float = 0.0
+
+
+class ModelRegistry:
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        for k in KINDS:
+            (self.root / k).mkdir(parents=True, exist_ok=True)
+
+    def _check_kind(self, kind: str) -> None:
+        if kind not in KINDS:
+            raise DataError(f"unknown model kind {kind!r}; expected one of {', '.join(KINDS)}")
+
+    def path(self, kind: str, version: str) -> Path:
+        self._check_kind(kind)
+        if not version or "/" in version or version.startswith("."):
+            raise DataError(f"invalid model version id {version!r}")
+        p = self.root / kind / version
+        if not (p / "manifest.json").is_file():
+            raise NotFoundError(f"no {kind} model version {version!r} in the registry")
+        return p
+
+    def manifest(self, kind: str, version: str) -> Manifest:
+        data = json.loads((self.path(kind, version) / "manifest.json").read_text())
+        return Manifest(**{k: v for k, v in data.items() if k in Manifest.__dataclass_fields__})
+
+    def versions(self, kind: str) -> list[str]:
+        """All complete versions of a kind, oldest first."""
+        self._check_kind(kind)
+        return sorted(p.name for p in (self.root / kind).iterdir()
+                      if not p.name.startswith(".") and (p / "manifest.json").is_file())
+
+    def latest(self, kind: str) -> str | None:
+        v = self.versions(kind)
+        return v[-1] if v else None
+
+    def publish(self, kind: str, write: Callable[[Path], None], *, parent_version: str = "", job_id: str = "",
+                base_model: str = "", data: dict | None = None, config: dict | None = None,
+                metrics: dict | None = None, version: str | None = None) -> Manifest:
+        """Create a new version: ``write(tmpdir)`` saves the model files, then it appears atomically."""
+        self._check_kind(kind)
+        version = version or new_version_id()
+        final = self.root / kind / version
+        if final.exists():
+            raise DataError(f"{kind} version {version!r} already exists; versions are immutable")
+        tmp = self.root / kind / f".tmp-{version}"
+        tmp.mkdir(parents=True)
+        try:
+            write(tmp)
+            m = Manifest(kind=kind, version=version, parent_version=parent_version, job_id=job_id,
+                         base_model=base_model, data=data or {}, config=config or {},
+                         metrics={k: float(v) for k, v in (metrics or {}).items()}, created_at=time.time())
+            (tmp / "manifest.json").write_text(json.dumps(asdict(m), indent=2, sort_keys=True) + "\n")
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return m

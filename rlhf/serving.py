@@ -1,0 +1,140 @@
+"""Model engines behind the policy-server and the reward-scorer (no gRPC here).
+
+An engine wraps one immutable model version from the registry. It is called from a single model
+thread; a new version is loaded into a new engine beside the old one and swapped in, so calls in
+flight finish on the version they started with.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from rlhf.errors import DataError
+from rlhf.generation import SamplingParams, sample, tokenize_prompts
+from rlhf.models import RewardModel, load_causal_lm, load_tokenizer
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Sampling settings of one request (hashable: equal requests can share a batch)."""
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_new_tokens: int = 0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    n: int = 1
+    return_logprobs: bool = False
+
+
+@dataclass
+class Sample:
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str = "length"  # "stop" | "length"
+
+
+@dataclass
+class PromptResult:
+    prompt_token_ids: list[int]
+    samples: list[Sample]
+
+
+def _read_manifest(path: Path) -> dict:
+    f = path / "manifest.json"
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+class PolicyEngine:
+    def __init__(self, path: str | Path, version: str, *, max_prompt_tokens: int = 512, device: str = "cpu"):
+        self.path = Path(path)
+        self.version = version
+        self.device = torch.device(device)
+        self.tokenizer = load_tokenizer(self.path)
+        self.model = load_causal_lm(self.path).to(self.device).eval()
+        cfg = _read_manifest(self.path).get("config", {})
+        self.add_bos = bool(cfg.get("add_bos", False))
+        ctx = getattr(self.model.config, "n_positions", None) or getattr(self.model.config, "max_position_embeddings", 2048)
+        self.context_length = int(ctx)
+        self.max_prompt_tokens = min(max_prompt_tokens, self.context_length - 1)
+
+    def count_prompt_tokens(self, prompt: str) -> int:
+        return len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"]) + int(self.add_bos)
+
+    def check(self, prompts: list[str], req: GenerationRequest) -> None:
+        """Reject what cannot be served (DataError names the prompt index)."""
+        for i, p in enumerate(prompts):
+            n = self.count_prompt_tokens(p)
+            if n > self.max_prompt_tokens:
+                raise DataError(f"prompts[{i}] has {n} tokens; the limit is {self.max_prompt_tokens}")
+            if n + req.max_new_tokens > self.context_length:
+                raise DataError(f"prompts[{i}]: {n} prompt tokens + max_new_tokens={req.max_new_tokens} "
+                                f"exceed the model's context of {self.context_length}")
+
+    def _finish(self, ids: list[int], lps: list[float], stop: tuple[str, ...], ended_eos: bool) -> Sample:
+        eos = self.tokenizer.eos_token_id
+        if ended_eos and ids and ids[-1] == eos:
+            text_ids, reason = ids[:-1], "stop"
+        else:
+            text_ids, reason = ids, "length"
+        text = self.tokenizer.decode(text_ids, skip_special_tokens=True)
+        if stop:
+            hits = [(text.find(s), s) for s in stop if s and text.find(s) >= 0]
+            if hits:
+                cut = min(h[0] for h in hits)
+                # keep the tokens up to the one that completes the first stop string
+                k = len(text_ids)
+                for j in range(1, len(text_ids) + 1):
+                    if len(self.tokenizer.decode(text_ids[:j], skip_special_tokens=True)) > cut:
+                        k = j
+                        break
+                text, ids, lps, reason = text[:cut], text_ids[:k], lps[:k], "stop"
+        return Sample(text=text, token_ids=list(ids), logprobs=list(lps), finish_reason=reason)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], req: GenerationRequest,
+                 on_step: Callable[[torch.Tensor, torch.Tensor], bool | None] | None = None) -> list[PromptResult]:
+        n = max(1, req.n)
+        rows = [p for p in prompts for _ in range(n)]
+        ids, mask = tokenize_prompts(self.tokenizer, rows, self.max_prompt_tokens, self.device, add_bos=self.add_bos)
+        params = SamplingParams(max_new_tokens=req.max_new_tokens, temperature=req.temperature,
+                                top_k=req.top_k, top_p=req.top_p, min_new_tokens=req.min_new_tokens)
+        gen = torch.Generator(device="cpu").manual_seed(req.seed) if req.seed is not None else None
+        r = sample(self.model, ids, mask, params, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id,
+                   generator=gen, on_step=on_step)
+        out: list[PromptResult] = []
+        resp, rmask, lp = r.response_ids.tolist(), r.response_mask.tolist(), r.logprobs.tolist()
+        for i in range(len(prompts)):
+            p_ids = [t for t, m in zip(ids[i * n].tolist(), mask[i * n].tolist()) if m]
+            samples = []
+            for j in range(i * n, (i + 1) * n):
+                keep = [k for k, m in enumerate(rmask[j]) if m]
+                s = self._finish([resp[j][k] for k in keep], [lp[j][k] for k in keep], req.stop,
+                                 bool(r.ended_with_eos[j]))
+                samples.append(s)
+            out.append(PromptResult(p_ids, samples))
+        return out
+
+
+class RewardEngine:
+    def __init__(self, path: str | Path, version: str, *, max_length: int = 512, device: str = "cpu"):
+        self.path = Path(path)
+        self.version = version
+        self.max_length = max_length
+        self.model = RewardModel.load(self.path).to(torch.device(device)).eval()
+
+    @torch.no_grad()
+    def score(self, pairs: list[tuple[str, str]]) -> list[float]:
+        if not pairs:
+            return []
+        prompts = [p for p, _ in pairs]
+        responses = [r for _, r in pairs]
+        return self.model.score(prompts, responses, batch_size=len(pairs)).tolist()

@@ -1,0 +1,1 @@
+"""feedback-store (comparison storage): labeling tasks, rankings, best-of-K, demonstrations."""

@@ -1,0 +1,1 @@
+"""prompt-collector: prompt intake, validation, de-duplication, PII scrubbing, split by user."""

@@ -1,0 +1,1 @@
+"""reward-scorer: batched reward-model scores with dynamic batching across callers."""

@@ -1,0 +1,112 @@
+"""reward-scorer: proto <-> rlhf.serving.RewardEngine, behind the shared bootstrap.
+
+Score requests from concurrent callers are packed into shared model calls by a DynamicBatcher;
+each answer names the reward-model version that scored it (a batch never mixes versions).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from dataclasses import dataclass
+
+import grpc
+from rlhf_client import reward_grpc, reward_pb2
+
+from rlhf.errors import DataError, UnavailableError
+from rlhf.metrics import ServiceMetrics
+from rlhf.registry import ModelRegistry
+from rlhf.runtime.batching import DynamicBatcher
+from rlhf.runtime.bus import make_bus
+from rlhf.runtime.server import BaseServiceSettings, ModelExecutor
+from rlhf.serving import RewardEngine
+from services.common import ModelWatcher
+
+NAME = "reward-scorer"
+
+
+@dataclass
+class Settings(BaseServiceSettings):
+    registry_dir: str = ""  # model registry root (required)
+    reward_version: str = ""  # pin a version; empty: the latest, then follow rlhf.models.v1
+    max_batch_items: int = 128  # pairs per model call
+    max_wait_ms: float = 2.0  # how long a request may wait for others to share its batch
+    max_items_per_request: int = 1024
+    max_chars: int = 20000  # prompt + response characters per item
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if not self.registry_dir:
+            raise ValueError("registry_dir is required (the model registry root)")
+        if self.max_batch_items < 1:
+            raise ValueError("max_batch_items must be >= 1")
+
+
+class RewardScorer(reward_grpc.RewardServiceServicer):
+    name = NAME
+    service_names = [reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name]
+
+    def __init__(self, settings: Settings, metrics: ServiceMetrics):
+        self.s = settings
+        self.metrics = metrics
+        self.registry = ModelRegistry(settings.registry_dir)
+        self.engine: RewardEngine | None = None
+        self.executor = ModelExecutor(NAME)
+        self.batcher: DynamicBatcher | None = None
+        self.bus = make_bus(settings.kafka_bootstrap, metrics)
+        self.watcher = ModelWatcher(self.registry, "reward", self._load, self._swap,
+                                    pinned_version=settings.reward_version or None)
+
+    def register(self, server: grpc.aio.Server) -> None:
+        reward_grpc.add_RewardServiceServicer_to_server(self, server)
+
+    async def start(self) -> None:
+        self.batcher = DynamicBatcher(self._run_batch, self.executor.run, max_batch_items=self.s.max_batch_items,
+                                      max_wait_seconds=self.s.max_wait_ms / 1000,
+                                      on_batch=self.metrics.reward_batch_size.observe)
+        self.batcher.start()
+        await self.watcher.load_initial()
+        self.watcher.subscribe(self.bus, f"{NAME}-{socket.gethostname()}-{os.getpid()}")
+        await self.bus.start()
+
+    async def stop(self) -> None:
+        await self.bus.close()
+        if self.batcher is not None:
+            await self.batcher.close()
+        self.executor.shutdown()
+
+    async def _load(self, path, version):
+        return await asyncio.to_thread(RewardEngine, path, version, device=self.s.device)
+
+    def _swap(self, engine) -> None:
+        self.engine = engine
+
+    def _run_batch(self, engine: RewardEngine, pairs: list[tuple[str, str]]) -> list[float]:
+        scores = engine.score(pairs)
+        self.metrics.reward_scored_total.inc(len(pairs))
+        return scores
+
+    async def Score(self, request: reward_pb2.ScoreRequest, context) -> reward_pb2.ScoreResponse:
+        items = list(request.items)
+        if not items:
+            raise DataError("items is empty")
+        if len(items) > self.s.max_items_per_request:
+            raise DataError(f"at most {self.s.max_items_per_request} items per request, got {len(items)}")
+        for i, it in enumerate(items):
+            if len(it.prompt) + len(it.response) > self.s.max_chars:
+                raise DataError(f"items[{i}] is longer than {self.s.max_chars} characters")
+        engine = self.engine
+        if engine is None:
+            raise UnavailableError("no reward model version loaded yet; train one first")
+        scores = await self.batcher.submit(engine, [(it.prompt, it.response) for it in items])
+        return reward_pb2.ScoreResponse(scores=scores, reward_model_version=engine.version)
+
+    async def GetRewardModelVersion(self, request, context) -> reward_pb2.GetRewardModelVersionResponse:
+        if self.engine is None:
+            raise UnavailableError("no reward model version loaded yet")
+        return reward_pb2.GetRewardModelVersionResponse(reward_model_version=self.engine.version)
+
+
+def build(settings: Settings, metrics: ServiceMetrics) -> RewardScorer:
+    return RewardScorer(settings, metrics)

@@ -1,0 +1,1 @@
+"""trainer: SFT, RM and PPO runs and the online loop, as jobs."""

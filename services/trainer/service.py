@@ -1,0 +1,152 @@
+"""trainer: proto <-> jobs (services/trainer/jobs.py, runs.py), behind the shared bootstrap."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass
+
+import grpc
+from rlhf_client import TOPIC_FEEDBACK, TOPIC_MODELS, feedback_pb2, trainer_grpc, trainer_pb2
+
+from rlhf.config import apply_overrides, from_dict
+from rlhf.errors import ConfigError, DataError
+from rlhf.metrics import ServiceMetrics
+from rlhf.registry import ModelRegistry
+from rlhf.runtime.bus import make_bus
+from rlhf.runtime.server import BaseServiceSettings
+from services.common import ts
+from services.trainer import runs
+from services.trainer.jobs import Job, JobManager
+
+NAME = "trainer"
+STATUS = {"pending": trainer_pb2.JOB_STATUS_PENDING, "running": trainer_pb2.JOB_STATUS_RUNNING,
+          "succeeded": trainer_pb2.JOB_STATUS_SUCCEEDED, "failed": trainer_pb2.JOB_STATUS_FAILED,
+          "cancelled": trainer_pb2.JOB_STATUS_CANCELLED}
+KINDS = {trainer_pb2.JOB_KIND_SFT: ("sft", runs.SFTJobConfig, runs.run_sft),
+         trainer_pb2.JOB_KIND_RM: ("rm", runs.RMJobConfig, runs.run_rm),
+         trainer_pb2.JOB_KIND_PPO: ("ppo", runs.PPOJobConfig, runs.run_ppo),
+         trainer_pb2.JOB_KIND_ONLINE_LOOP: ("online_loop", runs.OnlineLoopConfig, runs.run_online_loop)}
+KIND_ENUM = {name: k for k, (name, _, _) in KINDS.items()}
+
+
+@dataclass
+class Settings(BaseServiceSettings):
+    registry_dir: str = ""  # model registry root (required)
+    prompt_collector_addr: str = "127.0.0.1:50051"
+    policy_server_addr: str = "127.0.0.1:50052"
+    reward_scorer_addr: str = "127.0.0.1:50053"
+    feedback_store_addr: str = "127.0.0.1:50054"
+    max_running_jobs: int = 1  # jobs at once (each trains a model on this process's devices)
+    rpc_timeout_seconds: float = 300.0
+    device: str = "cpu"
+    torch_threads: int = 0  # 0: torch's default
+
+    def __post_init__(self) -> None:
+        if not self.registry_dir:
+            raise ValueError("registry_dir is required (the model registry root)")
+
+
+def _job_proto(j: Job) -> trainer_pb2.Job:
+    return trainer_pb2.Job(job_id=j.job_id, kind=KIND_ENUM[j.kind], status=STATUS[j.status], progress=j.progress,
+                           message=j.message, published_versions=j.published_versions, metrics=j.metrics,
+                           create_time=ts(j.create_time), update_time=ts(j.update_time))
+
+
+class Trainer(trainer_grpc.TrainerServiceServicer):
+    name = NAME
+    service_names = [trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name]
+
+    def __init__(self, settings: Settings, metrics: ServiceMetrics):
+        self.s = settings
+        self.metrics = metrics
+        self.registry = ModelRegistry(settings.registry_dir)
+        self.bus = make_bus(settings.kafka_bootstrap, metrics)
+        self.jobs: JobManager | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._seen: set[str] = set()  # feedback event ids (consumers are idempotent)
+        self._new = 0
+        self._count_lock = threading.Lock()
+        self.peers: runs.Peers | None = None
+
+    def register(self, server: grpc.aio.Server) -> None:
+        trainer_grpc.add_TrainerServiceServicer_to_server(self, server)
+
+    async def start(self) -> None:
+        if self.s.torch_threads > 0:
+            import torch
+
+            torch.set_num_threads(self.s.torch_threads)
+        self.loop = asyncio.get_running_loop()
+        self.jobs = JobManager(self.loop, max_running=self.s.max_running_jobs)
+        self.bus.subscribe(TOPIC_FEEDBACK, feedback_pb2.FeedbackEvent, f"{NAME}-feedback", self._on_feedback)
+        await self.bus.start()
+        self.peers = runs.Peers.connect(
+            {"prompt-collector": self.s.prompt_collector_addr, "policy-server": self.s.policy_server_addr,
+             "reward-scorer": self.s.reward_scorer_addr, "feedback-store": self.s.feedback_store_addr},
+            registry=self.registry, publish_event=self._publish_blocking,
+            observe_ppo_step=self.metrics.observe_ppo_step, new_comparisons=self._new_comparisons,
+            reset_new_comparisons=self._reset_new_comparisons, device=self.s.device,
+            timeout=self.s.rpc_timeout_seconds)
+
+    async def stop(self) -> None:
+        if self.jobs is not None:
+            self.jobs.cancel_all()
+        await self.bus.close()
+
+    # -- feedback events: count new comparisons, once each -----------------------------------------
+    async def _on_feedback(self, ev: feedback_pb2.FeedbackEvent) -> None:
+        if ev.WhichOneof("payload") != "comparison":
+            return
+        with self._count_lock:
+            if ev.event_id in self._seen:
+                return
+            self._seen.add(ev.event_id)
+            self._new += 1
+
+    def _new_comparisons(self) -> int:
+        with self._count_lock:
+            return self._new
+
+    def _reset_new_comparisons(self) -> None:
+        with self._count_lock:
+            self._new = 0
+
+    def _publish_blocking(self, event) -> None:
+        """Called from a job thread: publish on the service's event loop and wait for the ack."""
+        fut = asyncio.run_coroutine_threadsafe(self.bus.publish(TOPIC_MODELS, event, key=event.version), self.loop)
+        fut.result(timeout=60)
+
+    # -- RPCs ---------------------------------------------------------------------------------------
+    async def StartJob(self, request, context) -> trainer_pb2.StartJobResponse:
+        if request.kind not in KINDS:
+            raise DataError("kind must be one of JOB_KIND_SFT, JOB_KIND_RM, JOB_KIND_PPO, JOB_KIND_ONLINE_LOOP")
+        name, cfg_cls, body = KINDS[request.kind]
+        overrides = [f"{k}={v}" for k, v in sorted(request.overrides.items())]
+        try:
+            cfg = from_dict(cfg_cls, apply_overrides({}, overrides))
+        except (ConfigError, ValueError, TypeError) as e:
+            raise DataError(f"overrides: {e}") from e
+        peers = self.peers
+        job = self.jobs.start(name, lambda ctx: body(ctx, peers, cfg))
+        return trainer_pb2.StartJobResponse(job=_job_proto(job))
+
+    async def GetJob(self, request, context) -> trainer_pb2.GetJobResponse:
+        return trainer_pb2.GetJobResponse(job=_job_proto(self.jobs.get(request.job_id)))
+
+    async def ListJobs(self, request, context) -> trainer_pb2.ListJobsResponse:
+        return trainer_pb2.ListJobsResponse(jobs=[_job_proto(j) for j in sorted(
+            self.jobs.jobs.values(), key=lambda j: j.create_time)])
+
+    async def WatchJob(self, request, context):
+        self.jobs.get(request.job_id)  # NOT_FOUND before the stream starts
+        async for ev in self.jobs.watch(request.job_id):
+            yield trainer_pb2.WatchJobResponse(job_id=request.job_id, status=STATUS[ev.status], progress=ev.progress,
+                                               message=ev.message, metrics=ev.metrics, event_time=ts(ev.time))
+
+    async def CancelJob(self, request, context) -> trainer_pb2.CancelJobResponse:
+        return trainer_pb2.CancelJobResponse(job=_job_proto(self.jobs.cancel(request.job_id)))
+
+
+def build(settings: Settings, metrics: ServiceMetrics) -> Trainer:
+    return Trainer(settings, metrics)
