@@ -1,0 +1,191 @@
+"""Engines, transactions and migrations for the services' database.
+
+One database holds the tables of every service (each service owns its own tables). SQLite is the
+embedded default (``sqlite:///rlhf.db``, or ``sqlite://`` in memory); PostgreSQL
+(``postgresql+psycopg://user@host/db``) in production. Everything here is synchronous: services
+call it from a worker thread (``asyncio.to_thread``).
+
+SQLite notes: the sqlite3 driver's own transaction handling is switched off and SQLAlchemy emits
+``BEGIN`` itself, so reads and writes of one transaction see one snapshot; writing transactions
+start with ``BEGIN IMMEDIATE`` (see :func:`transaction`) so that concurrent writers queue on the
+busy timeout instead of failing with "database is locked" when they upgrade a read lock.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import threading
+import weakref
+from contextlib import contextmanager, nullcontext
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+from sqlalchemy import create_engine, event, text
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.pool import StaticPool
+
+from rlhf.errors import ConfigError, DataError
+
+BUSY_TIMEOUT_S = 30.0
+MIGRATIONS_DIR = Path(__file__).resolve().with_name("migrations")
+# pg_advisory_xact_lock key held while migrating, so two services starting at once migrate one
+# after the other (the second finds the schema at head).
+_MIGRATION_LOCK_KEY = 0x726C6866_0001
+
+# In-memory SQLite engines share one connection between threads (StaticPool); their
+# transactions are serialised by a lock per engine.
+_ENGINE_LOCKS: "weakref.WeakKeyDictionary[Engine, threading.RLock]" = weakref.WeakKeyDictionary()
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url``: ``sqlite:///path``, ``sqlite://`` (in memory) or ``postgresql+psycopg://...``.
+
+    SQLite files get WAL, foreign keys and a busy timeout; an in-memory database is shared by all
+    threads of the process. PostgreSQL gets ``pool_pre_ping``. ``postgresql://`` means psycopg 3.
+    """
+    try:
+        u = make_url(url)
+    except Exception as e:  # noqa: BLE001 - sqlalchemy raises ArgumentError and friends
+        raise ConfigError(f"database_url: not a valid SQLAlchemy URL ({type(e).__name__})") from None
+    backend = u.get_backend_name()
+    if backend == "sqlite":
+        return _sqlite_engine(u)
+    if backend == "postgresql":
+        if u.drivername in ("postgresql", "postgres"):
+            u = u.set(drivername="postgresql+psycopg")
+        if u.get_driver_name() != "psycopg":
+            raise ConfigError(f"database_url: PostgreSQL is supported through psycopg 3 "
+                              f"(postgresql+psycopg://...), not {u.drivername!r}")
+        return create_engine(u, pool_pre_ping=True, future=True)
+    raise ConfigError(f"database_url: unsupported database {backend!r} (use sqlite or postgresql+psycopg)")
+
+
+def _sqlite_engine(u) -> Engine:
+    database = u.database or ""
+    in_memory = database in ("", ":memory:") or "mode=memory" in str(u)
+    connect_args = {"check_same_thread": False, "timeout": BUSY_TIMEOUT_S}
+    if in_memory:
+        engine = create_engine(u, poolclass=StaticPool, connect_args=connect_args)
+        _ENGINE_LOCKS[engine] = threading.RLock()
+    else:
+        engine = create_engine(u, connect_args=connect_args)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record):  # pragma: no branch - trivial
+        # Take transaction control away from the sqlite3 driver; SQLAlchemy emits BEGIN below.
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        try:
+            cur.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+            cur.execute("PRAGMA foreign_keys = ON")
+            if not in_memory:
+                cur.execute("PRAGMA journal_mode = WAL")
+                cur.execute("PRAGMA synchronous = NORMAL")
+        finally:
+            cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn):
+        immediate = conn.get_execution_options().get("rlhf_write", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    return engine
+
+
+def is_sqlite(engine: Engine) -> bool:
+    return engine.dialect.name == "sqlite"
+
+
+def is_postgresql(engine: Engine) -> bool:
+    return engine.dialect.name == "postgresql"
+
+
+@contextmanager
+def transaction(engine: Engine, *, write: bool = False) -> Iterator[Connection]:
+    """A connection inside one transaction, committed on success and rolled back on error.
+
+    ``write=True`` marks a transaction that will write: on SQLite it starts with
+    ``BEGIN IMMEDIATE`` (takes the write lock up front, waiting up to the busy timeout).
+    """
+    lock = _ENGINE_LOCKS.get(engine)
+    with lock if lock is not None else nullcontext():
+        with engine.connect() as conn:
+            if write:
+                conn.execution_options(rlhf_write=True)
+            with conn.begin():
+                yield conn
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A database error worth retrying the whole transaction for: a deadlock or serialization
+    failure (PostgreSQL), or a lock wait that ran out (SQLite's "database is locked")."""
+    orig = getattr(exc, "orig", None)
+    if getattr(orig, "sqlstate", None) in ("40001", "40P01"):
+        return True
+    return "database is locked" in str(orig or "")
+
+
+def migrate(engine: Engine) -> None:
+    """Upgrade the schema to the newest migration (idempotent; safe on SQLite and PostgreSQL)."""
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    with transaction(engine, write=True) as conn:
+        if is_postgresql(engine):
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK_KEY})
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+
+
+# -- helpers shared by the stores ----------------------------------------------------------------
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def as_utc(value: datetime | None, field: str) -> datetime | None:
+    """``value`` as an aware UTC datetime (naive values are taken as UTC); None stays None."""
+    if value is None:
+        return None
+    if not isinstance(value, datetime):
+        raise DataError(f"{field}: expected a datetime, got {type(value).__name__}")
+    if value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc)
+
+
+def check_page_size(page_size: int) -> int:
+    if isinstance(page_size, bool) or not isinstance(page_size, int):
+        raise DataError(f"page_size: expected an integer, got {type(page_size).__name__}")
+    if page_size == 0:
+        return 100
+    if not 1 <= page_size <= 1000:
+        raise DataError(f"page_size: must be 1..1000 (0 means 100), got {page_size}")
+    return page_size
+
+
+def encode_page_token(created_at: datetime, row_id: str) -> str:
+    """An opaque token for keyset pagination on (created_at, id): the position after this row."""
+    raw = f"{as_utc(created_at, 'created_at').isoformat()}|{row_id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_page_token(token: str) -> tuple[datetime, str] | None:
+    """The position a page token stands for; None for the empty token (first page)."""
+    if not token:
+        return None
+    if not isinstance(token, str) or len(token) > 200:
+        raise DataError("page_token: malformed")
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+        stamp, row_id = raw.split("|", 1)
+        created_at = datetime.fromisoformat(stamp)
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise DataError("page_token: malformed") from None
+    if created_at.tzinfo is None or not row_id or len(row_id) > 64 or not row_id.isalnum():
+        raise DataError("page_token: malformed")
+    return created_at.astimezone(timezone.utc), row_id

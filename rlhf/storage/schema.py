@@ -1,0 +1,129 @@
+"""The services' tables (SQLAlchemy 2 declarative). The migrations in ``migrations/versions`` build
+exactly this schema; ``tests/storage/test_db.py`` checks that they agree.
+
+prompt-collector owns ``prompts``; feedback-store owns ``labeling_tasks`` and ``submissions``;
+both write ``outbox`` (events waiting to be published on Kafka by :class:`~rlhf.storage.outbox.OutboxRelay`).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (JSON, BigInteger, CheckConstraint, DateTime, ForeignKey, Index, Integer, LargeBinary,
+                        MetaData, SmallInteger, String, Text)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+SUBMISSION_KINDS = ("ranking", "best_of_k", "demonstration")
+# BIGINT on PostgreSQL; INTEGER on SQLite, where only an INTEGER PRIMARY KEY autoincrements.
+BigIntId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class UTCDateTime(TypeDecorator):
+    """A timezone-aware UTC datetime on every backend (SQLite stores naive UTC text)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect) -> Any:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given for a UTC column")
+        value = value.astimezone(timezone.utc)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect) -> Any:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Prompt(Base):
+    __tablename__ = "prompts"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)  # uuid4 hex
+    text: Mapped[str] = mapped_column(Text, nullable=False)  # scrubbed, stripped, NFC
+    text_sha256: Mapped[str] = mapped_column(String(64), nullable=False, unique=True)
+    user_hash: Mapped[str] = mapped_column(String(64), nullable=False)  # sha256 of the user id
+    split: Mapped[int] = mapped_column(SmallInteger, nullable=False)  # common_pb2.Split
+    source: Mapped[str] = mapped_column(String(200), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+
+    __table_args__ = (Index("ix_prompts_split_created_at_id", "split", "created_at", "id"),)
+
+
+class LabelingTask(Base):
+    __tablename__ = "labeling_tasks"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    prompt: Mapped[str] = mapped_column(Text, nullable=False)
+    prompt_id: Mapped[str] = mapped_column(String(200), nullable=False)
+    split: Mapped[int] = mapped_column(SmallInteger, nullable=False)
+    candidates: Mapped[list] = mapped_column(JSON, nullable=False)  # list of strings
+    k: Mapped[int] = mapped_column(Integer, nullable=False)
+    policy_version: Mapped[str] = mapped_column(String(200), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+
+    __table_args__ = (Index("ix_labeling_tasks_created_at_id", "created_at", "id"),)
+
+
+class Submission(Base):
+    __tablename__ = "submissions"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    idempotency_key: Mapped[str] = mapped_column(String(200), nullable=False, unique=True)
+    # sha256 of the canonical request content: a reused key with other content is a conflict
+    request_sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    kind: Mapped[str] = mapped_column(String(16), nullable=False)
+    task_id: Mapped[str | None] = mapped_column(String(32), ForeignKey("labeling_tasks.id"), nullable=True)
+    labeler_id: Mapped[str] = mapped_column(String(200), nullable=False)
+    ranking: Mapped[list | None] = mapped_column(JSON, nullable=True)  # list of lists of ints, best first
+    best_index: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # demonstrations only
+    prompt: Mapped[str | None] = mapped_column(Text, nullable=True)
+    prompt_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    split: Mapped[int | None] = mapped_column(SmallInteger, nullable=True)
+    response: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+
+    __table_args__ = (
+        CheckConstraint("kind IN ('ranking', 'best_of_k', 'demonstration')", name="kind"),
+        Index("ix_submissions_created_at", "created_at"),
+        Index("ix_submissions_task_id_labeler_id", "task_id", "labeler_id"),
+    )
+
+
+class OutboxMessage(Base):
+    __tablename__ = "outbox"
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
+    topic: Mapped[str] = mapped_column(String(200), nullable=False)
+    message_type: Mapped[str] = mapped_column(String(200), nullable=False)  # proto full name
+    payload: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)  # serialized proto
+    key: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    published_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+    __table_args__ = (Index("ix_outbox_published_at", "published_at"),)
+
+
+prompts = Prompt.__table__
+labeling_tasks = LabelingTask.__table__
+submissions = Submission.__table__
+outbox = OutboxMessage.__table__
