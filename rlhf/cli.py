@@ -5,6 +5,8 @@
     rlhf eval rm --model DIR --data comparisons.jsonl
     rlhf eval winrate --a samples_a.jsonl --b samples_b.jsonl [--judge gold|DIR]
     rlhf init-model --out DIR --texts FILE.jsonl [--set n_layer=4 ...]
+    rlhf serve NAME                       (settings from RLHF_<NAME>_* environment variables)
+    rlhf up [--data-dir DIR] [--kafka HOST:PORT] [--database-url URL] [--policy DIR]
 
 Errors in input (a missing file, a malformed record, an unknown config field) print one line
 on stderr and exit with status 2.
@@ -145,6 +147,51 @@ def cmd_init_model(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from services.launch import serve_one
+
+    serve_one(args.name)
+    return 0
+
+
+def cmd_up(args) -> int:
+    import asyncio
+
+    from services.launch import UpOptions, up
+
+    opts = UpOptions(data_dir=Path(args.data_dir), host=args.host, base_port=args.base_port,
+                     base_metrics_port=args.base_metrics_port, kafka=args.kafka, database_url=args.database_url,
+                     log_level=args.log_level)
+    if args.policy:
+        _import_policy(Path(args.policy), opts.data_dir / "registry")
+    asyncio.run(up(opts))
+    return 0
+
+
+def _import_policy(src: Path, registry_dir: Path) -> None:
+    """Copy a Hugging Face causal LM directory into the registry as a policy version (once)."""
+    import shutil as _sh
+
+    from rlhf.models import _check_model_dir
+    from rlhf.registry import ModelRegistry
+
+    _check_model_dir(src)
+    reg = ModelRegistry(registry_dir)
+    for v in reg.versions("policy"):
+        if reg.manifest("policy", v).base_model == str(src.resolve()):
+            return
+    manifest = json.loads((src / "manifest.json").read_text()) if (src / "manifest.json").is_file() else {}
+
+    def write(d: Path) -> None:
+        for f in src.iterdir():
+            if f.is_file() and f.name != "manifest.json":
+                _sh.copy2(f, d / f.name)
+
+    m = reg.publish("policy", write, base_model=str(src.resolve()),
+                    config={"add_bos": bool(manifest.get("config", {}).get("add_bos", False))})
+    print(f"imported {src} as policy version {m.version}", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rlhf", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -180,6 +227,24 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--seed", type=int, default=0)
     i.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="TinyLMConfig field, e.g. n_layer=2")
     i.set_defaults(func=cmd_init_model)
+
+    from services import SERVICES
+
+    sv = sub.add_parser("serve", help="run one service (settings from RLHF_<SERVICE>_* environment variables)")
+    sv.add_argument("name", choices=sorted(SERVICES))
+    sv.set_defaults(func=cmd_serve)
+
+    u = sub.add_parser("up", help="every service on this machine (SQLite and an in-process bus by default)")
+    u.add_argument("--data-dir", default=".rlhf", help="model registry and SQLite database (default .rlhf)")
+    u.add_argument("--host", default="127.0.0.1")
+    u.add_argument("--base-port", type=int, default=50051,
+                   help="gRPC ports: prompt-collector +0, policy-server +1, reward-scorer +2, feedback-store +3, trainer +4")
+    u.add_argument("--base-metrics-port", type=int, default=9101, help="Prometheus ports, same offsets; 0: none")
+    u.add_argument("--kafka", help="Kafka bootstrap servers; default: an in-process bus")
+    u.add_argument("--database-url", help="SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db; default: SQLite in --data-dir")
+    u.add_argument("--policy", help="a Hugging Face causal LM directory to serve first (imported into the registry)")
+    u.add_argument("--log-level", default="INFO")
+    u.set_defaults(func=cmd_up)
     return p
 
 

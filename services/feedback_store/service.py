@@ -11,7 +11,7 @@ import asyncio
 from dataclasses import dataclass
 
 import grpc
-from rlhf_client import feedback_grpc, feedback_pb2
+from rlhf_client import TOPIC_FEEDBACK, feedback_grpc, feedback_pb2
 
 from rlhf.metrics import ServiceMetrics
 from rlhf.runtime.bus import make_bus
@@ -22,6 +22,7 @@ from rlhf.storage.outbox import OutboxRelay
 from services.common import from_ts
 
 NAME = "feedback-store"
+TOPIC = TOPIC_FEEDBACK
 _EXPORT_CHUNK = 256
 
 
@@ -35,13 +36,13 @@ class FeedbackService(feedback_grpc.FeedbackServiceServicer):
     name = NAME
     service_names = [feedback_pb2.DESCRIPTOR.services_by_name["FeedbackService"].full_name]
 
-    def __init__(self, settings: Settings, metrics: ServiceMetrics):
+    def __init__(self, settings: Settings, metrics: ServiceMetrics, bus=None):
         self.s = settings
         self.metrics = metrics
         self.engine = make_engine(settings.database_url)
         self.store = FeedbackStore(self.engine)
-        self.bus = make_bus(settings.kafka_bootstrap, metrics)
-        self.relay = OutboxRelay(self.engine, self.bus)
+        self.bus = bus if bus is not None else make_bus(settings.kafka_bootstrap, metrics)
+        self.relay = OutboxRelay(self.engine, self.bus, topics=[TOPIC])
         self._stop = asyncio.Event()
         self._relay_task: asyncio.Task | None = None
 
@@ -138,5 +139,5 @@ class FeedbackService(feedback_grpc.FeedbackServiceServicer):
         return feedback_pb2.GetAgreementResponse(pairwise_agreement=agreement, tasks=tasks, pairs=pairs)
 
 
-def build(settings: Settings, metrics: ServiceMetrics) -> FeedbackService:
-    return FeedbackService(settings, metrics)
+def build(settings: Settings, metrics: ServiceMetrics, bus=None) -> FeedbackService:
+    return FeedbackService(settings, metrics, bus)

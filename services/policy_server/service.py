@@ -42,6 +42,7 @@ class Settings(BaseServiceSettings):
     device: str = "cpu"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.registry_dir:
             raise ValueError("registry_dir is required (the model registry root)")
         if self.max_batch_prompts < 1 or self.max_n < 1:
@@ -52,14 +53,14 @@ class PolicyServer(policy_grpc.PolicyServiceServicer):
     name = NAME
     service_names = [policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name]
 
-    def __init__(self, settings: Settings, metrics: ServiceMetrics):
+    def __init__(self, settings: Settings, metrics: ServiceMetrics, bus=None):
         self.s = settings
         self.metrics = metrics
         self.registry = ModelRegistry(settings.registry_dir)
         self.engine: PolicyEngine | None = None
         self.executor = ModelExecutor(NAME)
         self.batcher: DynamicBatcher | None = None
-        self.bus = make_bus(settings.kafka_bootstrap, metrics)
+        self.bus = bus if bus is not None else make_bus(settings.kafka_bootstrap, metrics)
         self.watcher = ModelWatcher(self.registry, "policy", self._load, self._swap,
                                     pinned_version=settings.policy_version or None)
 
@@ -201,5 +202,5 @@ class PolicyServer(policy_grpc.PolicyServiceServicer):
         return policy_pb2.GetPolicyVersionResponse(policy_version=self._engine().version)
 
 
-def build(settings: Settings, metrics: ServiceMetrics) -> PolicyServer:
-    return PolicyServer(settings, metrics)
+def build(settings: Settings, metrics: ServiceMetrics, bus=None) -> PolicyServer:
+    return PolicyServer(settings, metrics, bus)

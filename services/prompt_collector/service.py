@@ -10,9 +10,8 @@ import asyncio
 from dataclasses import dataclass
 
 import grpc
-from rlhf_client import common_pb2, prompts_grpc, prompts_pb2
+from rlhf_client import TOPIC_PROMPTS, prompts_grpc, prompts_pb2
 
-from rlhf.errors import DataError
 from rlhf.metrics import ServiceMetrics
 from rlhf.runtime.bus import make_bus
 from rlhf.runtime.server import BaseServiceSettings
@@ -21,6 +20,7 @@ from rlhf.storage.outbox import OutboxRelay
 from rlhf.storage.prompts import PromptIn, PromptStore, to_proto
 
 NAME = "prompt-collector"
+TOPIC = TOPIC_PROMPTS
 
 
 @dataclass
@@ -30,23 +30,17 @@ class Settings(BaseServiceSettings):
     max_prompt_chars: int = 4000  # longer prompts are rejected
 
 
-def _split(value: int, field: str) -> int:
-    if value not in (common_pb2.SPLIT_TRAIN, common_pb2.SPLIT_VALID, common_pb2.SPLIT_TEST):
-        raise DataError(f"{field} must be SPLIT_TRAIN, SPLIT_VALID or SPLIT_TEST")
-    return value
-
-
 class PromptCollector(prompts_grpc.PromptCollectorServiceServicer):
     name = NAME
     service_names = [prompts_pb2.DESCRIPTOR.services_by_name["PromptCollectorService"].full_name]
 
-    def __init__(self, settings: Settings, metrics: ServiceMetrics):
+    def __init__(self, settings: Settings, metrics: ServiceMetrics, bus=None):
         self.s = settings
         self.metrics = metrics
         self.engine = make_engine(settings.database_url)
         self.store = PromptStore(self.engine, max_prompt_chars=settings.max_prompt_chars)
-        self.bus = make_bus(settings.kafka_bootstrap, metrics)
-        self.relay = OutboxRelay(self.engine, self.bus)
+        self.bus = bus if bus is not None else make_bus(settings.kafka_bootstrap, metrics)
+        self.relay = OutboxRelay(self.engine, self.bus, topics=[TOPIC])
         self._stop = asyncio.Event()
         self._relay_task: asyncio.Task | None = None
 
@@ -74,14 +68,14 @@ class PromptCollector(prompts_grpc.PromptCollectorServiceServicer):
             prompts_pb2.SubmittedPrompt(prompt_id=r.prompt_id, duplicate=r.duplicate, split=r.split) for r in results])
 
     async def ListPrompts(self, request, context) -> prompts_pb2.ListPromptsResponse:
-        rows, token = await asyncio.to_thread(self.store.list, _split(request.split, "split"), request.page_size,
+        rows, token = await asyncio.to_thread(self.store.list, request.split, request.page_size,
                                               request.page_token)
         return prompts_pb2.ListPromptsResponse(prompts=[to_proto(r) for r in rows], next_page_token=token)
 
     async def SamplePrompts(self, request, context) -> prompts_pb2.SamplePromptsResponse:
-        rows = await asyncio.to_thread(self.store.sample, _split(request.split, "split"), request.count, request.seed)
+        rows = await asyncio.to_thread(self.store.sample, request.split, request.count, request.seed)
         return prompts_pb2.SamplePromptsResponse(prompts=[to_proto(r) for r in rows])
 
 
-def build(settings: Settings, metrics: ServiceMetrics) -> PromptCollector:
-    return PromptCollector(settings, metrics)
+def build(settings: Settings, metrics: ServiceMetrics, bus=None) -> PromptCollector:
+    return PromptCollector(settings, metrics, bus)

@@ -37,6 +37,7 @@ class Settings(BaseServiceSettings):
     device: str = "cpu"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.registry_dir:
             raise ValueError("registry_dir is required (the model registry root)")
         if self.max_batch_items < 1:
@@ -47,14 +48,14 @@ class RewardScorer(reward_grpc.RewardServiceServicer):
     name = NAME
     service_names = [reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name]
 
-    def __init__(self, settings: Settings, metrics: ServiceMetrics):
+    def __init__(self, settings: Settings, metrics: ServiceMetrics, bus=None):
         self.s = settings
         self.metrics = metrics
         self.registry = ModelRegistry(settings.registry_dir)
         self.engine: RewardEngine | None = None
         self.executor = ModelExecutor(NAME)
         self.batcher: DynamicBatcher | None = None
-        self.bus = make_bus(settings.kafka_bootstrap, metrics)
+        self.bus = bus if bus is not None else make_bus(settings.kafka_bootstrap, metrics)
         self.watcher = ModelWatcher(self.registry, "reward", self._load, self._swap,
                                     pinned_version=settings.reward_version or None)
 
@@ -108,5 +109,5 @@ class RewardScorer(reward_grpc.RewardServiceServicer):
         return reward_pb2.GetRewardModelVersionResponse(reward_model_version=self.engine.version)
 
 
-def build(settings: Settings, metrics: ServiceMetrics) -> RewardScorer:
-    return RewardScorer(settings, metrics)
+def build(settings: Settings, metrics: ServiceMetrics, bus=None) -> RewardScorer:
+    return RewardScorer(settings, metrics, bus)

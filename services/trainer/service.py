@@ -43,6 +43,7 @@ class Settings(BaseServiceSettings):
     torch_threads: int = 0  # 0: torch's default
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.registry_dir:
             raise ValueError("registry_dir is required (the model registry root)")
 
@@ -57,11 +58,11 @@ class Trainer(trainer_grpc.TrainerServiceServicer):
     name = NAME
     service_names = [trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name]
 
-    def __init__(self, settings: Settings, metrics: ServiceMetrics):
+    def __init__(self, settings: Settings, metrics: ServiceMetrics, bus=None):
         self.s = settings
         self.metrics = metrics
         self.registry = ModelRegistry(settings.registry_dir)
-        self.bus = make_bus(settings.kafka_bootstrap, metrics)
+        self.bus = bus if bus is not None else make_bus(settings.kafka_bootstrap, metrics)
         self.jobs: JobManager | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._seen: set[str] = set()  # feedback event ids (consumers are idempotent)
@@ -148,5 +149,5 @@ class Trainer(trainer_grpc.TrainerServiceServicer):
         return trainer_pb2.CancelJobResponse(job=_job_proto(self.jobs.cancel(request.job_id)))
 
 
-def build(settings: Settings, metrics: ServiceMetrics) -> Trainer:
-    return Trainer(settings, metrics)
+def build(settings: Settings, metrics: ServiceMetrics, bus=None) -> Trainer:
+    return Trainer(settings, metrics, bus)

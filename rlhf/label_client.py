@@ -1,0 +1,78 @@
+"""A simulated labeler working through the feedback-store's API, as a person's labeling page would.
+
+It stands in for people where there are none (tests, `rlhf up --simulate-labelers`): it lists the
+labeling tasks it has not answered, ranks each task's K candidates with
+:class:`rlhf.labeler.SimulatedLabeler` (hidden gold score + Bradley–Terry noise), and submits the
+ranking with an idempotency key derived from (labeler, task), so a retry never stores twice.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from typing import Sequence
+
+import grpc
+import numpy as np
+from rlhf_client import feedback_grpc, feedback_pb2
+
+from rlhf.labeler import SimulatedLabeler
+
+
+class WordListJudge:
+    """A transparent gold score for tests and quick runs: the share of words from a liked list.
+
+    (The demo's :class:`rlhf.judge.GoldJudge` judges sentiment and fluency; it needs the data sets.)
+    """
+
+    def __init__(self, liked: Sequence[str] = ("good", "great", "best", "love", "fun", "wonderful", "the", "a")):
+        self.liked = {w.lower() for w in liked}
+
+    def score(self, prompts: list[str], responses: list[str]) -> np.ndarray:
+        out = []
+        for r in responses:
+            words = re.findall(r"[a-z']+", r.lower())
+            out.append(sum(w in self.liked for w in words) / max(4, len(words)) + 0.01 * min(len(words), 10))
+        return np.asarray(out, dtype=np.float64)
+
+
+def label_pending(stub: feedback_grpc.FeedbackServiceStub, labeler: SimulatedLabeler, labeler_id: str,
+                  max_tasks: int = 1000, timeout: float = 30.0) -> int:
+    """Rank every task this labeler has not answered yet (up to ``max_tasks``); returns how many."""
+    done = 0
+    token = ""
+    while done < max_tasks:
+        page = stub.ListLabelingTasks(feedback_pb2.ListLabelingTasksRequest(
+            labeler_id=labeler_id, page_size=min(100, max_tasks - done), page_token=token), timeout=timeout)
+        if not page.tasks:
+            return done
+        orders = labeler.rank_many([t.prompt for t in page.tasks], [list(t.candidates) for t in page.tasks])
+        for task, order in zip(page.tasks, orders):
+            stub.SubmitRanking(feedback_pb2.SubmitRankingRequest(
+                idempotency_key=f"sim-{labeler_id}-{task.task_id}", task_id=task.task_id, labeler_id=labeler_id,
+                ranking=[feedback_pb2.RankGroup(indices=[i]) for i in order]), timeout=timeout)
+            done += 1
+        token = page.next_page_token
+        if not token:
+            token = ""  # answered tasks drop out of the listing: start over
+    return done
+
+
+def run_labeler(target: str, labeler: SimulatedLabeler, labeler_id: str, stop: threading.Event,
+                poll_seconds: float = 0.5) -> int:
+    """Label until ``stop`` is set; returns the number of rankings submitted."""
+    total = 0
+    with grpc.insecure_channel(target) as ch:
+        stub = feedback_grpc.FeedbackServiceStub(ch)
+        while not stop.is_set():
+            try:
+                n = label_pending(stub, labeler, labeler_id)
+            except grpc.RpcError as e:
+                if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED):
+                    raise
+                n = 0
+            total += n
+            if n == 0:
+                stop.wait(poll_seconds)
+    return total

@@ -1,0 +1,144 @@
+"""Start services: one per process (`rlhf serve NAME`) or all five in one process (`rlhf up`).
+
+Both go through the one bootstrap, :func:`rlhf.runtime.server.serve`. Settings come from
+``RLHF_<SERVICE>_*`` environment variables (``rlhf serve``) or from ``rlhf up``'s options.
+In one process without ``--kafka``, an in-process event bus stands in for Kafka.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import importlib
+import logging
+import os
+import signal
+from pathlib import Path
+
+from rlhf.metrics import ServiceMetrics
+from rlhf.runtime.bus import make_bus
+from rlhf.runtime.logs import configure_logging
+from rlhf.runtime.server import serve
+from rlhf.runtime.settings import load_settings
+from services import SERVICES
+
+log = logging.getLogger("rlhf.launch")
+ORDER = ["prompt-collector", "feedback-store", "policy-server", "reward-scorer", "trainer"]
+
+
+def module_of(name: str):
+    if name not in SERVICES:
+        from rlhf.errors import ConfigError
+
+        raise ConfigError(f"unknown service {name!r}; one of {', '.join(SERVICES)}")
+    return importlib.import_module(SERVICES[name])
+
+
+def serve_one(name: str, environ=os.environ) -> None:
+    """`rlhf serve NAME`: settings from the environment, then serve until SIGTERM."""
+    mod = module_of(name)
+    settings = load_settings(mod.Settings, name, environ)
+    configure_logging(name, settings.log_level)
+    metrics = ServiceMetrics(name)
+    asyncio.run(serve(mod.build(settings, metrics), settings, metrics))
+
+
+class _SharedBus:
+    """One bus for services in one process: they may not start or close it themselves."""
+
+    def __init__(self, bus):
+        self._bus = bus
+
+    async def start(self):
+        return None
+
+    async def close(self):
+        return None
+
+    def __getattr__(self, item):
+        return getattr(self._bus, item)
+
+
+@dataclasses.dataclass
+class UpOptions:
+    data_dir: Path  # registry and SQLite database live here
+    host: str = "127.0.0.1"
+    base_port: int = 50051  # prompt-collector, policy-server, reward-scorer, feedback-store, trainer: +0..+4
+    base_metrics_port: int = 9101
+    kafka: str | None = None
+    database_url: str | None = None
+    log_level: str = "INFO"
+
+
+PORT_OFFSET = {"prompt-collector": 0, "policy-server": 1, "reward-scorer": 2, "feedback-store": 3, "trainer": 4}
+
+
+def up_settings(opts: UpOptions) -> dict:
+    """Each service's settings for `rlhf up`."""
+    db = opts.database_url or f"sqlite:///{(opts.data_dir / 'rlhf.db').resolve()}"
+    registry = str((opts.data_dir / "registry").resolve())
+    addr = {n: f"{opts.host}:{opts.base_port + o}" for n, o in PORT_OFFSET.items()}
+    extra = {
+        "prompt-collector": {"database_url": db, "migrate_on_start": False},
+        "feedback-store": {"database_url": db, "migrate_on_start": False},
+        "policy-server": {"registry_dir": registry},
+        "reward-scorer": {"registry_dir": registry},
+        "trainer": {"registry_dir": registry, "prompt_collector_addr": addr["prompt-collector"],
+                    "policy_server_addr": addr["policy-server"], "reward_scorer_addr": addr["reward-scorer"],
+                    "feedback_store_addr": addr["feedback-store"]},
+    }
+    out = {}
+    for name in ORDER:
+        mod = module_of(name)
+        out[name] = mod.Settings(host=opts.host, port=opts.base_port + PORT_OFFSET[name],
+                                 metrics_port=opts.base_metrics_port + PORT_OFFSET[name] if opts.base_metrics_port > 0 else -1,
+                                 kafka_bootstrap=opts.kafka, log_level=opts.log_level, **extra[name])
+    return out
+
+
+async def up(opts: UpOptions, stop_event: asyncio.Event | None = None, ready=None) -> None:
+    """Every service in this process until SIGTERM/SIGINT (or ``stop_event``)."""
+    from rlhf.storage.db import make_engine, migrate
+
+    opts.data_dir.mkdir(parents=True, exist_ok=True)
+    settings = up_settings(opts)
+    engine = make_engine(settings["feedback-store"].database_url)
+    await asyncio.to_thread(migrate, engine)  # once, before the two services that share the database
+    engine.dispose()
+    shared = make_bus(opts.kafka, ServiceMetrics("bus")) if opts.kafka is None else None
+    if shared is not None:
+        await shared.start()
+    stop = stop_event or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread
+            pass
+    tasks, ports = [], {}
+    for name in ORDER:
+        s = settings[name]
+        metrics = ServiceMetrics(name)
+        svc = module_of(name).build(s, metrics, _SharedBus(shared) if shared is not None else None)
+        started = asyncio.Event()
+
+        def on_ready(g, m, name=name, started=started):
+            ports[name] = (g, m)
+            started.set()
+
+        tasks.append(asyncio.create_task(serve(svc, s, metrics, ready=on_ready, stop_event=stop), name=name))
+        await asyncio.wait([asyncio.create_task(started.wait()), tasks[-1]], return_when=asyncio.FIRST_COMPLETED)
+        if tasks[-1].done():
+            stop.set()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            tasks[-1].result()  # re-raise why it failed
+    if ready is not None:
+        ready(ports)
+    log.info("all services up", extra={"fields": {n: {"grpc": g, "metrics": m} for n, (g, m) in ports.items()}})
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if shared is not None:
+            await shared.close()

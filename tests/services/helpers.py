@@ -1,0 +1,69 @@
+"""Shared pieces of the services tests: a tiny policy in a fresh registry, ports, stubs, metrics."""
+
+from __future__ import annotations
+
+import socket
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from rlhf.models import TinyLMConfig, build_tiny_lm, save_pretrained, train_tokenizer
+from rlhf.registry import ModelRegistry
+
+WORDS = ("the movie was good great fun and the best love of a film story bad dull but it is "
+         "wonderful acting plot really not so much time very").split()
+TEXTS = [" ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(12)) for i in range(200)]
+PROMPTS = [f"review {i}: the film was" for i in range(24)]
+
+
+def tiny_policy_registry(root: Path, seed: int = 0) -> ModelRegistry:
+    """A registry holding one tiny random policy (no reward model yet)."""
+    tok = train_tokenizer(TEXTS, vocab_size=300)
+    model = build_tiny_lm(TinyLMConfig(n_layer=1, n_embd=32, n_head=2, n_positions=64, vocab_size=len(tok)), seed=seed)
+    reg = ModelRegistry(root)
+    reg.publish("policy", lambda d: save_pretrained(model, tok, d), config={"add_bos": True}, base_model="tiny")
+    return reg
+
+
+def free_ports(n: int) -> list[int]:
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def wait_serving(target: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(target) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while True:
+            try:
+                r = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{target} did not become SERVING within {timeout} s")
+            time.sleep(0.2)
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        return r.read().decode()
+
+
+def metric_value(text: str, name: str, labels: str = "") -> float | None:
+    key = f"{name}{{{labels}}}" if labels else name
+    for line in text.splitlines():
+        if line.startswith(key + " "):
+            return float(line.split()[-1])
+    return None

@@ -1,0 +1,91 @@
+"""One full online-loop iteration against running services, as a user would drive it.
+
+Used by the embedded test (all services in one process, SQLite, in-process bus) and by the
+integration test (five OS processes, Kafka, PostgreSQL).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import grpc
+from rlhf_client import (feedback_grpc, feedback_pb2, policy_grpc, policy_pb2, prompts_grpc, prompts_pb2,
+                         trainer_grpc, trainer_pb2)
+
+from rlhf.label_client import WordListJudge, run_labeler
+from rlhf.labeler import SimulatedLabeler
+from tests.services.helpers import PROMPTS
+
+LOOP_OVERRIDES = {
+    "prompts_per_iteration": "4", "k": "4", "comparisons_needed": "8", "candidate_max_new_tokens": "8",
+    "wait_timeout_seconds": "240", "rm.min_comparisons": "2", "rm.rm.batch_size": "4",
+    "ppo.steps": "2", "ppo.ppo.batch_size": "4", "ppo.ppo.mini_batch_size": "2", "ppo.ppo.ppo_epochs": "1",
+    "ppo.ppo.sampling.max_new_tokens": "8", "ppo.wait_for_serving_seconds": "120",
+}
+
+
+@dataclass
+class LoopRun:
+    job: trainer_pb2.Job
+    events: list = field(default_factory=list)
+    rankings_submitted: int = 0
+    prompt_ids: list = field(default_factory=list)
+
+
+def submit_prompts(target: str) -> list[str]:
+    with grpc.insecure_channel(target) as ch:
+        stub = prompts_grpc.PromptCollectorServiceStub(ch)
+        r = stub.SubmitPrompts(prompts_pb2.SubmitPromptsRequest(prompts=[
+            prompts_pb2.PromptInput(text=p.encode(), user_id=f"user-{i}", source="test", consent=True)
+            for i, p in enumerate(PROMPTS)]), timeout=30)
+        return [x.prompt_id for x in r.results]
+
+
+def run_online_loop(addrs: dict[str, str], timeout: float = 600.0) -> LoopRun:
+    prompt_ids = submit_prompts(addrs["prompt-collector"])
+    stop = threading.Event()
+    counts: dict[str, int] = {}
+    errors: list[BaseException] = []
+
+    def labeler(name: str, seed: int) -> None:
+        try:
+            counts[name] = run_labeler(addrs["feedback-store"], SimulatedLabeler(WordListJudge(), 0.05, seed=seed),
+                                       name, stop, poll_seconds=0.2)
+        except BaseException as e:  # surfaced by the test below
+            errors.append(e)
+
+    threads = [threading.Thread(target=labeler, args=(f"sim-{i}", i), daemon=True) for i in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        with grpc.insecure_channel(addrs["trainer"]) as ch:
+            stub = trainer_grpc.TrainerServiceStub(ch)
+            job = stub.StartJob(trainer_pb2.StartJobRequest(kind=trainer_pb2.JOB_KIND_ONLINE_LOOP,
+                                                            overrides=LOOP_OVERRIDES), timeout=30).job
+            events = list(stub.WatchJob(trainer_pb2.WatchJobRequest(job_id=job.job_id), timeout=timeout))
+            job = stub.GetJob(trainer_pb2.GetJobRequest(job_id=job.job_id), timeout=30).job
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    assert not errors, errors
+    return LoopRun(job=job, events=events, rankings_submitted=sum(counts.values()), prompt_ids=prompt_ids)
+
+
+def served_version(target: str) -> tuple[str, str]:
+    """(GetPolicyVersion, the version a Generate answer carries)."""
+    with grpc.insecure_channel(target) as ch:
+        stub = policy_grpc.PolicyServiceStub(ch)
+        v = stub.GetPolicyVersion(policy_pb2.GetPolicyVersionRequest(), timeout=30).policy_version
+        g = stub.Generate(policy_pb2.GenerateRequest(prompts=["the film"], sampling=policy_pb2.SamplingParams(
+            max_new_tokens=4)), timeout=60)
+        return v, g.policy_version
+
+
+def export_submission_ids(target: str) -> list[str]:
+    with grpc.insecure_channel(target) as ch:
+        stub = feedback_grpc.FeedbackServiceStub(ch)
+        return [m.comparison.submission_id for m in stub.ExportComparisons(feedback_pb2.ExportComparisonsRequest(),
+                                                                           timeout=60)]
