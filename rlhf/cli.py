@@ -5,6 +5,7 @@
     rlhf eval rm --model DIR --data comparisons.jsonl
     rlhf eval winrate --a samples_a.jsonl --b samples_b.jsonl [--judge gold|DIR]
     rlhf init-model --out DIR --texts FILE.jsonl [--set n_layer=4 ...]
+    rlhf demo-loop [--quick] [--out DIR] [--data DIR]
     rlhf serve NAME                       (settings from RLHF_<NAME>_* environment variables)
     rlhf up [--data-dir DIR] [--kafka HOST:PORT] [--database-url URL] [--policy DIR]
 
@@ -147,6 +148,23 @@ def cmd_init_model(args) -> int:
     return 0
 
 
+def cmd_demo_loop(args) -> int:
+    from services.loop_demo import run_loop_demo
+
+    out = Path(args.out) if args.out else Path("runs") / time.strftime("loop-%Y%m%d-%H%M%S")
+    if out.exists() and any(out.iterdir()):
+        raise RLHFError(f"run directory {out} exists and is not empty; pick another --out")
+    with _progress() as progress:
+        s = run_loop_demo(out, quick=args.quick, data_dir=Path(args.data) if args.data else None,
+                          base_port=args.base_port, progress=progress)
+    print(f"online loop through the services: {s['iterations']} iteration(s), {s['comparisons_stored']} comparisons "
+          f"stored (labelers agree on {s['labeler_agreement']:.3f} of pairs), {len(s['versions_published'])} versions published")
+    print(f"policy {s['policy_version_first']} -> {s['policy_version_last']} (served: {s['policy_version_served']})")
+    print(f"gold score {s['gold_score_first']:.3f} -> {s['gold_score_last']:.3f}; win rate last vs first "
+          f"{s['win_rate_last_vs_first']:.3f}; wall {s['wall_seconds']:.0f} s; {out / 'summary.json'}")
+    return 0
+
+
 def cmd_serve(args) -> int:
     from services.launch import serve_one
 
@@ -227,6 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--seed", type=int, default=0)
     i.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="TinyLMConfig field, e.g. n_layer=2")
     i.set_defaults(func=cmd_init_model)
+
+    dl = sub.add_parser("demo-loop", help="the online loop through the five services (embedded: SQLite, in-process bus)")
+    dl.add_argument("--quick", action="store_true", help="smoke-test budget")
+    dl.add_argument("--out", help="run directory (default: runs/loop-<timestamp>)")
+    dl.add_argument("--data", help="data directory holding imdb-sample/ and rt-polarity/")
+    dl.add_argument("--base-port", type=int, default=50051, help="gRPC ports base..base+4")
+    dl.set_defaults(func=cmd_demo_loop)
 
     from services import SERVICES
 

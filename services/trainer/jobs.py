@@ -15,6 +15,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
+import grpc
+
 from rlhf.errors import NotFoundError, RLHFError, ResourceExhaustedError
 
 log = logging.getLogger("rlhf.trainer.jobs")
@@ -128,6 +130,8 @@ class JobManager:
             self._update(job, status=CANCELLED, message="cancelled")
         except RLHFError as e:
             self._update(job, status=FAILED, message=str(e))
+        except grpc.RpcError as e:  # a peer service refused: its status says why
+            self._update(job, status=FAILED, message=f"a call to another service failed: {e.code().name}: {e.details()}")
         except Exception as e:  # noqa: BLE001 - a job's failure is its status, not the process's
             log.exception("job failed", extra={"fields": {"job_id": job.job_id, "kind": job.kind}})
             self._update(job, status=FAILED, message=f"{type(e).__name__}: {e}")

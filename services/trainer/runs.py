@@ -68,6 +68,7 @@ class OnlineLoopConfig:
     comparisons_needed: int = 8  # N: new comparisons that trigger RM training
     wait_timeout_seconds: float = 600.0  # give up waiting for labels after this long
     candidate_max_new_tokens: int = 16
+    candidate_min_new_tokens: int = 1  # no empty candidates: a labeler cannot rank nothing
     rm: RMJobConfig = field(default_factory=RMJobConfig)
     ppo: PPOJobConfig = field(default_factory=PPOJobConfig)
 
@@ -157,8 +158,9 @@ def _to_comparison(c: feedback_pb2.Comparison) -> Comparison:
                       ranking=tuple(tuple(g.indices) for g in c.ranking))
 
 
-def run_rm(ctx: JobContext, peers: Peers, cfg: RMJobConfig) -> dict:
-    ctx.event("exporting comparisons from the feedback-store", 0.02)
+def run_rm(ctx: JobContext, peers: Peers, cfg: RMJobConfig, progress: tuple[float, float] = (0.0, 1.0)) -> dict:
+    lo, hi = progress
+    ctx.event("exporting comparisons from the feedback-store", lo + 0.02 * (hi - lo))
     req = feedback_pb2.ExportComparisonsRequest()
     if cfg.since_unix > 0:
         req.since.CopyFrom(ts(cfg.since_unix))
@@ -181,12 +183,12 @@ def run_rm(ctx: JobContext, peers: Peers, cfg: RMJobConfig) -> dict:
         pv = _latest(peers, "policy")
         path = peers.registry.path("policy", pv)
         rm = RewardModel.from_causal_lm(load_causal_lm(path), load_tokenizer(path))
-    ctx.event(f"training the reward model on {len(train)} comparisons", 0.1)
+    ctx.event(f"training the reward model on {len(train)} comparisons", lo + 0.1 * (hi - lo))
     steps_total = max(1, -(-len(train) // cfg.rm.batch_size) * cfg.rm.epochs)
 
     def on_step(m: dict) -> None:
         ctx.check()
-        ctx.event(f"RM step {m.get('step', 0)}", 0.1 + 0.8 * min(1.0, m.get("step", 0) / steps_total),
+        ctx.event(f"RM step {m.get('step', 0)}", lo + (hi - lo) * (0.1 + 0.8 * min(1.0, m.get("step", 0) / steps_total)),
                   {"rm_loss": m["loss"]})
 
     hist = train_reward_model(rm, train, cfg.rm, on_step)
@@ -318,6 +320,12 @@ def run_ppo(ctx: JobContext, peers: Peers, cfg: PPOJobConfig, progress: tuple[fl
 # -- the online loop ----------------------------------------------------------------------------
 
 
+def _printable(text: str) -> str:
+    """A byte-level model can emit NUL, which no labeler can read and PostgreSQL cannot store."""
+    return text.replace("\x00", "\ufffd")
+
+
+
 def run_online_loop(ctx: JobContext, peers: Peers, cfg: OnlineLoopConfig) -> dict:
     result: dict = {}
     for it in range(cfg.iterations):
@@ -331,10 +339,12 @@ def run_online_loop(ctx: JobContext, peers: Peers, cfg: OnlineLoopConfig) -> dic
             raise DataError("the prompt-collector holds no train prompts")
         gen = peers.policy.Generate(policy_pb2.GenerateRequest(
             prompts=[p.text for p in sampled], n=cfg.k,
-            sampling=policy_pb2.SamplingParams(max_new_tokens=cfg.candidate_max_new_tokens)), timeout=peers.timeout)
+            sampling=policy_pb2.SamplingParams(max_new_tokens=cfg.candidate_max_new_tokens,
+                                               min_new_tokens=cfg.candidate_min_new_tokens)), timeout=peers.timeout)
         tasks = peers.feedback.CreateLabelingTasks(feedback_pb2.CreateLabelingTasksRequest(tasks=[
             feedback_pb2.LabelingTaskInput(prompt=p.text, prompt_id=p.prompt_id, split=p.split,
-                                           candidates=[c.text for c in r.completions], policy_version=gen.policy_version)
+                                           candidates=[_printable(c.text) for c in r.completions],
+                                           policy_version=gen.policy_version)
             for p, r in zip(sampled, gen.results)]), timeout=peers.timeout).tasks
         ctx.event(f"iteration {it + 1}: {len(tasks)} labeling tasks from policy {gen.policy_version}; "
                   f"waiting for {cfg.comparisons_needed} comparisons", base + 0.1 * span)
@@ -346,7 +356,7 @@ def run_online_loop(ctx: JobContext, peers: Peers, cfg: OnlineLoopConfig) -> dic
                                        f"arrived within {cfg.wait_timeout_seconds:.0f} s")
             time.sleep(0.2)
         ctx.event(f"iteration {it + 1}: {peers.new_comparisons()} new comparisons; training the RM", base + 0.3 * span)
-        rm_metrics = run_rm(ctx, peers, cfg.rm)
+        rm_metrics = run_rm(ctx, peers, cfg.rm, progress=(base + 0.3 * span, base + 0.5 * span))
         rm_version = ctx.job.published_versions[-1]
         _wait_serving(ctx, lambda: peers.reward.GetRewardModelVersion(
             reward_pb2.GetRewardModelVersionRequest(), timeout=10).reward_model_version,
