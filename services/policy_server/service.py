@@ -34,12 +34,12 @@ class Settings(BaseServiceSettings):
     policy_version: str = ""  # pin a version; empty: the latest, then follow rlhf.models.v1
     max_batch_prompts: int = 64  # prompts x n per model call
     max_wait_ms: float = 5.0  # how long a request may wait for others to share its batch
-    max_new_tokens_default: int = 64
-    max_new_tokens_limit: int = 512
-    max_prompt_tokens: int = 512
-    max_prompts_per_request: int = 256
-    max_n: int = 16
-    device: str = "cpu"
+    max_new_tokens_default: int = 64  # when a request leaves max_new_tokens at 0
+    max_new_tokens_limit: int = 512  # larger requests are INVALID_ARGUMENT
+    max_prompt_tokens: int = 512  # longer prompts are INVALID_ARGUMENT (and never below the model's context)
+    max_prompts_per_request: int = 256  # prompts in one Generate call
+    max_n: int = 16  # samples per prompt
+    device: str = "cpu"  # torch device of the model, e.g. cuda:0
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -32,9 +32,9 @@ class Settings(BaseServiceSettings):
     reward_version: str = ""  # pin a version; empty: the latest, then follow rlhf.models.v1
     max_batch_items: int = 128  # pairs per model call
     max_wait_ms: float = 2.0  # how long a request may wait for others to share its batch
-    max_items_per_request: int = 1024
+    max_items_per_request: int = 1024  # items in one Score call
     max_chars: int = 20000  # prompt + response characters per item
-    device: str = "cpu"
+    device: str = "cpu"  # torch device of the model, e.g. cuda:0
 
     def __post_init__(self) -> None:
         super().__post_init__()

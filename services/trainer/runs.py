@@ -38,7 +38,7 @@ GRPC_OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_m
 
 @dataclass
 class RMJobConfig:
-    rm: RMTrainConfig = field(default_factory=RMTrainConfig)
+    rm: RMTrainConfig = field(default_factory=RMTrainConfig)  # loss, epochs, lr, ... (rlhf train rm)
     init_from: str = "policy"  # "policy": a fresh head on the latest policy's trunk (Ziegler et al.); "reward": continue the latest RM
     min_comparisons: int = 4  # fewer stored comparisons fail the job
     since_unix: float = 0.0  # only comparisons stored at or after this time (0: all)
@@ -46,15 +46,18 @@ class RMJobConfig:
 
 @dataclass
 class SFTJobConfig:
-    sft: SFTConfig = field(default_factory=lambda: SFTConfig(epochs=1.0, batch_size=8, lr=5e-5, warmup_steps=0))
+    sft: SFTConfig = field(default_factory=lambda: SFTConfig(epochs=1.0, batch_size=8, lr=5e-5, warmup_steps=0))  # rlhf train sft's section
     max_length: int = 128  # tokens of prompt + demonstration
-    min_demonstrations: int = 1
+    min_demonstrations: int = 1  # fewer stored demonstrations fail the job
+
+
+def _small_ppo() -> PPOConfig:
+    return PPOConfig(batch_size=8, mini_batch_size=4, ppo_epochs=2, lr=1e-5, sampling=SamplingParams(max_new_tokens=16))
 
 
 @dataclass
 class PPOJobConfig:
-    ppo: PPOConfig = field(default_factory=lambda: PPOConfig(batch_size=8, mini_batch_size=4, ppo_epochs=2,
-                                                                 lr=1e-5, sampling=SamplingParams(max_new_tokens=16)))
+    ppo: PPOConfig = field(default_factory=lambda: _small_ppo())  # rlhf train ppo's section
     steps: int = 2  # PPO steps (each: rollouts -> scores -> update -> publish)
     reference_version: str = ""  # rho; empty: the root of the policy's lineage (the SFT model)
     wait_for_serving_seconds: float = 120.0  # how long to wait for the policy-server to serve the final version
@@ -62,15 +65,15 @@ class PPOJobConfig:
 
 @dataclass
 class OnlineLoopConfig:
-    iterations: int = 1
+    iterations: int = 1  # rounds of the loop in this job
     prompts_per_iteration: int = 8  # labeling tasks created per iteration
     k: int = 4  # candidates per task
     comparisons_needed: int = 8  # N: new comparisons that trigger RM training
     wait_timeout_seconds: float = 600.0  # give up waiting for labels after this long
-    candidate_max_new_tokens: int = 16
+    candidate_max_new_tokens: int = 16  # length of each candidate
     candidate_min_new_tokens: int = 1  # no empty candidates: a labeler cannot rank nothing
-    rm: RMJobConfig = field(default_factory=RMJobConfig)
-    ppo: PPOJobConfig = field(default_factory=PPOJobConfig)
+    rm: RMJobConfig = field(default_factory=RMJobConfig)  # the RM job of each round
+    ppo: PPOJobConfig = field(default_factory=PPOJobConfig)  # the PPO job of each round
 
 
 # -- the context every body gets --------------------------------------------------------------

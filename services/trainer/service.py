@@ -33,13 +33,13 @@ KIND_ENUM = {name: k for k, (name, _, _) in KINDS.items()}
 @dataclass
 class Settings(BaseServiceSettings):
     registry_dir: str = ""  # model registry root (required)
-    prompt_collector_addr: str = "127.0.0.1:50051"
-    policy_server_addr: str = "127.0.0.1:50052"
-    reward_scorer_addr: str = "127.0.0.1:50053"
-    feedback_store_addr: str = "127.0.0.1:50054"
+    prompt_collector_addr: str = "127.0.0.1:50051"  # host:port of each peer service
+    policy_server_addr: str = "127.0.0.1:50052"  # rollouts and candidates
+    reward_scorer_addr: str = "127.0.0.1:50053"  # PPO's rewards
+    feedback_store_addr: str = "127.0.0.1:50054"  # comparisons, demonstrations, labeling tasks
     max_running_jobs: int = 1  # jobs at once (each trains a model on this process's devices)
-    rpc_timeout_seconds: float = 300.0
-    device: str = "cpu"
+    rpc_timeout_seconds: float = 300.0  # deadline of each call to another service
+    device: str = "cpu"  # torch device of the model, e.g. cuda:0
     torch_threads: int = 0  # 0: torch's default
 
     def __post_init__(self) -> None:
