@@ -126,10 +126,10 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.NOT_FOUND, msg
     if isinstance(exc, errors.ResourceExhaustedError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, msg
-    unavailable = getattr(errors, "UnavailableError", None)
-    if unavailable is not None and isinstance(exc, unavailable):
+    if isinstance(exc, errors.UnavailableError):
         return grpc.StatusCode.UNAVAILABLE, msg
-    if isinstance(exc, (errors.DataError, errors.ConflictError, ValueError)):
+    # only the library's own input errors: a bare ValueError from deep inside is a bug (INTERNAL)
+    if isinstance(exc, (errors.DataError, errors.ConflictError, errors.ConfigError)):
         return grpc.StatusCode.INVALID_ARGUMENT, msg
     if isinstance(exc, NotImplementedError):
         return grpc.StatusCode.UNIMPLEMENTED, "method not implemented"

@@ -117,7 +117,7 @@ class PolicyServer(policy_grpc.PolicyServiceServicer):
                                  return_logprobs=return_logprobs)
 
     def _run_batch(self, key, prompts: list[str]):
-        req, engine = key
+        req, engine = key[0], key[1]  # a seeded request has a third, unique element
         out = engine.generate(prompts, req)
         self.metrics.policy_generated_tokens_total.inc(sum(len(s.token_ids) for r in out for s in r.samples))
         return out

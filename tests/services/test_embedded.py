@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import threading
 
+import grpc
 import pytest
+from rlhf_client import (feedback_grpc, feedback_pb2, policy_grpc, policy_pb2, reward_grpc, reward_pb2, trainer_grpc,
+                         trainer_pb2)
 from sqlalchemy import text
 
 from rlhf.storage.db import make_engine
@@ -51,9 +54,44 @@ def embedded(tmp_path_factory):
     assert not failure, failure
 
 
-def test_online_loop_iteration_in_one_process(embedded):
+class _Hammer:
+    """Generate calls in a loop while the online loop publishes new versions: none may fail."""
+
+    def __init__(self, target: str):
+        self.target, self.versions, self.errors, self.calls = target, set(), [], 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self) -> None:
+        with grpc.insecure_channel(self.target) as ch:
+            stub = policy_grpc.PolicyServiceStub(ch)
+            while not self.stop.is_set():
+                try:
+                    r = stub.Generate(policy_pb2.GenerateRequest(prompts=["the film", "a movie"], n=2,
+                                                                 sampling=policy_pb2.SamplingParams(max_new_tokens=4)),
+                                      timeout=60)
+                    self.versions.add(r.policy_version)
+                    self.calls += 1
+                except grpc.RpcError as e:
+                    self.errors.append(e.code())
+                self.stop.wait(0.05)
+
+
+@pytest.fixture(scope="module")
+def loop_run(embedded):
+    hammer = _Hammer(embedded["addrs"]["policy-server"])
+    hammer.thread.start()
+    try:
+        run = scenario.run_online_loop(embedded["addrs"])
+    finally:
+        hammer.stop.set()
+        hammer.thread.join(60)
+    return run, hammer
+
+
+def test_online_loop_iteration_in_one_process(embedded, loop_run):
+    run, _ = loop_run
     addrs = embedded["addrs"]
-    run = scenario.run_online_loop(addrs)
     assert run.job.status == scenario.trainer_pb2.JOB_STATUS_SUCCEEDED, run.job.message
     # a new RM version and new policy versions were published, and the policy-server serves the last
     reg_versions = list((embedded["root"] / "registry" / "reward").iterdir())
@@ -75,3 +113,82 @@ def test_online_loop_iteration_in_one_process(embedded):
     for name in ("rlhf_ppo_kl", "rlhf_ppo_reward", "rlhf_ppo_kl_coef", "rlhf_ppo_samples_total"):
         assert metric_value(metrics, name) is not None, name
     assert metric_value(metrics, "rlhf_ppo_samples_total") >= 8
+
+
+def test_hot_reload_under_load_drops_no_call(loop_run):
+    _, hammer = loop_run
+    assert hammer.calls > 0 and not hammer.errors, hammer.errors
+    assert len(hammer.versions) >= 2  # calls were answered by more than one version, none failed
+
+
+def test_two_labelers_agreement_is_reported(embedded, loop_run):
+    with grpc.insecure_channel(embedded["addrs"]["feedback-store"]) as ch:
+        a = feedback_grpc.FeedbackServiceStub(ch).GetAgreement(feedback_pb2.GetAgreementRequest())
+    assert a.tasks >= 4 and a.pairs >= 4 * 6 and 0.0 <= a.pairwise_agreement <= 1.0
+
+
+def test_streaming_generation_carries_version_and_joins_to_the_text(embedded, loop_run):
+    with grpc.insecure_channel(embedded["addrs"]["policy-server"]) as ch:
+        stub = policy_grpc.PolicyServiceStub(ch)
+        sp = policy_pb2.SamplingParams(max_new_tokens=12, min_new_tokens=12, seed=5)
+        parts = list(stub.GenerateStream(policy_pb2.GenerateStreamRequest(prompt="the movie", sampling=sp)))
+        whole = stub.Generate(policy_pb2.GenerateRequest(prompts=["the movie"], sampling=sp)).results[0].completions[0]
+    assert len(parts) >= 2 and parts[-1].finish_reason == policy_pb2.FINISH_REASON_LENGTH
+    assert {p.policy_version for p in parts} == {loop_run[0].job.published_versions[-1]}
+    assert "".join(p.text_delta for p in parts) == whole.text  # same seed, same version, same sample
+
+
+def test_reward_scorer_batches_concurrent_callers(embedded, loop_run):
+    async def many():
+        async with grpc.aio.insecure_channel(embedded["addrs"]["reward-scorer"]) as ch:
+            stub = reward_grpc.RewardServiceStub(ch)
+            return await asyncio.gather(*(stub.Score(reward_pb2.ScoreRequest(items=[
+                reward_pb2.ScoreItem(prompt=f"p{i}", response="good fun")])) for i in range(32)))
+
+    answers = asyncio.run(many())
+    assert all(len(a.scores) == 1 for a in answers)
+    assert len({a.reward_model_version for a in answers}) == 1
+    m = scrape(embedded["metrics_base"] + 2)
+    count = metric_value(m, "rlhf_reward_batch_size_count")
+    total = metric_value(m, "rlhf_reward_batch_size_sum")
+    assert count and total / count > 1.0  # more than one caller per model call on average
+
+
+def test_sft_job_from_demonstrations_publishes_a_policy(embedded, loop_run):
+    a = embedded["addrs"]
+    with grpc.insecure_channel(a["feedback-store"]) as ch:
+        fb = feedback_grpc.FeedbackServiceStub(ch)
+        for i in range(4):
+            fb.SubmitDemonstration(feedback_pb2.SubmitDemonstrationRequest(
+                idempotency_key=f"demo-{i}", prompt=f"review {i}: the film was", prompt_id=str(i), split=1,
+                labeler_id="writer", response=" wonderful and fun"))
+    with grpc.insecure_channel(a["trainer"]) as ch:
+        stub = trainer_grpc.TrainerServiceStub(ch)
+        job = stub.StartJob(trainer_pb2.StartJobRequest(kind=trainer_pb2.JOB_KIND_SFT)).job
+        list(stub.WatchJob(trainer_pb2.WatchJobRequest(job_id=job.job_id), timeout=300))
+        job = stub.GetJob(trainer_pb2.GetJobRequest(job_id=job.job_id)).job
+    assert job.status == trainer_pb2.JOB_STATUS_SUCCEEDED, job.message
+    assert len(job.published_versions) == 1 and job.metrics["sft_demonstrations"] == 4
+
+
+def test_a_job_can_be_cancelled_and_bad_requests_are_refused(embedded, loop_run):
+    with grpc.insecure_channel(embedded["addrs"]["trainer"]) as ch:
+        stub = trainer_grpc.TrainerServiceStub(ch)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.StartJob(trainer_pb2.StartJobRequest(kind=trainer_pb2.JOB_KIND_PPO, overrides={"ppo.nope": "1"}))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "nope" in e.value.details()
+        with pytest.raises(grpc.RpcError) as e:
+            stub.GetJob(trainer_pb2.GetJobRequest(job_id="missing"))
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        job = stub.StartJob(trainer_pb2.StartJobRequest(kind=trainer_pb2.JOB_KIND_PPO, overrides={
+            "steps": "500", "ppo.batch_size": "4", "ppo.mini_batch_size": "2", "ppo.ppo_epochs": "1",
+            "ppo.sampling.max_new_tokens": "4"})).job
+        with pytest.raises(grpc.RpcError) as e:  # one job at a time on this trainer
+            stub.StartJob(trainer_pb2.StartJobRequest(kind=trainer_pb2.JOB_KIND_SFT))
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        for ev in stub.WatchJob(trainer_pb2.WatchJobRequest(job_id=job.job_id), timeout=300):
+            if ev.message.startswith("PPO step 1/"):
+                stub.CancelJob(trainer_pb2.CancelJobRequest(job_id=job.job_id))
+        job = stub.GetJob(trainer_pb2.GetJobRequest(job_id=job.job_id)).job
+    assert job.status == trainer_pb2.JOB_STATUS_CANCELLED
+    assert 1 <= len(job.published_versions) < 500
