@@ -1,10 +1,14 @@
-"""Translation helpers shared by the services (proto <-> domain), and the model-version watcher."""
+"""What the services share: time conversions, the model-version watcher, and the two lifecycles
+(a model served through a dynamic batcher; a database with an outbox relay)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Awaitable, Callable
@@ -12,12 +16,15 @@ from typing import Awaitable, Callable
 from google.protobuf.timestamp_pb2 import Timestamp
 from rlhf_client import TOPIC_MODELS, common_pb2, models_pb2
 
+from rlhf.metrics import ServiceMetrics
 from rlhf.registry import ModelRegistry
+from rlhf.runtime.batching import DynamicBatcher
+from rlhf.runtime.bus import make_bus
+from rlhf.runtime.server import BaseServiceSettings, ModelExecutor
 
 log = logging.getLogger("rlhf.services")
 
 KIND_NAMES = {common_pb2.MODEL_KIND_POLICY: "policy", common_pb2.MODEL_KIND_REWARD: "reward"}
-KIND_ENUMS = {v: k for k, v in KIND_NAMES.items()}
 
 
 def ts(dt: datetime | float | None = None) -> Timestamp:
@@ -80,3 +87,103 @@ class ModelWatcher:
 
     def subscribe(self, bus, group_id: str) -> None:
         bus.subscribe(TOPIC_MODELS, models_pb2.ModelVersionPublishedEvent, group_id, self.on_event)
+
+
+# -- shared lifecycles ------------------------------------------------------------------------------
+
+
+@dataclass
+class DatabaseSettings(BaseServiceSettings):
+    database_url: str = "sqlite:///rlhf.db"  # SQLAlchemy URL; postgresql+psycopg://... in production
+    migrate_on_start: bool = True  # run the schema migrations at start (idempotent)
+
+
+class OutboxService:
+    """A service that stores in the database and announces through the outbox on ``topic``."""
+
+    topic: str
+
+    def __init__(self, settings: DatabaseSettings, metrics: ServiceMetrics, bus=None):
+        from rlhf.storage.db import make_engine
+        from rlhf.storage.outbox import OutboxRelay
+
+        self.s = settings
+        self.metrics = metrics
+        self.engine = make_engine(settings.database_url)
+        self.bus = bus if bus is not None else make_bus(settings.kafka_bootstrap, metrics)
+        self.relay = OutboxRelay(self.engine, self.bus, topics=[self.topic])
+        self._stop = asyncio.Event()
+        self._relay_task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        from rlhf.storage.db import migrate
+
+        if self.s.migrate_on_start:
+            await asyncio.to_thread(migrate, self.engine)
+        await self.bus.start()
+        self._relay_task = asyncio.create_task(self.relay.run(self._stop))
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._relay_task is not None:
+            await self._relay_task
+        await self.bus.close()
+        self.engine.dispose()
+
+
+@dataclass
+class ModelSettings(BaseServiceSettings):
+    registry_dir: str = ""  # model registry root (required)
+    device: str = "cpu"  # torch device of the model, e.g. cuda:0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.registry_dir:
+            raise ValueError("registry_dir is required (the model registry root)")
+
+
+class ModelService:
+    """A service that serves the newest model version of ``kind`` through a dynamic batcher.
+
+    Subclasses set ``kind``, implement ``_make_engine(path, version)`` (runs in a worker thread)
+    and ``_run_batch(key, items)`` (runs on the model thread), and give the batcher's settings.
+    """
+
+    kind: str
+
+    def __init__(self, settings: ModelSettings, metrics: ServiceMetrics, bus=None, pinned_version: str = ""):
+        self.s = settings
+        self.metrics = metrics
+        self.registry = ModelRegistry(settings.registry_dir)
+        self.engine = None
+        self.executor = ModelExecutor(self.name)
+        self.batcher: DynamicBatcher | None = None
+        self.bus = bus if bus is not None else make_bus(settings.kafka_bootstrap, metrics)
+        self.watcher = ModelWatcher(self.registry, self.kind, self._load, self._swap,
+                                    pinned_version=pinned_version or None)
+
+    def _batcher(self) -> DynamicBatcher:
+        raise NotImplementedError
+
+    def _make_engine(self, path: Path, version: str):
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        self.batcher = self._batcher()
+        self.batcher.start()
+        await self.watcher.load_initial()
+        # every replica must see every version: a consumer group of its own
+        self.watcher.subscribe(self.bus, f"{self.name}-{socket.gethostname()}-{os.getpid()}")
+        await self.bus.start()
+
+    async def stop(self) -> None:
+        await self.bus.close()
+        if self.batcher is not None:
+            await self.batcher.close()
+        self.executor.shutdown()
+
+    async def _load(self, path: Path, version: str):
+        return await asyncio.to_thread(self._make_engine, path, version)
+
+    def _swap(self, engine) -> None:
+        self.engine = engine

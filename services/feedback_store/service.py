@@ -14,53 +14,29 @@ import grpc
 from rlhf_client import TOPIC_FEEDBACK, feedback_grpc, feedback_pb2
 
 from rlhf.metrics import ServiceMetrics
-from rlhf.runtime.bus import make_bus
-from rlhf.runtime.server import BaseServiceSettings
-from rlhf.storage.db import make_engine, migrate
 from rlhf.storage.feedback import FeedbackStore, TaskIn
-from rlhf.storage.outbox import OutboxRelay
-from services.common import from_ts
+from services.common import DatabaseSettings, OutboxService, from_ts
 
 NAME = "feedback-store"
-TOPIC = TOPIC_FEEDBACK
 _EXPORT_CHUNK = 256
 
 
 @dataclass
-class Settings(BaseServiceSettings):
-    database_url: str = "sqlite:///rlhf.db"  # SQLAlchemy URL; postgresql+psycopg://... in production
-    migrate_on_start: bool = True  # run the schema migrations at start (idempotent)
+class Settings(DatabaseSettings):
+    pass
 
 
-class FeedbackService(feedback_grpc.FeedbackServiceServicer):
+class FeedbackService(OutboxService, feedback_grpc.FeedbackServiceServicer):
     name = NAME
+    topic = TOPIC_FEEDBACK
     service_names = [feedback_pb2.DESCRIPTOR.services_by_name["FeedbackService"].full_name]
 
     def __init__(self, settings: Settings, metrics: ServiceMetrics, bus=None):
-        self.s = settings
-        self.metrics = metrics
-        self.engine = make_engine(settings.database_url)
+        super().__init__(settings, metrics, bus)
         self.store = FeedbackStore(self.engine)
-        self.bus = bus if bus is not None else make_bus(settings.kafka_bootstrap, metrics)
-        self.relay = OutboxRelay(self.engine, self.bus, topics=[TOPIC])
-        self._stop = asyncio.Event()
-        self._relay_task: asyncio.Task | None = None
 
     def register(self, server: grpc.aio.Server) -> None:
         feedback_grpc.add_FeedbackServiceServicer_to_server(self, server)
-
-    async def start(self) -> None:
-        if self.s.migrate_on_start:
-            await asyncio.to_thread(migrate, self.engine)
-        await self.bus.start()
-        self._relay_task = asyncio.create_task(self.relay.run(self._stop))
-
-    async def stop(self) -> None:
-        self._stop.set()
-        if self._relay_task is not None:
-            await self._relay_task
-        await self.bus.close()
-        self.engine.dispose()
 
     # -- tasks ----------------------------------------------------------------------------------
     async def CreateLabelingTasks(self, request, context):

@@ -13,52 +13,28 @@ import grpc
 from rlhf_client import TOPIC_PROMPTS, prompts_grpc, prompts_pb2
 
 from rlhf.metrics import ServiceMetrics
-from rlhf.runtime.bus import make_bus
-from rlhf.runtime.server import BaseServiceSettings
-from rlhf.storage.db import make_engine, migrate
-from rlhf.storage.outbox import OutboxRelay
 from rlhf.storage.prompts import PromptIn, PromptStore, to_proto
+from services.common import DatabaseSettings, OutboxService
 
 NAME = "prompt-collector"
-TOPIC = TOPIC_PROMPTS
 
 
 @dataclass
-class Settings(BaseServiceSettings):
-    database_url: str = "sqlite:///rlhf.db"  # SQLAlchemy URL; postgresql+psycopg://... in production
-    migrate_on_start: bool = True  # run the schema migrations at start (idempotent)
+class Settings(DatabaseSettings):
     max_prompt_chars: int = 4000  # longer prompts are rejected
 
 
-class PromptCollector(prompts_grpc.PromptCollectorServiceServicer):
+class PromptCollector(OutboxService, prompts_grpc.PromptCollectorServiceServicer):
     name = NAME
+    topic = TOPIC_PROMPTS
     service_names = [prompts_pb2.DESCRIPTOR.services_by_name["PromptCollectorService"].full_name]
 
     def __init__(self, settings: Settings, metrics: ServiceMetrics, bus=None):
-        self.s = settings
-        self.metrics = metrics
-        self.engine = make_engine(settings.database_url)
+        super().__init__(settings, metrics, bus)
         self.store = PromptStore(self.engine, max_prompt_chars=settings.max_prompt_chars)
-        self.bus = bus if bus is not None else make_bus(settings.kafka_bootstrap, metrics)
-        self.relay = OutboxRelay(self.engine, self.bus, topics=[TOPIC])
-        self._stop = asyncio.Event()
-        self._relay_task: asyncio.Task | None = None
 
     def register(self, server: grpc.aio.Server) -> None:
         prompts_grpc.add_PromptCollectorServiceServicer_to_server(self, server)
-
-    async def start(self) -> None:
-        if self.s.migrate_on_start:
-            await asyncio.to_thread(migrate, self.engine)
-        await self.bus.start()
-        self._relay_task = asyncio.create_task(self.relay.run(self._stop))
-
-    async def stop(self) -> None:
-        self._stop.set()
-        if self._relay_task is not None:
-            await self._relay_task
-        await self.bus.close()
-        self.engine.dispose()
 
     async def SubmitPrompts(self, request, context) -> prompts_pb2.SubmitPromptsResponse:
         items = [PromptIn(text=p.text, user_id=p.user_id, source=p.source, consent=p.consent) for p in request.prompts]

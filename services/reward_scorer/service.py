@@ -6,9 +6,6 @@ each answer names the reward-model version that scored it (a batch never mixes v
 
 from __future__ import annotations
 
-import asyncio
-import os
-import socket
 from dataclasses import dataclass
 
 import grpc
@@ -16,72 +13,44 @@ from rlhf_client import reward_grpc, reward_pb2
 
 from rlhf.errors import DataError, UnavailableError
 from rlhf.metrics import ServiceMetrics
-from rlhf.registry import ModelRegistry
 from rlhf.runtime.batching import DynamicBatcher
-from rlhf.runtime.bus import make_bus
-from rlhf.runtime.server import BaseServiceSettings, ModelExecutor
 from rlhf.serving import RewardEngine
-from services.common import ModelWatcher
+from services.common import ModelService, ModelSettings
 
 NAME = "reward-scorer"
 
 
 @dataclass
-class Settings(BaseServiceSettings):
-    registry_dir: str = ""  # model registry root (required)
+class Settings(ModelSettings):
     reward_version: str = ""  # pin a version; empty: the latest, then follow rlhf.models.v1
     max_batch_items: int = 128  # pairs per model call
     max_wait_ms: float = 2.0  # how long a request may wait for others to share its batch
     max_items_per_request: int = 1024  # items in one Score call
     max_chars: int = 20000  # prompt + response characters per item
-    device: str = "cpu"  # torch device of the model, e.g. cuda:0
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.registry_dir:
-            raise ValueError("registry_dir is required (the model registry root)")
         if self.max_batch_items < 1:
             raise ValueError("max_batch_items must be >= 1")
 
 
-class RewardScorer(reward_grpc.RewardServiceServicer):
+class RewardScorer(ModelService, reward_grpc.RewardServiceServicer):
     name = NAME
+    kind = "reward"
     service_names = [reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name]
 
     def __init__(self, settings: Settings, metrics: ServiceMetrics, bus=None):
-        self.s = settings
-        self.metrics = metrics
-        self.registry = ModelRegistry(settings.registry_dir)
-        self.engine: RewardEngine | None = None
-        self.executor = ModelExecutor(NAME)
-        self.batcher: DynamicBatcher | None = None
-        self.bus = bus if bus is not None else make_bus(settings.kafka_bootstrap, metrics)
-        self.watcher = ModelWatcher(self.registry, "reward", self._load, self._swap,
-                                    pinned_version=settings.reward_version or None)
+        super().__init__(settings, metrics, bus, pinned_version=settings.reward_version)
 
     def register(self, server: grpc.aio.Server) -> None:
         reward_grpc.add_RewardServiceServicer_to_server(self, server)
 
-    async def start(self) -> None:
-        self.batcher = DynamicBatcher(self._run_batch, self.executor.run, max_batch_items=self.s.max_batch_items,
-                                      max_wait_seconds=self.s.max_wait_ms / 1000,
-                                      on_batch=self.metrics.reward_batch_size.observe)
-        self.batcher.start()
-        await self.watcher.load_initial()
-        self.watcher.subscribe(self.bus, f"{NAME}-{socket.gethostname()}-{os.getpid()}")
-        await self.bus.start()
+    def _batcher(self) -> DynamicBatcher:
+        return DynamicBatcher(self._run_batch, self.executor.run, max_batch_items=self.s.max_batch_items,
+                              max_wait_seconds=self.s.max_wait_ms / 1000, on_batch=self.metrics.reward_batch_size.observe)
 
-    async def stop(self) -> None:
-        await self.bus.close()
-        if self.batcher is not None:
-            await self.batcher.close()
-        self.executor.shutdown()
-
-    async def _load(self, path, version):
-        return await asyncio.to_thread(RewardEngine, path, version, device=self.s.device)
-
-    def _swap(self, engine) -> None:
-        self.engine = engine
+    def _make_engine(self, path, version) -> RewardEngine:
+        return RewardEngine(path, version, device=self.s.device)
 
     def _run_batch(self, engine: RewardEngine, pairs: list[tuple[str, str]]) -> list[float]:
         scores = engine.score(pairs)
