@@ -94,3 +94,14 @@ def test_bad_input_gives_one_line_error(workdir, tmp_path, capsys, case):
     assert expected in err
     if case != "output_exists":
         assert not output.exists() or not any(output.iterdir()), "nothing is written on bad input"
+
+
+def test_serve_reports_every_bad_setting_before_starting(monkeypatch, capsys):
+    monkeypatch.setenv("RLHF_REWARD_SCORER_PORT", "abc")
+    monkeypatch.setenv("RLHF_REWARD_SCORER_MAX_BATCH_ITEMS", "0")
+    monkeypatch.setenv("RLHF_REWARD_SCORER_PROT", "1")
+    monkeypatch.delenv("RLHF_REWARD_SCORER_REGISTRY_DIR", raising=False)
+    assert main(["serve", "reward-scorer"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") >= 3 and "RLHF_REWARD_SCORER_PORT" in err and "RLHF_REWARD_SCORER_PROT" in err
+    assert "did you mean RLHF_REWARD_SCORER_PORT" in err
