@@ -134,7 +134,8 @@ class PPOConfig:
     # PPO
     ppo_epochs: int = 4  # passes over each rollout batch
     mini_batch_size: int = 8  # rollouts per gradient step; divides batch_size
-    lr: float = 1e-5  # Adam learning rate of policy and value head
+    lr: float = 1e-5  # Adam learning rate of the policy (and of the value head unless value_lr is set)
+    value_lr: float | None = None  # Adam learning rate of the value head / critic; None: lr (a zero-initialised head learns slowly at a policy's small lr)
     clip_range: float = 0.2  # epsilon of the clipped surrogate
     clip_range_value: float = 0.2  # epsilon of the clipped value loss
     vf_coef: float = 0.1  # weight of the value loss
@@ -205,10 +206,12 @@ class PPOTrainer:
         if cfg.value_model == "separate":
             # the value network starts from the policy's trunk (Ziegler et al.); it needs no LM head
             self.critic = copy.deepcopy(policy.base_model)
-        params = list(policy.parameters()) + list(self.value_head.parameters())
+        value_params = list(self.value_head.parameters())
         if self.critic is not None:
-            params += list(self.critic.parameters())
-        self.opt = torch.optim.Adam(params, lr=cfg.lr, eps=1e-5, fused=self.device.type in ("cpu", "cuda"))
+            value_params += list(self.critic.parameters())
+        groups = [{"params": list(policy.parameters())},
+                  {"params": value_params, "lr": cfg.value_lr if cfg.value_lr is not None else cfg.lr}]
+        self.opt = torch.optim.Adam(groups, lr=cfg.lr, eps=1e-5, fused=self.device.type in ("cpu", "cuda"))
         self.kl_ctl = make_kl_controller(cfg.kl_coef, cfg.kl_target, cfg.adaptive_kl)
         self.ptx_blocks = ptx_blocks
         if cfg.ptx_coef > 0 and ptx_blocks is None:

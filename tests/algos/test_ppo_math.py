@@ -458,3 +458,14 @@ def test_step_metrics_cover_every_design_metric_name():
     assert all((kind == "counter") == n.endswith("_total") for n, kind, _ in PPO_METRICS.values())
     values = ppo_metric_values({"kl": 1.5, "samples_total": 8, "unrelated": 3})
     assert values == {"rlhf_ppo_kl": 1.5, "rlhf_ppo_samples_total": 8.0}
+
+
+def test_value_head_gets_its_own_learning_rate(tok):
+    fn = _reward_fn(tok, 5)
+    same = PPOTrainer(_tiny_lm(tok), tok, fn, _cfg(lr=1e-5))
+    assert [g["lr"] for g in same.opt.param_groups] == [1e-5, 1e-5]
+    own = PPOTrainer(_tiny_lm(tok), tok, fn, _cfg(lr=1e-5, value_lr=1e-3, value_model="separate"))
+    assert [g["lr"] for g in own.opt.param_groups] == [1e-5, 1e-3]
+    value_params = {id(p) for p in own.opt.param_groups[1]["params"]}
+    assert {id(p) for p in own.value_head.parameters()} | {id(p) for p in own.critic.parameters()} == value_params
+    assert not value_params & {id(p) for p in own.policy.parameters()}
