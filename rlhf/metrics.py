@@ -77,6 +77,25 @@ class ServiceMetrics:
         self.model_version_info = Gauge(
             "rlhf_model_version_loaded_timestamp_seconds", "when the served model version was loaded",
             ["kind"], registry=r)
+        # policy-server inference API (HTTP beside gRPC) and its engine
+        self.http_requests_total = Counter(
+            "rlhf_http_requests_total", "HTTP requests answered, by route and status code",
+            ["service", "route", "code"], registry=r)
+        self.policy_time_to_first_token_seconds = Histogram(
+            "rlhf_policy_time_to_first_token_seconds", "from a generation request's arrival to its first token",
+            ["api"], buckets=LATENCY_BUCKETS, registry=r)
+        self.policy_request_duration_seconds = Histogram(
+            "rlhf_policy_request_duration_seconds", "from a generation request's arrival to its last token",
+            ["api"], buckets=LATENCY_BUCKETS, registry=r)
+        self.policy_queue_depth = Gauge(
+            "rlhf_policy_queue_depth", "samples waiting for a row of the engine's running batch", registry=r)
+        self.policy_batch_size = Histogram(
+            "rlhf_policy_batch_size", "rows (samples) per decode step of the engine",
+            buckets=(1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256), registry=r)
+        self.policy_prompts_forwarded_total = Counter(
+            "rlhf_policy_prompts_forwarded_total",
+            "opted-in prompts sent to the prompt-collector, by outcome (sent, dropped, failed)",
+            ["outcome"], registry=r)
         # PPO (trainer)
         self.ppo: dict[str, object] = {}
         for key, (name, kind, help_) in PPO_METRICS.items():

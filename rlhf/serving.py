@@ -32,6 +32,7 @@ class GenerationRequest:
     seed: int | None = None
     n: int = 1
     return_logprobs: bool = False
+    top_logprobs: int = 0  # alternatives reported per token by rlhf.inference (0: none)
 
 
 @dataclass

@@ -1,52 +1,87 @@
-"""policy-server: proto <-> rlhf.serving.PolicyEngine, behind the shared bootstrap.
+"""policy-server: generation for product traffic and PPO rollouts, over gRPC and HTTP.
 
-Concurrent Generate calls with equal sampling settings are coalesced into one model call by a
-DynamicBatcher; streaming calls run one at a time on the model thread and stop when the client
-goes away. Every answer carries the version of the engine that produced it.
+The gRPC PolicyService (proto <-> domain here) and the OpenAI- and TGI-compatible HTTP API
+(:mod:`services.policy_server.http_api`, on ``http_port`` in the same process and event loop)
+share one backend (:mod:`services.policy_server.backends`): the embedded continuous-batching
+engine of :mod:`rlhf.inference` on the registry's newest policy version, hot-reloaded on
+``rlhf.models.v1`` without failing a call, or a remote TGI server. Every answer carries the
+version that produced it. On SIGTERM gRPC and HTTP drain together: new HTTP requests get 503,
+those in flight finish within ``grace_seconds``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
+import logging
+import time
 from dataclasses import dataclass
 
 import grpc
 from rlhf_client import policy_grpc, policy_pb2
 
 from rlhf.errors import DataError, UnavailableError
+from rlhf.inference.engine import DeadlineExceededError, EngineConfig
 from rlhf.metrics import ServiceMetrics
 from rlhf.registry import ModelRegistry
-from rlhf.runtime.batching import DynamicBatcher
+from rlhf.runtime.apikeys import ApiKeys
 from rlhf.runtime.bus import make_bus
-from rlhf.runtime.server import BaseServiceSettings, ModelExecutor
-from rlhf.serving import GenerationRequest, PolicyEngine
-from services.common import ModelWatcher
+from rlhf.runtime.http import EmbeddedHttpServer
+from rlhf.runtime.server import BaseServiceSettings
+from rlhf.serving import GenerationRequest
+from services.policy_server.backends import LocalBackend, TGIBackend, complete, group_id
+from services.policy_server.http_api import HttpApi
+from services.policy_server.optin import PromptForwarder
 
 NAME = "policy-server"
-FINISH = {"stop": policy_pb2.FINISH_REASON_STOP, "length": policy_pb2.FINISH_REASON_LENGTH}
+FINISH = {"eos": policy_pb2.FINISH_REASON_STOP, "stop": policy_pb2.FINISH_REASON_STOP,
+          "length": policy_pb2.FINISH_REASON_LENGTH}
+log = logging.getLogger("rlhf.services.policy")
 
 
 @dataclass
 class Settings(BaseServiceSettings):
-    registry_dir: str = ""  # model registry root (required)
+    registry_dir: str = ""  # model registry root (required with backend=local)
     policy_version: str = ""  # pin a version; empty: the latest, then follow rlhf.models.v1
-    max_batch_prompts: int = 64  # prompts x n per model call
-    max_wait_ms: float = 5.0  # how long a request may wait for others to share its batch
+    max_batch_prompts: int = 64  # rows of the engine's running batch (samples decoded together)
+    max_waiting_samples: int = 1024  # samples queued for a row; beyond: RESOURCE_EXHAUSTED / HTTP 429
+    max_prefill_tokens: int = 4096  # prompt tokens prefilled between two decode steps
+    engine_runner: str = "auto"  # auto (fast GPT-2 forward when the model is a GPT-2), gpt2 or hf
     max_new_tokens_default: int = 64  # when a request leaves max_new_tokens at 0
     max_new_tokens_limit: int = 512  # larger requests are INVALID_ARGUMENT
     max_prompt_tokens: int = 512  # longer prompts are INVALID_ARGUMENT (and never below the model's context)
     max_prompts_per_request: int = 256  # prompts in one Generate call
     max_n: int = 16  # samples per prompt
     device: str = "cpu"  # torch device of the model, e.g. cuda:0
+    http_port: int = 0  # OpenAI/TGI-compatible HTTP API; 0 picks a free port (logged), -1 runs none
+    model_name: str = "rlhf-policy"  # the model id of the HTTP APIs (also <model_name>@<version>)
+    request_timeout_seconds: float = 120.0  # deadline of an HTTP request (header X-Request-Timeout may shorten it)
+    max_body_bytes: int = 4194304  # larger HTTP request bodies are 413
+    api_keys_file: str = ""  # JSON/YAML {key: {team, requests_per_minute}}, re-read on change; none: auth off
+    api_keys: str = ""  # the same JSON inline (e.g. a secret mounted as an environment variable)
+    prompt_collector_addr: str = ""  # host:port of the prompt-collector for opted-in prompts; empty: none sent
+    optin_queue_size: int = 1000  # opted-in prompts waiting to be sent; beyond: dropped (counted)
+    backend: str = "local"  # local (the registry's policy, embedded) or tgi (a remote TGI server)
+    tgi_url: str = ""  # base URL of the TGI server (backend=tgi)
+    tgi_api_key: str = ""  # bearer token for the TGI server, if it wants one
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.registry_dir:
-            raise ValueError("registry_dir is required (the model registry root)")
-        if self.max_batch_prompts < 1 or self.max_n < 1:
-            raise ValueError("max_batch_prompts and max_n must be >= 1")
+        if self.backend not in ("local", "tgi"):
+            raise ValueError(f"backend must be local or tgi, got {self.backend!r}")
+        if self.backend == "local" and not self.registry_dir:
+            raise ValueError("registry_dir is required (the model registry root) with backend=local")
+        if self.backend == "tgi" and not self.tgi_url:
+            raise ValueError("tgi_url is required (the TGI server's base URL)")
+        if self.max_batch_prompts < 1 or self.max_n < 1 or self.max_n > self.max_batch_prompts:
+            raise ValueError("max_batch_prompts and max_n must be >= 1, max_n <= max_batch_prompts")
+        if self.max_waiting_samples < 0:
+            raise ValueError("max_waiting_samples must be >= 0")
+        if self.engine_runner not in ("auto", "gpt2", "hf"):
+            raise ValueError(f"engine_runner must be auto, gpt2 or hf, got {self.engine_runner!r}")
+        if not -1 <= self.http_port <= 65535:
+            raise ValueError(f"http_port must be in -1..65535, got {self.http_port}")
+        if not self.request_timeout_seconds > 0:
+            raise ValueError("request_timeout_seconds must be > 0")
 
 
 class PolicyServer(policy_grpc.PolicyServiceServicer):
@@ -54,47 +89,64 @@ class PolicyServer(policy_grpc.PolicyServiceServicer):
     service_names = [policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name]
 
     def __init__(self, settings: Settings, metrics: ServiceMetrics, bus=None):
-        self.s = settings
+        s = self.s = settings
         self.metrics = metrics
-        self.registry = ModelRegistry(settings.registry_dir)
-        self.engine: PolicyEngine | None = None
-        self.executor = ModelExecutor(NAME)
-        self.batcher: DynamicBatcher | None = None
-        self.bus = bus if bus is not None else make_bus(settings.kafka_bootstrap, metrics)
-        self.watcher = ModelWatcher(self.registry, "policy", self._load, self._swap,
-                                    pinned_version=settings.policy_version or None)
+        self.bus = bus if bus is not None else make_bus(s.kafka_bootstrap, metrics)
+        if s.backend == "tgi":
+            self.backend = TGIBackend(s.tgi_url, s, metrics, s.tgi_api_key)
+        else:
+            cfg = EngineConfig(max_batch_size=s.max_batch_prompts, max_queue=s.max_waiting_samples,
+                               max_prefill_tokens=s.max_prefill_tokens,
+                               max_seq_len=s.max_prompt_tokens + s.max_new_tokens_limit, runner=s.engine_runner)
+            self.backend = LocalBackend(ModelRegistry(s.registry_dir), s, metrics, cfg, s.policy_version)
+        self.keys = ApiKeys(s.api_keys_file or None, s.api_keys)
+        self.forwarder = (PromptForwarder(s.prompt_collector_addr, metrics, s.optin_queue_size)
+                          if s.prompt_collector_addr else None)
+        self.http = HttpApi(self.backend, s, metrics, self.keys, self.forwarder)
+        self.http_server: EmbeddedHttpServer | None = None
+        self.http_port: int | None = None
+        self._drain: asyncio.Future | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
     def register(self, server: grpc.aio.Server) -> None:
         policy_grpc.add_PolicyServiceServicer_to_server(self, server)
+        # The bootstrap stops the gRPC server first on SIGTERM; HTTP starts draining (503 for new
+        # requests) at that same moment rather than after gRPC's grace period.
+        grpc_stop = server.stop
+
+        async def stop(grace):
+            self._begin_drain(grace)
+            return await grpc_stop(grace)
+
+        server.stop = stop
 
     async def start(self) -> None:
-        self.batcher = DynamicBatcher(self._run_batch, self.executor.run, max_batch_items=self.s.max_batch_prompts,
-                                      max_wait_seconds=self.s.max_wait_ms / 1000)
-        self.batcher.start()
-        await self.watcher.load_initial()
-        self.watcher.subscribe(self.bus, f"{NAME}-{socket.gethostname()}-{os.getpid()}")
+        await self.backend.start(self.bus, group_id(NAME))
         await self.bus.start()
+        if self.forwarder is not None:
+            await self.forwarder.start()
+        if self.s.http_port >= 0:
+            self.http_server = EmbeddedHttpServer(self.http.app, self.s.host, self.s.http_port,
+                                                  graceful_seconds=min(5.0, self.s.grace_seconds))
+            self.http_port = await self.http_server.start()
+            log.info("http serving", extra={"fields": {"host": self.s.host, "http_port": self.http_port,
+                                                       "backend": self.s.backend, "auth": self.keys.enabled}})
+
+    def _begin_drain(self, grace: float | None) -> None:
+        if self._drain is None:
+            self._drain = asyncio.ensure_future(self.http.drain(grace or 0.0))
 
     async def stop(self) -> None:
+        self._begin_drain(self.s.grace_seconds)
+        await self._drain
+        if self.http_server is not None:
+            await self.http_server.stop()
+        if self.forwarder is not None:
+            await self.forwarder.close()
+        await self.backend.stop()
         await self.bus.close()
-        if self.batcher is not None:
-            await self.batcher.close()
-        self.executor.shutdown()
-
-    async def _load(self, path, version):
-        return await asyncio.to_thread(PolicyEngine, path, version, max_prompt_tokens=self.s.max_prompt_tokens,
-                                       device=self.s.device)
-
-    def _swap(self, engine) -> None:
-        self.engine = engine
 
     # -- helpers --------------------------------------------------------------------------------
-    def _engine(self) -> PolicyEngine:
-        if self.engine is None:
-            raise UnavailableError("no policy version loaded yet; publish one to the registry")
-        return self.engine
-
     def _request(self, sp: policy_pb2.SamplingParams, n: int, return_logprobs: bool) -> GenerationRequest:
         max_new = sp.max_new_tokens or self.s.max_new_tokens_default
         if sp.max_new_tokens < 0 or max_new > self.s.max_new_tokens_limit:
@@ -116,31 +168,45 @@ class PolicyServer(policy_grpc.PolicyServiceServicer):
                                  seed=sp.seed if sp.HasField("seed") else None, n=max(1, n),
                                  return_logprobs=return_logprobs)
 
-    def _run_batch(self, key, prompts: list[str]):
-        req, engine = key[0], key[1]  # a seeded request has a third, unique element
-        out = engine.generate(prompts, req)
-        self.metrics.policy_generated_tokens_total.inc(sum(len(s.token_ids) for r in out for s in r.samples))
-        return out
+    @staticmethod
+    def _deadline(context) -> float | None:
+        remaining = context.time_remaining()
+        return None if remaining is None else time.monotonic() + remaining
+
+    def _observe(self, runs, t0: float) -> None:
+        firsts = [r.first_token_at for r in runs if r.first_token_at is not None]
+        if firsts:
+            self.metrics.policy_time_to_first_token_seconds.labels("grpc").observe(min(firsts) - t0)
+        self.metrics.policy_request_duration_seconds.labels("grpc").observe(time.perf_counter() - t0)
 
     # -- RPCs -----------------------------------------------------------------------------------
     async def Generate(self, request: policy_pb2.GenerateRequest, context) -> policy_pb2.GenerateResponse:
+        t0 = time.perf_counter()
         prompts = list(request.prompts)
         if not prompts:
             raise DataError("prompts is empty")
         if len(prompts) > self.s.max_prompts_per_request:
             raise DataError(f"at most {self.s.max_prompts_per_request} prompts per request, got {len(prompts)}")
         req = self._request(request.sampling, request.n, request.return_logprobs)
-        engine = self._engine()  # the version that answers this call, even if a new one arrives
-        engine.check(prompts, req)
-        # seeded requests run alone so that their samples do not depend on who else was batched
-        key = (req, engine) if req.seed is None else (req, engine, object())
-        results = await self.batcher.submit(key, prompts)
-        resp = policy_pb2.GenerateResponse(policy_version=engine.version)
-        for r in results:
+        deadline = self._deadline(context)
+        runs = []
+        try:
+            # opened without awaiting in between: one version answers every prompt of the call
+            for i, p in enumerate(prompts):
+                runs.append(self.backend.open(p, req, deadline, f"prompts[{i}]"))
+            results = await asyncio.gather(*(complete(r) for r in runs))
+        except DeadlineExceededError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+        finally:
+            for r in runs:
+                r.cancel()
+        self._observe(runs, t0)
+        resp = policy_pb2.GenerateResponse(policy_version=runs[0].version)
+        for run, samples in zip(runs, results):
             pc = resp.results.add()
             if req.return_logprobs:
-                pc.prompt_token_ids.extend(r.prompt_token_ids)
-            for s in r.samples:
+                pc.prompt_token_ids.extend(run.prompt_token_ids or [])
+            for s in samples:
                 c = pc.completions.add(text=s.text, finish_reason=FINISH[s.finish_reason])
                 if req.return_logprobs:
                     c.token_ids.extend(s.token_ids)
@@ -148,58 +214,31 @@ class PolicyServer(policy_grpc.PolicyServiceServicer):
         return resp
 
     async def GenerateStream(self, request: policy_pb2.GenerateStreamRequest, context):
+        t0 = time.perf_counter()
         if not request.prompt:
             raise DataError("prompt is empty")
         req = self._request(request.sampling, 1, True)
-        engine = self._engine()
-        engine.check([request.prompt], req)
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        cancelled = False
-
-        def on_step(tokens, logprobs):
-            loop.call_soon_threadsafe(queue.put_nowait, (int(tokens[0]), float(logprobs[0])))
-            return not cancelled  # stop sampling when the client went away
-
-        async def run():
-            try:
-                return await self.executor.run(engine.generate, [request.prompt], req, on_step)
-            finally:
-                loop.call_soon_threadsafe(queue.put_nowait, None)
-
-        task = asyncio.ensure_future(run())
-        tok = engine.tokenizer
-        ids: list[int] = []
-        sent = ""
+        run = self.backend.open(request.prompt, req, self._deadline(context))
+        events = run.events()
         try:
-            while True:
-                item = await queue.get()
-                if item is None:
-                    break
-                tid, lp = item
-                if tid == tok.eos_token_id:
-                    continue
-                ids.append(tid)
-                text = tok.decode(ids, skip_special_tokens=True)
-                if req.stop and any(s in text for s in req.stop):
-                    continue  # the final message carries the cut text
-                if text.endswith("\ufffd"):
-                    continue  # an incomplete UTF-8 sequence: wait for the next token
-                delta, sent = text[len(sent):], text
-                yield policy_pb2.GenerateStreamResponse(text_delta=delta, token_id=tid, logprob=lp,
-                                                        policy_version=engine.version)
-            result = (await task)[0].samples[0]
-            self.metrics.policy_generated_tokens_total.inc(len(result.token_ids))
-            tail = result.text[len(sent):] if result.text.startswith(sent) else ""
-            yield policy_pb2.GenerateStreamResponse(text_delta=tail, finish_reason=FINISH[result.finish_reason],
-                                                    policy_version=engine.version)
+            async for ev in events:
+                if ev.text:
+                    yield policy_pb2.GenerateStreamResponse(text_delta=ev.text, token_id=ev.token_id, logprob=ev.logprob,
+                                                            policy_version=run.version)
+                if ev.sample is not None:
+                    yield policy_pb2.GenerateStreamResponse(finish_reason=FINISH[ev.sample.finish_reason],
+                                                            policy_version=run.version)
+        except DeadlineExceededError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
         finally:
-            cancelled = True
-            if not task.done():
-                await asyncio.wait([task])
+            await events.aclose()  # a client that went away cancels the generation
+            self._observe([run], t0)
 
     async def GetPolicyVersion(self, request, context) -> policy_pb2.GetPolicyVersionResponse:
-        return policy_pb2.GetPolicyVersionResponse(policy_version=self._engine().version)
+        v = self.backend.version
+        if v is None:
+            raise UnavailableError("no policy version loaded yet; publish one to the registry")
+        return policy_pb2.GetPolicyVersionResponse(policy_version=v)
 
 
 def build(settings: Settings, metrics: ServiceMetrics, bus=None) -> PolicyServer:

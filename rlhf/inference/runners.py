@@ -1,0 +1,278 @@
+"""Forward passes of the inference engine over a slot KV cache.
+
+The engine keeps every running sequence in one *slot* of a preallocated key/value cache:
+slot ``i`` holds row ``i`` of the running batch, its tokens at positions ``0 .. len-1`` (no
+padding inside a slot). Rows are kept dense (slots ``0 .. n-1``), so a decode step attends over a
+view ``K[:n, :, :T]`` of the cache, with ``T`` the longest row and a mask that hides the
+positions a shorter row has not written. A new sequence joins between two decode steps by a
+prefill into the next free slot; a finished one leaves by moving the last row into its slot.
+
+Two runners fill that contract:
+
+* :class:`GPT2Runner`, for GPT-2 models (every model this platform trains): the forward pass
+  written out over the model's own weights, with the weights pre-packed for oneDNN on the CPU.
+  At the small batch of a decode step (16 rows) most of a step in ``transformers`` is framework
+  overhead and un-packed matmuls (the 256 x 4096 LM head: 1.4 ms un-packed, 0.35 ms packed, in
+  fp32, measured on this project's CPU); see docs/benchmarks.md for the measured effect.
+* :class:`HFRunner`, for any other Hugging Face causal LM: the model's own forward, given a
+  ``DynamicCache`` built from views of the slot cache and a 2-D attention mask with the holes.
+
+Both give the same logits as ``model(input_ids)`` up to float rounding (tests/inference).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("rlhf.inference")
+
+
+class Runner(Protocol):
+    max_slots: int  # rows of the running batch
+    max_len: int  # positions per slot (prompt + response)
+
+    def prefill(self, prompts: list[list[int]], slot0: int) -> torch.Tensor:
+        """Write the prompts' keys/values into slots ``slot0, slot0+1, ...``; return the logits
+        (float32, (len(prompts), V)) that follow each prompt's last token."""
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One token per row of slots ``0 .. n-1`` (``tokens``, ``positions``: (n,) on the
+        runner's device); returns the next-token logits, float32 (n, V)."""
+
+    def copy_slot(self, src: int, dst: int, length: int) -> None:
+        """Copy the first ``length`` positions of slot ``src`` into slot ``dst``."""
+
+
+def _right_padded(prompts: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(len(p) for p in prompts)
+    ids = torch.tensor([p + [pad] * (T - len(p)) for p in prompts], device=device)  # (b, T)
+    lens = torch.tensor([len(p) for p in prompts], device=device)  # (b,)
+    return ids, lens
+
+
+def _decode_mask(positions: torch.Tensor, T: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive attention mask (n, 1, 1, T): row b sees cache positions 0 .. positions[b]."""
+    ar = torch.arange(T, device=positions.device)
+    ok = ar[None, :] <= positions[:, None]  # (n, T)
+    return torch.zeros(ok.shape, dtype=dtype, device=positions.device).masked_fill_(~ok, float("-inf"))[:, None, None, :]
+
+
+class _Linear:
+    """``y = x W^T + b`` with W pre-packed for oneDNN on the CPU when that works, else F.linear."""
+
+    packed_ok: bool | None = None  # decided once per process by a numeric check
+
+    def __init__(self, weight_out_in: torch.Tensor, bias: torch.Tensor | None, pack: bool):
+        self.w = weight_out_in.detach().contiguous()
+        self.b = None if bias is None else bias.detach().contiguous()
+        self.packed = None
+        if pack and self.w.device.type == "cpu" and _Linear._can_pack():
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.w, None)
+
+    @staticmethod
+    def _can_pack() -> bool:
+        if _Linear.packed_ok is None:
+            try:
+                x, w, b = torch.randn(3, 16), torch.randn(8, 16), torch.randn(8)
+                pk = torch.ops.mkldnn._reorder_linear_weight(w, None)
+                y = torch.ops.mkldnn._linear_pointwise(x, pk, b, "none", [], "")
+                _Linear.packed_ok = bool(torch.allclose(y, F.linear(x, w, b), atol=1e-4))
+            except (RuntimeError, AttributeError):  # a torch built without oneDNN
+                _Linear.packed_ok = False
+        return _Linear.packed_ok
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None and x.dtype == self.w.dtype:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.b, "none", [], "")
+        return F.linear(x, self.w, self.b)
+
+    def gelu_tanh(self, x: torch.Tensor) -> torch.Tensor:
+        """``gelu(x W^T + b, approximate="tanh")``, fused into the matmul when packed."""
+        if self.packed is not None and x.dtype == self.w.dtype:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.b, "gelu", [], "tanh")
+        return F.gelu(F.linear(x, self.w, self.b), approximate="tanh")
+
+    def plus(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``residual + x W^T + b``, fused into the matmul when packed."""
+        if self.packed is not None and x.dtype == self.w.dtype and residual.is_contiguous():
+            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.packed, self.b, "add")
+        return residual + F.linear(x, self.w, self.b)
+
+
+_ACTS = {
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+}
+
+
+def gpt2_supported(model) -> bool:
+    cfg = model.config
+    return (type(model).__name__ == "GPT2LMHeadModel" and getattr(cfg, "activation_function", "") in _ACTS
+            and not getattr(cfg, "add_cross_attention", False))
+
+
+class GPT2Runner:
+    """GPT-2's forward pass over the slot cache, on the model's own weights (not a copy)."""
+
+    def __init__(self, model, max_slots: int, max_len: int, pack: bool = True):
+        cfg = model.config
+        tr = model.transformer
+        self.device = tr.wte.weight.device
+        self.dtype = tr.wte.weight.dtype
+        self.C, self.H = cfg.n_embd, cfg.n_head
+        self.D = self.C // self.H
+        self.eps = cfg.layer_norm_epsilon
+        self.max_slots, self.max_len = max_slots, min(max_len, cfg.n_positions)
+        self.act = _ACTS[cfg.activation_function]
+        self.tanh_gelu = cfg.activation_function in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+        self.wte, self.wpe = tr.wte.weight.detach(), tr.wpe.weight.detach()
+        self.ln_f = (tr.ln_f.weight.detach(), tr.ln_f.bias.detach())
+        self.blocks = []
+        for i, b in enumerate(tr.h):
+            scale = 1.0 / math.sqrt(self.D) if cfg.scale_attn_weights else 1.0
+            if getattr(cfg, "scale_attn_by_inverse_layer_idx", False):
+                scale /= float(i + 1)
+            # transformers' Conv1D stores (in, out); a linear layer wants (out, in)
+            self.blocks.append(dict(
+                ln1=(b.ln_1.weight.detach(), b.ln_1.bias.detach()),
+                qkv=_Linear(b.attn.c_attn.weight.t(), b.attn.c_attn.bias, pack),
+                proj=_Linear(b.attn.c_proj.weight.t(), b.attn.c_proj.bias, pack),
+                ln2=(b.ln_2.weight.detach(), b.ln_2.bias.detach()),
+                fc=_Linear(b.mlp.c_fc.weight.t(), b.mlp.c_fc.bias, pack),
+                out=_Linear(b.mlp.c_proj.weight.t(), b.mlp.c_proj.bias, pack),
+                scale=scale))
+        self.lm_head = _Linear(model.lm_head.weight, getattr(model.lm_head, "bias", None), pack)
+        L = len(self.blocks)
+        shape = (L, max_slots, self.H, self.max_len, self.D)
+        self.K = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.V = torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    def _ln(self, x, wb):
+        return F.layer_norm(x, (self.C,), wb[0], wb[1], self.eps)
+
+    @torch.inference_mode()
+    def prefill(self, prompts: list[list[int]], slot0: int) -> torch.Tensor:
+        ids, lens = _right_padded(prompts, 0, self.device)
+        b, T = ids.shape
+        C, H, D = self.C, self.H, self.D
+        x = self.wte[ids] + self.wpe[:T]  # (b, T, C)
+        for li, blk in enumerate(self.blocks):
+            h = self._ln(x, blk["ln1"]).view(b * T, C)
+            q, k, v = blk["qkv"](h).view(b, T, 3, H, D).permute(2, 0, 3, 1, 4)  # each (b, H, T, D)
+            self.K[li, slot0:slot0 + b, :, :T] = k
+            self.V[li, slot0:slot0 + b, :, :T] = v
+            # right padding: a real position only attends to earlier real positions (causal)
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=blk["scale"])  # (b, H, T, D)
+            x = x + blk["proj"](a.transpose(1, 2).reshape(b * T, C)).view(b, T, C)
+            h = self._ln(x, blk["ln2"]).view(b * T, C)
+            x = x + blk["out"](self.act(blk["fc"](h))).view(b, T, C)
+        last = x[torch.arange(b, device=self.device), lens - 1]  # (b, C)
+        return self.lm_head(self._ln(last, self.ln_f)).float()  # (b, V)
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        n = tokens.shape[0]
+        C, H, D = self.C, self.H, self.D
+        T = int(positions.max()) + 1
+        rows = torch.arange(n, device=self.device)
+        mask = _decode_mask(positions, T, self.dtype)  # (n, 1, 1, T)
+        x = self.wte[tokens] + self.wpe[positions]  # (n, C)
+        for li, blk in enumerate(self.blocks):
+            q, k, v = blk["qkv"](self._ln(x, blk["ln1"])).view(n, 3, H, D).unbind(1)  # each (n, H, D)
+            self.K[li, rows, :, positions] = k
+            self.V[li, rows, :, positions] = v
+            a = F.scaled_dot_product_attention(q.unsqueeze(2), self.K[li, :n, :, :T], self.V[li, :n, :, :T],
+                                               attn_mask=mask, scale=blk["scale"])  # (n, H, 1, D)
+            x = blk["proj"].plus(a.reshape(n, C), x)  # x + attention projection
+            h = self._ln(x, blk["ln2"])
+            h = blk["fc"].gelu_tanh(h) if self.tanh_gelu else self.act(blk["fc"](h))  # (n, 4C)
+            x = blk["out"].plus(h, x)
+        return self.lm_head(self._ln(x, self.ln_f)).float()  # (n, V)
+
+    @torch.inference_mode()
+    def copy_slot(self, src: int, dst: int, length: int) -> None:
+        self.K[:, dst, :, :length] = self.K[:, src, :, :length]
+        self.V[:, dst, :, :length] = self.V[:, src, :, :length]
+
+
+class HFRunner:
+    """Any Hugging Face causal LM through its own forward; the slot cache is allocated at the
+    first prefill, from the shapes of the keys/values the model returns."""
+
+    def __init__(self, model, max_slots: int, max_len: int, pad_token_id: int = 0):
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.max_slots = max_slots
+        ctx = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+        self.max_len = min(max_len, int(ctx)) if ctx else max_len
+        self.pad = pad_token_id
+        self.K: list[torch.Tensor] = []
+        self.V: list[torch.Tensor] = []
+
+    @staticmethod
+    def _layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if hasattr(cache, "layers"):
+            return [(layer.keys, layer.values) for layer in cache.layers]
+        if hasattr(cache, "to_legacy_cache"):
+            return list(cache.to_legacy_cache())
+        return list(cache)
+
+    @torch.inference_mode()
+    def prefill(self, prompts: list[list[int]], slot0: int) -> torch.Tensor:
+        ids, lens = _right_padded(prompts, self.pad, self.device)
+        b, T = ids.shape
+        mask = (torch.arange(T, device=self.device)[None, :] < lens[:, None]).long()  # (b, T)
+        pos = torch.arange(T, device=self.device).expand(b, T)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        kv = self._layers(out.past_key_values)
+        if not self.K:
+            for k, _ in kv:  # (b, Hkv, T, D)
+                shape = (self.max_slots, k.shape[1], self.max_len, k.shape[3])
+                self.K.append(torch.zeros(shape, dtype=k.dtype, device=self.device))
+                self.V.append(torch.zeros(shape, dtype=k.dtype, device=self.device))
+        for li, (k, v) in enumerate(kv):
+            self.K[li][slot0:slot0 + b, :, :T] = k
+            self.V[li][slot0:slot0 + b, :, :T] = v
+        return out.logits[torch.arange(b, device=self.device), lens - 1].float()  # (b, V)
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        from transformers.cache_utils import DynamicCache
+
+        n = tokens.shape[0]
+        T = int(positions.max())  # cache positions written so far by the longest row
+        cache = DynamicCache(ddp_cache_data=[(K[:n, :, :T], V[:n, :, :T]) for K, V in zip(self.K, self.V)])
+        ar = torch.arange(T + 1, device=self.device)
+        mask = ((ar[None, :] < positions[:, None]) | (ar[None, :] == T)).long()  # (n, T+1): holes hidden
+        out = self.model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions[:, None],
+                         past_key_values=cache, use_cache=True)
+        rows = torch.arange(n, device=self.device)
+        for li, (k, v) in enumerate(self._layers(out.past_key_values)):
+            self.K[li][rows, :, positions] = k[:, :, T]
+            self.V[li][rows, :, positions] = v[:, :, T]
+        return out.logits[:, -1].float()  # (n, V)
+
+    @torch.inference_mode()
+    def copy_slot(self, src: int, dst: int, length: int) -> None:
+        for K, V in zip(self.K, self.V):
+            K[dst, :, :length] = K[src, :, :length]
+            V[dst, :, :length] = V[src, :, :length]
+
+
+def make_runner(model, max_slots: int, max_len: int, pad_token_id: int = 0, kind: str = "auto") -> Runner:
+    """:class:`GPT2Runner` for GPT-2 models (``kind="auto"`` or ``"gpt2"``), else :class:`HFRunner`."""
+    if kind == "hf" or (kind == "auto" and not gpt2_supported(model)):
+        return HFRunner(model, max_slots, max_len, pad_token_id)
+    if not gpt2_supported(model):
+        raise ValueError(f"the fast runner needs a GPT-2 model, got {type(model).__name__}")
+    return GPT2Runner(model, max_slots, max_len)

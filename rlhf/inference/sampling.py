@@ -1,0 +1,94 @@
+"""Next-token choice for a batch whose rows each have their own sampling settings.
+
+The same distribution as :func:`rlhf.generation.sample` row by row: temperature, then top-k,
+then top-p on what top-k kept (renormalised), EOS masked until ``min_new_tokens``, greedy at
+temperature 0, one inverse-CDF draw per row. Log-probs are the policy's own (temperature 1) at
+the chosen token, as PPO needs them. A row with a seed draws its uniform numbers from its own
+generator, so its samples do not depend on the other rows' draws.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class RowParams:
+    """What the sampler needs to know about one row (fixed while the row runs)."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    top_logprobs: int = 0  # how many alternatives to report per token (0: none)
+    generator: torch.Generator | None = None  # a seeded row's own random numbers
+
+
+class BatchParams:
+    """The rows' settings as tensors, rebuilt only when the set of rows changes."""
+
+    def __init__(self, rows: list[RowParams], device: torch.device):
+        self.n = len(rows)
+        t = [r.temperature for r in rows]
+        self.greedy = torch.tensor([x == 0 for x in t], device=device)  # (n,)
+        self.all_greedy = all(x == 0 for x in t)
+        self.any_greedy = any(x == 0 for x in t)
+        self.temperature = torch.tensor([x if x > 0 else 1.0 for x in t], device=device)[:, None]  # (n, 1)
+        self.all_t1 = all(x == 1.0 for x in t)
+        self.any_top_k = any(r.top_k > 0 for r in rows)
+        self.any_top_p = any(r.top_p < 1.0 for r in rows)
+        self.top_k = torch.tensor([r.top_k for r in rows], device=device)[:, None]  # (n, 1)
+        self.top_p = torch.tensor([r.top_p for r in rows], device=device)[:, None]  # (n, 1)
+        self.top_logprobs = max((r.top_logprobs for r in rows), default=0)
+        self.seeded = [(i, r.generator) for i, r in enumerate(rows) if r.generator is not None]
+        self.unseeded = torch.tensor([i for i, r in enumerate(rows) if r.generator is None], dtype=torch.long)
+        self.none_seeded = not self.seeded
+
+
+def choose(logits: torch.Tensor, p: BatchParams, eos_block: torch.Tensor | None, eos_id: int,
+           generator: torch.Generator | None = None):
+    """Pick one token per row. ``logits``: (n, V) float32, modified in place. ``eos_block``:
+    (n,) bool, rows that may not end yet. Returns ``tokens`` (n,), ``logprobs`` (n,) and, when
+    some row asked for alternatives, ``(top_values, top_ids)`` (n, k), else None."""
+    n, V = logits.shape
+    logp = F.log_softmax(logits, dim=-1)  # (n, V): the policy's own distribution (T = 1)
+    if eos_block is not None:
+        logits[:, eos_id].masked_fill_(eos_block, float("-inf"))  # sampling only, not the log-probs
+    if p.all_greedy:
+        tokens = logits.argmax(-1)
+    else:
+        scaled = logits if p.all_t1 else logits / p.temperature  # (n, V)
+        if p.none_seeded:
+            u = torch.rand(n, 1, generator=generator)
+        else:
+            u = torch.empty(n, 1)
+            if p.unseeded.numel():
+                u[p.unseeded] = torch.rand(p.unseeded.numel(), 1, generator=generator)
+            for i, g in p.seeded:
+                u[i] = torch.rand(1, generator=g, device=g.device).cpu()
+        u = u.to(logits.device)  # (n, 1)
+        if p.any_top_k or p.any_top_p:
+            sorted_l, order = torch.sort(scaled, descending=True, dim=-1)  # (n, V)
+            if p.any_top_k:
+                rank = torch.arange(V, device=logits.device)[None, :]
+                k = torch.where(p.top_k > 0, p.top_k, V)  # (n, 1)
+                sorted_l = sorted_l.masked_fill(rank >= k, float("-inf"))
+            probs = sorted_l.softmax(-1)
+            if p.any_top_p:
+                drop = probs.cumsum(-1) - probs >= p.top_p  # keep the smallest set whose mass >= top_p
+                probs = probs.masked_fill(drop, 0.0)
+            cdf = probs.cumsum(-1)
+            idx = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_(max=V - 1)  # (n, 1)
+            tokens = order.gather(-1, idx).squeeze(-1)
+        else:
+            # at temperature 1 with EOS allowed the distribution is the log-probs' own
+            probs = logp.exp() if p.all_t1 and eos_block is None else scaled.softmax(-1)
+            cdf = probs.cumsum(-1)
+            tokens = torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(-1).clamp_(max=V - 1)
+        if p.any_greedy:
+            tokens = torch.where(p.greedy, logits.argmax(-1), tokens)
+    lps = logp.gather(-1, tokens[:, None]).squeeze(-1)  # (n,)
+    top = torch.topk(logp, p.top_logprobs, dim=-1) if p.top_logprobs > 0 else None
+    return tokens, lps, top

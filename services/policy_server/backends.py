@@ -1,0 +1,444 @@
+"""Where the policy-server's generations come from: the embedded engine, or a remote TGI server.
+
+Both backends give the gRPC servicer and the HTTP APIs the same thing for one prompt: a
+:class:`Run` whose ``events()`` yield :class:`~rlhf.inference.engine.StreamEvent` (token, text
+delta, and on each sample's last event the whole :class:`~rlhf.inference.engine.SampleResult`).
+
+* :class:`LocalBackend` (``backend=local``, the default): the policy versions of the model
+  registry on :class:`~rlhf.inference.engine.InferenceEngine`, hot-reloaded on ``rlhf.models.v1``.
+  A new version gets a new engine; the old one is retired and finishes the requests that picked
+  it, so a reload fails nothing.
+* :class:`TGIBackend` (``backend=tgi``): a Text Generation Inference server (or anything that
+  speaks its protocol, such as another policy-server) through the ``text-generation`` client.
+  The version is the remote's ``/info`` ``model_sha`` (else ``model_id``), refreshed every few
+  seconds. Stop strings are cut here (TGI keeps them in its text); sample ``j`` of a seeded
+  request uses seed + j, as locally.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import socket
+import time
+from typing import AsyncIterator, Protocol
+
+from rlhf.errors import DataError, ResourceExhaustedError, UnavailableError
+from rlhf.inference.engine import (EngineConfig, EngineRetiredError, Generation, InferenceEngine, PromptTooLongError,
+                                   SampleResult, StreamEvent, stream_batches, stream_samples)
+from rlhf.inference.text import SampleText
+from rlhf.serving import GenerationRequest, PolicyEngine
+
+log = logging.getLogger("rlhf.services.policy")
+
+
+class Run(Protocol):
+    version: str
+    prompt_token_ids: list[int] | None  # None when the backend does not tell
+    first_token_at: float | None  # time.perf_counter() of the first token
+
+    def events(self) -> AsyncIterator[StreamEvent]: ...
+
+    def batches(self) -> AsyncIterator[list[StreamEvent]]: ...
+
+    def cancel(self) -> None: ...
+
+    def not_streaming(self) -> None:
+        """Only the finished samples are wanted (no per-token wake-ups)."""
+
+    def token_text(self, token_id: int) -> str: ...
+
+    def is_special(self, token_id: int) -> bool: ...
+
+    def full_text(self, sample: SampleResult) -> str: ...
+
+
+async def complete(run: Run) -> list[SampleResult]:
+    """Every sample of ``run`` in index order (cancelling the await cancels the run)."""
+    run.not_streaming()
+    out: dict[int, SampleResult] = {}
+    async for ev in run.events():
+        if ev.sample is not None:
+            out[ev.index] = ev.sample
+    return [out[i] for i in sorted(out)]
+
+
+# -- the embedded engine ----------------------------------------------------------------------------
+
+
+class LocalRun:
+    def __init__(self, engine: InferenceEngine, gen: Generation):
+        self.engine = engine
+        self.gen = gen
+        self.version = engine.version
+        self.prompt_token_ids = gen.prompt_ids
+        self.req_stop = gen.req.stop
+
+    @property
+    def first_token_at(self) -> float | None:
+        return self.gen.first_token_at
+
+    def events(self) -> AsyncIterator[StreamEvent]:
+        return stream_samples(self.gen)
+
+    def batches(self) -> AsyncIterator[list[StreamEvent]]:
+        return stream_batches(self.gen)
+
+    def cancel(self) -> None:
+        self.gen.cancel()
+
+    def not_streaming(self) -> None:
+        self.gen.wake_per_token = bool(self.req_stop)
+
+    def token_text(self, token_id: int) -> str:
+        return self.engine.tokenizer.decode([token_id])
+
+    def is_special(self, token_id: int) -> bool:
+        return token_id == self.engine.eos_id or token_id in self.engine.tokenizer.all_special_ids
+
+    def full_text(self, sample: SampleResult) -> str:
+        """All the sample's tokens as text (TGI's generated_text keeps a stop string)."""
+        return self.engine.tokenizer.decode(sample.token_ids, skip_special_tokens=True)
+
+
+class LocalBackend:
+    name = "local"
+
+    def __init__(self, registry, settings, metrics, engine_config: EngineConfig, pinned_version: str = ""):
+        from services.common import ModelWatcher
+
+        self.s = settings
+        self.metrics = metrics
+        self.cfg = engine_config
+        self.engine: InferenceEngine | None = None
+        self._retired: list[InferenceEngine] = []
+        self._closers: set[asyncio.Task] = set()
+        self.watcher = ModelWatcher(registry, "policy", self._load, self._swap, pinned_version=pinned_version or None)
+
+    # lifecycle
+    async def start(self, bus, group: str) -> None:
+        await self.watcher.load_initial()
+        self.watcher.subscribe(bus, group)
+
+    async def stop(self) -> None:
+        engines = [e for e in [self.engine, *self._retired] if e is not None]
+        self.engine = None
+        await asyncio.gather(*(e.close() for e in engines))
+
+    async def _load(self, path, version: str) -> InferenceEngine:
+        def build() -> InferenceEngine:
+            policy = PolicyEngine(path, version, max_prompt_tokens=self.s.max_prompt_tokens, device=self.s.device)
+            return InferenceEngine(policy, self.cfg, self.metrics)
+
+        return await asyncio.to_thread(build)
+
+    def _swap(self, engine: InferenceEngine) -> None:
+        engine.start()
+        old, self.engine = self.engine, engine
+        self.metrics.model_version_info.labels("policy").set(time.time())
+        if old is not None:
+            old.retire()  # finishes what it runs and has queued, then its thread ends
+            self._retired.append(old)
+            t = asyncio.create_task(self._forget(old))
+            self._closers.add(t)
+            t.add_done_callback(self._closers.discard)
+
+    async def _forget(self, engine: InferenceEngine) -> None:
+        await engine.close()
+        if engine in self._retired:
+            self._retired.remove(engine)
+
+    # serving
+    @property
+    def version(self) -> str | None:
+        return self.engine.version if self.engine is not None else None
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None
+
+    def current(self) -> InferenceEngine:
+        if self.engine is None:
+            raise UnavailableError("no policy version loaded yet; publish one to the registry")
+        return self.engine
+
+    @property
+    def tokenizer(self):
+        return self.current().tokenizer
+
+    def limits(self) -> tuple[int, int]:
+        """(max prompt tokens, max prompt + new tokens)."""
+        e = self.current()
+        return e.max_prompt_tokens, e.max_len
+
+    def count_tokens(self, prompt: str) -> int | None:
+        return len(self.current().encode(prompt))
+
+    def open(self, prompt: str, req: GenerationRequest, deadline: float | None = None, where: str = "prompt",
+             truncate: int | None = None) -> LocalRun:
+        """Check and queue one prompt on the current version's engine (``truncate``: keep only
+        the prompt's last that many tokens)."""
+        for _ in range(3):
+            engine = self.current()
+            ids = engine.encode(prompt)
+            if truncate is not None and len(ids) > truncate:
+                bos = ids[:1] if engine.policy.add_bos else []
+                ids = bos + ids[len(ids) - truncate + len(bos):]
+            engine.check(ids, req, where)
+            try:
+                return LocalRun(engine, engine.submit(ids, req, deadline))
+            except EngineRetiredError:
+                if self.engine is engine:
+                    raise
+                # a newer version took over between the two lines above: use it
+        raise UnavailableError("the policy version changed repeatedly; retry")
+
+    def info(self) -> dict:
+        e = self.current()
+        return {"model_dtype": str(next(e.policy.model.parameters()).dtype).replace("torch.", ""),
+                "model_device_type": e.device.type}
+
+
+# -- a remote TGI server ----------------------------------------------------------------------------
+
+_TGI_FINISH = {"eos_token": "eos", "stop_sequence": "stop", "length": "length"}
+_TOO_LONG = re.compile(r"(must have less than|the limit is|too long|exceeds? the)", re.I)
+
+
+def _tgi_error(exc: BaseException) -> BaseException:
+    """text-generation's exceptions as the library's error types."""
+    from text_generation import errors as te
+
+    msg = f"TGI backend: {exc}"
+    if isinstance(exc, (te.ValidationError, te.BadRequestError)):
+        return PromptTooLongError(msg) if _TOO_LONG.search(str(exc)) else DataError(msg)
+    if isinstance(exc, (te.OverloadedError, te.RateLimitExceededError)):
+        return ResourceExhaustedError(msg)
+    if isinstance(exc, asyncio.TimeoutError):
+        from rlhf.inference.engine import DeadlineExceededError
+
+        return DeadlineExceededError("deadline exceeded (TGI backend)")
+    return UnavailableError(msg)
+
+
+class TGIRun:
+    def __init__(self, backend: "TGIBackend", prompt: str, req: GenerationRequest, deadline: float | None,
+                 truncate: int | None = None):
+        self.b = backend
+        self.truncate = truncate
+        self.prompt = prompt
+        self.req = req
+        self.deadline = deadline
+        self.version = backend.version or "unknown"
+        self.prompt_token_ids: list[int] | None = None
+        self.first_token_at: float | None = None
+        self._texts: dict[int, str] = {}
+        self._special: set[int] = set()
+        self._tasks: list[asyncio.Task] = []
+
+    def _params(self, j: int) -> dict:
+        r = self.req
+        sampling = r.temperature > 0
+        p = dict(max_new_tokens=r.max_new_tokens, do_sample=sampling,
+                 stop_sequences=list(r.stop) or None,
+                 seed=(r.seed + j) % (2 ** 63) if r.seed is not None else None,
+                 top_n_tokens=r.top_logprobs or None, truncate=self.truncate)
+        if sampling:
+            p.update(temperature=r.temperature if r.temperature != 1.0 else None,
+                     top_k=r.top_k or None, top_p=r.top_p if r.top_p < 1.0 else None)
+        return p
+
+    def _timeout(self) -> float | None:
+        return None if self.deadline is None else max(0.001, self.deadline - time.monotonic())
+
+    def token_text(self, token_id: int) -> str:
+        return self._texts.get(token_id, "")
+
+    def is_special(self, token_id: int) -> bool:
+        return token_id in self._special
+
+    def full_text(self, sample: SampleResult) -> str:
+        return "".join(self._texts.get(t, "") for t in sample.token_ids if t not in self._special)
+
+    async def _one(self, j: int, out: asyncio.Queue) -> None:
+        """Sample ``j``: its stream responses onto ``out`` as (j, response), then (j, None); an
+        error as (-1, exception)."""
+        try:
+            async with asyncio.timeout(self._timeout()):
+                async for resp in self.b.client().generate_stream(self.prompt, **self._params(j)):
+                    await out.put((j, resp))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            await out.put((-1, e))
+        else:
+            await out.put((j, None))
+
+    async def events(self) -> AsyncIterator[StreamEvent]:
+        n = max(1, self.req.n)
+        q: asyncio.Queue = asyncio.Queue()
+        texts = [SampleText(None, self.req.stop) for _ in range(n)]
+        ids: list[list[int]] = [[] for _ in range(n)]
+        lps: list[list[float]] = [[] for _ in range(n)]
+        tops: list[list] = [[] for _ in range(n)]
+        done: set[int] = set()
+        tasks = [asyncio.create_task(self._one(j, q)) for j in range(n)]
+        self._tasks = tasks
+        try:
+            while len(done) < n:
+                j, resp = await q.get()
+                if j < 0:
+                    raise _tgi_error(resp) from resp
+                if j in done:
+                    continue
+                st = texts[j]
+                if resp is None:  # the stream ended without its final message
+                    done.add(j)
+                    sample = SampleResult(j, st.text + st.finish(), ids[j], lps[j],
+                                          tops[j] if self.req.top_logprobs else None, "length")
+                    yield StreamEvent(j, -1, 0.0, None, "", "length", sample)
+                    continue
+                if self.first_token_at is None:
+                    self.first_token_at = time.perf_counter()
+                tok = resp.token
+                self._texts.setdefault(tok.id, tok.text)
+                if tok.special:
+                    self._special.add(tok.id)
+                top = None
+                if resp.top_tokens:
+                    top = [(t.id, t.logprob) for t in resp.top_tokens]
+                    for t in resp.top_tokens:
+                        self._texts.setdefault(t.id, t.text)
+                ids[j].append(tok.id)
+                lps[j].append(tok.logprob if tok.logprob is not None else 0.0)
+                if self.req.top_logprobs:
+                    tops[j].append(top or [])
+                fin = None
+                delta = "" if tok.special else st.add_text(tok.text)
+                if not st.stopped and resp.details is not None:
+                    reason = getattr(resp.details.finish_reason, "value", resp.details.finish_reason)
+                    fin = _TGI_FINISH.get(str(reason), "length")
+                    delta += st.finish()
+                if st.stopped:
+                    fin = "stop"
+                    tasks[j].cancel()  # the remote would go on otherwise
+                    ids[j], lps[j] = ids[j][:st.n_kept], lps[j][:st.n_kept]
+                    if self.req.top_logprobs:
+                        tops[j] = tops[j][:st.n_kept]
+                sample = None
+                if fin is not None:
+                    done.add(j)
+                    sample = SampleResult(j, st.text, ids[j], lps[j], tops[j] if self.req.top_logprobs else None, fin)
+                yield StreamEvent(j, tok.id, lps[j][-1], top, delta, fin, sample)
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    async def batches(self) -> AsyncIterator[list[StreamEvent]]:
+        events = self.events()
+        try:
+            async for ev in events:
+                yield [ev]
+        finally:
+            await events.aclose()
+
+    def cancel(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+
+    def not_streaming(self) -> None:
+        pass
+
+
+class TGIBackend:
+    name = "tgi"
+
+    def __init__(self, url: str, settings, metrics, api_key: str = "", info_interval: float = 5.0):
+        self.url = url.rstrip("/")
+        self.s = settings
+        self.metrics = metrics
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+        self.info_interval = info_interval
+        self._info: dict | None = None
+        self._task: asyncio.Task | None = None
+
+    def client(self):
+        from text_generation import AsyncClient
+
+        return AsyncClient(self.url, headers=self.headers, timeout=int(max(1, self.s.request_timeout_seconds)))
+
+    async def _fetch_info(self) -> None:
+        import httpx
+
+        async with httpx.AsyncClient(timeout=5.0) as c:
+            r = await c.get(f"{self.url}/info", headers=self.headers)
+            r.raise_for_status()
+            info = r.json()
+        if self._info is None or info.get("model_sha") != self._info.get("model_sha"):
+            log.info("TGI backend version", extra={"fields": {"version": info.get("model_sha") or info.get("model_id")}})
+        self._info = info
+
+    async def _refresh(self) -> None:
+        while True:
+            await asyncio.sleep(self.info_interval)
+            try:
+                await self._fetch_info()
+            except Exception as e:  # noqa: BLE001 - keep the last known answer
+                log.warning("TGI backend /info failed", extra={"fields": {"error": type(e).__name__}})
+
+    async def start(self, bus=None, group: str = "") -> None:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                await self._fetch_info()
+                break
+            except Exception as e:  # noqa: BLE001
+                if time.monotonic() > deadline:
+                    raise UnavailableError(f"TGI backend {self.url}: /info not answering ({type(e).__name__})") from None
+                await asyncio.sleep(0.5)
+        self._task = asyncio.create_task(self._refresh())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    @property
+    def version(self) -> str | None:
+        if self._info is None:
+            return None
+        return str(self._info.get("model_sha") or self._info.get("model_id") or "unknown")
+
+    @property
+    def ready(self) -> bool:
+        return self._info is not None
+
+    @property
+    def tokenizer(self):
+        return None  # prompts are counted by the remote; chat uses the fallback template
+
+    def limits(self) -> tuple[int, int]:
+        i = self._info or {}
+        total = int(i.get("max_total_tokens") or 0)
+        return int(i.get("max_input_tokens") or i.get("max_input_length") or 0), total
+
+    def count_tokens(self, prompt: str) -> int | None:
+        return None  # the remote counts
+
+    def open(self, prompt: str, req: GenerationRequest, deadline: float | None = None, where: str = "prompt",
+             truncate: int | None = None) -> TGIRun:
+        if self._info is None:
+            raise UnavailableError("the TGI backend has not answered yet")
+        if not prompt:
+            raise DataError(f"{where} is empty")
+        return TGIRun(self, prompt, req, deadline, truncate)
+
+    def info(self) -> dict:
+        i = self._info or {}
+        return {"model_dtype": i.get("model_dtype", "unknown"), "model_device_type": i.get("model_device_type", "unknown")}
+
+
+def group_id(name: str) -> str:
+    """Every replica must see every version: a consumer group of its own."""
+    return f"{name}-{socket.gethostname()}-{os.getpid()}"
