@@ -124,20 +124,9 @@ class Cluster:
 
 
 def fresh_database() -> str:
-    from sqlalchemy import create_engine, text
+    from tests.services.helpers import fresh_database as create
 
-    from rlhf.storage.db import make_engine, migrate
-
-    name = f"rlhf_bench_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(DB, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    url = DB.rsplit("/", 1)[0] + "/" + name
-    eng = make_engine(url)
-    migrate(eng)
-    eng.dispose()
-    return url
+    return create(DB, prefix="rlhf_bench")
 
 
 # -- 1. PPO step: through the services vs in one process ------------------------------------------------

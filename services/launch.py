@@ -13,6 +13,7 @@ import importlib
 import logging
 import os
 import signal
+import threading
 from pathlib import Path
 
 from rlhf.metrics import ServiceMetrics
@@ -142,3 +143,35 @@ async def up(opts: UpOptions, stop_event: asyncio.Event | None = None, ready=Non
         await asyncio.gather(*tasks, return_exceptions=True)
         if shared is not None:
             await shared.close()
+
+
+def up_in_thread(opts: UpOptions, timeout: float = 180.0):
+    """Start :func:`up` on its own event loop in a thread; returns ``close()``, which stops the
+    services and re-raises whatever made them fail. Raises at once if they do not start."""
+    loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
+    ready = threading.Event()
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(up(opts, stop_event=stop, ready=lambda ports: ready.set()))
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            failure.append(e)
+            ready.set()
+
+    t = threading.Thread(target=run, name="services", daemon=True)
+    t.start()
+    if not ready.wait(timeout):
+        raise TimeoutError(f"the services did not start within {timeout:.0f} s")
+    if failure:
+        raise failure[0]
+
+    def close() -> None:
+        loop.call_soon_threadsafe(stop.set)
+        t.join(120)
+        if failure:
+            raise failure[0]
+
+    return close

@@ -20,7 +20,6 @@ Writes summary.json (versions, figures, wall time) into its run directory.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import threading
 import time
@@ -41,7 +40,7 @@ from rlhf.labeler import SimulatedLabeler
 from rlhf.models import load_causal_lm, load_tokenizer, save_pretrained
 from rlhf.progress import Progress
 from rlhf.registry import ModelRegistry
-from services.launch import PORT_OFFSET, UpOptions, up
+from services.launch import PORT_OFFSET, UpOptions, up_in_thread
 
 
 @dataclass
@@ -66,33 +65,6 @@ def quick_loop_config() -> LoopDemoConfig:
     c.overrides.update({"ppo.steps": "2", "ppo.ppo.batch_size": "8", "ppo.ppo.mini_batch_size": "4",
                         "ppo.ppo.ppo_epochs": "1", "rm.rm.batch_size": "4"})
     return c
-
-
-def _serve_in_thread(opts: UpOptions):
-    loop = asyncio.new_event_loop()
-    stop = asyncio.Event()
-    ready = threading.Event()
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        try:
-            loop.run_until_complete(up(opts, stop_event=stop, ready=lambda ports: ready.set()))
-        except BaseException as e:  # noqa: BLE001 - reported by the caller
-            failure.append(e)
-            ready.set()
-
-    t = threading.Thread(target=run, name="services", daemon=True)
-    t.start()
-    ready.wait()
-    if failure:
-        raise failure[0]
-
-    def close() -> None:
-        loop.call_soon_threadsafe(stop.set)
-        t.join(120)
-
-    return close
 
 
 def run_loop_demo(out: Path, quick: bool = False, data_dir: Path | None = None, base_port: int = 50051,
@@ -126,7 +98,7 @@ def run_loop_demo(out: Path, quick: bool = False, data_dir: Path | None = None, 
     opts = UpOptions(data_dir=out, base_port=base_port, base_metrics_port=0, log_level="WARNING")
     addr = {n: f"127.0.0.1:{base_port + o}" for n, o in PORT_OFFSET.items()}
     task = progress.add("starting the five services", total=1)
-    close = _serve_in_thread(opts)
+    close = up_in_thread(opts)
     progress.update(task, advance=1)
     stop = threading.Event()
     labelers = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 import grpc
@@ -67,3 +68,21 @@ def metric_value(text: str, name: str, labels: str = "") -> float | None:
         if line.startswith(key + " "):
             return float(line.split()[-1])
     return None
+
+
+def fresh_database(server_url: str, prefix: str = "rlhf_it") -> str:
+    """A new, migrated PostgreSQL database on the server of ``server_url``; returns its URL."""
+    from sqlalchemy import create_engine, text
+
+    from rlhf.storage.db import make_engine, migrate
+
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(server_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    url = server_url.rsplit("/", 1)[0] + "/" + name
+    eng = make_engine(url)
+    migrate(eng)
+    eng.dispose()
+    return url

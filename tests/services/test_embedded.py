@@ -12,7 +12,7 @@ from rlhf_client import (feedback_grpc, feedback_pb2, policy_grpc, policy_pb2, r
 from sqlalchemy import text
 
 from rlhf.storage.db import make_engine
-from services.launch import UpOptions, up
+from services.launch import UpOptions, up_in_thread
 from tests.services import scenario
 from tests.services.helpers import free_ports, metric_value, scrape, tiny_policy_registry, wait_serving
 
@@ -25,33 +25,14 @@ NAMES = ["prompt-collector", "policy-server", "reward-scorer", "feedback-store",
 def embedded(tmp_path_factory):
     root = tmp_path_factory.mktemp("up")
     tiny_policy_registry(root / "registry")
-    # five consecutive free ports: take a base from free_ports and check the range
+    # five consecutive ports (and five more for metrics) in a range the OS rarely hands out
     base = free_ports(1)[0] % 20000 + 30000
-    opts = UpOptions(data_dir=root, base_port=base, base_metrics_port=base + 10)
-    loop = asyncio.new_event_loop()
-    stop = asyncio.Event()
-    ready = threading.Event()
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        try:
-            loop.run_until_complete(up(opts, stop_event=stop, ready=lambda ports: ready.set()))
-        except BaseException as e:  # surfaced below
-            failure.append(e)
-            ready.set()
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    assert ready.wait(180), "services did not start"
-    assert not failure, failure
+    close = up_in_thread(UpOptions(data_dir=root, base_port=base, base_metrics_port=base + 10))
     addrs = {n: f"127.0.0.1:{base + i}" for i, n in enumerate(NAMES)}
     for a in addrs.values():
         wait_serving(a)
     yield {"addrs": addrs, "root": root, "metrics_base": base + 10}
-    loop.call_soon_threadsafe(stop.set)
-    t.join(60)
-    assert not failure, failure
+    close()  # re-raises what made the services fail, if anything did
 
 
 class _Hammer:

@@ -20,11 +20,12 @@ import pytest
 from confluent_kafka import Consumer, Producer
 from rlhf_client import (TOPIC_FEEDBACK, TOPIC_MODELS, common_pb2, feedback_grpc, feedback_pb2, models_pb2, policy_grpc,
                          policy_pb2, prompts_grpc, prompts_pb2, reward_grpc, reward_pb2, trainer_pb2)
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 
-from rlhf.storage.db import make_engine, migrate
+from rlhf.storage.db import make_engine
 from tests.services import scenario
-from tests.services.helpers import free_ports, metric_value, scrape, tiny_policy_registry, wait_serving
+from tests.services.helpers import (fresh_database, free_ports, metric_value, scrape, tiny_policy_registry,
+                                   wait_serving)
 
 KAFKA = os.environ.get("RLHF_TEST_KAFKA_BOOTSTRAP")
 DB = os.environ.get("RLHF_TEST_DATABASE_URL")
@@ -35,23 +36,12 @@ ROOT = Path(__file__).resolve().parents[2]
 NAMES = ["prompt-collector", "policy-server", "reward-scorer", "feedback-store", "trainer"]
 
 
-def _fresh_database() -> str:
-    """A new empty PostgreSQL database for this module; returns its URL."""
-    name = f"rlhf_it_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(DB, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    return DB.rsplit("/", 1)[0] + "/" + name
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     root = tmp_path_factory.mktemp("cluster")
     tiny_policy_registry(root / "registry")
-    db_url = _fresh_database()
+    db_url = fresh_database(DB)
     eng = make_engine(db_url)
-    migrate(eng)
     ports = free_ports(10)
     grpc_ports = dict(zip(NAMES, ports[:5]))
     metrics_ports = dict(zip(NAMES, ports[5:]))
