@@ -126,16 +126,31 @@ class PolicyEngine:
 
 
 class RewardEngine:
-    def __init__(self, path: str | Path, version: str, *, max_length: int = 512, device: str = "cpu"):
+    """A reward model behind a server. ``forward_batch`` caps the pairs per forward pass: a
+    server packs many callers' pairs into one call, and on a CPU large padded batches are slower
+    per pair than small ones (bench/services.py measures it), so a call runs in forward passes of
+    at most that many pairs, grouped by length so that little padding is computed."""
+
+    def __init__(self, path: str | Path, version: str, *, max_length: int = 512, device: str = "cpu",
+                 forward_batch: int | None = None):
+        if forward_batch is not None and forward_batch < 1:
+            raise ValueError(f"forward_batch must be >= 1, got {forward_batch}")
         self.path = Path(path)
         self.version = version
         self.max_length = max_length
+        self.forward_batch = forward_batch
         self.model = RewardModel.load(self.path).to(torch.device(device)).eval()
 
     @torch.no_grad()
     def score(self, pairs: list[tuple[str, str]]) -> list[float]:
         if not pairs:
             return []
-        prompts = [p for p, _ in pairs]
-        responses = [r for _, r in pairs]
-        return self.model.score(prompts, responses, batch_size=len(pairs)).tolist()
+        size = self.forward_batch or len(pairs)
+        if size >= len(pairs):
+            return self.model.score([p for p, _ in pairs], [r for _, r in pairs], batch_size=len(pairs)).tolist()
+        order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+        scores = self.model.score([pairs[i][0] for i in order], [pairs[i][1] for i in order], batch_size=size).tolist()
+        out = [0.0] * len(pairs)
+        for i, s_ in zip(order, scores):
+            out[i] = s_
+        return out

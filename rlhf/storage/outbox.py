@@ -85,19 +85,49 @@ class OutboxRelay:
         return await self._drain_plain()
 
     async def _publish(self, rows) -> tuple[list[int], bool]:
-        done: list[int] = []
+        """Publish a batch; returns the ids of its published prefix and whether a publish failed.
+
+        Rows go one by one, in id order, until each topic of the batch has had its first row (that
+        one may create the topic); the rest are handed to the producer together, still in id
+        order, and their acknowledgements awaited together. One at a
+        time, each row waited for its own acknowledgement and the relay fell behind the writers.
+        Rows after a failure stay unpublished (the ones among them that did reach the broker are
+        sent again next round: delivery is at least once, and consumers de-duplicate by event id).
+        """
+        firsts = {}
+        for i, r in enumerate(rows):
+            firsts.setdefault(r.topic, i)
+        cut = max(firsts.values(), default=-1) + 1
+        head, rest = rows[:cut], rows[cut:]
+        results: dict[int, BaseException | None] = {}
+        for r in head:
+            results[r.id] = await self._publish_one(r)
+            if results[r.id] is not None:
+                break
+        else:
+            outcomes = await asyncio.gather(*(self._publish_one(r) for r in rest))
+            results.update({r.id: e for r, e in zip(rest, outcomes)})
         for r in rows:
-            try:
-                await self.bus.publish_raw(r.topic, bytes(r.payload), r.message_type, r.key)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # noqa: BLE001 - any bus error: retry the row next round
+            err = results.get(r.id)
+            if err is not None:
                 self.failures_total += 1
                 log.warning("outbox: publishing row %d (%s on %s) failed, will retry: %s: %s",
-                            r.id, r.message_type, r.topic, type(e).__name__, e)
+                            r.id, r.message_type, r.topic, type(err).__name__, err)
+        done: list[int] = []
+        for r in rows:
+            if r.id not in results or results[r.id] is not None:
                 return done, True
             done.append(r.id)
         return done, False
+
+    async def _publish_one(self, r) -> BaseException | None:
+        try:
+            await self.bus.publish_raw(r.topic, bytes(r.payload), r.message_type, r.key)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any bus error: retry the row next round
+            return e
+        return None
 
     async def _drain_plain(self) -> tuple[int, bool]:
         """SQLite: one process writes the file, so read, publish, then mark in a second transaction

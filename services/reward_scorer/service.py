@@ -23,7 +23,8 @@ NAME = "reward-scorer"
 @dataclass
 class Settings(ModelSettings):
     reward_version: str = ""  # pin a version; empty: the latest, then follow rlhf.models.v1
-    max_batch_items: int = 128  # pairs per model call
+    max_batch_items: int = 128  # pairs from concurrent callers packed into one model call
+    forward_batch: int = 16  # pairs per forward pass within a call (CPU: small is faster per pair)
     max_wait_ms: float = 2.0  # how long a request may wait for others to share its batch
     max_items_per_request: int = 1024  # items in one Score call
     max_chars: int = 20000  # prompt + response characters per item
@@ -32,6 +33,8 @@ class Settings(ModelSettings):
         super().__post_init__()
         if self.max_batch_items < 1:
             raise ValueError("max_batch_items must be >= 1")
+        if self.forward_batch < 1:
+            raise ValueError("forward_batch must be >= 1")
 
 
 class RewardScorer(ModelService, reward_grpc.RewardServiceServicer):
@@ -50,7 +53,7 @@ class RewardScorer(ModelService, reward_grpc.RewardServiceServicer):
                               max_wait_seconds=self.s.max_wait_ms / 1000, on_batch=self.metrics.reward_batch_size.observe)
 
     def _make_engine(self, path, version) -> RewardEngine:
-        return RewardEngine(path, version, device=self.s.device)
+        return RewardEngine(path, version, device=self.s.device, forward_batch=self.s.forward_batch)
 
     def _run_batch(self, engine: RewardEngine, pairs: list[tuple[str, str]]) -> list[float]:
         scores = engine.score(pairs)

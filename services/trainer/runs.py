@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable
 
 import grpc
 import torch
@@ -68,7 +69,7 @@ class OnlineLoopConfig:
     iterations: int = 1  # rounds of the loop in this job
     prompts_per_iteration: int = 8  # labeling tasks created per iteration
     k: int = 4  # candidates per task
-    comparisons_needed: int = 8  # N: new comparisons that trigger RM training
+    comparisons_needed: int = 8  # N: comparisons of the iteration's own tasks that trigger RM training
     wait_timeout_seconds: float = 600.0  # give up waiting for labels after this long
     candidate_max_new_tokens: int = 16  # length of each candidate
     candidate_min_new_tokens: int = 1  # no empty candidates: a labeler cannot rank nothing
@@ -90,8 +91,7 @@ class Peers:
     registry: ModelRegistry
     publish_event: Callable[[models_pb2.ModelVersionPublishedEvent], None]
     observe_ppo_step: Callable[[dict], None]
-    new_comparisons: Callable[[], int]  # comparison events consumed since the last RM training
-    reset_new_comparisons: Callable[[], None]
+    comparisons_for: Callable[[Iterable[str]], int]  # comparison events consumed for these task ids
     device: str = "cpu"
     timeout: float = 300.0
 
@@ -204,7 +204,6 @@ def run_rm(ctx: JobContext, peers: Peers, cfg: RMJobConfig, progress: tuple[floa
     normalize_reward_model(rm, prompts, responses, cfg.rm.normalize_unit_variance, cfg.rm.max_length)
     m = _publish(peers, ctx, "reward", lambda d: rm.save(d), parent, metrics, to_dict(cfg),
                  data={"comparisons": len(train), "since_unix": cfg.since_unix})
-    peers.reset_new_comparisons()
     return {**metrics, "reward_version_published": 1.0}
 
 
@@ -282,35 +281,68 @@ def run_ppo(ctx: JobContext, peers: Peers, cfg: PPOJobConfig, progress: tuple[fl
     published = [start]
     staleness: list[int] = []
     hist = []
-    for step in range(cfg.steps):
-        ctx.check()
+
+    def sample_prompts(step: int) -> list[str]:
         sampled = peers.prompts.SamplePrompts(prompts_pb2.SamplePromptsRequest(
             split=common_pb2.SPLIT_TRAIN, count=cfg.ppo.batch_size, seed=cfg.ppo.seed * 100003 + step + 1),
             timeout=peers.timeout).prompts
         if len(sampled) < cfg.ppo.batch_size:
             raise DataError(f"the prompt-collector holds {len(sampled)} train prompts; a PPO step needs "
                             f"ppo.batch_size={cfg.ppo.batch_size}")
-        prompts = [p.text for p in sampled]
-        gen = peers.policy.Generate(policy_pb2.GenerateRequest(
-            prompts=prompts, n=1, sampling=_sampling_proto(cfg.ppo.sampling), return_logprobs=True),
-            timeout=peers.timeout)
-        # how many versions behind the trainer's current policy the rollouts were sampled
-        stale = len(published) - 1 - published.index(gen.policy_version) if gen.policy_version in published else -1
-        staleness.append(stale)
-        rollout = rollout_from_response(gen, tok.pad_token_id, tok.eos_token_id)
-        m = trainer.step_on_rollout(prompts, rollout)
-        m["rollout_staleness_versions"] = stale
-        peers.observe_ppo_step(m)
-        hist.append(m)
-        new = _publish(peers, ctx, "policy", lambda d: save_pretrained(policy, tok, d), current,
-                       {k: m[k] for k in ("reward", "kl", "kl_coef", "entropy")},
-                       {**policy_config, "reference_version": ref_version, "reward_model_version": last_rm_version["v"],
-                        "job": to_dict(cfg)})
-        current = new.version
-        published.append(current)
-        ctx.event(f"PPO step {step + 1}/{cfg.steps}: reward {m['reward']:+.3f} KL {m['kl']:.2f}",
-                  lo + (hi - lo) * (step + 1) / cfg.steps,
-                  {k: m[k] for k in ("reward", "kl", "kl_coef", "entropy", "samples_total", "rollout_staleness_versions")})
+        return [p.text for p in sampled]
+
+    def publish(parent: str, m: dict) -> str:
+        return _publish(peers, ctx, "policy", lambda d: save_pretrained(policy, tok, d), parent,
+                        {k: m[k] for k in ("reward", "kl", "kl_coef", "entropy")},
+                        {**policy_config, "reference_version": ref_version, "reward_model_version": last_rm_version["v"],
+                         "job": to_dict(cfg)}).version
+
+    # Calls that need no model work overlap the trainer's waiting: the next step's prompts are
+    # sampled during this step's update, and a new version is written and announced while the
+    # next rollouts are generated (it is awaited before the weights change again).
+    io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ppo-io")
+    next_prompts = io.submit(sample_prompts, 0)
+    pending: Future | None = None
+    try:
+        for step in range(cfg.steps):
+            ctx.check()
+            t_step = t0 = time.perf_counter()
+            prompts = next_prompts.result()
+            t_prompts, t0 = time.perf_counter() - t0, time.perf_counter()
+            gen = peers.policy.Generate(policy_pb2.GenerateRequest(
+                prompts=prompts, n=1, sampling=_sampling_proto(cfg.ppo.sampling), return_logprobs=True),
+                timeout=peers.timeout)
+            rollout = rollout_from_response(gen, tok.pad_token_id, tok.eos_token_id)
+            t_generate, t0 = time.perf_counter() - t0, time.perf_counter()
+            if pending is not None:
+                current = pending.result()
+                published.append(current)
+            t_publish = time.perf_counter() - t0
+            # how many versions behind the trainer's current policy the rollouts were sampled
+            stale = len(published) - 1 - published.index(gen.policy_version) if gen.policy_version in published else -1
+            staleness.append(stale)
+            if step + 1 < cfg.steps:
+                next_prompts = io.submit(sample_prompts, step + 1)
+            m = trainer.step_on_rollout(prompts, rollout)
+            m["rollout_staleness_versions"] = stale
+            m["time_prompts_seconds"], m["time_generate_seconds"] = t_prompts, t_generate
+            m["time_publish_seconds"] = t_publish  # waiting for the previous version's publication
+            hist.append(m)
+            pending = io.submit(publish, current, m)
+            m["step_duration_seconds"] = dt = time.perf_counter() - t_step  # the whole step, as a caller sees it
+            m["samples_per_second"] = len(prompts) / dt
+            m["tokens_per_second"] = float(rollout.response_mask.sum()) / dt
+            peers.observe_ppo_step(m)
+            ctx.event(f"PPO step {step + 1}/{cfg.steps}: reward {m['reward']:+.3f} KL {m['kl']:.2f}",
+                      lo + (hi - lo) * (step + 1) / cfg.steps,
+                      {k: m[k] for k in ("reward", "kl", "kl_coef", "entropy", "samples_total",
+                                         "rollout_staleness_versions", "step_duration_seconds")}
+                      | {k: v for k, v in m.items() if k.startswith("time_")})
+        if pending is not None:
+            current = pending.result()
+            published.append(current)
+    finally:
+        io.shutdown(wait=True, cancel_futures=True)
     _wait_serving(ctx, lambda: peers.policy.GetPolicyVersion(policy_pb2.GetPolicyVersionRequest(), timeout=10).policy_version,
                   current, cfg.wait_for_serving_seconds, "policy-server")
     last = hist[-1]
@@ -351,14 +383,17 @@ def run_online_loop(ctx: JobContext, peers: Peers, cfg: OnlineLoopConfig) -> dic
             for p, r in zip(sampled, gen.results)]), timeout=peers.timeout).tasks
         ctx.event(f"iteration {it + 1}: {len(tasks)} labeling tasks from policy {gen.policy_version}; "
                   f"waiting for {cfg.comparisons_needed} comparisons", base + 0.1 * span)
+        # only comparisons of this iteration's tasks count (announced on rlhf.feedback.v1); the RM
+        # then trains on every stored comparison
+        ids = [t.task_id for t in tasks]
         deadline = time.monotonic() + cfg.wait_timeout_seconds
-        while peers.new_comparisons() < cfg.comparisons_needed:
+        while (arrived := peers.comparisons_for(ids)) < cfg.comparisons_needed:
             ctx.check()
             if time.monotonic() > deadline:
-                raise UnavailableError(f"only {peers.new_comparisons()} of {cfg.comparisons_needed} comparisons "
+                raise UnavailableError(f"only {arrived} of {cfg.comparisons_needed} comparisons "
                                        f"arrived within {cfg.wait_timeout_seconds:.0f} s")
             time.sleep(0.2)
-        ctx.event(f"iteration {it + 1}: {peers.new_comparisons()} new comparisons; training the RM", base + 0.3 * span)
+        ctx.event(f"iteration {it + 1}: {arrived} new comparisons; training the RM", base + 0.3 * span)
         rm_metrics = run_rm(ctx, peers, cfg.rm, progress=(base + 0.3 * span, base + 0.5 * span))
         rm_version = ctx.job.published_versions[-1]
         _wait_serving(ctx, lambda: peers.reward.GetRewardModelVersion(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import grpc
@@ -20,6 +21,7 @@ from services.trainer import runs
 from services.trainer.jobs import Job, JobManager
 
 NAME = "trainer"
+TRACKED = 200_000  # feedback event ids and task ids remembered by the comparison counter
 STATUS = {"pending": trainer_pb2.JOB_STATUS_PENDING, "running": trainer_pb2.JOB_STATUS_RUNNING,
           "succeeded": trainer_pb2.JOB_STATUS_SUCCEEDED, "failed": trainer_pb2.JOB_STATUS_FAILED,
           "cancelled": trainer_pb2.JOB_STATUS_CANCELLED}
@@ -65,8 +67,10 @@ class Trainer(trainer_grpc.TrainerServiceServicer):
         self.bus = bus if bus is not None else make_bus(settings.kafka_bootstrap, metrics)
         self.jobs: JobManager | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
-        self._seen: set[str] = set()  # feedback event ids (consumers are idempotent)
-        self._new = 0
+        # comparison events per labeling task, each event counted once (consumers are idempotent);
+        # both maps forget their oldest entries beyond TRACKED, so a long-lived trainer stays small
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._per_task: OrderedDict[str, int] = OrderedDict()
         self._count_lock = threading.Lock()
         self.peers: runs.Peers | None = None
 
@@ -86,8 +90,8 @@ class Trainer(trainer_grpc.TrainerServiceServicer):
             {"prompt-collector": self.s.prompt_collector_addr, "policy-server": self.s.policy_server_addr,
              "reward-scorer": self.s.reward_scorer_addr, "feedback-store": self.s.feedback_store_addr},
             registry=self.registry, publish_event=self._publish_blocking,
-            observe_ppo_step=self.metrics.observe_ppo_step, new_comparisons=self._new_comparisons,
-            reset_new_comparisons=self._reset_new_comparisons, device=self.s.device,
+            observe_ppo_step=self.metrics.observe_ppo_step, comparisons_for=self._comparisons_for,
+            device=self.s.device,
             timeout=self.s.rpc_timeout_seconds)
 
     async def stop(self) -> None:
@@ -102,16 +106,18 @@ class Trainer(trainer_grpc.TrainerServiceServicer):
         with self._count_lock:
             if ev.event_id in self._seen:
                 return
-            self._seen.add(ev.event_id)
-            self._new += 1
+            self._seen[ev.event_id] = None
+            task = ev.comparison.task_id
+            self._per_task[task] = self._per_task.get(task, 0) + 1
+            self._per_task.move_to_end(task)
+            for d in (self._seen, self._per_task):
+                while len(d) > TRACKED:
+                    d.popitem(last=False)
 
-    def _new_comparisons(self) -> int:
+    def _comparisons_for(self, task_ids) -> int:
+        """Comparison events consumed so far for these labeling tasks."""
         with self._count_lock:
-            return self._new
-
-    def _reset_new_comparisons(self) -> None:
-        with self._count_lock:
-            self._new = 0
+            return sum(self._per_task.get(t, 0) for t in task_ids)
 
     def _publish_blocking(self, event) -> None:
         """Called from a job thread: publish on the service's event loop and wait for the ack."""
