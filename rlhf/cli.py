@@ -178,8 +178,8 @@ def cmd_up(args) -> int:
     from services.launch import UpOptions, up
 
     opts = UpOptions(data_dir=Path(args.data_dir), host=args.host, base_port=args.base_port,
-                     base_metrics_port=args.base_metrics_port, kafka=args.kafka, database_url=args.database_url,
-                     log_level=args.log_level)
+                     base_metrics_port=args.base_metrics_port, http_port=args.http_port, kafka=args.kafka,
+                     database_url=args.database_url, log_level=args.log_level)
     if args.policy:
         _import_policy(Path(args.policy), opts.data_dir / "registry")
     asyncio.run(up(opts))
@@ -265,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--base-port", type=int, default=50051,
                    help="gRPC ports: prompt-collector +0, policy-server +1, reward-scorer +2, feedback-store +3, trainer +4")
     u.add_argument("--base-metrics-port", type=int, default=9101, help="Prometheus ports, same offsets; 0: none")
+    u.add_argument("--http-port", type=int, default=8000,
+                   help="the policy-server's OpenAI/TGI-compatible HTTP API; 0: a free port (logged), -1: none")
     u.add_argument("--kafka", help="Kafka bootstrap servers; default: an in-process bus")
     u.add_argument("--database-url", help="SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db; default: SQLite in --data-dir")
     u.add_argument("--policy", help="a Hugging Face causal LM directory to serve first (imported into the registry)")

@@ -66,6 +66,7 @@ class UpOptions:
     host: str = "127.0.0.1"
     base_port: int = 50051  # prompt-collector, policy-server, reward-scorer, feedback-store, trainer: +0..+4
     base_metrics_port: int = 9101
+    http_port: int = 0  # the policy-server's HTTP API; 0: a free port (logged), -1: none
     kafka: str | None = None
     database_url: str | None = None
     log_level: str = "INFO"
@@ -82,7 +83,9 @@ def up_settings(opts: UpOptions) -> dict:
     extra = {
         "prompt-collector": {"database_url": db, "migrate_on_start": False},
         "feedback-store": {"database_url": db, "migrate_on_start": False},
-        "policy-server": {"registry_dir": registry},
+        # prompts of requests that opt in (user and consent) go on to the prompt-collector
+        "policy-server": {"registry_dir": registry, "prompt_collector_addr": addr["prompt-collector"],
+                          "http_port": opts.http_port},
         "reward-scorer": {"registry_dir": registry},
         "trainer": {"registry_dir": registry, "prompt_collector_addr": addr["prompt-collector"],
                     "policy_server_addr": addr["policy-server"], "reward_scorer_addr": addr["reward-scorer"],

@@ -27,11 +27,12 @@ def embedded(tmp_path_factory):
     tiny_policy_registry(root / "registry")
     # five consecutive ports (and five more for metrics) in a range the OS rarely hands out
     base = free_ports(1)[0] % 20000 + 30000
-    close = up_in_thread(UpOptions(data_dir=root, base_port=base, base_metrics_port=base + 10))
+    http_port = free_ports(1)[0]
+    close = up_in_thread(UpOptions(data_dir=root, base_port=base, base_metrics_port=base + 10, http_port=http_port))
     addrs = {n: f"127.0.0.1:{base + i}" for i, n in enumerate(NAMES)}
     for a in addrs.values():
         wait_serving(a)
-    yield {"addrs": addrs, "root": root, "metrics_base": base + 10}
+    yield {"addrs": addrs, "root": root, "metrics_base": base + 10, "http_port": http_port}
     close()  # re-raises what made the services fail, if anything did
 
 
@@ -173,3 +174,47 @@ def test_a_job_can_be_cancelled_and_bad_requests_are_refused(embedded, loop_run)
         job = stub.GetJob(trainer_pb2.GetJobRequest(job_id=job.job_id)).job
     assert job.status == trainer_pb2.JOB_STATUS_CANCELLED
     assert 1 <= len(job.published_versions) < 500
+
+
+def _stored_prompts(addr: str) -> list:
+    from rlhf_client import common_pb2, prompts_grpc, prompts_pb2
+
+    out = []
+    with grpc.insecure_channel(addr) as ch:
+        stub = prompts_grpc.PromptCollectorServiceStub(ch)
+        for split in (common_pb2.SPLIT_TRAIN, common_pb2.SPLIT_VALID, common_pb2.SPLIT_TEST):
+            token = ""
+            while True:
+                r = stub.ListPrompts(prompts_pb2.ListPromptsRequest(split=split, page_size=1000, page_token=token))
+                out += list(r.prompts)
+                token = r.next_page_token
+                if not token:
+                    break
+    return out
+
+
+def test_up_forwards_opted_in_http_prompts_to_the_prompt_collector(embedded):
+    """`rlhf up` wires the policy-server's opt-in forwarding to its own prompt-collector."""
+    import json
+    import time
+    import urllib.request
+
+    def complete(prompt: str, headers: dict) -> dict:
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{embedded['http_port']}/v1/completions", method="POST",
+            data=json.dumps({"model": "rlhf-policy", "prompt": prompt, "max_tokens": 2, "user": "user-4711"}).encode(),
+            headers={"Content-Type": "application/json", **headers})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return json.loads(r.read())
+
+    assert complete("an opted-in opening 7f3a", {"X-RLHF-Consent": "true"})["choices"]
+    assert complete("an opening without consent 9c1e", {})["choices"]
+    deadline = time.monotonic() + 30
+    while True:
+        texts = {p.text: p for p in _stored_prompts(embedded["addrs"]["prompt-collector"])}
+        if "an opted-in opening 7f3a" in texts or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert "an opted-in opening 7f3a" in texts
+    assert texts["an opted-in opening 7f3a"].source.startswith("api")
+    assert "an opening without consent 9c1e" not in texts
