@@ -169,9 +169,10 @@ def bench_ppo(work: Path, quick: bool, threads: int) -> dict:
             local.append(time.perf_counter() - t0)
             local_phases.append({k: v for k, v in m.items() if k.startswith("time_")})
 
-    def through_services() -> None:
+    def through_services(times: list, phase_rows: list, prefetch: bool = False) -> None:
         """One PPO job of steps + 1 steps; its first step (connections, first loads) is not counted."""
-        over = {"steps": str(steps + 1), "ppo.batch_size": str(batch), "ppo.mini_batch_size": str(mb),
+        over = {"prefetch_rollouts": str(prefetch).lower(),
+                "steps": str(steps + 1), "ppo.batch_size": str(batch), "ppo.mini_batch_size": str(mb),
                 "ppo.ppo_epochs": str(epochs), "ppo.lr": "1e-5", "ppo.sampling.max_new_tokens": str(new_tokens),
                 "wait_for_serving_seconds": "300"}
         with grpc.insecure_channel(cl.addrs["trainer"]) as ch:
@@ -185,17 +186,19 @@ def bench_ppo(work: Path, quick: bool, threads: int) -> dict:
             job = stub.GetJob(trainer_pb2.GetJobRequest(job_id=job.job_id)).job
         if job.status != trainer_pb2.JOB_STATUS_SUCCEEDED:
             raise RuntimeError(f"PPO job failed: {job.message}")
-        services.extend(marks[1:])
-        services_phases.extend(phases[1:])
-        staleness.append(job.metrics.get("rollout_staleness_mean_versions"))
+        times.extend(marks[1:])
+        phase_rows.extend(phases[1:])
+        (staleness_prefetch if prefetch else staleness).append(job.metrics.get("rollout_staleness_mean_versions"))
 
     # the two sides alternate, so that drift in the machine's speed hits both alike
     local, local_phases, services, services_phases, staleness = [], [], [], [], []
+    prefetched, prefetched_phases, staleness_prefetch = [], [], []
     try:
         trainer.step(prompts[:batch])  # warm-up
         for r in range(rounds):
             in_process(1 + r * steps)
-            through_services()
+            through_services(services, services_phases)
+            through_services(prefetched, prefetched_phases, prefetch=True)
     finally:
         cl.close()
     del trainer
@@ -209,7 +212,11 @@ def bench_ppo(work: Path, quick: bool, threads: int) -> dict:
             "in_process_step_seconds": summary(local), "services_step_seconds": summary(services),
             "services_slower_ratio": sm / lm - 1.0,
             "in_process_phase_seconds": medians(local_phases), "services_phase_seconds": medians(services_phases),
-            "rounds": rounds, "staleness_mean_versions": statistics.mean(staleness)}
+            "rounds": rounds, "staleness_mean_versions": statistics.mean(staleness),
+            "prefetch_step_seconds": summary(prefetched),
+            "prefetch_slower_ratio": statistics.median(prefetched) / lm - 1.0,
+            "prefetch_phase_seconds": medians(prefetched_phases),
+            "prefetch_staleness_mean_versions": statistics.mean(staleness_prefetch)}
 
 
 # -- 2. reward-scorer: 64 concurrent clients vs the raw model -----------------------------------------------
@@ -355,6 +362,10 @@ def to_markdown(res: dict) -> str:
                   f"{p[k + '_step_seconds']['max']:.3f} | {p[k + '_step_seconds']['n']} |" for k in ("in_process", "services")],
                 "", f"services slower by **{100 * p['services_slower_ratio']:.1f} %** (target <= 10 %); "
                 f"{p.get('rounds', 1)} alternating rounds; rollout staleness {p['staleness_mean_versions']:.2f} versions on average", "",
+                f"With `prefetch_rollouts` (the next rollouts generated during the update): median "
+                f"{p['prefetch_step_seconds']['median']:.3f} s/step (min {p['prefetch_step_seconds']['min']:.3f}, max "
+                f"{p['prefetch_step_seconds']['max']:.3f}), **{100 * p['prefetch_slower_ratio']:+.1f} %** against in process; "
+                f"staleness {p['prefetch_staleness_mean_versions']:.2f} versions", "",
                 "Where a step's time goes (median seconds; the services' figures are the trainer's own timers; "
                 "`generate` includes the gRPC call to the policy-server, `reward` the call to the reward-scorer):", "",
                 "| phase | in process | services |", "|---|---|---|",

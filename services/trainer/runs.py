@@ -62,6 +62,9 @@ class PPOJobConfig:
     steps: int = 2  # PPO steps (each: rollouts -> scores -> update -> publish)
     reference_version: str = ""  # rho; empty: the root of the policy's lineage (the SFT model)
     wait_for_serving_seconds: float = 120.0  # how long to wait for the policy-server to serve the final version
+    # ask for the next step's rollouts before this step's update (they overlap it on the
+    # policy-server's hardware, one version staler; old log-probs are recomputed either way)
+    prefetch_rollouts: bool = False
 
 
 @dataclass
@@ -300,18 +303,33 @@ def run_ppo(ctx: JobContext, peers: Peers, cfg: PPOJobConfig, progress: tuple[fl
     # Calls that need no model work overlap the trainer's waiting: the next step's prompts are
     # sampled during this step's update, and a new version is written and announced while the
     # next rollouts are generated (it is awaited before the weights change again).
+    def generate(prompts: list[str]) -> policy_pb2.GenerateResponse:
+        return peers.policy.Generate(policy_pb2.GenerateRequest(
+            prompts=prompts, n=1, sampling=_sampling_proto(cfg.ppo.sampling), return_logprobs=True),
+            timeout=peers.timeout)
+
+    def fetch(step: int) -> tuple[list[str], policy_pb2.GenerateResponse]:
+        prompts = sample_prompts(step)
+        return prompts, generate(prompts)
+
     io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ppo-io")
-    next_prompts = io.submit(sample_prompts, 0)
+    ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ppo-rollouts") if cfg.prefetch_rollouts else None
+    next_prompts = io.submit(sample_prompts, 0) if ahead is None else None
+    next_rollout = ahead.submit(fetch, 0) if ahead is not None else None
     pending: Future | None = None
     try:
         for step in range(cfg.steps):
             ctx.check()
             t_step = t0 = time.perf_counter()
-            prompts = next_prompts.result()
-            t_prompts, t0 = time.perf_counter() - t0, time.perf_counter()
-            gen = peers.policy.Generate(policy_pb2.GenerateRequest(
-                prompts=prompts, n=1, sampling=_sampling_proto(cfg.ppo.sampling), return_logprobs=True),
-                timeout=peers.timeout)
+            if ahead is not None:  # sampled and generated while the previous step updated
+                prompts, gen = next_rollout.result()
+                t_prompts = 0.0
+                if step + 1 < cfg.steps:
+                    next_rollout = ahead.submit(fetch, step + 1)
+            else:
+                prompts = next_prompts.result()
+                t_prompts, t0 = time.perf_counter() - t0, time.perf_counter()
+                gen = generate(prompts)
             rollout = rollout_from_response(gen, tok.pad_token_id, tok.eos_token_id)
             t_generate, t0 = time.perf_counter() - t0, time.perf_counter()
             if pending is not None:
@@ -321,7 +339,7 @@ def run_ppo(ctx: JobContext, peers: Peers, cfg: PPOJobConfig, progress: tuple[fl
             # how many versions behind the trainer's current policy the rollouts were sampled
             stale = len(published) - 1 - published.index(gen.policy_version) if gen.policy_version in published else -1
             staleness.append(stale)
-            if step + 1 < cfg.steps:
+            if ahead is None and step + 1 < cfg.steps:
                 next_prompts = io.submit(sample_prompts, step + 1)
             m = trainer.step_on_rollout(prompts, rollout)
             m["rollout_staleness_versions"] = stale
@@ -342,7 +360,9 @@ def run_ppo(ctx: JobContext, peers: Peers, cfg: PPOJobConfig, progress: tuple[fl
             current = pending.result()
             published.append(current)
     finally:
-        io.shutdown(wait=True, cancel_futures=True)
+        for pool in (io, ahead):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
     _wait_serving(ctx, lambda: peers.policy.GetPolicyVersion(policy_pb2.GetPolicyVersionRequest(), timeout=10).policy_version,
                   current, cfg.wait_for_serving_seconds, "policy-server")
     last = hist[-1]

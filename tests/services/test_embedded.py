@@ -176,6 +176,28 @@ def test_a_job_can_be_cancelled_and_bad_requests_are_refused(embedded, loop_run)
     assert 1 <= len(job.published_versions) < 500
 
 
+def test_ppo_job_with_prefetched_rollouts(embedded, loop_run):
+    """Rollouts asked for ahead of the update: every step publishes, staleness is reported, and the
+    policy-server ends up serving the last version."""
+    with grpc.insecure_channel(embedded["addrs"]["trainer"]) as ch:
+        stub = trainer_grpc.TrainerServiceStub(ch)
+        job = stub.StartJob(trainer_pb2.StartJobRequest(kind=trainer_pb2.JOB_KIND_PPO, overrides={
+            "steps": "3", "prefetch_rollouts": "true", "ppo.batch_size": "4", "ppo.mini_batch_size": "2",
+            "ppo.ppo_epochs": "1", "ppo.sampling.max_new_tokens": "4"})).job
+        steps = [ev for ev in stub.WatchJob(trainer_pb2.WatchJobRequest(job_id=job.job_id), timeout=300)
+                 if ev.message.startswith("PPO step")]
+        job = stub.GetJob(trainer_pb2.GetJobRequest(job_id=job.job_id)).job
+    assert job.status == trainer_pb2.JOB_STATUS_SUCCEEDED, job.message
+    assert len(job.published_versions) == 3 and len(steps) == 3
+    # step 2's rollouts were asked for before step 1 updated: one version behind; step 3's before
+    # step 2 updated, from whichever version the policy-server had loaded by then
+    assert steps[0].metrics["rollout_staleness_versions"] == 0
+    assert steps[1].metrics["rollout_staleness_versions"] == 1
+    assert steps[2].metrics["rollout_staleness_versions"] in (1, 2)
+    assert job.metrics["rollout_staleness_max_versions"] >= 1
+    assert scenario.served_version(embedded["addrs"]["policy-server"])[0] == job.published_versions[-1]
+
+
 def _stored_prompts(addr: str) -> list:
     from rlhf_client import common_pb2, prompts_grpc, prompts_pb2
 
