@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
@@ -72,6 +73,20 @@ class TinyLMConfig:
     n_head: int = 4  # attention heads; divides n_embd
     n_positions: int = 128  # prompts + responses in the demo stay well under this
     vocab_size: int = 4096  # BPE vocabulary size (the tokenizer trained on your text sets the final size)
+
+
+# transformers builds a model on the meta device under process-wide patches, so a module built on
+# one thread while another thread loads weights can come out with meta tensors ("Cannot copy out of
+# meta tensor"; transformers issue 41782). Services load new versions on threads, and `rlhf up`
+# runs all of them in one process: every load and every module built in this module holds this lock.
+_LOAD_LOCK = threading.RLock()
+
+
+def _from_pretrained(cls, path: Path, **kw):
+    with _LOAD_LOCK:
+        return cls.from_pretrained(path, local_files_only=True, **kw)
+
+
 def build_tiny_lm(cfg: TinyLMConfig, seed: int = 0) -> GPT2LMHeadModel:
     """A randomly initialised GPT-2 with no dropout (RL needs deterministic log-probs)."""
     torch.manual_seed(seed)
@@ -89,7 +104,8 @@ def build_tiny_lm(cfg: TinyLMConfig, seed: int = 0) -> GPT2LMHeadModel:
         pad_token_id=0,
         tie_word_embeddings=True,
     )
-    return GPT2LMHeadModel(config)
+    with _LOAD_LOCK:
+        return GPT2LMHeadModel(config)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -123,7 +139,7 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
 def load_causal_lm(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """Load any Hugging Face causal LM from a local directory."""
     p = _check_model_dir(path)
-    model = AutoModelForCausalLM.from_pretrained(p, local_files_only=True, dtype=dtype)
+    model = _from_pretrained(AutoModelForCausalLM, p, dtype=dtype)
     return model
 
 
@@ -166,7 +182,8 @@ class ValueHead(nn.Module):
 
     def __init__(self, hidden_size: int):
         super().__init__()
-        self.summary = nn.Linear(hidden_size, 1)
+        with _LOAD_LOCK:
+            self.summary = nn.Linear(hidden_size, 1)
         nn.init.zeros_(self.summary.weight)  # start at V=0 so early advantages equal the rewards
         nn.init.zeros_(self.summary.bias)
 
@@ -213,7 +230,8 @@ class RewardModel(nn.Module):
         if head is None:
             # Ziegler et al.: "initialize r to rho, using random initialization for the final
             # linear layer"; a small std keeps initial scores near 0.
-            head = nn.Linear(hidden_size_of(backbone), 1)
+            with _LOAD_LOCK:
+                head = nn.Linear(hidden_size_of(backbone), 1)
             nn.init.normal_(head.weight, std=1.0 / (hidden_size_of(backbone) + 1) ** 0.5)
             nn.init.zeros_(head.bias)
         self.head = head
@@ -230,7 +248,7 @@ class RewardModel(nn.Module):
     def from_encoder(cls, path: str | os.PathLike) -> "RewardModel":
         """Backbone (b): a bidirectional encoder (e.g. MiniLM) from a local directory."""
         p = _check_model_dir(path)
-        enc = AutoModel.from_pretrained(p, local_files_only=True)
+        enc = _from_pretrained(AutoModel, p)
         tok = AutoTokenizer.from_pretrained(p, local_files_only=True)
         tok.padding_side = "right"
         return cls(enc, tok, RewardConfig(backbone="encoder"))
@@ -294,13 +312,14 @@ class RewardModel(nn.Module):
         if not (p / "reward_config.json").is_file():
             raise ModelNotFoundError(f"{p} is not a reward model (no reward_config.json)")
         config = RewardConfig(**json.loads((p / "reward_config.json").read_text()))
-        backbone = AutoModel.from_pretrained(p, local_files_only=True)
+        backbone = _from_pretrained(AutoModel, p)
         tok = AutoTokenizer.from_pretrained(p, local_files_only=True)
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         tok.padding_side = "left" if config.backbone == "causal" else "right"
         state = load_file(str(p / "reward_head.safetensors"))
-        head = nn.Linear(state["weight"].shape[1], 1)
+        with _LOAD_LOCK:
+            head = nn.Linear(state["weight"].shape[1], 1)
         head.load_state_dict(state)
         return cls(backbone, tok, config, head=head)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+import threading
+
 import torch
 
 from rlhf.errors import ModelNotFoundError
@@ -92,6 +94,27 @@ def test_save_load_round_trip_gives_identical_logits(tok, tmp_path):
     assert torch.equal(a, b)
     assert count_parameters(loaded) == count_parameters(model)
     assert next(loaded.parameters()).dtype == torch.float32
+
+
+def test_models_load_safely_from_many_threads_at_once(tok, tmp_path):
+    """Services load versions on threads (all in one process under `rlhf up`); unguarded,
+    transformers' loader can hand one of two concurrent loads meta tensors."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    lm = save_pretrained(_tiny(tok), tok, tmp_path / "lm")
+    rm = RewardModel.from_causal_lm(_tiny(tok), tok).save(tmp_path / "rm")
+    jobs = [(load_causal_lm, lm), (RewardModel.load, rm)] * 8
+    barrier = threading.Barrier(len(jobs))
+
+    def load(job):
+        fn, path = job
+        barrier.wait()
+        model = fn(path)
+        assert [n for n, p in model.named_parameters() if p.is_meta] == []
+        return model.to("cpu")
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        assert len(list(pool.map(load, jobs))) == len(jobs)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -179,6 +179,16 @@ def test_a_job_can_be_cancelled_and_bad_requests_are_refused(embedded, loop_run)
 def test_ppo_job_with_prefetched_rollouts(embedded, loop_run):
     """Rollouts asked for ahead of the update: every step publishes, staleness is reported, and the
     policy-server ends up serving the last version."""
+    import time
+
+    from rlhf.registry import ModelRegistry
+
+    # start from the version the policy-server serves (earlier tests may have just published one)
+    latest = ModelRegistry(embedded["root"] / "registry").latest("policy")
+    deadline = time.monotonic() + 120
+    while scenario.served_version(embedded["addrs"]["policy-server"])[0] != latest:
+        assert time.monotonic() < deadline, "the policy-server did not load the latest version"
+        time.sleep(0.2)
     with grpc.insecure_channel(embedded["addrs"]["trainer"]) as ch:
         stub = trainer_grpc.TrainerServiceStub(ch)
         job = stub.StartJob(trainer_pb2.StartJobRequest(kind=trainer_pb2.JOB_KIND_PPO, overrides={
