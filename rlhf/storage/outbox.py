@@ -89,8 +89,8 @@ class OutboxRelay:
 
         Rows go one by one, in id order, until each topic of the batch has had its first row (that
         one may create the topic); the rest are handed to the producer together, still in id
-        order, and their acknowledgements awaited together. One at a
-        time, each row waited for its own acknowledgement and the relay fell behind the writers.
+        order, and their acknowledgements awaited together (one at a time, each row waited for its
+        own acknowledgement and the relay fell behind the writers).
         Rows after a failure stay unpublished (the ones among them that did reach the broker are
         sent again next round: delivery is at least once, and consumers de-duplicate by event id).
         """

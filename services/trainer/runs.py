@@ -300,9 +300,6 @@ def run_ppo(ctx: JobContext, peers: Peers, cfg: PPOJobConfig, progress: tuple[fl
                         {**policy_config, "reference_version": ref_version, "reward_model_version": last_rm_version["v"],
                          "job": to_dict(cfg)}).version
 
-    # Calls that need no model work overlap the trainer's waiting: the next step's prompts are
-    # sampled during this step's update, and a new version is written and announced while the
-    # next rollouts are generated (it is awaited before the weights change again).
     def generate(prompts: list[str]) -> policy_pb2.GenerateResponse:
         return peers.policy.Generate(policy_pb2.GenerateRequest(
             prompts=prompts, n=1, sampling=_sampling_proto(cfg.ppo.sampling), return_logprobs=True),
@@ -312,6 +309,9 @@ def run_ppo(ctx: JobContext, peers: Peers, cfg: PPOJobConfig, progress: tuple[fl
         prompts = sample_prompts(step)
         return prompts, generate(prompts)
 
+    # Calls that need no model work overlap the trainer's waiting: the next step's prompts are
+    # sampled during this step's update, and a new version is written and announced while the
+    # next rollouts are generated (it is awaited before the weights change again).
     io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ppo-io")
     ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ppo-rollouts") if cfg.prefetch_rollouts else None
     next_prompts = io.submit(sample_prompts, 0) if ahead is None else None
