@@ -98,24 +98,21 @@ class OutboxRelay:
         for i, r in enumerate(rows):
             firsts.setdefault(r.topic, i)
         cut = max(firsts.values(), default=-1) + 1
-        head, rest = rows[:cut], rows[cut:]
-        results: dict[int, BaseException | None] = {}
-        for r in head:
-            results[r.id] = await self._publish_one(r)
-            if results[r.id] is not None:
+        errors: list[BaseException | None] = []  # per row, in id order, as far as attempted
+        for r in rows[:cut]:
+            errors.append(await self._publish_one(r))
+            if errors[-1] is not None:
                 break
         else:
-            outcomes = await asyncio.gather(*(self._publish_one(r) for r in rest))
-            results.update({r.id: e for r, e in zip(rest, outcomes)})
-        for r in rows:
-            err = results.get(r.id)
+            errors += await asyncio.gather(*(self._publish_one(r) for r in rows[cut:]))
+        for r, err in zip(rows, errors):
             if err is not None:
                 self.failures_total += 1
                 log.warning("outbox: publishing row %d (%s on %s) failed, will retry: %s: %s",
                             r.id, r.message_type, r.topic, type(err).__name__, err)
         done: list[int] = []
-        for r in rows:
-            if r.id not in results or results[r.id] is not None:
+        for r, err in zip(rows, errors):
+            if err is not None:
                 return done, True
             done.append(r.id)
         return done, False
