@@ -92,11 +92,18 @@ def build_assets(quick: bool) -> tuple[Path, str, list[str]]:
 
 
 def engine_vs_generate(registry: Path, version: str, prompts: list[str], repeats: int, batches: int) -> dict:
+    """Tokens per second of each side, ``repeats`` alternated turns of ``batches`` timed batches
+    (after one untimed batch). Each turn's torch work runs on a thread of its own that ends with the
+    turn (the engine's worker; a fresh thread for the others), so only one OpenMP thread team is alive
+    at a time, as in a server process (rlhf.runtime.threads)."""
+    import threading
+
     import torch
 
     from rlhf.generation import SamplingParams, sample, tokenize_prompts
     from rlhf.inference.engine import EngineConfig, InferenceEngine, complete
     from rlhf.registry import ModelRegistry
+    from rlhf.runtime.threads import use_model_threads
     from rlhf.serving import GenerationRequest, PolicyEngine
 
     path = ModelRegistry(registry).path("policy", version)
@@ -109,20 +116,44 @@ def engine_vs_generate(registry: Path, version: str, prompts: list[str], repeats
     req = GenerationRequest(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
     loop = asyncio.new_event_loop()
 
-    async def start():
-        e = InferenceEngine(policy, EngineConfig(max_batch_size=64, seed=0))
-        e.start()
-        return e
+    def timed(batch) -> float:
+        batch()  # untimed: warms this thread's allocator and thread team
+        t0 = time.perf_counter()
+        n = sum(batch() for _ in range(batches))
+        return n / (time.perf_counter() - t0)
 
-    engine = loop.run_until_complete(start())
+    def on_own_thread(batch) -> float:
+        out: list[float] = []
 
-    def ours() -> int:
-        async def go():
-            gens = [engine.submit(engine.encode(p), req) for p in rows]
-            return await asyncio.gather(*(complete(g) for g in gens))
+        def run():
+            use_model_threads()
+            out.append(timed(batch))
 
-        out = loop.run_until_complete(go())
-        return sum(len(s.token_ids) for (s,) in out)
+        t = threading.Thread(target=run)
+        t.start()
+        t.join()
+        return out[0]
+
+    def engine_turn(profile: bool = False):
+        async def start():
+            e = InferenceEngine(policy, EngineConfig(max_batch_size=64, seed=0))
+            e.start()
+            return e
+
+        engine = loop.run_until_complete(start())
+
+        def batch() -> int:
+            async def go():
+                gens = [engine.submit(engine.encode(p), req) for p in rows]
+                return await asyncio.gather(*(complete(g) for g in gens))
+
+            return sum(len(s.token_ids) for (s,) in loop.run_until_complete(go()))
+
+        try:
+            return (timed(batch), type(engine.runner).__name__,
+                    profile_engine_step(engine, loop, rows, req) if profile else None)
+        finally:
+            loop.run_until_complete(engine.close())
 
     def hf() -> int:
         with torch.no_grad():
@@ -135,19 +166,15 @@ def engine_vs_generate(registry: Path, version: str, prompts: list[str], repeats
         r = sample(model, ids, mask, SamplingParams(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS), eos, eos)
         return r.response_ids.numel()
 
-    sides = {"engine": ours, "hf-generate": hf, "generation.sample": old}
-    for f in sides.values():
-        f()  # warm-up
+    sides = {"engine": lambda: engine_turn()[0], "hf-generate": lambda: on_own_thread(hf),
+             "generation.sample": lambda: on_own_thread(old)}
     tps: dict[str, list[float]] = {k: [] for k in sides}
     for rep in range(repeats):
         order = list(sides) if rep % 2 == 0 else list(sides)[::-1]
         for name in order:
-            t0 = time.perf_counter()
-            n = sum(sides[name]() for _ in range(batches))
-            tps[name].append(n / (time.perf_counter() - t0))
-    prof = profile_engine_step(engine, loop, rows, req)
-    loop.run_until_complete(engine.close())
-    return {"tokens_per_second": tps, "runner": type(engine.runner).__name__, "profile": prof}
+            tps[name].append(sides[name]())
+    _, runner, prof = engine_turn(profile=True)
+    return {"tokens_per_second": tps, "runner": runner, "profile": prof}
 
 
 def profile_engine_step(engine, loop, rows, req) -> dict:
@@ -343,9 +370,9 @@ def main() -> None:
     a = ap.parse_args()
     if a.worker:
         kind, registry, version, prompts_file, *rest = a.worker
-        import torch
+        from rlhf.runtime.threads import prepare_process
 
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+        prepare_process()  # as `rlhf serve` does: intra-op threads (OMP_NUM_THREADS) for the model thread only
         prompts = json.loads(Path(prompts_file).read_text())
         if kind == "engine":
             res = engine_vs_generate(Path(registry), version, prompts, int(rest[0]), int(rest[1]))

@@ -166,6 +166,9 @@ def cmd_demo_loop(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    from rlhf.runtime.threads import prepare_process
+
+    prepare_process()  # before torch is imported: one intra-op thread team, the model thread's
     from services.launch import serve_one
 
     serve_one(args.name)
@@ -174,6 +177,10 @@ def cmd_serve(args) -> int:
 
 def cmd_up(args) -> int:
     import asyncio
+
+    from rlhf.runtime.threads import prepare_process
+
+    prepare_process()  # before torch is imported: intra-op threads only on the services' model threads
 
     from services.launch import UpOptions, up
 

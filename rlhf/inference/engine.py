@@ -40,6 +40,7 @@ from rlhf.errors import DataError, ResourceExhaustedError, UnavailableError
 from rlhf.inference.runners import make_runner
 from rlhf.inference.sampling import BatchParams, RowParams, choose
 from rlhf.inference.text import SampleText, fast_codec
+from rlhf.runtime.threads import use_model_threads
 from rlhf.serving import GenerationRequest, PolicyEngine
 
 log = logging.getLogger("rlhf.inference")
@@ -313,6 +314,7 @@ class InferenceEngine:
     # -- the worker thread -----------------------------------------------------------------------
 
     def _run(self) -> None:
+        use_model_threads()  # this thread owns the process's intra-op threads (rlhf.runtime.threads)
         try:
             while True:
                 with self._cond:

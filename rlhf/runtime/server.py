@@ -75,6 +75,7 @@ from prometheus_client import start_http_server
 from rlhf import errors
 from rlhf.metrics import ServiceMetrics
 from rlhf.runtime.settings import BaseServiceSettings, load_settings  # noqa: F401  (re-exported)
+from rlhf.runtime.threads import use_model_threads
 
 log = logging.getLogger("rlhf.runtime.server")
 
@@ -322,7 +323,8 @@ class ModelExecutor:
 
     def __init__(self, name: str = "model"):
         self.name = name
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-model")
+        # the worker owns the process's intra-op threads (rlhf.runtime.threads)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-model", initializer=use_model_threads)
 
     async def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         loop = asyncio.get_running_loop()

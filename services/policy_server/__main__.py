@@ -13,9 +13,13 @@ import dataclasses
 import os
 import sys
 
-from rlhf.errors import ConfigError
-from rlhf.runtime.settings import env_name
-from services.policy_server.service import NAME, Settings
+from rlhf.runtime.threads import prepare_process
+
+prepare_process()  # before torch is imported (by the service below): see rlhf.runtime.threads
+
+from rlhf.errors import ConfigError  # noqa: E402
+from rlhf.runtime.settings import env_name  # noqa: E402
+from services.policy_server.service import NAME, Settings  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ from typing import Callable
 import grpc
 
 from rlhf.errors import NotFoundError, RLHFError, ResourceExhaustedError
+from rlhf.runtime.threads import use_model_threads
 
 log = logging.getLogger("rlhf.trainer.jobs")
 
@@ -76,8 +77,10 @@ class JobContext:
 class JobManager:
     """Holds the jobs of this trainer process; at most ``max_running`` run at once."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, max_running: int = 1, max_jobs_kept: int = 1000):
+    def __init__(self, loop: asyncio.AbstractEventLoop, max_running: int = 1, max_jobs_kept: int = 1000,
+                 torch_threads: int = 0):
         self.loop = loop
+        self.torch_threads = torch_threads  # intra-op threads of each job's thread (0: the process's default)
         self.jobs: dict[str, Job] = {}
         self.max_running = max_running
         self.max_jobs_kept = max_jobs_kept
@@ -121,6 +124,7 @@ class JobManager:
             del self.jobs[j.job_id]
 
     def _run(self, ctx: JobContext, body) -> None:
+        use_model_threads(self.torch_threads)  # a job's thread runs its model work (rlhf.runtime.threads)
         job = ctx.job
         self._update(job, status=RUNNING, message="started")
         try:

@@ -42,7 +42,7 @@ class Settings(BaseServiceSettings):
     max_running_jobs: int = 1  # jobs at once (each trains a model on this process's devices)
     rpc_timeout_seconds: float = 300.0  # deadline of each call to another service
     device: str = "cpu"  # torch device of the model, e.g. cuda:0
-    torch_threads: int = 0  # 0: torch's default
+    torch_threads: int = 0  # intra-op threads of each job (0: the process's model-thread count, see rlhf.runtime.threads)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -78,12 +78,8 @@ class Trainer(trainer_grpc.TrainerServiceServicer):
         trainer_grpc.add_TrainerServiceServicer_to_server(self, server)
 
     async def start(self) -> None:
-        if self.s.torch_threads > 0:
-            import torch
-
-            torch.set_num_threads(self.s.torch_threads)
         self.loop = asyncio.get_running_loop()
-        self.jobs = JobManager(self.loop, max_running=self.s.max_running_jobs)
+        self.jobs = JobManager(self.loop, max_running=self.s.max_running_jobs, torch_threads=self.s.torch_threads)
         self.bus.subscribe(TOPIC_FEEDBACK, feedback_pb2.FeedbackEvent, f"{NAME}-feedback", self._on_feedback)
         await self.bus.start()
         self.peers = runs.Peers.connect(
