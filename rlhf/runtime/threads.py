@@ -16,8 +16,13 @@ steps, 2 intra-op threads:
 
 Hence the rule a server process follows:
 - :func:`prepare_process`, called before torch is imported, gives every thread a single
-  intra-op thread (``OMP_NUM_THREADS=1``; a thread with one thread never forms a team);
+  intra-op thread (``OMP_NUM_THREADS=MKL_NUM_THREADS=1``; a thread with one thread never forms a
+  team);
 - the model thread calls :func:`use_model_threads` first, and gets the process's share of CPUs.
+
+``torch.set_num_threads`` also records the count process-wide, and a thread that runs its first
+torch work *after* that call starts with that count. The services load their models before the
+model thread starts, or on the model thread itself; a reload runs on a thread that loaded before.
 """
 
 from __future__ import annotations
@@ -54,7 +59,8 @@ def prepare_process(threads: int = 0) -> int:
         log.warning("prepare_process() ran after torch was imported: threads other than the model thread "
                     "keep torch's default thread count")
     else:
-        os.environ["OMP_NUM_THREADS"] = "1"
+        # torch starts each thread with MKL's count when MKL_NUM_THREADS is set, so both are 1
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
     return n
 
 
