@@ -8,11 +8,9 @@ threads of all teams outnumber the CPUs, libgomp stops spinning between parallel
 puts its threads to sleep after each one. A decode step opens about 50 small regions, and each
 one then pays for waking a sleeping thread.
 
-Measured on this project's 2-core CPU, with `bench/serving.py`'s model, 16 prompts and 48 decode
-steps, 2 intra-op threads:
-- 130 ms per batch when only one thread ever ran torch work;
-- 370–490 ms from a second thread, once the main thread had run torch work with 2 threads (and so
-  held a team).
+`bench/serving.py` on a 2-core CPU, 2 intra-op threads, a batch of 16 prompts and 48 new tokens:
+the engine's forward passes took 429 ms per batch while the main thread held a team of its own
+(it had loaded the model with 2 threads), and 134 ms with the rule below (docs/benchmarks.md).
 
 Hence the rule a server process follows:
 - :func:`prepare_process`, called before torch is imported, gives every thread a single
