@@ -9,9 +9,10 @@ import os
 import socket
 import time
 from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Awaitable, Callable
+from typing import Callable
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from rlhf_client import TOPIC_MODELS, common_pb2, models_pb2
@@ -49,11 +50,15 @@ class ModelWatcher:
 
     At start it loads the registry's latest version (if any); afterwards every
     ``ModelVersionPublishedEvent`` of its kind on rlhf.models.v1 triggers ``load(path, version)``
-    (run off the event loop by the caller's ``load``) and then ``swap(engine)``. Older or equal
-    versions than the one served are ignored, so replays and duplicates change nothing.
+    and then ``swap(engine)``. Older or equal versions than the one served are ignored, so replays
+    and duplicates change nothing.
+
+    ``load`` runs off the event loop, on the watcher's one loader thread. Under ``rlhf serve`` that
+    thread ran its first torch work before a model thread claimed the intra-op threads, so it keeps
+    one and forms no second OpenMP team (rlhf.runtime.threads). Call :meth:`close` at stop.
     """
 
-    def __init__(self, registry: ModelRegistry, kind: str, load: Callable[[Path, str], Awaitable[object]],
+    def __init__(self, registry: ModelRegistry, kind: str, load: Callable[[Path, str], object],
                  swap: Callable[[object], None], pinned_version: str | None = None):
         self.registry = registry
         self.kind = kind
@@ -62,6 +67,10 @@ class ModelWatcher:
         self.pinned = pinned_version
         self.version: str | None = None
         self._lock = asyncio.Lock()
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{kind}-loader")
+
+    def close(self) -> None:
+        self._loader.shutdown(wait=False, cancel_futures=True)
 
     async def load_initial(self) -> None:
         v = self.pinned or self.registry.latest(self.kind)
@@ -74,7 +83,7 @@ class ModelWatcher:
                 return
             path = self.registry.path(self.kind, version)
             t0 = time.perf_counter()
-            engine = await self.load(path, version)
+            engine = await asyncio.get_running_loop().run_in_executor(self._loader, self.load, path, version)
             self.swap(engine)
             self.version = version
             log.info("model version loaded", extra={"fields": {"kind": self.kind, "version": version,
@@ -145,7 +154,7 @@ class ModelSettings(BaseServiceSettings):
 class ModelService:
     """A service that serves the newest model version of ``kind`` through a dynamic batcher.
 
-    Subclasses set ``kind``, implement ``_make_engine(path, version)`` (runs in a worker thread)
+    Subclasses set ``kind``, implement ``_make_engine(path, version)`` (runs on the watcher's loader thread)
     and ``_run_batch(key, items)`` (runs on the model thread), and give the batcher's settings.
     """
 
@@ -159,7 +168,7 @@ class ModelService:
         self.executor = ModelExecutor(self.name)
         self.batcher: DynamicBatcher | None = None
         self.bus = bus if bus is not None else make_bus(settings.kafka_bootstrap, metrics)
-        self.watcher = ModelWatcher(self.registry, self.kind, self._load, self._swap,
+        self.watcher = ModelWatcher(self.registry, self.kind, self._make_engine, self._swap,
                                     pinned_version=pinned_version or None)
 
     def _batcher(self) -> DynamicBatcher:
@@ -181,9 +190,7 @@ class ModelService:
         if self.batcher is not None:
             await self.batcher.close()
         self.executor.shutdown()
-
-    async def _load(self, path: Path, version: str):
-        return await asyncio.to_thread(self._make_engine, path, version)
+        self.watcher.close()
 
     def _swap(self, engine) -> None:
         self.engine = engine

@@ -19,8 +19,9 @@ Hence the rule a server process follows:
 - the model thread calls :func:`use_model_threads` first, and gets the process's share of CPUs.
 
 ``torch.set_num_threads`` also records the count process-wide, and a thread that runs its first
-torch work *after* that call starts with that count. The services load their models before the
-model thread starts, or on the model thread itself; a reload runs on a thread that loaded before.
+torch work *after* that call starts with that count. So the services load every model version
+on one loader thread (``services.common.ModelWatcher``), whose first torch work, the first load,
+comes before any model thread starts.
 """
 
 from __future__ import annotations

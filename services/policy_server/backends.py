@@ -23,7 +23,6 @@ import os
 import re
 import socket
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator, Protocol
 
 from rlhf.errors import DataError, ResourceExhaustedError, UnavailableError
@@ -116,10 +115,6 @@ class LocalBackend:
         self.engine: InferenceEngine | None = None
         self._retired: list[InferenceEngine] = []
         self._closers: set[asyncio.Task] = set()
-        # every version loads on this one thread; under `rlhf serve` it ran its first torch work
-        # before any engine thread claimed the intra-op threads, so it keeps one and forms no
-        # second OpenMP team (rlhf.runtime.threads)
-        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy-loader")
         self.watcher = ModelWatcher(registry, "policy", self._load, self._swap, pinned_version=pinned_version or None)
 
     # lifecycle
@@ -131,14 +126,12 @@ class LocalBackend:
         engines = [e for e in [self.engine, *self._retired] if e is not None]
         self.engine = None
         await asyncio.gather(*(e.close() for e in engines))
-        self._loader.shutdown(wait=False, cancel_futures=True)
+        self.watcher.close()
 
-    async def _load(self, path, version: str) -> InferenceEngine:
-        def build() -> InferenceEngine:
-            policy = PolicyEngine(path, version, max_prompt_tokens=self.s.max_prompt_tokens, device=self.s.device)
-            return InferenceEngine(policy, self.cfg, self.metrics)
-
-        return await asyncio.get_running_loop().run_in_executor(self._loader, build)
+    def _load(self, path, version: str) -> InferenceEngine:
+        """Runs on the watcher's loader thread."""
+        policy = PolicyEngine(path, version, max_prompt_tokens=self.s.max_prompt_tokens, device=self.s.device)
+        return InferenceEngine(policy, self.cfg, self.metrics)
 
     def _swap(self, engine: InferenceEngine) -> None:
         engine.start()

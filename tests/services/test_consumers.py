@@ -51,7 +51,7 @@ def test_model_watcher_loads_only_newer_versions_of_its_kind(tmp_path):
     second = reg.publish("policy", lambda d: (d / "config.json").write_text("{}")).version
     loads = []
 
-    async def load(path, version):
+    def load(path, version):
         loads.append(version)
         return version
 
