@@ -1,6 +1,7 @@
 """Benchmarks of the inference engine and the policy-server's HTTP API (docs/benchmarks.md).
 
-    .venv/bin/python bench/serving.py [--threads N] [--repeats N] [--name NAME] [--only engine,server] [--quick]
+    .venv/bin/python bench/serving.py [--threads N] [--repeats N] [--stream-interval 1,4] [--name NAME]
+                                      [--only engine,server] [--quick]
 
 On the demo-sized GPT-2 (4 layers, width 256, vocab 4096, random weights; the tokenizer is a
 4096-token BPE trained on the IMDB sample when it is there):
@@ -14,7 +15,11 @@ On the demo-sized GPT-2 (4 layers, width 256, vocab 4096, random weights; the to
    another (48 tokens each), against ``rlhf serve policy-server`` in its own process; throughput
    (completion tokens per second), time to first token and end-to-end latency per request
    (p50/p99), beside the raw engine under the same closed loop of 64 callers in one process
-   (no HTTP). The client is a minimal asyncio HTTP/1.1 reader, in this process.
+   (no HTTP). The client is a minimal asyncio HTTP/1.1 reader, in this process. ``--stream-interval
+   1,4`` runs the server once per round with each ``stream_interval`` (tokens per write after the
+   first). Each run also records where the CPUs went: the cores used by the process's main thread
+   (the event loop), by its other threads (the engine's worker and its OpenMP team), and by the
+   client, from the kernel's per-thread CPU times.
 
 Writes bench/results/serving-<name>.json and .md.
 """
@@ -230,18 +235,47 @@ def raw_engine_closed_loop(registry: Path, version: str, prompts: list[str], req
         ttft.clear(), e2e.clear()
         tokens = 0
         rows0, steps0 = e.stats.decode_rows, e.stats.decode_steps
+        cpu0 = thread_cpu(os.getpid())
         t0 = time.perf_counter()
         await asyncio.gather(*(client(i) for i in range(CLIENTS)))
         wall = time.perf_counter() - t0
+        cpu = cpu_split(os.getpid(), cpu0, wall)
         mean_rows = (e.stats.decode_rows - rows0) / max(1, e.stats.decode_steps - steps0)
         await e.close()
         return {"tokens": tokens, "wall_seconds": wall, "tokens_per_second": tokens / wall,
-                "ttft": ttft, "e2e": e2e, "mean_rows_per_step": mean_rows}
+                "ttft": ttft, "e2e": e2e, "mean_rows_per_step": mean_rows, "cpu": cpu}
 
     return asyncio.run(go())
 
 
 # -- the server side ----------------------------------------------------------------------------------
+
+
+def thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) of each thread of process ``pid`` so far (Linux; {} elsewhere)."""
+    tick, out = os.sysconf("SC_CLK_TCK"), {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return {}
+    for tid in tids:
+        try:
+            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the thread ended
+        out[int(tid)] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return out
+
+
+def cpu_split(pid: int, before: dict[int, float], wall: float) -> dict:
+    """Cores used during ``wall`` seconds by the process's main thread (the event loop) and by all
+    its other threads (the model thread and its OpenMP team, helpers)."""
+    after = thread_cpu(pid)
+    if not after:
+        return {}
+    used = {tid: after[tid] - before.get(tid, 0.0) for tid in after}
+    main = used.pop(pid, 0.0)
+    return {"main_thread_cores": main / wall, "other_threads_cores": sum(used.values()) / wall}
 
 
 def free_port() -> int:
@@ -288,12 +322,14 @@ async def http_client(port: int, prompts: list[str], i: int, n: int, out: dict) 
         writer.close()
 
 
-def server_closed_loop(registry: Path, version: str, prompts: list[str], threads: int, requests_per_client: int) -> dict:
+def server_closed_loop(registry: Path, version: str, prompts: list[str], threads: int, requests_per_client: int,
+                       stream_interval: int = 1) -> dict:
     port = free_port()
     env = thread_env(threads)
     env.update(RLHF_POLICY_SERVER_REGISTRY_DIR=str(registry), RLHF_POLICY_SERVER_HTTP_PORT=str(port),
                RLHF_POLICY_SERVER_METRICS_PORT="-1", RLHF_POLICY_SERVER_LOG_LEVEL="WARNING",
-               RLHF_POLICY_SERVER_MAX_BATCH_PROMPTS="64", RLHF_POLICY_SERVER_MAX_WAITING_SAMPLES="256")
+               RLHF_POLICY_SERVER_MAX_BATCH_PROMPTS="64", RLHF_POLICY_SERVER_MAX_WAITING_SAMPLES="256",
+               RLHF_POLICY_SERVER_STREAM_INTERVAL=str(stream_interval))
     logs = BENCH / ".cache" / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     log_file = open(logs / "serving-policy-server.log", "a")
@@ -315,9 +351,11 @@ def server_closed_loop(registry: Path, version: str, prompts: list[str], threads
 
         async def go(n_clients: int, n: int) -> dict:
             out = {"tokens": 0, "ttft": [], "e2e": []}
+            cpu0, client0 = thread_cpu(proc.pid), time.process_time()
             t0 = time.perf_counter()
             await asyncio.gather(*(http_client(port, prompts, i, n, out) for i in range(n_clients)))
-            out["wall_seconds"] = time.perf_counter() - t0
+            out["wall_seconds"] = wall = time.perf_counter() - t0
+            out["cpu"] = {**cpu_split(proc.pid, cpu0, wall), "client_cores": (time.process_time() - client0) / wall}
             out["tokens_per_second"] = out["tokens"] / out["wall_seconds"]
             return out
 
@@ -351,6 +389,18 @@ def run_worker(args: list[str], threads: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def mean_cpu(runs: list[dict]) -> dict:
+    """Mean cores used by each part over the runs, and CPU seconds of the other threads (the model
+    thread's team) per 1,000 generated tokens."""
+    runs = [r for r in runs if r.get("cpu")]
+    if not runs:
+        return {}
+    out = {k: statistics.mean(r["cpu"][k] for r in runs) for k in runs[0]["cpu"]}
+    out["other_threads_seconds_per_1k_tokens"] = statistics.mean(
+        r["cpu"]["other_threads_cores"] * r["wall_seconds"] / r["tokens"] * 1000 for r in runs)
+    return out
+
+
 def loadavg() -> float:
     try:
         return os.getloadavg()[0]
@@ -365,6 +415,9 @@ def main() -> None:
     ap.add_argument("--requests-per-client", type=int, default=4)
     ap.add_argument("--name", default=None)
     ap.add_argument("--only", default="engine,server")
+    ap.add_argument("--stream-interval", default="1",
+                    help="the policy-server's stream_interval (tokens per write after the first), or a "
+                         "comma-separated list of them, each run in every round")
     ap.add_argument("--quick", action="store_true", help="a tiny model and short runs (smoke test)")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -382,6 +435,9 @@ def main() -> None:
         return
 
     name = a.name or (f"cpu-{a.threads}threads" if not a.quick else "cpu-quick")
+    intervals = [int(x) for x in a.stream_interval.split(",")]
+    if not intervals or min(intervals) < 1:
+        ap.error("--stream-interval: integers >= 1")
     repeats, batches, rpc = (1, 1, 1) if a.quick else (a.repeats, 4, a.requests_per_client)
     registry, version, prompts = build_assets(a.quick)
     pf = BENCH / ".cache" / "serving-prompts.json"
@@ -389,7 +445,7 @@ def main() -> None:
     only = set(a.only.split(","))
     res: dict = {"machine": machine_info("cpu", a.threads), "threads": a.threads, "shape": SHAPE,
                  "batch": BATCH, "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS, "clients": CLIENTS,
-                 "requests_per_client": rpc, "loadavg_start": loadavg()}
+                 "requests_per_client": rpc, "stream_intervals": intervals, "loadavg_start": loadavg()}
     if "engine" in only:
         r = run_worker(["engine", str(registry), version, str(pf), str(repeats), str(batches)], a.threads)
         res["engine"] = {k: summary(v) for k, v in r["tokens_per_second"].items()}
@@ -400,20 +456,29 @@ def main() -> None:
         res["engine"]["ratio_vs_generate"] = e / g
         print(f"engine {e:,.0f} tok/s vs generate {g:,.0f} ({e / g:.2f}x)", flush=True)
     if "server" in only:
-        raws, servers = [], []
-        for rep in range(repeats):  # alternated: raw engine, server, raw engine, ...
+        raws, servers = [], {si: [] for si in intervals}
+        for rep in range(repeats):  # alternated: raw engine, server (each stream_interval), raw engine, ...
             raws.append(run_worker(["closed", str(registry), version, str(pf), str(rpc)], a.threads))
-            servers.append(server_closed_loop(registry, version, prompts, a.threads, rpc))
-            print(f"round {rep + 1}: raw engine {raws[-1]['tokens_per_second']:,.0f} tok/s, "
-                  f"server {servers[-1]['tokens_per_second']:,.0f} tok/s", flush=True)
+            line = f"round {rep + 1}: raw engine {raws[-1]['tokens_per_second']:,.0f} tok/s"
+            for si in intervals:
+                servers[si].append(server_closed_loop(registry, version, prompts, a.threads, rpc, si))
+                line += f", server (stream_interval {si}) {servers[si][-1]['tokens_per_second']:,.0f} tok/s"
+            print(line, flush=True)
         raw_tps = summary([r["tokens_per_second"] for r in raws])
-        srv_tps = summary([r["tokens_per_second"] for r in servers])
+        by_interval = {}
+        for si, runs in servers.items():
+            tps = summary([r["tokens_per_second"] for r in runs])
+            by_interval[str(si)] = {
+                "server_tokens_per_second": tps, "ratio": tps["median"] / raw_tps["median"],
+                "server_latency": latency({k: [x for r in runs for x in r[k]] for k in ("ttft", "e2e")}),
+                "server_cpu": mean_cpu(runs)}
         res["server"] = {
-            "raw_engine_tokens_per_second": raw_tps, "server_tokens_per_second": srv_tps,
-            "ratio": srv_tps["median"] / raw_tps["median"],
+            "raw_engine_tokens_per_second": raw_tps,
             "raw_engine_latency": latency({k: [x for r in raws for x in r[k]] for k in ("ttft", "e2e")}),
-            "server_latency": latency({k: [x for r in servers for x in r[k]] for k in ("ttft", "e2e")}),
             "raw_mean_rows_per_step": statistics.mean(r["mean_rows_per_step"] for r in raws),
+            "raw_engine_cpu": mean_cpu(raws),
+            **by_interval[str(intervals[0])],  # the first stream_interval's figures, as before
+            "by_stream_interval": by_interval,
         }
     res["loadavg_end"] = loadavg()
     out = BENCH / "results" / f"serving-{name}"
@@ -451,16 +516,37 @@ def render(r: dict, name: str) -> str:
     if "server" in r:
         s = r["server"]
         L.append(f"## {r['clients']} concurrent streaming clients, {r['requests_per_client']} requests each\n")
-        L.append("| | tokens/s (median, min–max) | TTFT p50 / p99 | end-to-end p50 / p99 |\n|---|---|---|---|")
-        for label, tps, lat in (("raw engine (in process, no HTTP)", s["raw_engine_tokens_per_second"],
-                                 s["raw_engine_latency"]),
-                                ("policy-server, HTTP `/v1/completions` stream", s["server_tokens_per_second"],
-                                 s["server_latency"])):
+        L.append("| | tokens/s (median, min–max) | vs raw engine | TTFT p50 / p99 | end-to-end p50 / p99 |\n"
+                 "|---|---|---|---|---|")
+        raw = s["raw_engine_tokens_per_second"]
+        rows = [("raw engine (in process, no HTTP)", raw, None, s["raw_engine_latency"])]
+        by = s.get("by_stream_interval") or {"1": s}
+        for si, b in by.items():
+            rows.append((f"policy-server, HTTP `/v1/completions` stream, `stream_interval` {si}",
+                         b["server_tokens_per_second"], b["ratio"], b["server_latency"]))
+        for label, tps, ratio, lat in rows:
             L.append(f"| {label} | {tps['median']:,.0f} ({tps['min']:,.0f}–{tps['max']:,.0f}) | "
+                     f"{'–' if ratio is None else f'**{ratio * 100:.0f} %**'} | "
                      f"{lat['ttft']['p50'] * 1000:.0f} / {lat['ttft']['p99'] * 1000:.0f} ms | "
                      f"{lat['e2e']['p50']:.2f} / {lat['e2e']['p99']:.2f} s |")
-        L.append(f"\nServer / raw engine: **{s['ratio'] * 100:.0f} %** of the throughput. Mean rows per decode "
-                 f"step (raw engine): {s['raw_mean_rows_per_step']:.1f}.\n")
+        L.append(f"\n`stream_interval` N: after the first token, one write per N tokens of each sample. Mean rows "
+                 f"per decode step (raw engine): {s['raw_mean_rows_per_step']:.1f}.\n")
+        rc = s.get("raw_engine_cpu")
+        if rc:
+            L.append("Where the CPUs went during the timed runs (mean cores busy; the main thread runs the event "
+                     "loop, the other threads are the engine's worker with its OpenMP team and helpers; the "
+                     "client of the server runs in the benchmark's process):\n")
+            L.append("| | main thread (event loop) | other threads (model) | model CPU s / 1k tokens | client |\n"
+                     "|---|---|---|---|---|")
+            L.append(f"| raw engine | {rc['main_thread_cores']:.2f} | {rc['other_threads_cores']:.2f} | "
+                     f"{rc['other_threads_seconds_per_1k_tokens']:.2f} | (in the main thread) |")
+            for si, b in by.items():
+                sc = b.get("server_cpu")
+                if sc:
+                    L.append(f"| policy-server, `stream_interval` {si} | {sc['main_thread_cores']:.2f} | "
+                             f"{sc['other_threads_cores']:.2f} | {sc['other_threads_seconds_per_1k_tokens']:.2f} | "
+                             f"{sc['client_cores']:.2f} |")
+            L.append("")
     return "\n".join(L)
 
 

@@ -385,21 +385,37 @@ class HttpApi:
             await merged.aclose()
             raise
 
+        # after the first write, one write per batch of events; with stream_interval N > 1, one per N
+        # tokens of each sample (fewer, larger writes: less CPU per token, coarser streaming)
+        interval = self.s.stream_interval
+
         async def body() -> AsyncIterator[bytes]:
+            held: list[bytes] = []  # events not yet written
             try:
                 chunk = b"".join(fmt(k, ev) for k, ev in first)
                 if chunk:
                     yield chunk
+                samples = {(k, ev.index) for k, ev in first}
                 async for b in merged:
-                    chunk = b"".join(fmt(k, ev) for k, ev in b)
+                    held.extend(fmt(k, ev) for k, ev in b)
+                    if interval > 1:
+                        samples.update((k, ev.index) for k, ev in b)
+                        if len(held) < interval * len(samples):
+                            continue
+                    chunk = b"".join(held)
+                    held.clear()
                     if chunk:
                         yield chunk
+                if held:
+                    chunk = b"".join(held)
+                    held.clear()
+                    yield chunk
                 for chunk in tail():
                     yield chunk
             except (asyncio.CancelledError, GeneratorExit):
                 raise
             except Exception as exc:  # noqa: BLE001 - mid-stream: an error event in the API's shape
-                yield error_fmt(as_api_error(exc))
+                yield b"".join(held) + error_fmt(as_api_error(exc))
             finally:
                 await merged.aclose()
                 self._observe(api, runs, ctx.t0)

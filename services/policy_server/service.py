@@ -55,6 +55,7 @@ class Settings(BaseServiceSettings):
     http_port: int = 0  # OpenAI/TGI-compatible HTTP API; 0 picks a free port (logged), -1 runs none
     model_name: str = "rlhf-policy"  # the model id of the HTTP APIs (also <model_name>@<version>)
     request_timeout_seconds: float = 120.0  # deadline of an HTTP request (header X-Request-Timeout may shorten it)
+    stream_interval: int = 1  # streamed tokens per HTTP event after the first (more: fewer writes per token)
     max_body_bytes: int = 4194304  # larger HTTP request bodies are 413
     api_keys_file: str = ""  # JSON/YAML {key: {team, requests_per_minute}}, re-read on change; none: auth off
     api_keys: str = ""  # the same JSON inline (e.g. a secret mounted as an environment variable)
@@ -80,6 +81,8 @@ class Settings(BaseServiceSettings):
             raise ValueError(f"engine_runner must be auto, gpt2 or hf, got {self.engine_runner!r}")
         if not -1 <= self.http_port <= 65535:
             raise ValueError(f"http_port must be in -1..65535, got {self.http_port}")
+        if self.stream_interval < 1:
+            raise ValueError(f"stream_interval must be >= 1, got {self.stream_interval}")
         if not self.request_timeout_seconds > 0:
             raise ValueError("request_timeout_seconds must be > 0")
 

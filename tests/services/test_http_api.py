@@ -23,6 +23,7 @@ from text_generation import errors as tgi_errors
 
 from rlhf.models import TinyLMConfig, build_tiny_lm, save_pretrained, train_tokenizer
 from tests.services.helpers import TEXTS, metric_value, scrape, tiny_policy_registry
+from services.policy_server.service import Settings
 from tests.services.http_helpers import start_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:The `dict` method is deprecated")]
@@ -127,6 +128,58 @@ def test_streamed_completion_joins_to_the_text_and_ends_with_done(srv, client):
         lines = [line for line in r.iter_lines() if line]
     assert r.headers["content-type"].startswith("text/event-stream") and r.headers["x-policy-version"] == version(srv)
     assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
+
+
+def http_chunks(url: str, path: str, body: dict) -> list[bytes]:
+    """POST ``body`` and return the response's HTTP/1.1 chunks as the server wrote them (one chunk per
+    write of the streamed body, whatever TCP did to them on the way)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    data = json.dumps(body).encode()
+    with socket.create_connection((u.hostname, u.port), timeout=60) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {KEY}\r\nConnection: close\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data)
+        raw = b""
+        while part := sock.recv(65536):
+            raw += part
+    head, rest = raw.split(b"\r\n\r\n", 1)
+    assert b" 200 " in head.split(b"\r\n")[0] and b"chunked" in head.lower(), head
+    chunks = []
+    while True:
+        size_line, rest = rest.split(b"\r\n", 1)
+        size = int(size_line, 16)
+        if size == 0:
+            return chunks
+        chunks.append(rest[:size])
+        rest = rest[size + 2:]
+
+
+def test_stream_interval_writes_several_tokens_per_event_and_loses_none(srv, registry):
+    """stream_interval=4: after the first token, each write holds at least 4 tokens' events (the last
+    one fewer); the events are the same as with one write per token."""
+    coarse = start_server(registry_dir=str(registry.root), stream_interval=4)
+    try:
+        body = {"prompt": "the movie was", "max_tokens": 14, "min_tokens": 14, "temperature": 0, "stream": True,
+                "logprobs": 0}  # with log-probs every token has an event, text or not
+        per_write = []
+        for server in (srv, coarse):
+            writes = []
+            for c in http_chunks(server.http_url, "/v1/completions", body):
+                events = [json.loads(line[6:]) for line in c.split(b"\n") if line.startswith(b"data: {")]
+                toks = [t for e in events for ch in e["choices"] for t in ch["logprobs"]["tokens"]]
+                if toks:
+                    writes.append(toks)
+            per_write.append(writes)
+        fine, coarse_writes = per_write
+        assert sum(fine, []) == sum(coarse_writes, []) and len(sum(fine, [])) == 14  # the same 14 tokens
+        assert len(coarse_writes) <= 1 + -(-13 // 4)  # the first token alone, then 4 at a time
+        assert all(len(w) >= 4 for w in coarse_writes[1:-1]), [len(w) for w in coarse_writes]
+        with pytest.raises(ValueError, match="stream_interval"):
+            Settings(registry_dir=str(registry.root), stream_interval=0)
+    finally:
+        coarse.stop()
 
 
 def test_chat_completion_plain_streamed_and_with_logprobs(srv, client):
