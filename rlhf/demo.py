@@ -62,7 +62,7 @@ class DemoConfig:
     prompt_words: int = 8  # a prompt is the first words of a review
     response_tokens: int = 24  # length of each continuation
     k: int = 4  # responses per labeled prompt (Ziegler et al. and InstructGPT's smallest K)
-    label_prompts: int = 3200  # prompts the simulated labeler ranks (K each)
+    label_prompts: int = 5400  # prompts the simulated labeler ranks (K each); the IMDB train sample has 5,433
     heldout_fraction: float = 0.15  # comparisons kept out of RM training, for RM accuracy
     # the packaged MiniLM encoder (more accurate: docs/demo-results.md), or rho's own trunk as in
     # Ziegler et al. ("policy"; train it with rm.lr=3e-4)
@@ -328,10 +328,14 @@ def run_demo(out_dir: Path, cfg: DemoConfig, data_dir: Path | None = None, progr
     total = math.ceil(len(train_cmp) / cfg.rm.batch_size) * cfg.rm.epochs
     task = progress.add(f"reward model ({cfg.rm.loss} loss)", total=total)
     train_reward_model(rm, train_cmp, cfg.rm, lambda m: progress.update(task, advance=1, info=f"loss {m['loss']:.3f}"))
+    task = progress.add("reward model: accuracy (held out, train), normalisation", total=3)
     rm_acc = pair_accuracy(rm, held, cfg.rm.max_length)
+    progress.update(task, advance=1, info=f"held-out accuracy {rm_acc:.3f}")
     rm_acc_train = pair_accuracy(rm, train_cmp[: len(held) * 2], cfg.rm.max_length)
+    progress.update(task, advance=1)
     ref_prompts = [p for p, g in zip(label_prompts, grouped) for _ in g]
     normalize_reward_model(rm, ref_prompts, [r for g in grouped for r in g], cfg.rm.normalize_unit_variance, cfg.rm.max_length)
+    progress.update(task, advance=1)
     rm.requires_grad_(False)
     rm_dir = rm.save(out_dir / "models" / "rm", manifest={"kind": "reward-model", "loss": cfg.rm.loss,
                                                           "heldout_accuracy": rm_acc, "parent": str(sft_dir)})
