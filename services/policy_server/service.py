@@ -55,7 +55,7 @@ class Settings(BaseServiceSettings):
     http_port: int = 0  # OpenAI/TGI-compatible HTTP API; 0 picks a free port (logged), -1 runs none
     model_name: str = "rlhf-policy"  # the model id of the HTTP APIs (also <model_name>@<version>)
     request_timeout_seconds: float = 120.0  # deadline of an HTTP request (header X-Request-Timeout may shorten it)
-    stream_interval: int = 1  # streamed tokens per HTTP event after the first (more: fewer writes per token)
+    stream_interval: int = 1  # tokens of each sample per write of a stream, after the first (more: fewer, larger writes)
     max_body_bytes: int = 4194304  # larger HTTP request bodies are 413
     api_keys_file: str = ""  # JSON/YAML {key: {team, requests_per_minute}}, re-read on change; none: auth off
     api_keys: str = ""  # the same JSON inline (e.g. a secret mounted as an environment variable)
