@@ -406,9 +406,9 @@ class HttpApi:
                     held.clear()
                     if chunk:
                         yield chunk
-                if held:
-                    chunk = b"".join(held)
-                    held.clear()
+                chunk = b"".join(held)
+                held.clear()
+                if chunk:
                     yield chunk
                 for chunk in tail():
                     yield chunk
