@@ -477,7 +477,6 @@ def main() -> None:
             "raw_engine_latency": latency({k: [x for r in raws for x in r[k]] for k in ("ttft", "e2e")}),
             "raw_mean_rows_per_step": statistics.mean(r["mean_rows_per_step"] for r in raws),
             "raw_engine_cpu": mean_cpu(raws),
-            **by_interval[str(intervals[0])],  # the first stream_interval's figures, as before
             "by_stream_interval": by_interval,
         }
     res["loadavg_end"] = loadavg()
@@ -520,7 +519,7 @@ def render(r: dict, name: str) -> str:
                  "|---|---|---|---|---|")
         raw = s["raw_engine_tokens_per_second"]
         rows = [("raw engine (in process, no HTTP)", raw, None, s["raw_engine_latency"])]
-        by = s.get("by_stream_interval") or {"1": s}
+        by = s["by_stream_interval"]
         for si, b in by.items():
             rows.append((f"policy-server, HTTP `/v1/completions` stream, `stream_interval` {si}",
                          b["server_tokens_per_second"], b["ratio"], b["server_latency"]))
