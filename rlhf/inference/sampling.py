@@ -41,6 +41,9 @@ class BatchParams:
         self.any_top_p = any(r.top_p < 1.0 for r in rows)
         self.top_k = torch.tensor([r.top_k for r in rows], device=device)[:, None]  # (n, 1)
         self.top_p = torch.tensor([r.top_p for r in rows], device=device)[:, None]  # (n, 1)
+        filtered = [r.top_k > 0 or r.top_p < 1.0 for r in rows]
+        self.filtered = torch.tensor(filtered, device=device)  # (n,) rows that sample from a top-k/top-p set
+        self.all_filtered = all(filtered)
         self.top_logprobs = max((r.top_logprobs for r in rows), default=0)
         self.seeded = [(i, r.generator) for i, r in enumerate(rows) if r.generator is not None]
         self.unseeded = torch.tensor([i for i, r in enumerate(rows) if r.generator is None], dtype=torch.long)
@@ -82,10 +85,14 @@ def choose(logits: torch.Tensor, p: BatchParams, eos_block: torch.Tensor | None,
             cdf = probs.cumsum(-1)
             idx = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_(max=V - 1)  # (n, 1)
             tokens = order.gather(-1, idx).squeeze(-1)
+            if not p.all_filtered:
+                # the other rows draw in vocabulary order, as they do in a batch without such rows:
+                # a seeded sample must not depend on what else runs beside it
+                cdf = scaled.softmax(-1).cumsum(-1)
+                plain = torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(-1).clamp_(max=V - 1)
+                tokens = torch.where(p.filtered, tokens, plain)
         else:
-            # at temperature 1 with EOS allowed the distribution is the log-probs' own
-            probs = logp.exp() if p.all_t1 and eos_block is None else scaled.softmax(-1)
-            cdf = probs.cumsum(-1)
+            cdf = scaled.softmax(-1).cumsum(-1)
             tokens = torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(-1).clamp_(max=V - 1)
         if p.any_greedy:
             tokens = torch.where(p.greedy, logits.argmax(-1), tokens)

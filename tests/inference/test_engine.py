@@ -238,3 +238,25 @@ def test_retiring_finishes_what_runs_and_what_waits(policy):
 
     e, out = run(go())
     assert all(len(s.token_ids) == 5 for (s,) in out) and e.closed
+
+
+def test_a_seeded_row_draws_the_same_token_whatever_runs_beside_it():
+    from rlhf.inference.sampling import BatchParams, RowParams, choose
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 50, generator=g) * 2
+    plain = RowParams(temperature=1.0, top_k=0, top_p=1.0, top_logprobs=0, generator=None)
+    filtered = RowParams(temperature=0.7, top_k=5, top_p=0.9, top_logprobs=0, generator=None)
+    greedy = RowParams(temperature=0.0, top_k=0, top_p=1.0, top_logprobs=0, generator=None)
+
+    def seeded(seed):
+        return RowParams(temperature=1.0, top_k=0, top_p=1.0, top_logprobs=0,
+                         generator=torch.Generator().manual_seed(seed))
+
+    for seed in range(20):
+        alone, _, _ = choose(logits[:1].clone(), BatchParams([seeded(seed)], logits.device), None, 0)
+        for other in (plain, filtered, greedy):
+            rows = [seeded(seed), other, filtered]
+            tokens, _, _ = choose(logits.clone(), BatchParams(rows, logits.device), None, 0,
+                                  generator=torch.Generator().manual_seed(1))
+            assert tokens[0] == alone[0], (seed, other)
