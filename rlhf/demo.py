@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from rlhf.algos.ppo import PPOConfig, PPOTrainer, logprobs_of
-from rlhf.algos.rm import RMTrainConfig, normalize_reward_model, pair_accuracy, train_reward_model
+from rlhf.algos.rm import RMTrainConfig, accuracy_of_scores, comparison_scores, set_normalization, train_reward_model
 from rlhf.algos.sft import SFTConfig, pack_texts, perplexity, train_lm
 from rlhf.config import to_dict
 from rlhf.data import Comparison, write_jsonl
@@ -328,14 +328,20 @@ def run_demo(out_dir: Path, cfg: DemoConfig, data_dir: Path | None = None, progr
     total = math.ceil(len(train_cmp) / cfg.rm.batch_size) * cfg.rm.epochs
     task = progress.add(f"reward model ({cfg.rm.loss} loss)", total=total)
     train_reward_model(rm, train_cmp, cfg.rm, lambda m: progress.update(task, advance=1, info=f"loss {m['loss']:.3f}"))
-    task = progress.add("reward model: accuracy (held out, train), normalisation", total=3)
-    rm_acc = pair_accuracy(rm, held, cfg.rm.max_length)
-    progress.update(task, advance=1, info=f"held-out accuracy {rm_acc:.3f}")
-    rm_acc_train = pair_accuracy(rm, train_cmp[: len(held) * 2], cfg.rm.max_length)
-    progress.update(task, advance=1)
-    ref_prompts = [p for p, g in zip(label_prompts, grouped) for _ in g]
-    normalize_reward_model(rm, ref_prompts, [r for g in grouped for r in g], cfg.rm.normalize_unit_variance, cfg.rm.max_length)
-    progress.update(task, advance=1)
+    # one scoring pass, with the same bf16 autocast PPO scores with: the held-out comparisons and as
+    # many training ones give the two accuracies, and their responses -- rho's own samples, the
+    # reference outputs -- give the normalisation (InstructGPT 3.5: reference outputs score 0)
+    held_train = train_cmp[: len(held)]
+    task = progress.add("reward model: accuracy (held out, train), normalisation", total=len(held) + len(held_train))
+    scores = []
+    for i in range(0, len(held) + len(held_train), 64):
+        chunk = (held + held_train)[i : i + 64]
+        scores += comparison_scores(rm, chunk, cfg.rm.max_length, bf16=cfg.rm.bf16)
+        progress.update(task, advance=len(chunk))
+    rm_acc = accuracy_of_scores(held, scores[: len(held)])
+    rm_acc_train = accuracy_of_scores(held_train, scores[len(held) :])
+    set_normalization(rm, torch.cat(scores), cfg.rm.normalize_unit_variance)
+    progress.note(f"reward model: held-out accuracy {rm_acc:.3f}, train {rm_acc_train:.3f}")
     rm.requires_grad_(False)
     rm_dir = rm.save(out_dir / "models" / "rm", manifest={"kind": "reward-model", "loss": cfg.rm.loss,
                                                           "heldout_accuracy": rm_acc, "parent": str(sft_dir)})

@@ -30,6 +30,7 @@ from typing import Callable, Literal, Sequence
 import torch
 import torch.nn.functional as F
 
+from rlhf.algos.sft import lr_at
 from rlhf.data import Comparison
 from rlhf.errors import DataError
 
@@ -199,7 +200,9 @@ class RMTrainConfig:
     loss: LossKind = "ranking"  # ranking (InstructGPT), best_of_k (Ziegler et al.), pairwise
     epochs: int = 1  # InstructGPT trains its RM for a single epoch: more over-fits
     batch_size: int = 16  # comparisons (prompts) per step; pairwise: pairs per step
-    lr: float = 5e-5  # AdamW learning rate
+    lr: float = 5e-5  # peak AdamW learning rate
+    warmup_steps: int = 0  # linear warm-up steps
+    min_lr_ratio: float = 1.0  # after warm-up, cosine decay towards lr * min_lr_ratio; 1.0 keeps lr constant
     weight_decay: float = 0.0  # AdamW weight decay
     max_length: int = 128  # tokens of prompt + response
     normalize_unit_variance: bool = False  # also scale reference scores to unit variance
@@ -216,21 +219,37 @@ def _scores(rm, prompts, responses, max_length, bf16: bool) -> torch.Tensor:
 
 
 @torch.no_grad()
-def pair_accuracy(rm, comparisons: Sequence[Comparison], max_length: int = 128, batch_size: int = 64,
-                  bf16: bool = False) -> float:
-    """Share of strict (winner, loser) pairs the RM orders correctly (ties in score count 1/2)."""
+def comparison_scores(rm, comparisons: Sequence[Comparison], max_length: int = 128, batch_size: int = 64,
+                      bf16: bool = False) -> list[torch.Tensor]:
+    """Raw (unnormalised) scores of the responses of each comparison: one (K,) tensor per comparison."""
     rm.eval()
-    correct, total = 0.0, 0
+    out: list[torch.Tensor] = []
     for i in range(0, len(comparisons), batch_size):
-        b = make_batch(comparisons[i : i + batch_size], "ranking")
+        chunk = comparisons[i : i + batch_size]
+        b = make_batch(chunk, "ranking")
         s = _scores(rm, b.prompts, b.responses, max_length, bf16)
-        strict = ~b.tie
-        d = s[b.win[strict]] - s[b.lose[strict]]
-        correct += (d > 0).sum().item() + 0.5 * (d == 0).sum().item()
-        total += int(strict.sum())
+        out += list(torch.split(s, [len(c.responses) for c in chunk]))
+    return out
+
+
+def accuracy_of_scores(comparisons: Sequence[Comparison], scores: Sequence[torch.Tensor]) -> float:
+    """Share of strict (winner, loser) pairs that ``scores`` order correctly (ties in score count 1/2)."""
+    correct, total = 0.0, 0
+    for c, s in zip(comparisons, scores, strict=True):
+        strict, _ = ordered_pairs(c)
+        for w, l in strict:
+            d = float(s[w] - s[l])
+            correct += 1.0 if d > 0 else 0.5 if d == 0 else 0.0
+        total += len(strict)
     if total == 0:
         raise DataError("no strict comparisons to measure accuracy on")
     return correct / total
+
+
+def pair_accuracy(rm, comparisons: Sequence[Comparison], max_length: int = 128, batch_size: int = 64,
+                  bf16: bool = False) -> float:
+    """Share of strict (winner, loser) pairs the RM orders correctly (ties in score count 1/2)."""
+    return accuracy_of_scores(comparisons, comparison_scores(rm, comparisons, max_length, batch_size, bf16))
 
 
 def train_reward_model(rm, train: Sequence[Comparison], cfg: RMTrainConfig,
@@ -252,6 +271,8 @@ def train_reward_model(rm, train: Sequence[Comparison], cfg: RMTrainConfig,
             rm.train()
             t0 = time.perf_counter()
             b = make_batch([train[j] for j in order[i : i + cfg.batch_size]], cfg.loss)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, steps_per_epoch * cfg.epochs, cfg)
             scores = _scores(rm, b.prompts, b.responses, cfg.max_length, cfg.bf16)
             loss = batch_loss(scores, b, cfg.loss)
             opt.zero_grad(set_to_none=True)
@@ -263,7 +284,7 @@ def train_reward_model(rm, train: Sequence[Comparison], cfg: RMTrainConfig,
                 strict = ~b.tie
                 acc = (scores[b.win[strict]] > scores[b.lose[strict]]).float().mean().item() if strict.any() else float("nan")
             dt = time.perf_counter() - t0
-            m = {"step": step, "epoch": epoch, "loss": loss.item(), "accuracy": acc,
+            m = {"step": step, "epoch": epoch, "loss": loss.item(), "accuracy": acc, "lr": opt.param_groups[0]["lr"],
                  "pairs": int(b.win.numel()), "pairs_per_second": b.win.numel() / dt,
                  "sequences": len(b.prompts), "total_steps": steps_per_epoch * cfg.epochs}
             history.append(m)
@@ -272,17 +293,26 @@ def train_reward_model(rm, train: Sequence[Comparison], cfg: RMTrainConfig,
     return history
 
 
+def set_normalization(rm, reference_raw_scores: torch.Tensor, unit_variance: bool = False) -> tuple[float, float]:
+    """Set the RM's (bias, gain) from raw scores of reference outputs: mean 0 (and std 1 if asked)."""
+    raw = reference_raw_scores.float().flatten()
+    if raw.numel() == 0:
+        raise DataError("normalisation needs at least one reference response")
+    rm.config.bias = float(raw.mean())
+    rm.config.gain = float(1.0 / raw.std().clamp(min=1e-6)) if unit_variance and raw.numel() > 1 else 1.0
+    return rm.config.bias, rm.config.gain
+
+
 @torch.no_grad()
 def normalize_reward_model(rm, prompts: Sequence[str], reference_responses: Sequence[str],
-                           unit_variance: bool = False, max_length: int = 128, batch_size: int = 64) -> tuple[float, float]:
+                           unit_variance: bool = False, max_length: int = 128, batch_size: int = 64,
+                           bf16: bool = False) -> tuple[float, float]:
     """Set the RM's (bias, gain) so reference outputs score 0 on average (and std 1 if asked)."""
     if not reference_responses:
         raise DataError("normalisation needs at least one reference response")
     rm.eval()
     raw = torch.cat([
-        _scores(rm, list(prompts[i : i + batch_size]), list(reference_responses[i : i + batch_size]), max_length, False)
+        _scores(rm, list(prompts[i : i + batch_size]), list(reference_responses[i : i + batch_size]), max_length, bf16)
         for i in range(0, len(prompts), batch_size)
     ])
-    rm.config.bias = float(raw.mean())
-    rm.config.gain = float(1.0 / raw.std().clamp(min=1e-6)) if unit_variance and raw.numel() > 1 else 1.0
-    return rm.config.bias, rm.config.gain
+    return set_normalization(rm, raw, unit_variance)

@@ -76,7 +76,10 @@ class SFTConfig:
     max_length: int = 256  # tokens per sequence; longer ones are cut
     bf16: bool = False  # autocast to bfloat16 (fast on CPUs with AVX-512 BF16 or AMX)
     seed: int = 0  # shuffling seed
-def lr_at(step: int, total: int, cfg: SFTConfig) -> float:
+def lr_at(step: int, total: int, cfg) -> float:
+    """Learning rate of optimizer step ``step`` (0-based) of ``total``: linear warm-up over
+    ``cfg.warmup_steps``, then cosine decay from ``cfg.lr`` to ``cfg.lr * cfg.min_lr_ratio``.
+    Shared by SFT and reward-model training (any config with those three fields)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     frac = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)

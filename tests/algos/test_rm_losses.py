@@ -14,13 +14,16 @@ import torch.nn.functional as F
 
 from rlhf.algos.rm import (
     RMTrainConfig,
+    accuracy_of_scores,
     batch_loss,
     best_of_k_loss,
+    comparison_scores,
     make_batch,
     normalize_reward_model,
     pair_accuracy,
     pairwise_loss,
     ranking_loss,
+    set_normalization,
     train_reward_model,
 )
 from rlhf.data import Comparison
@@ -227,6 +230,18 @@ def test_training_improves_pair_accuracy(trained):
     assert statistics.mean(h["loss"] for h in hist[-5:]) < statistics.mean(h["loss"] for h in hist[:5])
 
 
+def test_rm_learning_rate_schedule(trained, tok):
+    _, _, hist, _ = trained
+    assert {h["lr"] for h in hist} == {3e-3}  # the default: constant
+    rm = _rm(tok)
+    train = _comparisons(random.Random(1), 2)[:12]  # 3 steps of 4
+    cfg = RMTrainConfig(batch_size=4, lr=1e-3, epochs=2, warmup_steps=2, min_lr_ratio=0.1, max_length=32)
+    lrs = [h["lr"] for h in train_reward_model(rm, train, cfg)]
+    # 6 steps: warm-up 0.5e-3, 1e-3, then cosine from 1e-3 to 1e-4 over the 4 steps left
+    cos = [1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * f / 4)) for f in range(4)]
+    assert lrs == pytest.approx([0.5e-3, 1e-3, *cos])
+
+
 def test_normalize_reward_model(trained, tok):
     rm, _, _, held = trained
     prompts = [c.prompt for c in held for _ in c.responses]
@@ -241,6 +256,43 @@ def test_normalize_reward_model(trained, tok):
     assert statistics.stdev(s) == pytest.approx(1.0, rel=1e-4)
     with pytest.raises(DataError):
         normalize_reward_model(rm, [], [])
+
+
+def test_accuracy_of_scores_by_hand():
+    # C4 ranks 2 > 0 > 3 > 1: six strict pairs. These scores order 2>0, 2>3, 2>1 and 3>1 right,
+    # 0 vs 1 as a tie in score (1/2), and 0 vs 3 wrong: 4.5 / 6
+    s4 = torch.tensor([1.0, 1.0, 2.0, 1.5])
+    # C3 ranks 1 > 2 > 0: all three right
+    s3 = torch.tensor([0.0, 2.0, 1.0])
+    assert accuracy_of_scores([C4, C3], [s4, s3]) == pytest.approx((4.5 + 3) / 9)
+    tie_only = Comparison(prompt="t", responses=("x", "y"), kind="ranking", ranking=((0, 1),))
+    assert accuracy_of_scores([C3, tie_only], [s3, torch.tensor([0.0, 1.0])]) == 1.0  # ties are not counted
+    with pytest.raises(DataError):
+        accuracy_of_scores([tie_only], [torch.tensor([0.0, 1.0])])
+
+
+def test_comparison_scores_are_the_raw_scores_and_give_pair_accuracy(trained):
+    rm, _, _, held = trained
+    scores = comparison_scores(rm, held, batch_size=3)  # batches that split the comparisons unevenly
+    assert [len(s) for s in scores] == [len(c.responses) for c in held]
+    enc = rm.encode([c.prompt for c in held for _ in c.responses], [r for c in held for r in c.responses])
+    with torch.no_grad():
+        raw = rm.raw_scores(enc["input_ids"], enc["attention_mask"])
+    assert torch.allclose(torch.cat(scores), raw, atol=1e-5)
+    assert accuracy_of_scores(held, scores) == pytest.approx(pair_accuracy(rm, held))
+
+
+def test_set_normalization_from_scores(trained):
+    rm, _, _, _ = trained
+    old = rm.config.bias, rm.config.gain
+    try:
+        assert set_normalization(rm, torch.tensor([1.0, 2.0, 3.0])) == (2.0, 1.0)
+        bias, gain = set_normalization(rm, torch.tensor([1.0, 3.0]), unit_variance=True)
+        assert (bias, gain) == pytest.approx((2.0, 1 / math.sqrt(2)))
+        with pytest.raises(DataError):
+            set_normalization(rm, torch.zeros(0))
+    finally:
+        rm.config.bias, rm.config.gain = old
 
 
 def test_reward_model_save_load_round_trip(trained, tmp_path):
