@@ -1,7 +1,7 @@
 """Benchmarks of the inference engine and the policy-server's HTTP API (docs/benchmarks.md).
 
-    .venv/bin/python bench/serving.py [--threads N] [--repeats N] [--stream-interval 1,4] [--name NAME]
-                                      [--only engine,server] [--quick]
+    .venv/bin/python bench/serving.py [--threads N] [--repeats N] [--stream-interval 1,4]
+                                      [--engine-process off,on] [--name NAME] [--only engine,server] [--quick]
 
 On the demo-sized GPT-2 (4 layers, width 256, vocab 4096, random weights; the tokenizer is a
 4096-token BPE trained on the IMDB sample when it is there):
@@ -17,7 +17,8 @@ On the demo-sized GPT-2 (4 layers, width 256, vocab 4096, random weights; the to
    (p50/p99), beside the raw engine under the same closed loop of 64 callers in one process
    (no HTTP). The client is a minimal asyncio HTTP/1.1 reader, in this process. ``--stream-interval
    1,4`` runs the server once per round with each ``stream_interval`` (tokens per write after the
-   first). Each run also records where the CPUs went: the cores used by the process's main thread
+   first), ``--engine-process off,on`` with its engine in the server's process and in a child
+   process of its own. Each run also records where the CPUs went: the cores used by the process's main thread
    (the event loop), by its other threads (the engine's worker and its OpenMP team), and by the
    client, from the kernel's per-thread CPU times.
 
@@ -251,30 +252,44 @@ def raw_engine_closed_loop(registry: Path, version: str, prompts: list[str], req
 # -- the server side ----------------------------------------------------------------------------------
 
 
-def thread_cpu(pid: int) -> dict[int, float]:
-    """CPU seconds (user + system) of each thread of process ``pid`` so far (Linux; {} elsewhere)."""
-    tick, out = os.sysconf("SC_CLK_TCK"), {}
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return {}
-    for tid in tids:
-        try:
-            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # the thread ended
-        out[int(tid)] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                if int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(d))
+            except (OSError, IndexError, ValueError):
+                continue
     return out
 
 
-def cpu_split(pid: int, before: dict[int, float], wall: float) -> dict:
+def thread_cpu(pid: int) -> dict[tuple[int, int], float]:
+    """CPU seconds (user + system) so far of each thread of process ``pid`` and of its child
+    processes (the engine process, with ``engine_process``), keyed (pid, tid) (Linux; {} elsewhere)."""
+    tick, out = os.sysconf("SC_CLK_TCK"), {}
+    for p in [pid, *_children(pid)] if os.path.isdir("/proc") else []:
+        try:
+            tids = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                fields = Path(f"/proc/{p}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # the thread ended
+            out[(p, int(tid))] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return out
+
+
+def cpu_split(pid: int, before: dict[tuple[int, int], float], wall: float) -> dict:
     """Cores used during ``wall`` seconds by the process's main thread (the event loop) and by all
-    its other threads (the model thread and its OpenMP team, helpers)."""
+    other threads, its own and its child processes' (the model thread and its OpenMP team, helpers)."""
     after = thread_cpu(pid)
     if not after:
         return {}
-    used = {tid: after[tid] - before.get(tid, 0.0) for tid in after}
-    main = used.pop(pid, 0.0)
+    used = {k: after[k] - before.get(k, 0.0) for k in after}
+    main = used.pop((pid, pid), 0.0)
     return {"main_thread_cores": main / wall, "other_threads_cores": sum(used.values()) / wall}
 
 
@@ -323,13 +338,14 @@ async def http_client(port: int, prompts: list[str], i: int, n: int, out: dict) 
 
 
 def server_closed_loop(registry: Path, version: str, prompts: list[str], threads: int, requests_per_client: int,
-                       stream_interval: int = 1) -> dict:
+                       stream_interval: int = 1, engine_process: bool = False) -> dict:
     port = free_port()
     env = thread_env(threads)
     env.update(RLHF_POLICY_SERVER_REGISTRY_DIR=str(registry), RLHF_POLICY_SERVER_HTTP_PORT=str(port),
                RLHF_POLICY_SERVER_METRICS_PORT="-1", RLHF_POLICY_SERVER_LOG_LEVEL="WARNING",
                RLHF_POLICY_SERVER_MAX_BATCH_PROMPTS="64", RLHF_POLICY_SERVER_MAX_WAITING_SAMPLES="256",
-               RLHF_POLICY_SERVER_STREAM_INTERVAL=str(stream_interval))
+               RLHF_POLICY_SERVER_STREAM_INTERVAL=str(stream_interval),
+               RLHF_POLICY_SERVER_ENGINE_PROCESS=str(engine_process).lower())
     logs = BENCH / ".cache" / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     log_file = open(logs / "serving-policy-server.log", "a")
@@ -418,6 +434,8 @@ def main() -> None:
     ap.add_argument("--stream-interval", default="1",
                     help="the policy-server's stream_interval (tokens per write after the first), or a "
                          "comma-separated list of them, each run in every round")
+    ap.add_argument("--engine-process", default="off",
+                    help="off, on, or off,on: the policy-server's engine in its own process (each run in every round)")
     ap.add_argument("--quick", action="store_true", help="a tiny model and short runs (smoke test)")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -438,6 +456,10 @@ def main() -> None:
     intervals = [int(x) for x in a.stream_interval.split(",")]
     if not intervals or min(intervals) < 1:
         ap.error("--stream-interval: integers >= 1")
+    modes = a.engine_process.split(",")
+    if not modes or not set(modes) <= {"off", "on"}:
+        ap.error("--engine-process: off, on, or off,on")
+    variants = [(si, m == "on") for m in modes for si in intervals]
     repeats, batches, rpc = (1, 1, 1) if a.quick else (a.repeats, 4, a.requests_per_client)
     registry, version, prompts = build_assets(a.quick)
     pf = BENCH / ".cache" / "serving-prompts.json"
@@ -445,7 +467,8 @@ def main() -> None:
     only = set(a.only.split(","))
     res: dict = {"machine": machine_info("cpu", a.threads), "threads": a.threads, "shape": SHAPE,
                  "batch": BATCH, "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS, "clients": CLIENTS,
-                 "requests_per_client": rpc, "stream_intervals": intervals, "loadavg_start": loadavg()}
+                 "requests_per_client": rpc, "stream_intervals": intervals, "engine_process": modes,
+                 "loadavg_start": loadavg()}
     if "engine" in only:
         r = run_worker(["engine", str(registry), version, str(pf), str(repeats), str(batches)], a.threads)
         res["engine"] = {k: summary(v) for k, v in r["tokens_per_second"].items()}
@@ -456,34 +479,39 @@ def main() -> None:
         res["engine"]["ratio_vs_generate"] = e / g
         print(f"engine {e:,.0f} tok/s vs generate {g:,.0f} ({e / g:.2f}x)", flush=True)
     if "server" in only:
-        raws, servers = [], {si: [] for si in intervals}
-        for rep in range(repeats):  # alternated: raw engine, server (each stream_interval), raw engine, ...
+        raws, servers = [], {v: [] for v in variants}
+        for rep in range(repeats):  # alternated: raw engine, then each server variant, raw engine, ...
             raws.append(run_worker(["closed", str(registry), version, str(pf), str(rpc)], a.threads))
             line = f"round {rep + 1}: raw engine {raws[-1]['tokens_per_second']:,.0f} tok/s"
-            for si in intervals:
-                servers[si].append(server_closed_loop(registry, version, prompts, a.threads, rpc, si))
-                line += f", server (stream_interval {si}) {servers[si][-1]['tokens_per_second']:,.0f} tok/s"
+            for si, ep in variants:
+                servers[(si, ep)].append(server_closed_loop(registry, version, prompts, a.threads, rpc, si, ep))
+                line += f", server ({variant_label(si, ep)}) {servers[(si, ep)][-1]['tokens_per_second']:,.0f} tok/s"
             print(line, flush=True)
         raw_tps = summary([r["tokens_per_second"] for r in raws])
-        by_interval = {}
-        for si, runs in servers.items():
+        by_variant = []
+        for (si, ep), runs in servers.items():
             tps = summary([r["tokens_per_second"] for r in runs])
-            by_interval[str(si)] = {
+            by_variant.append({
+                "stream_interval": si, "engine_process": ep,
                 "server_tokens_per_second": tps, "ratio": tps["median"] / raw_tps["median"],
                 "server_latency": latency({k: [x for r in runs for x in r[k]] for k in ("ttft", "e2e")}),
-                "server_cpu": mean_cpu(runs)}
+                "server_cpu": mean_cpu(runs)})
         res["server"] = {
             "raw_engine_tokens_per_second": raw_tps,
             "raw_engine_latency": latency({k: [x for r in raws for x in r[k]] for k in ("ttft", "e2e")}),
             "raw_mean_rows_per_step": statistics.mean(r["mean_rows_per_step"] for r in raws),
             "raw_engine_cpu": mean_cpu(raws),
-            "by_stream_interval": by_interval,
+            "variants": by_variant,
         }
     res["loadavg_end"] = loadavg()
     out = BENCH / "results" / f"serving-{name}"
     write_json(out.with_suffix(".json"), res)
     out.with_suffix(".md").write_text(render(res, name))
     print(out.with_suffix(".md").read_text())
+
+
+def variant_label(stream_interval: int, engine_process: bool) -> str:
+    return f"`stream_interval` {stream_interval}" + (", engine process" if engine_process else "")
 
 
 def render(r: dict, name: str) -> str:
@@ -519,30 +547,32 @@ def render(r: dict, name: str) -> str:
                  "|---|---|---|---|---|")
         raw = s["raw_engine_tokens_per_second"]
         rows = [("raw engine (in process, no HTTP)", raw, None, s["raw_engine_latency"])]
-        by = s["by_stream_interval"]
-        for si, b in by.items():
-            rows.append((f"policy-server, HTTP `/v1/completions` stream, `stream_interval` {si}",
+        for b in s["variants"]:
+            rows.append((f"policy-server, HTTP `/v1/completions` stream, {variant_label(b['stream_interval'], b['engine_process'])}",
                          b["server_tokens_per_second"], b["ratio"], b["server_latency"]))
         for label, tps, ratio, lat in rows:
             L.append(f"| {label} | {tps['median']:,.0f} ({tps['min']:,.0f}–{tps['max']:,.0f}) | "
                      f"{'–' if ratio is None else f'**{ratio * 100:.0f} %**'} | "
                      f"{lat['ttft']['p50'] * 1000:.0f} / {lat['ttft']['p99'] * 1000:.0f} ms | "
                      f"{lat['e2e']['p50']:.2f} / {lat['e2e']['p99']:.2f} s |")
-        L.append(f"\n`stream_interval` N: after the first token, one write per N tokens of each sample. Mean rows "
+        L.append(f"\n`stream_interval` N: after the first token, one write per N tokens of each sample. Engine "
+                 f"process: the engine runs in a child process of the server (`engine_process`). Mean rows "
                  f"per decode step (raw engine): {s['raw_mean_rows_per_step']:.1f}.\n")
         rc = s.get("raw_engine_cpu")
         if rc:
             L.append("Where the CPUs went during the timed runs (mean cores busy; the main thread runs the event "
-                     "loop, the other threads are the engine's worker with its OpenMP team and helpers; the "
-                     "client of the server runs in the benchmark's process):\n")
+                     "loop, the other threads are the engine's worker with its OpenMP team and helpers, in the "
+                     "server's process or in its engine process; the client of the server runs in the "
+                     "benchmark's process):\n")
             L.append("| | main thread (event loop) | other threads (model) | model CPU s / 1k tokens | client |\n"
                      "|---|---|---|---|---|")
             L.append(f"| raw engine | {rc['main_thread_cores']:.2f} | {rc['other_threads_cores']:.2f} | "
                      f"{rc['other_threads_seconds_per_1k_tokens']:.2f} | (in the main thread) |")
-            for si, b in by.items():
+            for b in s["variants"]:
                 sc = b.get("server_cpu")
                 if sc:
-                    L.append(f"| policy-server, `stream_interval` {si} | {sc['main_thread_cores']:.2f} | "
+                    L.append(f"| policy-server, {variant_label(b['stream_interval'], b['engine_process'])} | "
+                             f"{sc['main_thread_cores']:.2f} | "
                              f"{sc['other_threads_cores']:.2f} | {sc['other_threads_seconds_per_1k_tokens']:.2f} | "
                              f"{sc['client_cores']:.2f} |")
             L.append("")

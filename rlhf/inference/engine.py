@@ -198,7 +198,37 @@ class _Stats:
     iteration_seconds: float = 0.0
 
 
-class InferenceEngine:
+class EngineFront:
+    """What the event loop's side needs of an engine before it queues a request: the prompt's
+    token ids and the checks, with the limits of the model version. Shared by the in-process
+    :class:`InferenceEngine` and :class:`rlhf.inference.process.EngineProcess`."""
+
+    tokenizer: object
+    add_bos: bool
+    max_len: int
+    max_prompt_tokens: int
+    cfg: EngineConfig
+
+    def encode(self, prompt: str) -> list[int]:
+        """The prompt's token ids as the model sees them (BOS first when the model wants it)."""
+        ids = self._encode(prompt)
+        bos = self.tokenizer.bos_token_id
+        return ([bos] if self.add_bos and bos is not None else []) + ids
+
+    def check(self, prompt_ids: list[int], req: GenerationRequest, where: str = "prompt") -> None:
+        n = len(prompt_ids)
+        if n == 0:
+            raise DataError(f"{where} is empty")
+        if n > self.max_prompt_tokens:
+            raise PromptTooLongError(f"{where} has {n} tokens; the limit is {self.max_prompt_tokens}")
+        if n + req.max_new_tokens > self.max_len:
+            raise DataError(f"{where}: {n} prompt tokens + max_new_tokens={req.max_new_tokens} exceed the "
+                            f"model's context of {self.max_len} (at most {self.max_len - n} new tokens)")
+        if max(1, req.n) > self.cfg.max_batch_size:
+            raise DataError(f"n={req.n} exceeds the batch of {self.cfg.max_batch_size} rows")
+
+
+class InferenceEngine(EngineFront):
     """Continuous batching over one :class:`~rlhf.serving.PolicyEngine` (one model version)."""
 
     def __init__(self, policy: PolicyEngine, config: EngineConfig | None = None, metrics=None):
@@ -208,6 +238,8 @@ class InferenceEngine:
         self.cfg = config or EngineConfig()
         self.metrics = metrics
         self.eos_id = self.tokenizer.eos_token_id
+        self.add_bos = policy.add_bos
+        self.dtype = str(next(policy.model.parameters()).dtype).replace("torch.", "")
         self._encode, self.decode = fast_codec(self.tokenizer)
         self.runner = make_runner(policy.model, self.cfg.max_batch_size, self.cfg.max_seq_len,
                                   pad_token_id=self.tokenizer.pad_token_id or 0, kind=self.cfg.runner)
@@ -248,15 +280,18 @@ class InferenceEngine:
     async def close(self, abort: BaseException | None = None) -> None:
         """Retire and wait for the thread to end. With ``abort``, the running and queued requests
         fail with it at once instead of finishing."""
+        self._stop(abort)
+        if self._done is not None:
+            await self._done.wait()
+        if self._thread is not None:  # the thread is past its last step; let it end before returning
+            await asyncio.to_thread(self._thread.join, 10.0)
+
+    def _stop(self, abort: BaseException | None = None) -> None:
         with self._cond:
             self._retiring = True
             if abort is not None:
                 self._abort = abort
             self._cond.notify()
-        if self._done is not None:
-            await self._done.wait()
-        if self._thread is not None:  # the thread is past its last step; let it end before returning
-            await asyncio.to_thread(self._thread.join, 10.0)
 
     @property
     def closed(self) -> bool:
@@ -272,30 +307,16 @@ class InferenceEngine:
 
     # -- requests (event loop) -------------------------------------------------------------------
 
-    def encode(self, prompt: str) -> list[int]:
-        """The prompt's token ids as the model sees them (BOS first when the model wants it)."""
-        ids = self._encode(prompt)
-        bos = self.tokenizer.bos_token_id
-        return ([bos] if self.policy.add_bos and bos is not None else []) + ids
-
-    def check(self, prompt_ids: list[int], req: GenerationRequest, where: str = "prompt") -> None:
-        n = len(prompt_ids)
-        if n == 0:
-            raise DataError(f"{where} is empty")
-        if n > self.max_prompt_tokens:
-            raise PromptTooLongError(f"{where} has {n} tokens; the limit is {self.max_prompt_tokens}")
-        if n + req.max_new_tokens > self.max_len:
-            raise DataError(f"{where}: {n} prompt tokens + max_new_tokens={req.max_new_tokens} exceed the "
-                            f"model's context of {self.max_len} (at most {self.max_len - n} new tokens)")
-        if max(1, req.n) > self.cfg.max_batch_size:
-            raise DataError(f"n={req.n} exceeds the batch of {self.cfg.max_batch_size} rows")
-
     def submit(self, prompt_ids: list[int], req: GenerationRequest, deadline: float | None = None) -> Generation:
         """Queue one prompt for ``req.n`` samples (checked with :meth:`check` first)."""
         if self._loop is None:
             raise EngineRetiredError("the engine was not started")
         self.check(prompt_ids, req)
         gen = Generation(self, prompt_ids, req, deadline, self._loop)
+        self._enqueue(gen)
+        return gen
+
+    def _enqueue(self, gen: Generation) -> None:
         with self._cond:
             if self._closed or self._abort is not None:
                 raise EngineRetiredError(f"the engine of version {self.version} is closed")
@@ -305,7 +326,6 @@ class InferenceEngine:
             self._waiting_samples += gen.n
             self._set_queue_gauge()
             self._cond.notify()
-        return gen
 
     def _set_queue_gauge(self) -> None:
         if self.metrics is not None:

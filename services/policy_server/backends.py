@@ -28,6 +28,7 @@ from typing import AsyncIterator, Protocol
 from rlhf.errors import DataError, ResourceExhaustedError, UnavailableError
 from rlhf.inference.engine import (EngineConfig, EngineRetiredError, Generation, InferenceEngine, PromptTooLongError,
                                    SampleResult, StreamEvent, stream_batches, stream_samples)
+from rlhf.inference.process import EngineProcess
 from rlhf.inference.text import SampleText
 from rlhf.serving import GenerationRequest, PolicyEngine
 
@@ -128,8 +129,11 @@ class LocalBackend:
         await asyncio.gather(*(e.close() for e in engines))
         self.watcher.close()
 
-    def _load(self, path, version: str) -> InferenceEngine:
+    def _load(self, path, version: str) -> InferenceEngine | EngineProcess:
         """Runs on the watcher's loader thread."""
+        if self.s.engine_process:
+            return EngineProcess(path, version, self.cfg, self.metrics, max_prompt_tokens=self.s.max_prompt_tokens,
+                                 device=self.s.device)
         policy = PolicyEngine(path, version, max_prompt_tokens=self.s.max_prompt_tokens, device=self.s.device)
         return InferenceEngine(policy, self.cfg, self.metrics)
 
@@ -156,7 +160,8 @@ class LocalBackend:
 
     @property
     def ready(self) -> bool:
-        return self.engine is not None
+        # an engine process that died is closed: health turns 503 until a new version loads
+        return self.engine is not None and not self.engine.closed
 
     def current(self) -> InferenceEngine:
         if self.engine is None:
@@ -183,7 +188,7 @@ class LocalBackend:
             engine = self.current()
             ids = engine.encode(prompt)
             if truncate is not None and len(ids) > truncate:
-                bos = ids[:1] if engine.policy.add_bos else []
+                bos = ids[:1] if engine.add_bos else []
                 ids = bos + ids[len(ids) - truncate + len(bos):]
             engine.check(ids, req, where)
             try:
@@ -196,7 +201,7 @@ class LocalBackend:
 
     def info(self) -> dict:
         e = self.current()
-        return {"model_dtype": str(next(e.policy.model.parameters()).dtype).replace("torch.", ""),
+        return {"model_dtype": e.dtype,
                 "model_device_type": e.device.type}
 
 

@@ -836,5 +836,5 @@ class HttpApi:
         if self.draining:
             raise ApiError(503, "the server is shutting down", "draining")
         if not self.backend.ready:
-            raise ApiError(503, "no policy version loaded yet", "unavailable")
+            raise ApiError(503, "no policy version is being served", "unavailable")
         return Response(b"", status_code=200, headers=self._version_headers(self.backend.version))

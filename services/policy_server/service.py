@@ -46,6 +46,7 @@ class Settings(BaseServiceSettings):
     max_waiting_samples: int = 1024  # samples queued for a row; beyond: RESOURCE_EXHAUSTED / HTTP 429
     max_prefill_tokens: int = 4096  # prompt tokens prefilled between two decode steps
     engine_runner: str = "auto"  # auto (fast GPT-2 forward when the model is a GPT-2), gpt2 or hf
+    engine_process: bool = False  # run the engine in a child process: it no longer shares the interpreter lock with HTTP
     max_new_tokens_default: int = 64  # when a request leaves max_new_tokens at 0
     max_new_tokens_limit: int = 512  # larger requests are INVALID_ARGUMENT
     max_prompt_tokens: int = 512  # longer prompts are INVALID_ARGUMENT (and never below the model's context)

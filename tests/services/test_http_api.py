@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import threading
 import time
 from concurrent import futures
@@ -55,15 +57,22 @@ def collector():
     server.stop(0)
 
 
+# every test runs against both engines: in the server's process, and in a child process of its own
+@pytest.fixture(scope="module", params=[False, True], ids=["engine-in-process", "engine-process"])
+def engine_process(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory):
+def registry(tmp_path_factory, engine_process):
+    # one registry per engine: the reload test publishes a second version into it
     return tiny_policy_registry(tmp_path_factory.mktemp("http") / "registry")
 
 
 @pytest.fixture(scope="module")
-def srv(registry, collector):
+def srv(registry, collector, engine_process):
     s = start_server(registry_dir=str(registry.root), api_keys=KEYS, prompt_collector_addr=collector[1],
-                     max_new_tokens_default=16)
+                     max_new_tokens_default=16, engine_process=engine_process)
     yield s
     s.stop()
 
@@ -225,7 +234,9 @@ def test_64_concurrent_streaming_clients_all_complete(srv):
     assert srv.service.backend.engine.stats.max_rows > max(1, before) or before > 1  # they shared batches
 
 
-def test_a_client_that_disconnects_stops_its_generation(srv):
+def test_a_client_that_disconnects_stops_its_generation(srv, engine_process):
+    if engine_process:
+        pytest.skip("slows the runner in the server's process down; test_engine_process.py covers the child's")
     engine = srv.service.backend.engine
     decode = engine.runner.decode
 
@@ -352,14 +363,16 @@ def test_tgi_errors_have_their_status_and_shape(srv):
 
 
 @pytest.fixture(scope="module")
-def small(registry):
+def small(registry, engine_process):
     s = start_server(registry_dir=str(registry.root), max_batch_prompts=1, max_n=1, max_waiting_samples=1,
-                     grace_seconds=20.0)
+                     grace_seconds=20.0, engine_process=engine_process)
     yield s
     s.stop()
 
 
-def test_full_queue_is_429_and_draining_is_503_without_dropping_requests(small):
+def test_full_queue_is_429_and_draining_is_503_without_dropping_requests(small, engine_process):
+    if engine_process:
+        pytest.skip("slows the runner in the server's process down; test_engine_process.py covers the child's")
     engine = small.service.backend.engine
     decode = engine.runner.decode
     engine.runner.decode = lambda *a: (time.sleep(0.05), decode(*a))[1]
@@ -480,3 +493,29 @@ def test_metrics_count_requests_latency_tokens_and_batches(srv, client):
     assert metric_value(m, "rlhf_policy_generated_tokens_total") >= 6
     assert metric_value(m, "rlhf_policy_batch_size_count") >= 1
     assert metric_value(m, "rlhf_policy_queue_depth") == 0
+
+
+def test_an_engine_process_that_dies_turns_health_503_and_a_new_version_recovers(srv, registry, engine_process):
+    if not engine_process:
+        pytest.skip("only the engine process has a child to lose")
+    engine = srv.service.backend.engine
+    os.kill(engine.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while not engine.closed and time.monotonic() < deadline:
+        time.sleep(0.05)
+    r = httpx.post(f"{srv.http_url}/v1/completions", headers=HEADERS, json={"prompt": "the film", "max_tokens": 4},
+                   timeout=30)
+    assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable", r.text
+    assert httpx.get(f"{srv.http_url}/health").status_code == 503
+    tok = train_tokenizer(TEXTS, vocab_size=300)
+    model = build_tiny_lm(TinyLMConfig(n_layer=1, n_embd=32, n_head=2, n_positions=64, vocab_size=len(tok)), seed=2)
+    new = registry.publish("policy", lambda d: save_pretrained(model, tok, d), config={"add_bos": True}).version
+    ev = models_pb2.ModelVersionPublishedEvent(event_id=new, version=new, kind=common_pb2.MODEL_KIND_POLICY)
+    srv.call(srv.service.bus.publish(TOPIC_MODELS, ev))
+    deadline = time.monotonic() + 60
+    while version(srv) != new and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert httpx.get(f"{srv.http_url}/health").status_code == 200
+    r = httpx.post(f"{srv.http_url}/v1/completions", headers=HEADERS, json={"prompt": "the film", "max_tokens": 4},
+                   timeout=30)
+    assert r.status_code == 200 and r.headers["x-policy-version"] == new
