@@ -410,6 +410,19 @@ def test_full_queue_is_429_and_draining_is_503_without_dropping_requests(small, 
 # -- hot reload -----------------------------------------------------------------------------------------
 
 
+def publish_and_wait(srv, registry, seed: int) -> str:
+    """Publish a new tiny policy version, announce it on the bus, wait until the server serves it."""
+    tok = train_tokenizer(TEXTS, vocab_size=300)
+    model = build_tiny_lm(TinyLMConfig(n_layer=1, n_embd=32, n_head=2, n_positions=64, vocab_size=len(tok)), seed=seed)
+    new = registry.publish("policy", lambda d: save_pretrained(model, tok, d), config={"add_bos": True}).version
+    ev = models_pb2.ModelVersionPublishedEvent(event_id=new, version=new, kind=common_pb2.MODEL_KIND_POLICY)
+    srv.call(srv.service.bus.publish(TOPIC_MODELS, ev))
+    deadline = time.monotonic() + 60
+    while version(srv) != new and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return new
+
+
 def test_a_reload_under_load_drops_nothing(srv, registry):
     old = version(srv)
     stop = threading.Event()
@@ -431,14 +444,7 @@ def test_a_reload_under_load_drops_nothing(srv, registry):
     for t in threads:
         t.start()
     time.sleep(0.5)
-    tok = train_tokenizer(TEXTS, vocab_size=300)
-    model = build_tiny_lm(TinyLMConfig(n_layer=1, n_embd=32, n_head=2, n_positions=64, vocab_size=len(tok)), seed=1)
-    new = registry.publish("policy", lambda d: save_pretrained(model, tok, d), config={"add_bos": True}).version
-    ev = models_pb2.ModelVersionPublishedEvent(event_id=new, version=new, kind=common_pb2.MODEL_KIND_POLICY)
-    srv.call(srv.service.bus.publish(TOPIC_MODELS, ev))
-    deadline = time.monotonic() + 30
-    while version(srv) != new and time.monotonic() < deadline:
-        time.sleep(0.05)
+    new = publish_and_wait(srv, registry, seed=1)
     time.sleep(0.5)
     stop.set()
     for t in threads:
@@ -507,14 +513,7 @@ def test_an_engine_process_that_dies_turns_health_503_and_a_new_version_recovers
                    timeout=30)
     assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable", r.text
     assert httpx.get(f"{srv.http_url}/health").status_code == 503
-    tok = train_tokenizer(TEXTS, vocab_size=300)
-    model = build_tiny_lm(TinyLMConfig(n_layer=1, n_embd=32, n_head=2, n_positions=64, vocab_size=len(tok)), seed=2)
-    new = registry.publish("policy", lambda d: save_pretrained(model, tok, d), config={"add_bos": True}).version
-    ev = models_pb2.ModelVersionPublishedEvent(event_id=new, version=new, kind=common_pb2.MODEL_KIND_POLICY)
-    srv.call(srv.service.bus.publish(TOPIC_MODELS, ev))
-    deadline = time.monotonic() + 60
-    while version(srv) != new and time.monotonic() < deadline:
-        time.sleep(0.05)
+    new = publish_and_wait(srv, registry, seed=2)
     assert httpx.get(f"{srv.http_url}/health").status_code == 200
     r = httpx.post(f"{srv.http_url}/v1/completions", headers=HEADERS, json={"prompt": "the film", "max_tokens": 4},
                    timeout=30)
