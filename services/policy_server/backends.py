@@ -7,7 +7,8 @@ delta, and on each sample's last event the whole :class:`~rlhf.inference.engine.
 * :class:`LocalBackend` (``backend=local``, the default): the policy versions of the model
   registry on :class:`~rlhf.inference.engine.InferenceEngine`, hot-reloaded on ``rlhf.models.v1``.
   A new version gets a new engine; the old one is retired and finishes the requests that picked
-  it, so a reload fails nothing.
+  it, so a reload fails nothing. With ``engine_process`` each engine runs in a child process
+  (:class:`~rlhf.inference.process.EngineProcess`, the same surface).
 * :class:`TGIBackend` (``backend=tgi``): a Text Generation Inference server (or anything that
   speaks its protocol, such as another policy-server) through the ``text-generation`` client.
   The version is the remote's ``/info`` ``model_sha`` (else ``model_id``), refreshed every few
