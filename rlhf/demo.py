@@ -338,11 +338,8 @@ def run_demo(out_dir: Path, cfg: DemoConfig, data_dir: Path | None = None, progr
     # reference outputs -- give the normalisation (InstructGPT 3.5: reference outputs score 0)
     held_train = train_cmp[: len(held)]
     task = progress.add("reward model: accuracy (held out, train), normalisation", total=len(held) + len(held_train))
-    scores = []
-    for i in range(0, len(held) + len(held_train), 64):
-        chunk = (held + held_train)[i : i + 64]
-        scores += comparison_scores(rm, chunk, cfg.rm.max_length, bf16=cfg.rm.bf16)
-        progress.update(task, advance=len(chunk))
+    scores = comparison_scores(rm, held + held_train, cfg.rm.max_length, bf16=cfg.rm.bf16,
+                               on_batch=lambda n: progress.update(task, advance=n))
     rm_acc = accuracy_of_scores(held, scores[: len(held)])
     rm_acc_train = accuracy_of_scores(held_train, scores[len(held) :])
     set_normalization(rm, torch.cat(scores), cfg.rm.normalize_unit_variance)

@@ -220,8 +220,9 @@ def _scores(rm, prompts, responses, max_length, bf16: bool) -> torch.Tensor:
 
 @torch.no_grad()
 def comparison_scores(rm, comparisons: Sequence[Comparison], max_length: int = 128, batch_size: int = 64,
-                      bf16: bool = False) -> list[torch.Tensor]:
-    """Raw (unnormalised) scores of the responses of each comparison: one (K,) tensor per comparison."""
+                      bf16: bool = False, on_batch: Callable[[int], None] | None = None) -> list[torch.Tensor]:
+    """Raw (unnormalised) scores of the responses of each comparison: one (K,) tensor per comparison.
+    ``on_batch`` is called with the number of comparisons of each batch once it is scored."""
     rm.eval()
     out: list[torch.Tensor] = []
     for i in range(0, len(comparisons), batch_size):
@@ -229,6 +230,8 @@ def comparison_scores(rm, comparisons: Sequence[Comparison], max_length: int = 1
         b = make_batch(chunk, "ranking")
         s = _scores(rm, b.prompts, b.responses, max_length, bf16)
         out += list(torch.split(s, [len(c.responses) for c in chunk]))
+        if on_batch is not None:
+            on_batch(len(chunk))
     return out
 
 
@@ -237,9 +240,9 @@ def accuracy_of_scores(comparisons: Sequence[Comparison], scores: Sequence[torch
     correct, total = 0.0, 0
     for c, s in zip(comparisons, scores, strict=True):
         strict, _ = ordered_pairs(c)
+        v = s.tolist()
         for w, l in strict:
-            d = float(s[w] - s[l])
-            correct += 1.0 if d > 0 else 0.5 if d == 0 else 0.0
+            correct += 1.0 if v[w] > v[l] else 0.5 if v[w] == v[l] else 0.0
         total += len(strict)
     if total == 0:
         raise DataError("no strict comparisons to measure accuracy on")

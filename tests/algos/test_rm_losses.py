@@ -273,8 +273,10 @@ def test_accuracy_of_scores_by_hand():
 
 def test_comparison_scores_are_the_raw_scores_and_give_pair_accuracy(trained):
     rm, _, _, held = trained
-    scores = comparison_scores(rm, held, batch_size=3)  # batches that split the comparisons unevenly
+    seen = []
+    scores = comparison_scores(rm, held, batch_size=3, on_batch=seen.append)  # batches that split them unevenly
     assert [len(s) for s in scores] == [len(c.responses) for c in held]
+    assert sum(seen) == len(held) and max(seen) == 3
     enc = rm.encode([c.prompt for c in held for _ in c.responses], [r for c in held for r in c.responses])
     with torch.no_grad():
         raw = rm.raw_scores(enc["input_ids"], enc["attention_mask"])
