@@ -139,6 +139,7 @@ class PPOConfig:
     clip_range: float = 0.2  # epsilon of the clipped surrogate
     clip_range_value: float = 0.2  # epsilon of the clipped value loss
     vf_coef: float = 0.1  # weight of the value loss
+    entropy_coef: float = 0.0  # weight of an entropy bonus (Schulman et al. 2017, eq. 9); 0 turns it off
     gamma: float = 1.0  # discount of GAE (1: no discount within a response)
     lam: float = 0.95  # lambda of GAE
     whiten_advantages: bool = True  # normalise advantages to mean 0, std 1 per batch
@@ -365,7 +366,11 @@ class PPOTrainer:
                 values = self._values(ids[mb], attn[mb], P, hidden)
                 pg, clipfrac, approx_kl = policy_loss(logprobs, old_logprobs[mb], adv[mb], m, cfg.clip_range)
                 vf, vclip = value_loss(values, old_values[mb], returns[mb], m, cfg.clip_range_value)
+                with torch.set_grad_enabled(cfg.entropy_coef > 0):
+                    ent = masked_mean(-(logp_all.exp() * logp_all).sum(-1), m)
                 loss = pg + cfg.vf_coef * vf
+                if cfg.entropy_coef > 0:
+                    loss = loss - cfg.entropy_coef * ent
                 if cfg.ptx_coef > 0:
                     ptx = self._ptx_loss()
                     loss = loss + cfg.ptx_coef * ptx
@@ -374,8 +379,6 @@ class PPOTrainer:
                 loss.backward()
                 nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], cfg.max_grad_norm)
                 self.opt.step()
-                with torch.no_grad():
-                    ent = masked_mean(-(logp_all.exp() * logp_all).sum(-1), m)
                 for k, v in (("policy_loss", pg), ("value_loss", vf), ("clipfrac_ratio", clipfrac),
                              ("value_clipfrac_ratio", vclip), ("entropy", ent), ("approx_kl", approx_kl)):
                     acc[k] += v.item()

@@ -206,6 +206,8 @@ class RMTrainConfig:
     weight_decay: float = 0.0  # AdamW weight decay
     max_length: int = 128  # tokens of prompt + response
     normalize_unit_variance: bool = False  # also scale reference scores to unit variance
+    group_by_length: bool = False  # batch comparisons of similar token length (less padding); batches stay in random order
+    freeze_embeddings: bool = False  # keep the backbone's input token embeddings fixed (faster; a large share of an encoder's weights)
     seed: int = 0  # shuffling seed
     bf16: bool = False  # autocast to bfloat16 on CPU/GPU
 
@@ -255,6 +257,36 @@ def pair_accuracy(rm, comparisons: Sequence[Comparison], max_length: int = 128, 
     return accuracy_of_scores(comparisons, comparison_scores(rm, comparisons, max_length, batch_size, bf16))
 
 
+def comparison_lengths(rm, comparisons: Sequence[Comparison], max_length: int, chunk: int = 1024) -> list[int]:
+    """Tokens of each comparison's longest (prompt, response) sequence, as the RM encodes it."""
+    flat = [(c.prompt, r) for c in comparisons for r in c.responses]
+    per_seq: list[int] = []
+    for i in range(0, len(flat), chunk):
+        ps, rs = zip(*flat[i : i + chunk])
+        per_seq += rm.encode(list(ps), list(rs), max_length=max_length)["attention_mask"].sum(1).tolist()
+    out, k = [], 0
+    for c in comparisons:
+        out.append(max(per_seq[k : k + len(c.responses)]))
+        k += len(c.responses)
+    return out
+
+
+def epoch_batches(order: list[int], batch_size: int, lengths: Sequence[int] | None,
+                  rng: random.Random, group: int = 50) -> list[list[int]]:
+    """Cut a shuffled ``order`` into batches. With ``lengths``, each run of ``group`` batches is
+    sorted by length first, so a batch pads its sequences to a similar length, and the batches
+    are shuffled again; every index is still used exactly once per epoch."""
+    if lengths is None:
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    span = batch_size * group
+    batches = []
+    for i in range(0, len(order), span):
+        chunk = sorted(order[i : i + span], key=lambda j: lengths[j])
+        batches += [chunk[k : k + batch_size] for k in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
 def train_reward_model(rm, train: Sequence[Comparison], cfg: RMTrainConfig,
                        on_step: Callable[[dict], None] | None = None) -> list[dict]:
     """Train ``rm`` in place; returns one metrics dict per optimizer step."""
@@ -262,18 +294,33 @@ def train_reward_model(rm, train: Sequence[Comparison], cfg: RMTrainConfig,
         raise DataError("no comparisons to train the reward model on")
     if cfg.loss == "pairwise":  # the unit of a batch is a pair: batch_size counts pairs
         train = split_into_pairs(train)
+    # frozen for this training only: the embeddings' own requires_grad flag comes back afterwards
+    emb = rm.backbone.get_input_embeddings().weight if cfg.freeze_embeddings else None
+    trainable = emb.requires_grad if emb is not None else True
+    if emb is not None:
+        emb.requires_grad_(False)
+    try:
+        return _train_epochs(rm, train, cfg, on_step)
+    finally:
+        if emb is not None:
+            emb.requires_grad_(trainable)
+
+
+def _train_epochs(rm, train: Sequence[Comparison], cfg: RMTrainConfig,
+                  on_step: Callable[[dict], None] | None) -> list[dict]:
     rng = random.Random(cfg.seed)
-    opt = torch.optim.AdamW(rm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW([p for p in rm.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     order = list(range(len(train)))
     steps_per_epoch = math.ceil(len(order) / cfg.batch_size)
+    lengths = comparison_lengths(rm, train, cfg.max_length) if cfg.group_by_length else None
     history = []
     step = 0
     for epoch in range(cfg.epochs):
         rng.shuffle(order)
-        for i in range(0, len(order), cfg.batch_size):
+        for batch in epoch_batches(order, cfg.batch_size, lengths, rng):
             rm.train()
             t0 = time.perf_counter()
-            b = make_batch([train[j] for j in order[i : i + cfg.batch_size]], cfg.loss)
+            b = make_batch([train[j] for j in batch], cfg.loss)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, steps_per_epoch * cfg.epochs, cfg)
             scores = _scores(rm, b.prompts, b.responses, cfg.max_length, cfg.bf16)

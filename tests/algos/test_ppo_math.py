@@ -21,6 +21,7 @@ from rlhf.algos.ppo import (
     truncate_at_stop,
     value_loss,
 )
+from rlhf.algos.masked import masked_mean
 from rlhf.algos.sft import pack_texts
 from rlhf.generation import Rollout, SamplingParams
 from rlhf.models import TinyLMConfig, build_tiny_lm, train_tokenizer
@@ -469,3 +470,34 @@ def test_value_head_gets_its_own_learning_rate(tok):
     value_params = {id(p) for p in own.opt.param_groups[1]["params"]}
     assert {id(p) for p in own.value_head.parameters()} | {id(p) for p in own.critic.parameters()} == value_params
     assert not value_params & {id(p) for p in own.policy.parameters()}
+
+
+def test_entropy_bonus_alone_moves_the_policy_towards_higher_entropy(tok):
+    """With zero reward, no KL penalty and no value loss, the advantages are all zero: without an
+    entropy bonus the policy cannot change; with one, its entropy rises."""
+    zero = lambda prompts, responses: torch.zeros(len(responses))  # noqa: E731
+    ids = tok(TEXTS, return_tensors="pt", padding=True)
+
+    def mean_entropy(model):
+        with torch.no_grad():
+            logits = model(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).logits
+        return masked_mean(entropy_from_logits(logits), ids["attention_mask"].float()).item()
+
+    results = {}
+    for coef in (0.0, 1.0):
+        torch.manual_seed(0)
+        cfg = _cfg(entropy_coef=coef, kl_coef=0.0, adaptive_kl=False, kl_target=None, vf_coef=0.0)
+        policy = _tiny_lm(tok)
+        with torch.no_grad():  # a random tiny LM is near uniform (entropy ~log V): sharpen it first
+            policy.get_output_embeddings().weight.mul_(8.0)
+        before = mean_entropy(policy)
+        trainer = PPOTrainer(policy, tok, zero, cfg)
+        pol0 = _state(trainer.policy)
+        for _ in range(3):
+            trainer.step(PROMPTS)
+        changed = [k for k, v in _state(trainer.policy).items() if not torch.equal(v, pol0[k])]
+        results[coef] = (before, mean_entropy(trainer.policy), changed)
+    assert results[0.0][2] == [], "zero advantages and no bonus must leave the policy as it was"
+    before, after, changed = results[1.0]
+    assert changed, "the bonus must move the policy"
+    assert after > before + 0.05, (before, after)

@@ -18,6 +18,7 @@ from rlhf.algos.rm import (
     batch_loss,
     best_of_k_loss,
     comparison_scores,
+    epoch_batches,
     make_batch,
     normalize_reward_model,
     pair_accuracy,
@@ -327,3 +328,35 @@ def test_pairwise_batch_size_counts_pairs(tok):
     hist = train_reward_model(rm, comps, RMTrainConfig(loss="pairwise", batch_size=2, lr=1e-3, max_length=32))
     assert all(h["pairs"] <= 2 for h in hist), [h["pairs"] for h in hist]
     assert len(hist) == 6
+
+
+def test_epoch_batches_without_lengths_are_plain_slices():
+    order = list(range(10))
+    assert epoch_batches(order, 4, None, random.Random(0)) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+def test_epoch_batches_grouped_by_length_use_every_index_once_with_less_padding():
+    rng = random.Random(0)
+    lengths = [rng.randint(10, 60) for _ in range(1000)]
+    order = list(range(1000))
+    rng.shuffle(order)
+    plain = epoch_batches(order, 16, None, random.Random(1))
+    grouped = epoch_batches(order, 16, lengths, random.Random(1), group=10)
+    assert sorted(j for b in grouped for j in b) == list(range(1000))
+    assert len(grouped) == len(plain) == math.ceil(1000 / 16)
+    assert sorted(len(b) for b in grouped) == sorted(len(b) for b in plain)
+    padded = lambda batches: sum(max(lengths[j] for j in b) * len(b) for b in batches)  # noqa: E731
+    assert padded(grouped) < 0.8 * padded(plain)
+    # the batches are shuffled: not in order of length
+    maxima = [max(lengths[j] for j in b) for b in grouped]
+    assert maxima != sorted(maxima)
+
+
+def test_training_grouped_by_length_learns_too(tok):
+    rm = _rm(tok)
+    rng = random.Random(0)
+    train, held = _comparisons(rng, 20), _comparisons(rng, 2)
+    hist = train_reward_model(rm, train, RMTrainConfig(batch_size=8, lr=3e-3, epochs=1, max_length=32,
+                                                       group_by_length=True))
+    assert len(hist) == 30 and sum(h["sequences"] for h in hist) == 240 * 3
+    assert pair_accuracy(rm, held) > 0.8
