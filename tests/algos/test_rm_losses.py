@@ -360,3 +360,16 @@ def test_training_grouped_by_length_learns_too(tok):
                                                        group_by_length=True))
     assert len(hist) == 30 and sum(h["sequences"] for h in hist) == 240 * 3
     assert pair_accuracy(rm, held) > 0.8
+
+
+def test_freeze_embeddings_keeps_token_embeddings_for_this_training_only(tok):
+    rm = _rm(tok)
+    emb = rm.backbone.get_input_embeddings().weight
+    before = {n: p.detach().clone() for n, p in rm.named_parameters()}
+    train = _comparisons(random.Random(0), 2)
+    train_reward_model(rm, train, RMTrainConfig(batch_size=8, lr=3e-3, max_length=32, freeze_embeddings=True))
+    emb_name = next(n for n, p in rm.named_parameters() if p is emb)
+    assert torch.equal(emb, before[emb_name]), "the token embeddings must not move"
+    moved = [n for n, p in rm.named_parameters() if not torch.equal(p, before[n])]
+    assert moved and emb_name not in moved
+    assert emb.requires_grad, "the embeddings' own requires_grad flag comes back after training"
