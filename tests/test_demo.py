@@ -30,6 +30,11 @@ def test_demo_quick(tmp_path, monkeypatch):
     assert s["beta_final"] != 0.1, "the adaptive controller must have moved beta"
     for name in ("sft", "rm", "ppo", "ppo_beta0"):
         assert (tmp_path / s["models"][name] / "config.json").is_file() or (out / "models" / name / "config.json").is_file()
+    # the beta = 0 run drops both regularisers: the KL penalty and the entropy bonus
+    b0 = json.loads((out / "models" / "ppo_beta0" / "manifest.json").read_text())["config"]
+    main_ppo = json.loads((out / "models" / "ppo" / "manifest.json").read_text())["config"]
+    assert (b0["kl_coef"], b0["adaptive_kl"], b0["entropy_coef"]) == (0.0, False, 0.0)
+    assert main_ppo["entropy_coef"] == 0.01 and main_ppo["adaptive_kl"] is True
     lines = (out / "samples_ppo.jsonl").read_text().splitlines()
     assert len(lines) == s["eval_prompts"] == 16
     assert set(json.loads(lines[0])) == {"prompt", "response"}
