@@ -77,7 +77,7 @@ class DemoConfig:
         normalize_unit_variance=True, group_by_length=True, freeze_embeddings=True))
     # A small entropy bonus keeps the samples about as varied as rho's (without it distinct-2 fell
     # to 0.83-0.85 x rho's). The controller moves beta by at most 2 % a step, down while the KL is
-    # below its target and up once it overshoots, so beta starts near where it ends (0.25-0.3):
+    # below its target and up once it overshoots, so beta starts near where it ends (0.24-0.34):
     # from 0.45 it fell to 0.12 by step 70 and the KL ended 18-27 % over its target
     # (docs/demo-results.md)
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(
