@@ -200,7 +200,8 @@ class _Stats:
 
 class EngineFront:
     """What the event loop's side needs of an engine before it queues a request: the prompt's
-    token ids and the checks, with the limits of the model version. Shared by the in-process
+    token ids and the checks, with the limits of the model version, and the lifecycle state both
+    engines share (closed, queue depth). Shared by the in-process
     :class:`InferenceEngine` and :class:`rlhf.inference.process.EngineProcess`."""
 
     tokenizer: object
@@ -208,6 +209,29 @@ class EngineFront:
     max_len: int
     max_prompt_tokens: int
     cfg: EngineConfig
+
+    def _init_front(self, tokenizer, *, add_bos: bool, dtype: str, device, max_len: int,
+                    max_prompt_tokens: int) -> None:
+        """The model version's limits and codec, and the lifecycle state both engines start with."""
+        self.tokenizer = tokenizer
+        self.eos_id = tokenizer.eos_token_id
+        self._encode, self.decode = fast_codec(tokenizer)
+        self.add_bos, self.dtype, self.device = add_bos, dtype, device
+        self.max_len, self.max_prompt_tokens = max_len, max_prompt_tokens
+        self._waiting_samples = 0
+        self._retiring = False
+        self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._done: asyncio.Event | None = None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def queue_depth(self) -> int:
+        """Samples queued and not yet given a row."""
+        return self._waiting_samples
 
     def encode(self, prompt: str) -> list[int]:
         """The prompt's token ids as the model sees them (BOS first when the model wants it)."""
@@ -234,31 +258,23 @@ class InferenceEngine(EngineFront):
     def __init__(self, policy: PolicyEngine, config: EngineConfig | None = None, metrics=None):
         self.policy = policy
         self.version = policy.version
-        self.tokenizer = policy.tokenizer
         self.cfg = config or EngineConfig()
         self.metrics = metrics
-        self.eos_id = self.tokenizer.eos_token_id
-        self.add_bos = policy.add_bos
-        self.dtype = str(next(policy.model.parameters()).dtype).replace("torch.", "")
-        self._encode, self.decode = fast_codec(self.tokenizer)
         self.runner = make_runner(policy.model, self.cfg.max_batch_size, self.cfg.max_seq_len,
-                                  pad_token_id=self.tokenizer.pad_token_id or 0, kind=self.cfg.runner)
-        self.max_len = min(self.runner.max_len, policy.context_length)
-        self.max_prompt_tokens = min(policy.max_prompt_tokens, self.max_len - 1)
-        self.device = policy.device
+                                  pad_token_id=policy.tokenizer.pad_token_id or 0, kind=self.cfg.runner)
+        max_len = min(self.runner.max_len, policy.context_length)
+        self._init_front(policy.tokenizer, add_bos=policy.add_bos,
+                         dtype=str(next(policy.model.parameters()).dtype).replace("torch.", ""),
+                         device=policy.device, max_len=max_len,
+                         max_prompt_tokens=min(policy.max_prompt_tokens, max_len - 1))
         self.stats = _Stats()
         self._gen = torch.Generator().manual_seed(self.cfg.seed) if self.cfg.seed is not None else None
         self._cond = threading.Condition()
         self._waiting: deque[Generation] = deque()
-        self._waiting_samples = 0
         self._rows: list[_Row] = []
         self._params: BatchParams | None = None
-        self._retiring = False
-        self._closed = False
         self._abort: BaseException | None = None
         self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._done: asyncio.Event | None = None
 
     # -- lifecycle (event loop) ------------------------------------------------------------------
 
@@ -292,14 +308,6 @@ class InferenceEngine(EngineFront):
             if abort is not None:
                 self._abort = abort
             self._cond.notify()
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    @property
-    def queue_depth(self) -> int:
-        return self._waiting_samples
 
     @property
     def running(self) -> int:

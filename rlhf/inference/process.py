@@ -30,7 +30,6 @@ from dataclasses import asdict, replace
 from rlhf.errors import ResourceExhaustedError, UnavailableError
 from rlhf.inference.engine import (EngineConfig, EngineFront, EngineRetiredError, Generation, InferenceEngine,
                                    TokenEvent, _Stats)
-from rlhf.inference.text import fast_codec
 from rlhf.serving import GenerationRequest
 
 log = logging.getLogger("rlhf.inference")
@@ -246,20 +245,13 @@ class EngineProcess(EngineFront):
             self._kill()
             raise msg[1]
         info = msg[1]
-        self.tokenizer = load_tokenizer(path)
-        self.eos_id = self.tokenizer.eos_token_id
-        self._encode, self.decode = fast_codec(self.tokenizer)
-        self.max_len, self.max_prompt_tokens = info["max_len"], info["max_prompt_tokens"]
-        self.add_bos, self.dtype, self.device = info["add_bos"], info["dtype"], torch.device(info["device"])
+        self._init_front(load_tokenizer(path), add_bos=info["add_bos"], dtype=info["dtype"],
+                         device=torch.device(info["device"]), max_len=info["max_len"],
+                         max_prompt_tokens=info["max_prompt_tokens"])
         self._gens: dict[int, _RemoteGeneration] = {}
         self._queued: set[int] = set()  # requests without a token yet: waiting for rows
-        self._waiting_samples = 0
         self._ids = itertools.count()
         self._send_lock = threading.Lock()
-        self._retiring = False
-        self._closed = False
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._done: asyncio.Event | None = None
 
     # -- lifecycle (event loop) ------------------------------------------------------------------
 
@@ -288,14 +280,6 @@ class EngineProcess(EngineFront):
         await asyncio.to_thread(self._proc.join, 10.0)
         if self._proc.is_alive():
             self._kill()
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    @property
-    def queue_depth(self) -> int:
-        return self._waiting_samples
 
     @property
     def pid(self) -> int | None:
