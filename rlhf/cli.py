@@ -79,14 +79,12 @@ def _print_summary(s: dict, out: Path) -> None:
 
 
 def cmd_train(args) -> int:
-    from rlhf import train
     from rlhf.config import load_config
+    from rlhf.train import JOBS, run_local
 
-    job_cls, runner = {"sft": (train.SFTJob, train.run_sft), "rm": (train.RMJob, train.run_rm),
-                       "ppo": (train.PPOJob, train.run_ppo)}[args.stage]
-    job = load_config(job_cls, args.config, args.set)
+    job = load_config(JOBS[args.stage], args.config, args.set)
     with _progress() as progress:
-        result = runner(job, progress)
+        result = run_local(args.stage, job, progress)
     print(json.dumps(result, indent=2))
     return 0
 

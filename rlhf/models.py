@@ -222,36 +222,39 @@ class RewardConfig:
 class RewardModel(nn.Module):
     """r(x, y): a backbone plus a scalar head, normalised by (bias, gain)."""
 
-    def __init__(self, backbone: PreTrainedModel, tokenizer, config: RewardConfig, head: nn.Linear | None = None):
+    def __init__(self, backbone: PreTrainedModel, tokenizer, config: RewardConfig, head: nn.Linear | None = None,
+                 seed: int | None = None):
         super().__init__()
         self.backbone = backbone
         self.tokenizer = tokenizer
         self.config = config
         if head is None:
             # Ziegler et al.: "initialize r to rho, using random initialization for the final
-            # linear layer"; a small std keeps initial scores near 0.
+            # linear layer"; a small std keeps initial scores near 0. A seed gives the same head
+            # whatever else the process drew (the jobs pass theirs); None draws from torch's RNG.
             with _LOAD_LOCK:
                 head = nn.Linear(hidden_size_of(backbone), 1)
-            nn.init.normal_(head.weight, std=1.0 / (hidden_size_of(backbone) + 1) ** 0.5)
+            nn.init.normal_(head.weight, std=1.0 / (hidden_size_of(backbone) + 1) ** 0.5,
+                            generator=None if seed is None else torch.Generator().manual_seed(seed))
             nn.init.zeros_(head.bias)
         self.head = head
 
     # -- construction ---------------------------------------------------------------------------
 
     @classmethod
-    def from_causal_lm(cls, lm: PreTrainedModel, tokenizer) -> "RewardModel":
+    def from_causal_lm(cls, lm: PreTrainedModel, tokenizer, seed: int | None = None) -> "RewardModel":
         """Backbone (a): the policy's own architecture and weights, with a fresh scalar head."""
         trunk = lm.base_model if hasattr(lm, "base_model") else lm
-        return cls(trunk, tokenizer, RewardConfig(backbone="causal"))
+        return cls(trunk, tokenizer, RewardConfig(backbone="causal"), seed=seed)
 
     @classmethod
-    def from_encoder(cls, path: str | os.PathLike) -> "RewardModel":
+    def from_encoder(cls, path: str | os.PathLike, seed: int | None = None) -> "RewardModel":
         """Backbone (b): a bidirectional encoder (e.g. MiniLM) from a local directory."""
         p = _check_model_dir(path)
         enc = _from_pretrained(AutoModel, p)
         tok = AutoTokenizer.from_pretrained(p, local_files_only=True)
         tok.padding_side = "right"
-        return cls(enc, tok, RewardConfig(backbone="encoder"))
+        return cls(enc, tok, RewardConfig(backbone="encoder"), seed=seed)
 
     # -- scoring --------------------------------------------------------------------------------
 

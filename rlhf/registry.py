@@ -65,8 +65,7 @@ class ModelRegistry:
         return p
 
     def manifest(self, kind: str, version: str) -> Manifest:
-        data = json.loads((self.path(kind, version) / "manifest.json").read_text())
-        return Manifest(**{k: v for k, v in data.items() if k in Manifest.__dataclass_fields__})
+        return read_manifest(self.path(kind, version))
 
     def versions(self, kind: str) -> list[str]:
         """All complete versions of a kind, oldest first."""
@@ -84,19 +83,46 @@ class ModelRegistry:
         """Create a new version: ``write(tmpdir)`` saves the model files, then it appears atomically."""
         self._check_kind(kind)
         version = version or new_version_id()
-        final = self.root / kind / version
-        if final.exists():
-            raise DataError(f"{kind} version {version!r} already exists; versions are immutable")
-        tmp = self.root / kind / f".tmp-{version}"
-        tmp.mkdir(parents=True)
-        try:
-            write(tmp)
-            m = Manifest(kind=kind, version=version, parent_version=parent_version, job_id=job_id,
-                         base_model=base_model, data=data or {}, config=config or {},
-                         metrics={k: float(v) for k, v in (metrics or {}).items()}, created_at=time.time())
-            (tmp / "manifest.json").write_text(json.dumps(asdict(m), indent=2, sort_keys=True) + "\n")
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return m
+        return write_version(self.root / kind / version, kind, write, version=version, parent_version=parent_version,
+                             job_id=job_id, base_model=base_model, data=data, config=config, metrics=metrics)
+
+
+def write_version(final: str | os.PathLike, kind: str, write: Callable[[Path], None], *, version: str | None = None,
+                  parent_version: str = "", job_id: str = "", base_model: str = "", data: dict | None = None,
+                  config: dict | None = None, metrics: dict | None = None) -> Manifest:
+    """Write one model version into the directory ``final`` with its manifest, atomically.
+
+    ``write(tmpdir)`` saves the model files into a hidden sibling of ``final``, the manifest is
+    added, and the directory is renamed into place: a reader never sees a half-written version.
+    The registry's versions and ``rlhf train``'s outputs are both written here, so every version
+    carries the same manifest. ``final`` must not exist, or be an empty directory.
+    """
+    final = Path(final)
+    if kind not in KINDS:
+        raise DataError(f"unknown model kind {kind!r}; expected one of {', '.join(KINDS)}")
+    if final.exists() and (not final.is_dir() or any(final.iterdir())):
+        raise DataError(f"{final} already exists and is not empty: model versions are immutable")
+    version = version or new_version_id()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{secrets.token_hex(3)}"
+    tmp.mkdir()
+    try:
+        write(tmp)
+        m = Manifest(kind=kind, version=version, parent_version=parent_version, job_id=job_id,
+                     base_model=base_model, data=data or {}, config=config or {},
+                     metrics={k: float(v) for k, v in (metrics or {}).items()}, created_at=time.time())
+        (tmp / "manifest.json").write_text(json.dumps(asdict(m), indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, final)  # an empty directory at ``final`` is replaced too
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return m
+
+
+def read_manifest(path: str | os.PathLike) -> Manifest | None:
+    """The manifest of a version directory (registry or ``rlhf train`` output), or None without one."""
+    f = Path(path) / "manifest.json"
+    if not f.is_file():
+        return None
+    data = json.loads(f.read_text())
+    return Manifest(**{k: v for k, v in data.items() if k in Manifest.__dataclass_fields__})

@@ -1,9 +1,21 @@
-"""Training jobs on the user's own data: what ``rlhf train sft|rm|ppo`` runs.
+"""Training jobs: the one recipe of each job, for ``rlhf train sft|rm|ppo`` and for the trainer service.
 
-Each job reads a config (see :class:`SFTJob`, :class:`RMJob`, :class:`PPOJob`; every field is
-documented there and in docs/cli.md), trains, and writes a model version in Hugging Face format
-to ``output`` with ``manifest.json`` (parent model, data, config, final metrics) and
-``metrics.jsonl`` (one line per optimizer step).
+A job is a config dataclass (:class:`SFTJob`, :class:`RMJob`, :class:`PPOJob`; every field is
+documented here, in docs/cli.md and in docs/services-reference.md) and a ``run_*`` function that
+takes it and a :class:`JobIO`. The IO is the one thing that differs between the two ways of
+running a job: where its inputs come from and where its model versions go.
+
+* :class:`LocalIO` (the command line): models are directories, data are JSONL files, the new
+  version is written to ``output``, progress goes to the terminal.
+* the trainer service's IO (``services/trainer/runs.py``): models are registry versions, data come
+  from the feedback-store and the prompt-collector, rewards from the reward-scorer, rollouts from
+  the policy-server or from the trainer itself, and versions are published into the registry and
+  announced on ``rlhf.models.v1``.
+
+Every version, whichever way it was trained, is written by :func:`rlhf.registry.write_version`
+with the registry's one manifest (kind, parent, job, data, config, metrics) and holds the model in
+Hugging Face format plus ``metrics.jsonl`` (one line per optimizer step); a PPO policy also holds
+its value head (``value_head.pt``).
 """
 
 from __future__ import annotations
@@ -13,146 +25,413 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal, Sequence
 
 import torch
 
-from rlhf.algos.ppo import PPOConfig, PPOTrainer
+from rlhf.algos.ppo import PPOConfig, PPOTrainer, RewardFn
 from rlhf.algos.rm import RMTrainConfig, normalize_reward_model, pair_accuracy, split_into_pairs, train_reward_model
-from rlhf.algos.sft import SFTConfig, encode_demonstrations, perplexity, train_lm
+from rlhf.algos.sft import SFTConfig, encode_demonstrations, pack_texts, perplexity, train_lm
 from rlhf.config import to_dict
-from rlhf.data import read_comparisons, read_demonstrations, read_prompts
-from rlhf.errors import ConfigError
+from rlhf.data import Comparison, Demonstration, read_comparisons, read_demonstrations, read_prompts
+from rlhf.errors import ConfigError, DataError
+from rlhf.generation import Rollout
 from rlhf.models import RewardModel, load_causal_lm, load_tokenizer, minilm_path, save_pretrained
 from rlhf.progress import Progress
+from rlhf.registry import write_version
+
+PTX_BLOCK_TOKENS = 64  # tokens per pre-training block of PPO-ptx
+
+
+# ----------------------------------------------------------------------------------------------
+# The job configs (one set: `rlhf train` files and the trainer's StartJob overrides)
+# ----------------------------------------------------------------------------------------------
 
 
 @dataclass
 class SFTJob:
     """Supervised fine-tuning on demonstrations (loss on response tokens only)."""
 
-    model: str = ""  # directory of the Hugging Face causal LM to fine-tune (required)
-    data: str = ""  # demonstrations JSONL: {"prompt", "response"} per line (required)
-    eval_data: str | None = None  # demonstrations JSONL for held-out perplexity (optional)
-    output: str = ""  # directory for the new model version (required; must not exist)
+    model: str = ""  # the policy to fine-tune: a Hugging Face directory (rlhf train, required) or a registry policy version (trainer; empty: the latest)
+    data: str = ""  # demonstrations JSONL, {"prompt", "response"} per line (rlhf train, required); the trainer uses the feedback-store's demonstrations
+    eval_data: str | None = None  # demonstrations JSONL for held-out perplexity (rlhf train; optional)
+    output: str = ""  # directory for the new version (rlhf train, required; must not exist); the trainer publishes into its registry
+    min_demonstrations: int = 1  # fewer demonstrations fail the job
     sft: SFTConfig = field(default_factory=SFTConfig)  # training hyper-parameters (next table)
+
+
 @dataclass
 class RMJob:
     """Reward-model training on comparisons; the model is then normalised so the responses in the
     training comparisons (samples of the reference policy) score 0 on average."""
 
-    model: str = ""  # causal LM directory, an encoder directory, or "minilm" for the packaged MiniLM
+    model: str = ""  # the backbone: a causal LM or encoder directory, or "minilm" for the packaged MiniLM (rlhf train, required); trainer: a policy version, "minilm", or empty (see init_from)
     backbone: Literal["causal", "encoder"] = "causal"  # causal: score at the last token; encoder: mean-pooled
-    data: str = ""  # comparisons JSONL (ranking, best-of-K or pair records) (required)
-    eval_data: str | None = None  # comparisons JSONL for held-out accuracy (optional)
-    output: str = ""  # directory for the new reward-model version (required; must not exist)
+    init_from: Literal["policy", "reward"] = "policy"  # trainer, empty model: a fresh head on the latest policy's trunk (Ziegler et al.), or continue the latest reward model
+    data: str = ""  # comparisons JSONL: ranking, best-of-K or pair records (rlhf train, required); the trainer uses the feedback-store's comparisons
+    eval_data: str | None = None  # comparisons JSONL for held-out accuracy (rlhf train; optional); the trainer holds out the test split
+    output: str = ""  # directory for the new reward-model version (rlhf train, required; must not exist); the trainer publishes into its registry
+    min_comparisons: int = 4  # fewer usable comparisons fail the job
+    since_unix: float = 0.0  # trainer: only comparisons stored at or after this time (0: all)
     rm: RMTrainConfig = field(default_factory=RMTrainConfig)  # training hyper-parameters (next table)
+
+
 @dataclass
 class PPOJob:
-    """PPO of a policy against a reward model under a KL penalty to the starting policy."""
+    """PPO of a policy against a reward model under a KL penalty to a frozen reference policy."""
 
-    policy: str = ""  # directory of the SFT policy; also the frozen reference rho (required)
-    reward_model: str = ""  # directory of a reward model written by `rlhf train rm` (required)
-    prompts: str = ""  # prompts JSONL: {"prompt"} per line (required)
-    ptx_data: str | None = None  # demonstrations JSONL used as pre-training text for PPO-ptx (optional)
-    output: str = ""  # directory for the new policy version (required; must not exist)
+    policy: str = ""  # the policy to start from: a directory (rlhf train, required) or a registry policy version (trainer; empty: the latest)
+    reference: str = ""  # rho, the frozen reference: a directory / registry version; empty: the starting policy (rlhf train) or the root of its lineage, the SFT model (trainer)
+    reward_model: str = ""  # directory of a reward model written by `rlhf train rm` (rlhf train, required); the trainer scores on the reward-scorer
+    prompts: str = ""  # prompts JSONL, {"prompt"} per line (rlhf train, required); the trainer uses the prompt-collector's train prompts
+    ptx_data: str | None = None  # demonstrations JSONL used as pre-training text for PPO-ptx (rlhf train; optional)
+    output: str = ""  # directory for the new policy version (rlhf train, required; must not exist); the trainer publishes into its registry
     steps: int = 100  # PPO steps; each uses ppo.batch_size prompts
+    rollouts: Literal["", "local", "policy-server"] = ""  # who samples the rollouts: this process, or the policy-server (trainer only); empty: local for rlhf train, the policy-server in the trainer
+    prefetch_rollouts: bool = False  # policy-server rollouts: ask for the next step's before this step's update (they overlap it, one version staler)
+    wait_for_serving_seconds: float = 120.0  # trainer: how long to wait for the policy-server to serve the final version
     ppo: PPOConfig = field(default_factory=PPOConfig)  # PPO hyper-parameters (next tables)
-def _require(job, *names: str) -> None:
-    for n in names:
-        if not getattr(job, n):
-            raise ConfigError(f"field {n} is required")
-    out = Path(job.output)
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"output {out} already exists and is not empty: model versions are immutable")
 
 
-def _write_metrics(out: Path, history: list[dict]) -> None:
-    with open(out / "metrics.jsonl", "w") as f:
-        for h in history:
-            f.write(json.dumps({k: v for k, v in h.items() if not k.startswith("_")}) + "\n")
+# ----------------------------------------------------------------------------------------------
+# Where a job's inputs come from and its versions go
+# ----------------------------------------------------------------------------------------------
 
 
-def run_sft(job: SFTJob, progress: Progress) -> dict:
-    _require(job, "model", "data", "output")
-    demos = read_demonstrations(job.data)
-    evals = read_demonstrations(job.eval_data) if job.eval_data else []
-    tok = load_tokenizer(job.model)
-    model = load_causal_lm(job.model)
+@dataclass
+class Source:
+    """A resolved model: its directory, and how the new version's manifest names it as parent."""
+
+    path: Path
+    parent: str
+
+
+class RolloutSource:
+    """Yields each PPO step's prompts and rollout batch; ``stepped`` is told when the update is done."""
+
+    def next(self, step: int) -> tuple[list[str], Rollout, dict]:
+        """(prompts, rollout, info): ``info["own_rollout"]`` says whether the trainer's current
+        weights sampled it; other keys are step metrics (timings, staleness)."""
+        raise NotImplementedError
+
+    def stepped(self, step: int, metrics: dict) -> None:
+        """Called after each update, before the step's metrics are reported."""
+
+    def finish(self) -> str | None:
+        """After the last step: the version the last publication made, if the source publishes."""
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+class LocalRollouts(RolloutSource):
+    """The trainer's own policy samples each step's rollouts."""
+
+    def __init__(self, trainer: PPOTrainer, prompts_for_step: Callable[[int], list[str]]):
+        self.trainer = trainer
+        self.prompts_for_step = prompts_for_step
+
+    def next(self, step: int) -> tuple[list[str], Rollout, dict]:
+        prompts = self.prompts_for_step(step)
+        t0 = time.perf_counter()
+        r = self.trainer.generate(prompts)
+        return prompts, r, {"own_rollout": True, "time_generate_seconds": time.perf_counter() - t0}
+
+
+class JobIO:
+    """Inputs, outputs and progress of a job. Subclasses implement what their jobs need."""
+
+    device: str = "cpu"
+
+    # progress and cancellation
+    def event(self, message: str, progress: float | None = None, metrics: dict | None = None) -> None:
+        """A milestone of the job (progress in 0..1 of the whole job, when known)."""
+
+    def step(self, stage: str, done: int, total: int, metrics: dict) -> None:
+        """One optimizer step of ``stage`` (SFT, RM, PPO) is done."""
+
+    def check(self) -> None:
+        """Raise when the job should stop (cancelled)."""
+
+    # inputs
+    def demonstrations(self, job: SFTJob) -> tuple[list[Demonstration], list[Demonstration]]:
+        raise NotImplementedError
+
+    def comparisons(self, job: RMJob) -> tuple[list[Comparison], list[Comparison]]:
+        raise NotImplementedError
+
+    def policy(self, ref: str, field_name: str) -> Source:
+        raise NotImplementedError
+
+    def reference(self, job: PPOJob, start: Source) -> Source:
+        raise NotImplementedError
+
+    def reward_backbone(self, job: RMJob) -> tuple[RewardModel, str]:
+        raise NotImplementedError
+
+    def prompts(self, job: PPOJob) -> list[str]:
+        raise NotImplementedError
+
+    def ptx_texts(self, job: PPOJob) -> list[str] | None:
+        return None
+
+    def reward_fn(self, job: PPOJob) -> tuple[RewardFn, Callable[[], dict]]:
+        """The reward function, and what the manifest records of the reward model that answered."""
+        raise NotImplementedError
+
+    def rollouts(self, job: PPOJob, start: Source, trainer: PPOTrainer, prompts_for_step: Callable[[int], list[str]],
+                 write: Callable[[Path], None], manifest: Callable[[dict], dict]) -> RolloutSource:
+        """Local rollouts; the trainer may sample on the policy-server (publishing every step)."""
+        return LocalRollouts(trainer, prompts_for_step)
+
+    # outputs
+    def publish(self, kind: str, write: Callable[[Path], None], job, *, parent: str, metrics: dict,
+                config: dict, data: dict) -> str:
+        """Write the job's new version; returns its id (the trainer) or directory (rlhf train)."""
+        raise NotImplementedError
+
+
+def serving_config(path: Path) -> dict:
+    """What serving a policy needs to know from its parent (whether prompts start with BOS)."""
+    f = Path(path) / "manifest.json"
+    config = json.loads(f.read_text()).get("config", {}) if f.is_file() else {}
+    return {"add_bos": bool(config.get("add_bos", False))}
+
+
+def batch_prompts(prompts: Sequence[str], step: int, seed: int, n: int) -> list[str]:
+    """The prompts of PPO step ``step``: ``n`` distinct ones, drawn by ``seed`` and ``step`` alone
+    (a job resumed at a step, or run through the other path, sees the same batch)."""
+    if len(prompts) < n:
+        raise DataError(f"{len(prompts)} prompts are fewer than ppo.batch_size={n}")
+    return random.Random(seed * 1_000_003 + step).sample(list(prompts), n)
+
+
+def usable_comparisons(comparisons: Sequence[Comparison], loss: str) -> list[Comparison]:
+    """The comparisons a loss can train on: best-of-K choices for best_of_k, rankings and pairs otherwise."""
+    if loss == "best_of_k":
+        return [c for c in comparisons if c.kind == "best_of_k"]
+    return [c for c in comparisons if c.kind != "best_of_k"]
+
+
+def _metrics_jsonl(history: list[dict]) -> str:
+    return "".join(json.dumps({k: v for k, v in h.items() if not k.startswith("_")}) + "\n" for h in history)
+
+
+def _write_policy(model, tok, history: list[dict], value_head=None) -> Callable[[Path], None]:
+    def write(d: Path) -> None:
+        save_pretrained(model, tok, d)
+        if value_head is not None:
+            torch.save(value_head.state_dict(), d / "value_head.pt")
+        (d / "metrics.jsonl").write_text(_metrics_jsonl(history))
+    return write
+
+
+# ----------------------------------------------------------------------------------------------
+# The recipes
+# ----------------------------------------------------------------------------------------------
+
+
+def run_sft(job: SFTJob, io: JobIO) -> dict:
+    torch.manual_seed(job.sft.seed)  # dropout: the same job gives the same weights, whichever way it runs
+    demos, evals = io.demonstrations(job)
+    if len(demos) < job.min_demonstrations:
+        raise DataError(f"{len(demos)} demonstrations; the job needs at least {job.min_demonstrations} (min_demonstrations)")
+    src = io.policy(job.model, "model")
+    tok, model = load_tokenizer(src.path), load_causal_lm(src.path).to(io.device)
     ids, attn, lm = encode_demonstrations(tok, demos, job.sft.max_length)
     total = job.sft.max_steps or max(1, int(job.sft.epochs * -(-len(demos) // job.sft.batch_size)))
-    task = progress.add("SFT", total=total)
+    io.event(f"fine-tuning on {len(demos)} demonstrations", 0.1)
     t0 = time.perf_counter()
-    hist = train_lm(model, ids, attn, lm, job.sft, lambda m: progress.update(task, 1, f"loss {m['loss']:.3f}"))
-    result = {"final_loss": hist[-1]["loss"], "steps": len(hist), "seconds": time.perf_counter() - t0}
+
+    def on_step(m: dict) -> None:
+        io.check()
+        io.step("SFT", m.get("step", 0), total, {"sft_loss": m["loss"]})
+
+    hist = train_lm(model, ids, attn, lm, job.sft, on_step)
+    metrics = {"sft_loss": hist[-1]["loss"], "sft_steps": float(len(hist)), "sft_demonstrations": float(len(demos)),
+               "seconds": time.perf_counter() - t0}
     if evals:
-        result["eval_perplexity"] = perplexity(model, *encode_demonstrations(tok, evals, job.sft.max_length))
-    out = save_pretrained(model, tok, job.output, manifest={
-        "kind": "policy", "stage": "sft", "parent": job.model, "data": job.data, "config": to_dict(job), "metrics": result})
-    _write_metrics(out, hist)
-    return {"output": str(out), **result}
+        metrics["eval_perplexity"] = perplexity(model, *encode_demonstrations(tok, evals, job.sft.max_length))
+    out = io.publish("policy", _write_policy(model, tok, hist), job, parent=src.parent, metrics=metrics,
+                     config={**serving_config(src.path), "job": to_dict(job)},
+                     data={"demonstrations": len(demos), "source": job.data})
+    return {"output": out, **metrics}
 
 
-def load_reward_backbone(job: RMJob) -> RewardModel:
-    if job.backbone == "encoder" or job.model == "minilm":
-        return RewardModel.from_encoder(minilm_path() if job.model == "minilm" else job.model)
-    return RewardModel.from_causal_lm(load_causal_lm(job.model), load_tokenizer(job.model))
-
-
-def run_rm(job: RMJob, progress: Progress) -> dict:
-    _require(job, "model", "data", "output")
-    train = read_comparisons(job.data)
-    held = read_comparisons(job.eval_data) if job.eval_data else []
-    rm = load_reward_backbone(job)
+def run_rm(job: RMJob, io: JobIO) -> dict:
+    torch.manual_seed(job.rm.seed)
+    train, held = io.comparisons(job)
+    train, held = usable_comparisons(train, job.rm.loss), usable_comparisons(held, job.rm.loss)
+    if len(train) < job.min_comparisons:
+        raise DataError(f"{len(train)} comparisons for the RM's loss {job.rm.loss!r}; the job needs at least "
+                        f"{job.min_comparisons} (min_comparisons)")
+    io.check()
+    rm, parent = io.reward_backbone(job)
+    rm = rm.to(io.device)
     n_pass = len(train) if job.rm.loss != "pairwise" else len(split_into_pairs(train))
-    task = progress.add(f"reward model ({job.rm.loss})", total=-(-n_pass // job.rm.batch_size) * job.rm.epochs)
+    total = max(1, -(-n_pass // job.rm.batch_size) * job.rm.epochs)
+    io.event(f"training the reward model on {len(train)} comparisons", 0.1)
     t0 = time.perf_counter()
-    hist = train_reward_model(rm, train, job.rm, lambda m: progress.update(task, 1, f"loss {m['loss']:.3f}"))
-    result = {"final_loss": hist[-1]["loss"], "steps": len(hist), "seconds": time.perf_counter() - t0}
+
+    def on_step(m: dict) -> None:
+        io.check()
+        io.step("RM", m.get("step", 0), total, {"rm_loss": m["loss"]})
+
+    hist = train_reward_model(rm, train, job.rm, on_step)
+    metrics = {"rm_loss": hist[-1]["loss"], "rm_steps": float(len(hist)), "rm_comparisons": float(len(train)),
+               "seconds": time.perf_counter() - t0}
     if held:
-        result["heldout_accuracy"] = pair_accuracy(rm, held, job.rm.max_length)
+        metrics["rm_accuracy_heldout"] = pair_accuracy(rm, held, job.rm.max_length)
     # The responses in the comparisons were sampled from the reference policy: normalise on them.
     prompts = [c.prompt for c in train for _ in c.responses]
     responses = [r for c in train for r in c.responses]
     normalize_reward_model(rm, prompts, responses, job.rm.normalize_unit_variance, job.rm.max_length)
-    out = rm.save(job.output, manifest={"kind": "reward-model", "parent": job.model, "data": job.data,
-                                        "config": to_dict(job), "metrics": result})
-    _write_metrics(out, hist)
-    return {"output": str(out), **result}
+
+    def write(d: Path) -> None:
+        rm.save(d)
+        (d / "metrics.jsonl").write_text(_metrics_jsonl(hist))
+
+    out = io.publish("reward", write, job, parent=parent, metrics=metrics, config={"job": to_dict(job)},
+                     data={"comparisons": len(train), "heldout_comparisons": len(held), "source": job.data,
+                           "since_unix": job.since_unix})
+    return {"output": out, **metrics}
 
 
-def run_ppo(job: PPOJob, progress: Progress) -> dict:
-    _require(job, "policy", "reward_model", "prompts", "output")
-    prompts = [p.prompt for p in read_prompts(job.prompts)]
-    if len(prompts) < job.ppo.batch_size:
-        raise ConfigError(f"{job.prompts} has {len(prompts)} prompts, fewer than ppo.batch_size={job.ppo.batch_size}")
-    tok = load_tokenizer(job.policy)
-    policy = load_causal_lm(job.policy)
-    ref = load_causal_lm(job.policy)
-    rm = RewardModel.load(job.reward_model).requires_grad_(False)
-    ptx = None
-    if job.ptx_data:
-        from rlhf.algos.sft import pack_texts
+def run_ppo(job: PPOJob, io: JobIO) -> dict:
+    torch.manual_seed(job.ppo.seed)
+    start = io.policy(job.policy, "policy")
+    ref = io.reference(job, start)
+    all_prompts = io.prompts(job)
+    if len(all_prompts) < job.ppo.batch_size:
+        raise DataError(f"{len(all_prompts)} prompts are fewer than ppo.batch_size={job.ppo.batch_size}")
+    io.event(f"PPO from policy {start.parent}, reference {ref.parent}", 0.0)
+    tok = load_tokenizer(start.path)
+    policy = load_causal_lm(start.path).to(io.device)
+    ref_model = load_causal_lm(ref.path).to(io.device)
+    texts = io.ptx_texts(job)
+    ptx = pack_texts(tok, texts, PTX_BLOCK_TOKENS) if texts else None
+    if job.ppo.ptx_coef > 0 and ptx is None:
+        raise ConfigError("ppo.ptx_coef > 0 needs pre-training text (ptx_data)")
+    reward_fn, reward_info = io.reward_fn(job)
+    trainer = PPOTrainer(policy, tok, reward_fn, job.ppo, ref_model=ref_model, ptx_blocks=ptx)
+    hist: list[dict] = []
+    write = _write_policy(policy, tok, hist, trainer.value_head)
+    base_config = {**serving_config(start.path), "reference": ref.parent, "job": to_dict(job)}
 
-        ptx = pack_texts(tok, [d.prompt + d.response for d in read_demonstrations(job.ptx_data)], 64)
+    def manifest(m: dict) -> dict:
+        """The manifest fields of a version written after step metrics ``m``."""
+        return {"metrics": {k: m[k] for k in ("reward", "kl", "kl_coef", "entropy") if k in m},
+                "config": {**base_config, **reward_info()}, "data": {"source": job.prompts, "samples": m["samples_total"]}}
 
-    def reward_fn(ps, rs):
-        return rm.score(ps, rs)
-
-    trainer = PPOTrainer(policy, tok, reward_fn, job.ppo, ref_model=ref, ptx_blocks=ptx)
-    rng = random.Random(job.ppo.seed)
-    task = progress.add("PPO", total=job.steps)
-    hist = []
-    for _ in range(job.steps):
-        m = trainer.step(rng.sample(prompts, job.ppo.batch_size))
-        hist.append(m)
-        progress.update(task, 1, f"reward {m['reward']:+.3f} KL {m['kl']:.2f} beta {m['kl_coef']:.3f}")
+    source = io.rollouts(job, start, trainer, lambda s: batch_prompts(all_prompts, s, job.ppo.seed, job.ppo.batch_size),
+                         write, manifest)
+    try:
+        for step in range(job.steps):
+            io.check()
+            t_step = time.perf_counter()
+            prompts, rollout, info = source.next(step)
+            own = info.pop("own_rollout")
+            m = trainer.step_on_rollout(prompts, rollout, own_rollout=own)
+            m.update(info)
+            hist.append(m)
+            source.stepped(step, m)
+            m["step_duration_seconds"] = dt = time.perf_counter() - t_step  # the whole step, as a caller sees it
+            m["samples_per_second"] = len(prompts) / dt
+            m["tokens_per_second"] = float(rollout.response_mask.sum()) / dt
+            io.step("PPO", step + 1, job.steps, m)
+        published = source.finish()
+    finally:
+        source.close()
     last = hist[-1]
-    result = {k: last[k] for k in ("reward", "kl", "kl_coef_next", "samples_total")}
-    result["median_samples_per_second"] = sorted(h["samples_per_second"] for h in hist)[len(hist) // 2]
-    out = save_pretrained(policy, tok, job.output, manifest={
-        "kind": "policy", "stage": "ppo", "parent": job.policy, "reward_model": job.reward_model,
-        "data": job.prompts, "config": to_dict(job), "metrics": result})
-    torch.save(trainer.value_head.state_dict(), Path(out) / "value_head.pt")
-    _write_metrics(out, hist)
-    return {"output": str(out), **result}
+    result = {"reward": last["reward"], "kl": last["kl"], "kl_coef": last["kl_coef_next"],
+              "samples_total": float(last["samples_total"]), "ppo_steps": float(len(hist)),
+              "median_samples_per_second": sorted(h["samples_per_second"] for h in hist)[len(hist) // 2]}
+    stale = [h["rollout_staleness_versions"] for h in hist if "rollout_staleness_versions" in h]
+    if stale:
+        result["rollout_staleness_mean_versions"] = sum(max(0, s) for s in stale) / len(stale)
+        result["rollout_staleness_max_versions"] = float(max(stale))
+    if published is None:
+        fields = manifest(last)
+        published = io.publish("policy", write, job, parent=start.parent, metrics={**fields["metrics"], **result},
+                               config=fields["config"], data=fields["data"])
+    return {"output": published, **result}
+
+
+# ----------------------------------------------------------------------------------------------
+# `rlhf train`: files and directories
+# ----------------------------------------------------------------------------------------------
+
+
+class LocalIO(JobIO):
+    """``rlhf train``: models are directories, data are files, the version goes to ``job.output``."""
+
+    def __init__(self, progress: Progress | None = None, device: str = "cpu"):
+        self.progress = progress or Progress(enabled=False)
+        self.device = device
+        self._bars: dict[str, int] = {}
+
+    def step(self, stage: str, done: int, total: int, metrics: dict) -> None:
+        if stage not in self._bars:
+            self._bars[stage] = self.progress.add(stage, total=total)
+        text = "  ".join(f"{k.removeprefix('sft_').removeprefix('rm_')} {v:.3f}" for k, v in metrics.items()
+                         if k in ("sft_loss", "rm_loss", "reward", "kl", "kl_coef"))
+        self.progress.update(self._bars[stage], 1, text)
+
+    @staticmethod
+    def _required(job, *names: str) -> None:
+        for n in names:
+            if not getattr(job, n):
+                raise ConfigError(f"field {n} is required")
+        out = Path(job.output)
+        if out.exists() and any(out.iterdir()):
+            raise ConfigError(f"output {out} already exists and is not empty: model versions are immutable")
+
+    def demonstrations(self, job: SFTJob):
+        self._required(job, "model", "data", "output")
+        return read_demonstrations(job.data), read_demonstrations(job.eval_data) if job.eval_data else []
+
+    def comparisons(self, job: RMJob):
+        self._required(job, "model", "data", "output")
+        return read_comparisons(job.data), read_comparisons(job.eval_data) if job.eval_data else []
+
+    def policy(self, ref: str, field_name: str) -> Source:
+        if not ref:
+            raise ConfigError(f"field {field_name} is required")
+        return Source(Path(ref), ref)
+
+    def reference(self, job: PPOJob, start: Source) -> Source:
+        return Source(Path(job.reference), job.reference) if job.reference else start
+
+    def reward_backbone(self, job: RMJob) -> tuple[RewardModel, str]:
+        seed = job.rm.seed
+        if job.backbone == "encoder" or job.model == "minilm":
+            return RewardModel.from_encoder(minilm_path() if job.model == "minilm" else job.model, seed), job.model
+        return RewardModel.from_causal_lm(load_causal_lm(job.model), load_tokenizer(job.model), seed), job.model
+
+    def prompts(self, job: PPOJob) -> list[str]:
+        self._required(job, "policy", "reward_model", "prompts", "output")
+        if job.rollouts == "policy-server":
+            raise ConfigError("rollouts: policy-server is for the trainer service; rlhf train samples locally")
+        return [p.prompt for p in read_prompts(job.prompts)]
+
+    def ptx_texts(self, job: PPOJob) -> list[str] | None:
+        return [d.prompt + d.response for d in read_demonstrations(job.ptx_data)] if job.ptx_data else None
+
+    def reward_fn(self, job: PPOJob):
+        rm = RewardModel.load(job.reward_model).requires_grad_(False).to(self.device)
+        return (lambda ps, rs: rm.score(ps, rs)), (lambda: {"reward_model": job.reward_model})
+
+    def publish(self, kind, write, job, *, parent, metrics, config, data) -> str:
+        write_version(job.output, kind, write, parent_version=parent, metrics=metrics, config=config, data=data)
+        return str(job.output)
+
+
+def run_local(stage: str, job, progress: Progress | None = None) -> dict:
+    """``rlhf train STAGE``: run the job on files and directories."""
+    io = LocalIO(progress)
+    return {"sft": run_sft, "rm": run_rm, "ppo": run_ppo}[stage](job, io)
+
+
+JOBS = {"sft": SFTJob, "rm": RMJob, "ppo": PPOJob}
+

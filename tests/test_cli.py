@@ -33,14 +33,14 @@ def test_train_sft_rm_ppo_and_eval(workdir, capsys):
                                 f"output: {d / 'sft'}\nsft:\n  max_steps: 3\n  batch_size: 4\n")
     assert main(["train", "sft", "--config", str(d / "sft.yaml")]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["steps"] == 3 and out["eval_perplexity"] > 1
+    assert out["sft_steps"] == 3 and out["eval_perplexity"] > 1
     assert (d / "sft" / "manifest.json").is_file() and len((d / "sft" / "metrics.jsonl").read_text().splitlines()) == 3
 
     (d / "rm.toml").write_text(f'model = "{d / "sft"}"\ndata = "{d / "cmp.jsonl"}"\neval_data = "{d / "cmp.jsonl"}"\n'
                                f'output = "{d / "rm"}"\n[rm]\nbatch_size = 4\nepochs = 2\nlr = 1e-3\n')
     assert main(["train", "rm", "--config", str(d / "rm.toml"), "--set", "rm.loss=ranking"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["steps"] == 6 and 0.0 <= out["heldout_accuracy"] <= 1.0
+    assert out["rm_steps"] == 6 and 0.0 <= out["rm_accuracy_heldout"] <= 1.0
     assert (d / "rm" / "reward_config.json").is_file()
 
     (d / "ppo.yaml").write_text(f"policy: {d / 'sft'}\nreward_model: {d / 'rm'}\nprompts: {d / 'prompts.jsonl'}\n"

@@ -2,7 +2,8 @@
 
 from pathlib import Path
 
-from rlhf.docgen import render, render_services
+from rlhf.docgen import render
+from services.docgen import render as render_services
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,4 +22,4 @@ def test_readme_opens_with_the_two_commands_and_ci_runs_the_second():
 def test_services_reference_is_generated_from_the_code():
     committed = (ROOT / "docs" / "services-reference.md").read_text()
     assert committed == render_services(), \
-        "docs/services-reference.md is stale: run `python -m rlhf.docgen services > docs/services-reference.md`"
+        "docs/services-reference.md is stale: run `python -m services.docgen > docs/services-reference.md`"

@@ -39,12 +39,20 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
 ]
 
 
+def _options(options: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    extra = dict(options)
+    return [(k, v) for k, v in CHANNEL_OPTIONS if k not in extra] + list(extra.items())
+
+
 def channel(target: str, options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:
     """An insecure grpc.aio channel to ``target`` (``host:port``) with the platform's options;
     ``options`` are added (and override ones of the same name)."""
-    extra = dict(options)
-    merged = [(k, v) for k, v in CHANNEL_OPTIONS if k not in extra] + list(extra.items())
-    return grpc.aio.insecure_channel(target, options=merged)
+    return grpc.aio.insecure_channel(target, options=_options(options))
+
+
+def blocking_channel(target: str, options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
+    """The same as :func:`channel` for blocking stubs (the trainer's job threads)."""
+    return grpc.insecure_channel(target, options=_options(options))
 
 
 async def wait_ready(target: str, timeout: float = 30.0, service: str = "") -> None:

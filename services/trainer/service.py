@@ -16,6 +16,7 @@ from rlhf.metrics import ServiceMetrics
 from rlhf.registry import ModelRegistry
 from rlhf.runtime.bus import make_bus
 from rlhf.runtime.server import BaseServiceSettings
+from rlhf.train import PPOJob, RMJob, SFTJob
 from services.common import ts
 from services.trainer import runs
 from services.trainer.jobs import Job, JobManager
@@ -25,11 +26,10 @@ TRACKED = 200_000  # feedback event ids and task ids remembered by the compariso
 STATUS = {"pending": trainer_pb2.JOB_STATUS_PENDING, "running": trainer_pb2.JOB_STATUS_RUNNING,
           "succeeded": trainer_pb2.JOB_STATUS_SUCCEEDED, "failed": trainer_pb2.JOB_STATUS_FAILED,
           "cancelled": trainer_pb2.JOB_STATUS_CANCELLED}
-KINDS = {trainer_pb2.JOB_KIND_SFT: ("sft", runs.SFTJobConfig, runs.run_sft),
-         trainer_pb2.JOB_KIND_RM: ("rm", runs.RMJobConfig, runs.run_rm),
-         trainer_pb2.JOB_KIND_PPO: ("ppo", runs.PPOJobConfig, runs.run_ppo),
-         trainer_pb2.JOB_KIND_ONLINE_LOOP: ("online_loop", runs.OnlineLoopConfig, runs.run_online_loop)}
-KIND_ENUM = {name: k for k, (name, _, _) in KINDS.items()}
+# the job configs are rlhf train's (rlhf.train); StartJob's overrides set their fields
+KINDS = {trainer_pb2.JOB_KIND_SFT: ("sft", SFTJob), trainer_pb2.JOB_KIND_RM: ("rm", RMJob),
+         trainer_pb2.JOB_KIND_PPO: ("ppo", PPOJob), trainer_pb2.JOB_KIND_ONLINE_LOOP: ("online_loop", runs.OnlineLoopConfig)}
+KIND_ENUM = {name: k for k, (name, _) in KINDS.items()}
 
 
 @dataclass
@@ -124,14 +124,15 @@ class Trainer(trainer_grpc.TrainerServiceServicer):
     async def StartJob(self, request, context) -> trainer_pb2.StartJobResponse:
         if request.kind not in KINDS:
             raise DataError("kind must be one of JOB_KIND_SFT, JOB_KIND_RM, JOB_KIND_PPO, JOB_KIND_ONLINE_LOOP")
-        name, cfg_cls, body = KINDS[request.kind]
+        name, cfg_cls = KINDS[request.kind]
         overrides = [f"{k}={v}" for k, v in sorted(request.overrides.items())]
         try:
             cfg = from_dict(cfg_cls, apply_overrides({}, overrides))
+            runs.refuse_local_fields(name, cfg)
         except (ConfigError, ValueError, TypeError) as e:
             raise DataError(f"overrides: {e}") from e
         peers = self.peers
-        job = self.jobs.start(name, lambda ctx: body(ctx, peers, cfg))
+        job = self.jobs.start(name, lambda ctx: runs.run_job(name, ctx, peers, cfg))
         return trainer_pb2.StartJobResponse(job=_job_proto(job))
 
     async def GetJob(self, request, context) -> trainer_pb2.GetJobResponse:

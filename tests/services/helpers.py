@@ -86,3 +86,26 @@ def fresh_database(server_url: str, prefix: str = "rlhf_it") -> str:
     migrate(eng)
     eng.dispose()
     return url
+
+
+def up_on_free_ports(data_dir: Path, metrics: bool = False, http: bool = False, attempts: int = 5):
+    """`rlhf up` in a thread on five consecutive free gRPC ports (ten with metrics) in a range the OS
+    rarely hands out; another base is tried when a port was taken meanwhile.
+    Returns (close, addrs by service name, metrics base port or None, http port or None)."""
+    from services.launch import PORT_OFFSET, UpOptions, up_in_thread
+
+    for attempt in range(attempts):
+        base = free_ports(1)[0] % 20000 + 30000
+        http_port = free_ports(1)[0] if http else -1
+        try:
+            close = up_in_thread(UpOptions(data_dir=data_dir, base_port=base,
+                                           base_metrics_port=base + 10 if metrics else 0, http_port=http_port))
+        except RuntimeError as e:  # grpc: "Failed to bind to address ..."
+            if "bind" not in str(e) or attempt == attempts - 1:
+                raise
+            continue
+        addrs = {n: f"127.0.0.1:{base + off}" for n, off in PORT_OFFSET.items()}
+        for a in addrs.values():
+            wait_serving(a)
+        return close, addrs, (base + 10 if metrics else None), (http_port if http else None)
+    raise AssertionError("unreachable")

@@ -12,27 +12,19 @@ from rlhf_client import (feedback_grpc, feedback_pb2, policy_grpc, policy_pb2, r
 from sqlalchemy import text
 
 from rlhf.storage.db import make_engine
-from services.launch import UpOptions, up_in_thread
 from tests.services import scenario
-from tests.services.helpers import free_ports, metric_value, scrape, tiny_policy_registry, wait_serving
+from tests.services.helpers import metric_value, scrape, tiny_policy_registry, up_on_free_ports
 
 pytestmark = pytest.mark.slow
 
-NAMES = ["prompt-collector", "policy-server", "reward-scorer", "feedback-store", "trainer"]
 
 
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory):
     root = tmp_path_factory.mktemp("up")
     tiny_policy_registry(root / "registry")
-    # five consecutive ports (and five more for metrics) in a range the OS rarely hands out
-    base = free_ports(1)[0] % 20000 + 30000
-    http_port = free_ports(1)[0]
-    close = up_in_thread(UpOptions(data_dir=root, base_port=base, base_metrics_port=base + 10, http_port=http_port))
-    addrs = {n: f"127.0.0.1:{base + i}" for i, n in enumerate(NAMES)}
-    for a in addrs.values():
-        wait_serving(a)
-    yield {"addrs": addrs, "root": root, "metrics_base": base + 10, "http_port": http_port}
+    close, addrs, metrics_base, http_port = up_on_free_ports(root, metrics=True, http=True)
+    yield {"addrs": addrs, "root": root, "metrics_base": metrics_base, "http_port": http_port}
     close()  # re-raises what made the services fail, if anything did
 
 
