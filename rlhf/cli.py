@@ -5,9 +5,10 @@
     rlhf eval rm --model DIR --data comparisons.jsonl
     rlhf eval winrate --a samples_a.jsonl --b samples_b.jsonl [--judge gold|DIR]
     rlhf init-model --out DIR --texts FILE.jsonl [--set n_layer=4 ...]
-    rlhf demo-loop [--quick] [--out DIR] [--data DIR]
-    rlhf serve NAME                       (settings from RLHF_<NAME>_* environment variables)
-    rlhf up [--data-dir DIR] [--kafka HOST:PORT] [--database-url URL] [--policy DIR]
+
+Installed packages add commands through the ``rlhf.commands`` entry-point group: a function that
+takes the sub-parsers and adds its own. The platform's services add ``serve``, ``up`` and
+``demo-loop`` that way (``services/cli.py``); the core never imports them.
 
 Errors in input (a missing file, a malformed record, an unknown config field) print one line
 on stderr and exit with status 2.
@@ -20,12 +21,15 @@ import json
 import shutil
 import sys
 import time
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from rlhf.errors import RLHFError
 
+COMMANDS_GROUP = "rlhf.commands"
 
-def _progress():
+
+def progress_display():
     from rlhf.progress import Progress
 
     return Progress(enabled=True)
@@ -43,7 +47,7 @@ def cmd_demo(args) -> int:
     out = Path(args.out) if args.out else Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     if out.exists() and any(out.iterdir()):
         raise RLHFError(f"run directory {out} exists and is not empty; pick another --out")
-    with _progress() as progress:
+    with progress_display() as progress:
         summary = run_demo(out, cfg, Path(args.data) if args.data else None, progress)
     _print_summary(summary, out)
     return 0
@@ -83,7 +87,7 @@ def cmd_train(args) -> int:
     from rlhf.train import JOBS, run_local
 
     job = load_config(JOBS[args.stage], args.config, args.set)
-    with _progress() as progress:
+    with progress_display() as progress:
         result = run_local(args.stage, job, progress)
     print(json.dumps(result, indent=2))
     return 0
@@ -131,6 +135,7 @@ def cmd_init_model(args) -> int:
     from rlhf.config import apply_overrides, from_dict
     from rlhf.data import read_jsonl
     from rlhf.models import TinyLMConfig, build_tiny_lm, save_pretrained, train_tokenizer
+    from rlhf.registry import write_version
 
     cfg = from_dict(TinyLMConfig, apply_overrides({}, args.set))
     texts = []
@@ -141,78 +146,10 @@ def cmd_init_model(args) -> int:
     tok = train_tokenizer(texts, cfg.vocab_size)
     cfg.vocab_size = len(tok)
     model = build_tiny_lm(cfg, seed=args.seed)
-    save_pretrained(model, tok, args.out, manifest={"kind": "policy", "stage": "init", "config": vars(cfg)})
+    write_version(args.out, "policy", lambda d: save_pretrained(model, tok, d), base_model="init-model",
+                  config={"tiny_lm": vars(cfg)})
     print(json.dumps({"output": args.out, "vocab_size": len(tok)}))
     return 0
-
-
-def cmd_demo_loop(args) -> int:
-    from services.loop_demo import run_loop_demo
-
-    out = Path(args.out) if args.out else Path("runs") / time.strftime("loop-%Y%m%d-%H%M%S")
-    if out.exists() and any(out.iterdir()):
-        raise RLHFError(f"run directory {out} exists and is not empty; pick another --out")
-    with _progress() as progress:
-        s = run_loop_demo(out, quick=args.quick, data_dir=Path(args.data) if args.data else None,
-                          base_port=args.base_port, progress=progress)
-    print(f"online loop through the services: {s['iterations']} iteration(s), {s['comparisons_stored']} comparisons "
-          f"stored (labelers agree on {s['labeler_agreement']:.3f} of pairs), {len(s['versions_published'])} versions published")
-    print(f"policy {s['policy_version_first']} -> {s['policy_version_last']} (served: {s['policy_version_served']})")
-    print(f"gold score {s['gold_score_first']:.3f} -> {s['gold_score_last']:.3f}; win rate last vs first "
-          f"{s['win_rate_last_vs_first']:.3f}; wall {s['wall_seconds']:.0f} s; {out / 'summary.json'}")
-    return 0
-
-
-def cmd_serve(args) -> int:
-    from rlhf.runtime.threads import prepare_process
-
-    prepare_process()  # before torch is imported: one intra-op thread team, the model thread's
-    from services.launch import serve_one
-
-    serve_one(args.name)
-    return 0
-
-
-def cmd_up(args) -> int:
-    import asyncio
-
-    from rlhf.runtime.threads import prepare_process
-
-    prepare_process()  # before torch is imported: intra-op threads only on the services' model threads
-
-    from services.launch import UpOptions, up
-
-    opts = UpOptions(data_dir=Path(args.data_dir), host=args.host, base_port=args.base_port,
-                     base_metrics_port=args.base_metrics_port, http_port=args.http_port, kafka=args.kafka,
-                     database_url=args.database_url, log_level=args.log_level)
-    if args.policy:
-        _import_policy(Path(args.policy), opts.data_dir / "registry")
-    asyncio.run(up(opts))
-    return 0
-
-
-def _import_policy(src: Path, registry_dir: Path) -> None:
-    """Copy a Hugging Face causal LM directory into the registry as a policy version (once)."""
-    import shutil as _sh
-
-    from rlhf.models import _check_model_dir
-    from rlhf.registry import ModelRegistry
-
-    _check_model_dir(src)
-    reg = ModelRegistry(registry_dir)
-    for v in reg.versions("policy"):
-        if reg.manifest("policy", v).base_model == str(src.resolve()):
-            return
-    manifest = json.loads((src / "manifest.json").read_text()) if (src / "manifest.json").is_file() else {}
-
-    def write(d: Path) -> None:
-        for f in src.iterdir():
-            if f.is_file() and f.name != "manifest.json":
-                _sh.copy2(f, d / f.name)
-
-    m = reg.publish("policy", write, base_model=str(src.resolve()),
-                    config={"add_bos": bool(manifest.get("config", {}).get("add_bos", False))})
-    print(f"imported {src} as policy version {m.version}", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -251,32 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="TinyLMConfig field, e.g. n_layer=2")
     i.set_defaults(func=cmd_init_model)
 
-    dl = sub.add_parser("demo-loop", help="the online loop through the five services (embedded: SQLite, in-process bus)")
-    dl.add_argument("--quick", action="store_true", help="smoke-test budget")
-    dl.add_argument("--out", help="run directory (default: runs/loop-<timestamp>)")
-    dl.add_argument("--data", help="data directory holding imdb-sample/ and rt-polarity/")
-    dl.add_argument("--base-port", type=int, default=50051, help="gRPC ports base..base+4")
-    dl.set_defaults(func=cmd_demo_loop)
-
-    from services import SERVICES
-
-    sv = sub.add_parser("serve", help="run one service (settings from RLHF_<SERVICE>_* environment variables)")
-    sv.add_argument("name", choices=sorted(SERVICES))
-    sv.set_defaults(func=cmd_serve)
-
-    u = sub.add_parser("up", help="every service on this machine (SQLite and an in-process bus by default)")
-    u.add_argument("--data-dir", default=".rlhf", help="model registry and SQLite database (default .rlhf)")
-    u.add_argument("--host", default="127.0.0.1")
-    u.add_argument("--base-port", type=int, default=50051,
-                   help="gRPC ports: prompt-collector +0, policy-server +1, reward-scorer +2, feedback-store +3, trainer +4")
-    u.add_argument("--base-metrics-port", type=int, default=9101, help="Prometheus ports, same offsets; 0: none")
-    u.add_argument("--http-port", type=int, default=8000,
-                   help="the policy-server's OpenAI/TGI-compatible HTTP API; 0: a free port (logged), -1: none")
-    u.add_argument("--kafka", help="Kafka bootstrap servers; default: an in-process bus")
-    u.add_argument("--database-url", help="SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db; default: SQLite in --data-dir")
-    u.add_argument("--policy", help="a Hugging Face causal LM directory to serve first (imported into the registry)")
-    u.add_argument("--log-level", default="INFO")
-    u.set_defaults(func=cmd_up)
+    for ext in entry_points(group=COMMANDS_GROUP):  # e.g. the services' serve, up and demo-loop
+        ext.load()(sub)
     return p
 
 

@@ -16,6 +16,7 @@ import signal
 import threading
 from pathlib import Path
 
+from rlhf.errors import ConfigError
 from rlhf.metrics import ServiceMetrics
 from rlhf.runtime.bus import make_bus
 from rlhf.runtime.logs import configure_logging
@@ -29,8 +30,6 @@ ORDER = ["prompt-collector", "feedback-store", "policy-server", "reward-scorer",
 
 def module_of(name: str):
     if name not in SERVICES:
-        from rlhf.errors import ConfigError
-
         raise ConfigError(f"unknown service {name!r}; one of {', '.join(SERVICES)}")
     return importlib.import_module(SERVICES[name])
 
@@ -75,8 +74,10 @@ class UpOptions:
 PORT_OFFSET = {"prompt-collector": 0, "policy-server": 1, "reward-scorer": 2, "feedback-store": 3, "trainer": 4}
 
 
-def up_settings(opts: UpOptions) -> dict:
-    """Each service's settings for `rlhf up`."""
+def up_settings(opts: UpOptions, environ=os.environ) -> dict:
+    """Each service's settings for `rlhf up`: its wiring (ports, addresses, registry, database,
+    broker) from up's options, everything else from ``RLHF_<SERVICE>_*`` variables as with
+    ``rlhf serve`` (API keys, limits, ...); a variable for a wired field is an error."""
     db = opts.database_url or f"sqlite:///{(opts.data_dir / 'rlhf.db').resolve()}"
     registry = str((opts.data_dir / "registry").resolve())
     addr = {n: f"{opts.host}:{opts.base_port + o}" for n, o in PORT_OFFSET.items()}
@@ -91,12 +92,18 @@ def up_settings(opts: UpOptions) -> dict:
                     "policy_server_addr": addr["policy-server"], "reward_scorer_addr": addr["reward-scorer"],
                     "feedback_store_addr": addr["feedback-store"]},
     }
-    out = {}
+    out, problems = {}, []
     for name in ORDER:
-        mod = module_of(name)
-        out[name] = mod.Settings(host=opts.host, port=opts.base_port + PORT_OFFSET[name],
-                                 metrics_port=opts.base_metrics_port + PORT_OFFSET[name] if opts.base_metrics_port > 0 else -1,
-                                 kafka_bootstrap=opts.kafka, log_level=opts.log_level, **extra[name])
+        wired = {"host": opts.host, "port": opts.base_port + PORT_OFFSET[name],
+                 "metrics_port": opts.base_metrics_port + PORT_OFFSET[name] if opts.base_metrics_port > 0 else -1,
+                 "kafka_bootstrap": opts.kafka, **extra[name]}
+        try:
+            out[name] = load_settings(module_of(name).Settings, name, environ,
+                                      base={**wired, "log_level": opts.log_level}, fixed=frozenset(wired))
+        except ConfigError as e:
+            problems.append(str(e))
+    if problems:
+        raise ConfigError("\n".join(problems))  # every service's problems at once
     return out
 
 

@@ -105,3 +105,31 @@ def test_serve_reports_every_bad_setting_before_starting(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") >= 3 and "RLHF_REWARD_SCORER_PORT" in err and "RLHF_REWARD_SCORER_PROT" in err
     assert "did you mean RLHF_REWARD_SCORER_PORT" in err
+
+
+def test_the_core_never_imports_the_services():
+    """No module under rlhf/ imports services; the core CLI works with the services absent."""
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    offenders = []
+    for f in (root / "rlhf").rglob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            offenders += [f"{f.relative_to(root)}: {n}" for n in names if n == "services" or n.startswith("services.")]
+    assert not offenders, offenders
+    # a meta-path finder that refuses `services`: the core parser still builds and trains
+    code = ("import sys\nclass Block:\n    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'services' or name.startswith('services.'): raise ImportError('no services here')\n"
+            "sys.meta_path.insert(0, Block())\n"
+            "import rlhf.cli\nrlhf.cli.entry_points = lambda **kw: []  # as installed without the services\n"
+            "p = rlhf.cli.build_parser()\n"
+            "cmds = p._subparsers._group_actions[0].choices\n"
+            "assert {'demo', 'train', 'eval', 'init-model'} <= set(cmds) and 'serve' not in cmds, sorted(cmds)\n"
+            "import rlhf.train, rlhf.docgen, rlhf.demo\nprint('ok')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr

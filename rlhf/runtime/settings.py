@@ -135,9 +135,12 @@ def _strip_field(message: str, name: str) -> str:
     return re.sub(rf"^{re.escape(name)}:\s*", "", message)
 
 
-def load_settings(cls: type[T], service: str, environ: Mapping[str, str] | None = None) -> T:
+def load_settings(cls: type[T], service: str, environ: Mapping[str, str] | None = None,
+                  base: Mapping[str, Any] | None = None, fixed: frozenset[str] | set[str] = frozenset()) -> T:
     """Build settings dataclass ``cls`` for ``service`` from ``RLHF_<SERVICE>_<FIELD>`` variables.
 
+    ``base`` gives values the caller sets (``rlhf up``'s wiring); variables override them, except
+    for the ``fixed`` fields, whose variables are reported as problems (the caller owns them).
     Raises one ConfigError listing every problem (wrong types, unknown variables, values the
     dataclass rejects), each under its variable name.
     """
@@ -147,7 +150,7 @@ def load_settings(cls: type[T], service: str, environ: Mapping[str, str] | None 
     fields = [f.name for f in dataclasses.fields(cls) if f.init]
     by_var = {env_name(service, f): f for f in fields}
     problems: list[tuple[str, str]] = []
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = dict(base or {})
 
     for var in sorted(k for k in env if k.startswith(prefix)):
         field = by_var.get(var)
@@ -155,6 +158,9 @@ def load_settings(cls: type[T], service: str, environ: Mapping[str, str] | None 
             close = difflib.get_close_matches(var, list(by_var), n=1, cutoff=0.75)
             hint = f"did you mean {close[0]}?" if close else f"known: {', '.join(sorted(by_var))}"
             problems.append((var, f"unknown variable ({hint})"))
+            continue
+        if field in fixed:
+            problems.append((var, "set by the caller (rlhf up wires it from its own options)"))
             continue
         raw = env[var]
         try:
