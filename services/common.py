@@ -8,6 +8,7 @@ import logging
 import os
 import socket
 import time
+import uuid
 from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from google.protobuf.timestamp_pb2 import Timestamp
-from rlhf_client import TOPIC_MODELS, common_pb2, models_pb2
+from rlhf_client import TOPIC_MODELS, TOPIC_SERVING, common_pb2, models_pb2
 
 from rlhf.metrics import ServiceMetrics
 from rlhf.registry import ModelRegistry
@@ -26,6 +27,12 @@ from rlhf.runtime.server import BaseServiceSettings, ModelExecutor
 log = logging.getLogger("rlhf.services")
 
 KIND_NAMES = {common_pb2.MODEL_KIND_POLICY: "policy", common_pb2.MODEL_KIND_REWARD: "reward"}
+KIND_ENUMS = {name: kind for kind, name in KIND_NAMES.items()}
+
+
+def group_id(name: str) -> str:
+    """A consumer group of this instance's own: every replica must see every event of the topic."""
+    return f"{name}-{socket.gethostname()}-{os.getpid()}"
 
 
 def ts(dt: datetime | float | None = None) -> Timestamp:
@@ -53,6 +60,10 @@ class ModelWatcher:
     and then ``swap(engine)``. Older or equal versions than the one served are ignored, so replays
     and duplicates change nothing.
 
+    Once :meth:`start_announcing` was called (after the service's bus started), the watcher says
+    on rlhf.serving.v1 which version this instance serves, at once and after every switch: the
+    trainer waits on these events instead of polling the services.
+
     ``load`` runs off the event loop, on the watcher's one loader thread. Under ``rlhf serve`` that
     thread ran its first torch work before a model thread claimed the intra-op threads, so it keeps
     one and forms no second OpenMP team (rlhf.runtime.threads). Call :meth:`close` at stop.
@@ -66,6 +77,9 @@ class ModelWatcher:
         self.swap = swap
         self.pinned = pinned_version
         self.version: str | None = None
+        self._bus = None
+        self._service = ""
+        self._announcing = False
         self._lock = asyncio.Lock()
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{kind}-loader")
 
@@ -88,14 +102,33 @@ class ModelWatcher:
             self.version = version
             log.info("model version loaded", extra={"fields": {"kind": self.kind, "version": version,
                                                                 "load_seconds": round(time.perf_counter() - t0, 3)}})
+        await self._announce()
+
+    async def start_announcing(self) -> None:
+        """From now on announce the version served (call after the bus started)."""
+        self._announcing = True
+        await self._announce()
+
+    async def _announce(self) -> None:
+        if not self._announcing or self._bus is None or self.version is None:
+            return
+        ev = models_pb2.ModelVersionServedEvent(
+            event_id=uuid.uuid4().hex, kind=KIND_ENUMS[self.kind], version=self.version, service=self._service,
+            instance=group_id(self._service), serve_time=ts())
+        try:
+            await self._bus.publish(TOPIC_SERVING, ev, key=self.version)
+        except Exception as e:  # noqa: BLE001 - serving goes on; a waiting trainer times out and says so
+            log.warning("could not announce the served version", extra={"fields": {
+                "kind": self.kind, "version": self.version, "error": f"{type(e).__name__}: {e}"}})
 
     async def on_event(self, ev: models_pb2.ModelVersionPublishedEvent) -> None:
         if self.pinned or KIND_NAMES.get(ev.kind) != self.kind:
             return
         await self._switch(ev.version)
 
-    def subscribe(self, bus, group_id: str) -> None:
+    def subscribe(self, bus, group_id: str, service: str) -> None:
         bus.subscribe(TOPIC_MODELS, models_pb2.ModelVersionPublishedEvent, group_id, self.on_event)
+        self._bus, self._service = bus, service
 
 
 # -- shared lifecycles ------------------------------------------------------------------------------
@@ -182,8 +215,9 @@ class ModelService:
         self.batcher.start()
         await self.watcher.load_initial()
         # every replica must see every version: a consumer group of its own
-        self.watcher.subscribe(self.bus, f"{self.name}-{socket.gethostname()}-{os.getpid()}")
+        self.watcher.subscribe(self.bus, group_id(self.name), self.name)
         await self.bus.start()
+        await self.watcher.start_announcing()
 
     async def stop(self) -> None:
         await self.bus.close()

@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 from typing import Any, Callable, Iterator, Sequence
 
 from google.protobuf.timestamp_pb2 import Timestamp
-from rlhf_client import common_pb2, feedback_pb2
+from rlhf_client import TOPIC_FEEDBACK, common_pb2, feedback_pb2
 from sqlalchemy import and_, exists, func, insert, or_, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -28,7 +28,7 @@ from rlhf.storage.db import (as_utc, check_page_size, decode_page_token, encode_
                              transaction, utcnow)
 from rlhf.storage.schema import labeling_tasks, outbox, submissions
 
-TOPIC = "rlhf.feedback.v1"
+TOPIC = TOPIC_FEEDBACK
 EVENT_TYPE = feedback_pb2.FeedbackEvent.DESCRIPTOR.full_name  # rlhf.feedback.v1.FeedbackEvent
 MAX_BATCH = 1000
 MIN_K, MAX_K = 2, 16
@@ -397,13 +397,17 @@ class FeedbackStore:
                 return
             after = (rows[-1].created_at, rows[-1].id)
 
-    def export_comparisons(self, since: datetime | None = None, split: int = 0,
-                           labeler_id: str = "") -> Iterator[feedback_pb2.Comparison]:
+    def export_comparisons(self, since: datetime | None = None, split: int = 0, labeler_id: str = "",
+                           task_ids: Sequence[str] = ()) -> Iterator[feedback_pb2.Comparison]:
         """Stored rankings and best-of-K choices, oldest first, streamed in chunks; only those stored
-        at or after ``since``, of tasks in ``split`` (0: every split), by ``labeler_id`` (empty: all)."""
+        at or after ``since``, of tasks in ``split`` (0: every split), by ``labeler_id`` (empty: all),
+        of the tasks ``task_ids`` (empty: all; at most MAX_BATCH)."""
         since = as_utc(since, "since")
         split = _check_split(split)
         labeler_id = _check_str(labeler_id, "labeler_id", max_chars=MAX_ID_CHARS, required=False)
+        if len(task_ids) > MAX_BATCH:
+            raise DataError(f"task_ids: at most {MAX_BATCH}, got {len(task_ids)}")
+        task_ids = [_check_str(t, f"task_ids[{i}]", max_chars=MAX_ID_CHARS, required=True) for i, t in enumerate(task_ids)]
         s, t = submissions, labeling_tasks
         q = (select(s.c.id, s.c.task_id, s.c.labeler_id, s.c.kind, s.c.ranking, s.c.best_index, s.c.created_at,
                     t.c.prompt.label("task_prompt"), t.c.prompt_id.label("task_prompt_id"),
@@ -416,6 +420,8 @@ class FeedbackStore:
             q = q.where(t.c.split == split)
         if labeler_id:
             q = q.where(s.c.labeler_id == labeler_id)
+        if task_ids:
+            q = q.where(s.c.task_id.in_(task_ids))
 
         def convert(r) -> feedback_pb2.Comparison:
             return feedback_pb2.Comparison(

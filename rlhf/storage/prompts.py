@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from typing import Sequence
 
 from google.protobuf.timestamp_pb2 import Timestamp
-from rlhf_client import common_pb2, prompts_pb2
+from rlhf_client import TOPIC_PROMPTS, common_pb2, prompts_pb2
 from sqlalchemy import and_, func, insert, or_, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -25,7 +25,7 @@ from rlhf.errors import ConfigError, DataError, NotFoundError
 from rlhf.storage.db import check_page_size, decode_page_token, encode_page_token, is_transient, transaction, utcnow
 from rlhf.storage.schema import outbox, prompts
 
-TOPIC = "rlhf.prompts.v1"
+TOPIC = TOPIC_PROMPTS
 EVENT_TYPE = prompts_pb2.PromptCollectedEvent.DESCRIPTOR.full_name  # rlhf.prompts.v1.PromptCollectedEvent
 MAX_BATCH = 1000
 MAX_SAMPLE = 10000

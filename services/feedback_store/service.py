@@ -99,7 +99,8 @@ class FeedbackService(OutboxService, feedback_grpc.FeedbackServiceServicer):
 
     async def ExportComparisons(self, request, context):
         since = from_ts(request.since) if request.HasField("since") else None
-        async for m in self._stream(lambda: iter(self.store.export_comparisons(since, request.split, request.labeler_id)),
+        async for m in self._stream(lambda: iter(self.store.export_comparisons(since, request.split, request.labeler_id,
+                                                                                  list(request.task_ids))),
                                     lambda c: feedback_pb2.ExportComparisonsResponse(comparison=c)):
             yield m
 

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
-import socket
 import time
 from typing import AsyncIterator, Protocol
 
@@ -122,7 +120,7 @@ class LocalBackend:
     # lifecycle
     async def start(self, bus, group: str) -> None:
         await self.watcher.load_initial()
-        self.watcher.subscribe(bus, group)
+        self.watcher.subscribe(bus, group, "policy-server")
 
     async def stop(self) -> None:
         engines = [e for e in [self.engine, *self._retired] if e is not None]
@@ -442,8 +440,3 @@ class TGIBackend:
     def info(self) -> dict:
         i = self._info or {}
         return {"model_dtype": i.get("model_dtype", "unknown"), "model_device_type": i.get("model_device_type", "unknown")}
-
-
-def group_id(name: str) -> str:
-    """Every replica must see every version: a consumer group of its own."""
-    return f"{name}-{socket.gethostname()}-{os.getpid()}"

@@ -28,7 +28,8 @@ from rlhf.runtime.bus import make_bus
 from rlhf.runtime.http import EmbeddedHttpServer
 from rlhf.runtime.server import BaseServiceSettings
 from rlhf.serving import GenerationRequest
-from services.policy_server.backends import LocalBackend, TGIBackend, complete, group_id
+from services.common import group_id
+from services.policy_server.backends import LocalBackend, TGIBackend, complete
 from services.policy_server.http_api import HttpApi
 from services.policy_server.optin import PromptForwarder
 
@@ -127,6 +128,8 @@ class PolicyServer(policy_grpc.PolicyServiceServicer):
     async def start(self) -> None:
         await self.backend.start(self.bus, group_id(NAME))
         await self.bus.start()
+        if isinstance(self.backend, LocalBackend):
+            await self.backend.watcher.start_announcing()
         if self.forwarder is not None:
             await self.forwarder.start()
         if self.s.http_port >= 0:

@@ -17,9 +17,8 @@ import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
-import grpc
 import torch
 from rlhf_client import (common_pb2, feedback_grpc, feedback_pb2, models_pb2, policy_grpc, policy_pb2,
                          prompts_grpc, prompts_pb2, reward_grpc, reward_pb2)
@@ -37,6 +36,7 @@ from services.trainer.jobs import JobContext
 
 # fields of the job configs that name files or directories on the caller's machine: the trainer
 # reads its data from the services and writes into its registry, so a StartJob naming them is refused
+EXPORT_TASK_IDS = 1000  # task ids per ExportComparisons call (the feedback-store's limit)
 LOCAL_ONLY = {"sft": ("data", "eval_data", "output"), "rm": ("data", "eval_data", "output"),
               "ppo": ("reward_model", "prompts", "ptx_data", "output")}
 
@@ -77,9 +77,20 @@ class Peers:
     registry: ModelRegistry
     publish_event: Callable[[models_pb2.ModelVersionPublishedEvent], None]
     observe_ppo_step: Callable[[dict], None]
-    comparisons_for: Callable[[Iterable[str]], int]  # comparison events consumed for these task ids
+    # wait_comparisons(task_ids, needed, timeout, check) -> stored count; wait_served(kind, version,
+    # timeout, check): both block on the events the trainer consumes (services/trainer/service.py)
+    wait_comparisons: Callable[[list[str], int, float, Callable[[], None]], int]
+    wait_served: Callable[[str, str, float, Callable[[], None]], None]
     device: str = "cpu"
     timeout: float = 300.0
+
+    def count_stored_comparisons(self, task_ids: list[str]) -> int:
+        """Comparisons the feedback-store holds for these labeling tasks."""
+        n = 0
+        for i in range(0, len(task_ids), EXPORT_TASK_IDS):
+            n += sum(1 for _ in self.feedback.ExportComparisons(feedback_pb2.ExportComparisonsRequest(
+                task_ids=task_ids[i : i + EXPORT_TASK_IDS]), timeout=self.timeout))
+        return n
 
     @classmethod
     def connect(cls, addrs: dict[str, str], **kw) -> "Peers":
@@ -95,21 +106,6 @@ def _to_comparison(c: feedback_pb2.Comparison) -> Comparison:
         return Comparison(prompt=c.prompt, responses=tuple(c.candidates), kind="best_of_k", best=c.best_index)
     return Comparison(prompt=c.prompt, responses=tuple(c.candidates), kind="ranking",
                       ranking=tuple(tuple(g.indices) for g in c.ranking))
-
-
-def _wait_serving(ctx: JobContext, get_version: Callable[[], str], version: str, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        ctx.check()
-        try:
-            if get_version() >= version:
-                return
-        except grpc.RpcError as e:
-            if e.code() != grpc.StatusCode.UNAVAILABLE:
-                raise
-        if time.monotonic() > deadline:
-            raise UnavailableError(f"the {what} did not serve version {version} within {timeout:.0f} s")
-        time.sleep(0.2)
 
 
 def _sampling_proto(sp: SamplingParams) -> policy_pb2.SamplingParams:
@@ -191,10 +187,7 @@ class ServerRollouts(RolloutSource):
 
     def finish(self) -> str:
         self._await_publication()
-        peers = self.io.peers
-        _wait_serving(self.io.ctx, lambda: peers.policy.GetPolicyVersion(policy_pb2.GetPolicyVersionRequest(),
-                                                                          timeout=10).policy_version,
-                      self.current, self.job.wait_for_serving_seconds, "policy-server")
+        self.io.peers.wait_served("policy", self.current, self.job.wait_for_serving_seconds, self.io.ctx.check)
         return self.current
 
     def close(self) -> None:
@@ -364,22 +357,14 @@ def run_online_loop(ctx: JobContext, peers: Peers, cfg: OnlineLoopConfig) -> dic
             for p, r in zip(sampled, gen.results)]), timeout=peers.timeout).tasks
         ctx.event(f"iteration {it + 1}: {len(tasks)} labeling tasks from policy {gen.policy_version}; "
                   f"waiting for {cfg.comparisons_needed} comparisons", base + 0.1 * span)
-        # only comparisons of this iteration's tasks count (announced on rlhf.feedback.v1); the RM
-        # then trains on every stored comparison
-        ids = [t.task_id for t in tasks]
-        deadline = time.monotonic() + cfg.wait_timeout_seconds
-        while (arrived := peers.comparisons_for(ids)) < cfg.comparisons_needed:
-            ctx.check()
-            if time.monotonic() > deadline:
-                raise UnavailableError(f"only {arrived} of {cfg.comparisons_needed} comparisons "
-                                       f"arrived within {cfg.wait_timeout_seconds:.0f} s")
-            time.sleep(0.2)
+        # only comparisons of this iteration's tasks count: announced on rlhf.feedback.v1, confirmed
+        # by the feedback-store; the RM then trains on every stored comparison
+        arrived = peers.wait_comparisons([t.task_id for t in tasks], cfg.comparisons_needed,
+                                         cfg.wait_timeout_seconds, ctx.check)
         ctx.event(f"iteration {it + 1}: {arrived} new comparisons; training the RM", base + 0.3 * span)
         rm_metrics = run_rm(cfg.rm, ServiceIO(ctx, peers, (base + 0.3 * span, base + 0.5 * span)))
         rm_version = rm_metrics.pop("output")
-        _wait_serving(ctx, lambda: peers.reward.GetRewardModelVersion(
-            reward_pb2.GetRewardModelVersionRequest(), timeout=10).reward_model_version,
-            rm_version, cfg.ppo.wait_for_serving_seconds, "reward-scorer")
+        peers.wait_served("reward", rm_version, cfg.ppo.wait_for_serving_seconds, ctx.check)
         ppo_metrics = run_ppo(cfg.ppo, ServiceIO(ctx, peers, (base + 0.5 * span, base + span)))
         ppo_metrics.pop("output")
         result = {**rm_metrics, **ppo_metrics, "iterations": float(it + 1)}

@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import grpc
-from rlhf_client import TOPIC_FEEDBACK, TOPIC_MODELS, feedback_pb2, trainer_grpc, trainer_pb2
+from rlhf_client import TOPIC_FEEDBACK, TOPIC_MODELS, TOPIC_SERVING, feedback_pb2, models_pb2, trainer_grpc, trainer_pb2
 
 from rlhf.config import apply_overrides, from_dict
-from rlhf.errors import ConfigError, DataError
+from rlhf.errors import ConfigError, DataError, UnavailableError
 from rlhf.metrics import ServiceMetrics
 from rlhf.registry import ModelRegistry
 from rlhf.runtime.bus import make_bus
 from rlhf.runtime.server import BaseServiceSettings
 from rlhf.train import PPOJob, RMJob, SFTJob
-from services.common import ts
+from services.common import KIND_NAMES, group_id, ts
 from services.trainer import runs
 from services.trainer.jobs import Job, JobManager
 
@@ -71,7 +72,8 @@ class Trainer(trainer_grpc.TrainerServiceServicer):
         # both maps forget their oldest entries beyond TRACKED, so a long-lived trainer stays small
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._per_task: OrderedDict[str, int] = OrderedDict()
-        self._count_lock = threading.Lock()
+        self._served: dict[str, str] = {}  # kind -> newest version an instance announced it serves
+        self._changed = threading.Condition()  # notified on every counted event
         self.peers: runs.Peers | None = None
 
     def register(self, server: grpc.aio.Server) -> None:
@@ -81,12 +83,15 @@ class Trainer(trainer_grpc.TrainerServiceServicer):
         self.loop = asyncio.get_running_loop()
         self.jobs = JobManager(self.loop, max_running=self.s.max_running_jobs, torch_threads=self.s.torch_threads)
         self.bus.subscribe(TOPIC_FEEDBACK, feedback_pb2.FeedbackEvent, f"{NAME}-feedback", self._on_feedback)
+        # every trainer instance must see every served-version event: a consumer group of its own
+        self.bus.subscribe(TOPIC_SERVING, models_pb2.ModelVersionServedEvent, group_id(NAME), self._on_served)
         await self.bus.start()
         self.peers = runs.Peers.connect(
             {"prompt-collector": self.s.prompt_collector_addr, "policy-server": self.s.policy_server_addr,
              "reward-scorer": self.s.reward_scorer_addr, "feedback-store": self.s.feedback_store_addr},
             registry=self.registry, publish_event=self._publish_blocking,
-            observe_ppo_step=self.metrics.observe_ppo_step, comparisons_for=self._comparisons_for,
+            observe_ppo_step=self.metrics.observe_ppo_step, wait_comparisons=self._wait_comparisons,
+            wait_served=self._wait_served,
             device=self.s.device,
             timeout=self.s.rpc_timeout_seconds)
 
@@ -95,11 +100,11 @@ class Trainer(trainer_grpc.TrainerServiceServicer):
             self.jobs.cancel_all()
         await self.bus.close()
 
-    # -- feedback events: count new comparisons, once each -----------------------------------------
+    # -- what the trainer waits on: comparison events and served-version events ------------------
     async def _on_feedback(self, ev: feedback_pb2.FeedbackEvent) -> None:
         if ev.WhichOneof("payload") != "comparison":
             return
-        with self._count_lock:
+        with self._changed:
             if ev.event_id in self._seen:
                 return
             self._seen[ev.event_id] = None
@@ -109,11 +114,58 @@ class Trainer(trainer_grpc.TrainerServiceServicer):
             for d in (self._seen, self._per_task):
                 while len(d) > TRACKED:
                     d.popitem(last=False)
+            self._changed.notify_all()
+
+    async def _on_served(self, ev: models_pb2.ModelVersionServedEvent) -> None:
+        kind = KIND_NAMES.get(ev.kind)
+        if kind is None:
+            return
+        with self._changed:
+            if ev.version > self._served.get(kind, ""):
+                self._served[kind] = ev.version
+                self._changed.notify_all()
 
     def _comparisons_for(self, task_ids) -> int:
-        """Comparison events consumed so far for these labeling tasks."""
-        with self._count_lock:
+        """Comparison events consumed so far for these labeling tasks (each event once)."""
+        with self._changed:
             return sum(self._per_task.get(t, 0) for t in task_ids)
+
+    def _wait(self, ready, check, deadline: float) -> bool:
+        """Block a job thread until ``ready()`` (checked on every event), cancellation, or the deadline."""
+        with self._changed:
+            while not ready():
+                check()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._changed.wait(min(left, 1.0))  # woken by events; wakes each second for cancel
+        return True
+
+    def _wait_comparisons(self, task_ids: list[str], needed: int, timeout: float, check) -> int:
+        """Wait until ``needed`` comparisons of these tasks are stored. The feedback events only
+        wake the trainer: what counts is what the feedback-store confirms for these task ids, so an
+        event that was not stored there (forged, or replayed from elsewhere) trains nothing."""
+        deadline = time.monotonic() + timeout
+        ids = list(task_ids)
+        confirmed, confirmed_at = 0, -1
+
+        def announced() -> int:
+            return self._comparisons_for(ids)
+
+        while True:
+            if not self._wait(lambda: announced() >= needed and announced() != confirmed_at, check, deadline):
+                raise UnavailableError(f"only {confirmed} of {needed} comparisons arrived within {timeout:.0f} s")
+            with self._changed:
+                confirmed_at = announced()
+            confirmed = self.peers.count_stored_comparisons(ids)
+            if confirmed >= needed:
+                return confirmed
+
+    def _wait_served(self, kind: str, version: str, timeout: float, check) -> None:
+        """Wait until an instance announces on rlhf.serving.v1 that it serves ``version`` (or newer)."""
+        what = {"policy": "policy-server", "reward": "reward-scorer"}[kind]
+        if not self._wait(lambda: self._served.get(kind, "") >= version, check, time.monotonic() + timeout):
+            raise UnavailableError(f"the {what} did not serve {kind} version {version} within {timeout:.0f} s")
 
     def _publish_blocking(self, event) -> None:
         """Called from a job thread: publish on the service's event loop and wait for the ack."""

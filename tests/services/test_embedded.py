@@ -242,3 +242,39 @@ def test_up_forwards_opted_in_http_prompts_to_the_prompt_collector(embedded):
     assert "an opted-in opening 7f3a" in texts
     assert texts["an opted-in opening 7f3a"].source.startswith("api")
     assert "an opening without consent 9c1e" not in texts
+
+
+def test_forged_feedback_events_count_for_nothing(embedded):
+    """Comparison events only wake the trainer: it counts what the feedback-store confirms."""
+    from rlhf.errors import UnavailableError
+    from rlhf.metrics import ServiceMetrics
+    from services.trainer import runs
+    from services.trainer.service import Settings, Trainer
+
+    a = embedded["addrs"]
+    t = Trainer(Settings(registry_dir=str(embedded["root"] / "registry")), ServiceMetrics("trainer"))
+    t.peers = runs.Peers.connect(a, registry=t.registry, publish_event=lambda ev: None, observe_ppo_step=lambda m: None,
+                                 wait_comparisons=t._wait_comparisons, wait_served=t._wait_served, timeout=30)
+    with grpc.insecure_channel(a["feedback-store"]) as ch:
+        fb = feedback_grpc.FeedbackServiceStub(ch)
+        tasks = fb.CreateLabelingTasks(feedback_pb2.CreateLabelingTasksRequest(tasks=[
+            feedback_pb2.LabelingTaskInput(prompt=f"forged {i}", candidates=["a", "b"]) for i in range(3)])).tasks
+        ids = [x.task_id for x in tasks]
+
+        def deliver(event_ids):
+            async def go():
+                for eid, tid in zip(event_ids, ids):
+                    await t._on_feedback(feedback_pb2.FeedbackEvent(
+                        event_id=eid, comparison=feedback_pb2.Comparison(submission_id=eid, task_id=tid)))
+            asyncio.run(go())
+
+        deliver(["forged-1", "forged-2", "forged-3"])  # announced, never stored
+        assert t._comparisons_for(ids) == 3
+        with pytest.raises(UnavailableError, match="only 0 of 3"):
+            t._wait_comparisons(ids, 3, 1.5, lambda: None)
+        sids = [fb.SubmitRanking(feedback_pb2.SubmitRankingRequest(
+            idempotency_key=f"real-{i}", task_id=tid, labeler_id="l1",
+            ranking=[feedback_pb2.RankGroup(indices=[0]), feedback_pb2.RankGroup(indices=[1])])).submission_id
+            for i, tid in enumerate(ids)]
+    deliver(sids)  # the real events arrive: now the store confirms three
+    assert t._wait_comparisons(ids, 3, 30, lambda: None) == 3

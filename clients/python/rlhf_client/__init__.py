@@ -22,9 +22,10 @@ from rlhf_client.gen.rlhf.trainer.v1 import trainer_pb2_grpc as trainer_grpc
 TOPIC_PROMPTS = "rlhf.prompts.v1"  # prompts_pb2.PromptCollectedEvent
 TOPIC_FEEDBACK = "rlhf.feedback.v1"  # feedback_pb2.FeedbackEvent
 TOPIC_MODELS = "rlhf.models.v1"  # models_pb2.ModelVersionPublishedEvent
+TOPIC_SERVING = "rlhf.serving.v1"  # models_pb2.ModelVersionServedEvent
 
 __all__ = [
     "common_pb2", "feedback_pb2", "feedback_grpc", "models_pb2", "policy_pb2", "policy_grpc",
     "prompts_pb2", "prompts_grpc", "reward_pb2", "reward_grpc", "trainer_pb2", "trainer_grpc",
-    "TOPIC_PROMPTS", "TOPIC_FEEDBACK", "TOPIC_MODELS",
+    "TOPIC_PROMPTS", "TOPIC_FEEDBACK", "TOPIC_MODELS", "TOPIC_SERVING",
 ]

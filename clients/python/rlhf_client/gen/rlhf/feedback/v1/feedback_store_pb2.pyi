@@ -212,14 +212,16 @@ class Demonstration(_message.Message):
     def __init__(self, submission_id: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_id: _Optional[str] = ..., split: _Optional[_Union[_common_pb2.Split, str]] = ..., labeler_id: _Optional[str] = ..., response: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ExportComparisonsRequest(_message.Message):
-    __slots__ = ("since", "split", "labeler_id")
+    __slots__ = ("since", "split", "labeler_id", "task_ids")
     SINCE_FIELD_NUMBER: _ClassVar[int]
     SPLIT_FIELD_NUMBER: _ClassVar[int]
     LABELER_ID_FIELD_NUMBER: _ClassVar[int]
+    TASK_IDS_FIELD_NUMBER: _ClassVar[int]
     since: _timestamp_pb2.Timestamp
     split: _common_pb2.Split
     labeler_id: str
-    def __init__(self, since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., split: _Optional[_Union[_common_pb2.Split, str]] = ..., labeler_id: _Optional[str] = ...) -> None: ...
+    task_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., split: _Optional[_Union[_common_pb2.Split, str]] = ..., labeler_id: _Optional[str] = ..., task_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ExportComparisonsResponse(_message.Message):
     __slots__ = ("comparison",)

@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from rlhf_client.gen.rlhf.common.v1 import common_pb2 as rlhf_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1brlhf/models/v1/models.proto\x12\x0erlhf.models.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1brlhf/common/v1/common.proto\"\xbb\x02\n\x1aModelVersionPublishedEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\'\n\x04kind\x18\x02 \x01(\x0e\x32\x19.rlhf.common.v1.ModelKind\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x16\n\x0eparent_version\x18\x04 \x01(\t\x12\x0e\n\x06job_id\x18\x05 \x01(\t\x12H\n\x07metrics\x18\x06 \x03(\x0b\x32\x37.rlhf.models.v1.ModelVersionPublishedEvent.MetricsEntry\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1brlhf/models/v1/models.proto\x12\x0erlhf.models.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1brlhf/common/v1/common.proto\"\xbb\x02\n\x1aModelVersionPublishedEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\'\n\x04kind\x18\x02 \x01(\x0e\x32\x19.rlhf.common.v1.ModelKind\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x16\n\x0eparent_version\x18\x04 \x01(\t\x12\x0e\n\x06job_id\x18\x05 \x01(\t\x12H\n\x07metrics\x18\x06 \x03(\x0b\x32\x37.rlhf.models.v1.ModelVersionPublishedEvent.MetricsEntry\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xb8\x01\n\x17ModelVersionServedEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\'\n\x04kind\x18\x02 \x01(\x0e\x32\x19.rlhf.common.v1.ModelKind\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0f\n\x07service\x18\x04 \x01(\t\x12\x10\n\x08instance\x18\x05 \x01(\t\x12.\n\nserve_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestampb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,4 +40,6 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELVERSIONPUBLISHEDEVENT']._serialized_end=425
   _globals['_MODELVERSIONPUBLISHEDEVENT_METRICSENTRY']._serialized_start=379
   _globals['_MODELVERSIONPUBLISHEDEVENT_METRICSENTRY']._serialized_end=425
+  _globals['_MODELVERSIONSERVEDEVENT']._serialized_start=428
+  _globals['_MODELVERSIONSERVEDEVENT']._serialized_end=612
 # @@protoc_insertion_point(module_scope)

@@ -35,3 +35,19 @@ class ModelVersionPublishedEvent(_message.Message):
     metrics: _containers.ScalarMap[str, float]
     create_time: _timestamp_pb2.Timestamp
     def __init__(self, event_id: _Optional[str] = ..., kind: _Optional[_Union[_common_pb2.ModelKind, str]] = ..., version: _Optional[str] = ..., parent_version: _Optional[str] = ..., job_id: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ModelVersionServedEvent(_message.Message):
+    __slots__ = ("event_id", "kind", "version", "service", "instance", "serve_time")
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    SERVE_TIME_FIELD_NUMBER: _ClassVar[int]
+    event_id: str
+    kind: _common_pb2.ModelKind
+    version: str
+    service: str
+    instance: str
+    serve_time: _timestamp_pb2.Timestamp
+    def __init__(self, event_id: _Optional[str] = ..., kind: _Optional[_Union[_common_pb2.ModelKind, str]] = ..., version: _Optional[str] = ..., service: _Optional[str] = ..., instance: _Optional[str] = ..., serve_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
