@@ -21,7 +21,10 @@ from rlhf.models import RewardModel, load_causal_lm, load_tokenizer
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """Sampling settings of one request (hashable: equal requests can share a batch)."""
+    """What one generation request asks for: the serving side's one sampling-settings type
+    (training samples with :class:`rlhf.generation.SamplingParams`, which :meth:`sampling_params`
+    gives). Hashable: equal requests can share a batch. Every API surface builds it through
+    :func:`rlhf.inference.requests.build_request`, which checks it."""
 
     max_new_tokens: int = 64
     temperature: float = 1.0
@@ -33,6 +36,11 @@ class GenerationRequest:
     n: int = 1
     return_logprobs: bool = False
     top_logprobs: int = 0  # alternatives reported per token by rlhf.inference (0: none)
+    fit_to_context: bool = False  # max_new_tokens was a default: lower it to the room the prompt leaves
+
+    def sampling_params(self) -> SamplingParams:
+        return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
+                              top_p=self.top_p, min_new_tokens=self.min_new_tokens)
 
 
 @dataclass
@@ -106,8 +114,7 @@ class PolicyEngine:
         n = max(1, req.n)
         rows = [p for p in prompts for _ in range(n)]
         ids, mask = tokenize_prompts(self.tokenizer, rows, self.max_prompt_tokens, self.device, add_bos=self.add_bos)
-        params = SamplingParams(max_new_tokens=req.max_new_tokens, temperature=req.temperature,
-                                top_k=req.top_k, top_p=req.top_p, min_new_tokens=req.min_new_tokens)
+        params = req.sampling_params()
         gen = torch.Generator(device="cpu").manual_seed(req.seed) if req.seed is not None else None
         r = sample(self.model, ids, mask, params, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id,
                    generator=gen, on_step=on_step)

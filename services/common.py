@@ -1,5 +1,6 @@
-"""What the services share: time conversions, the model-version watcher, and the two lifecycles
-(a model served through a dynamic batcher; a database with an outbox relay)."""
+"""What the services share: time conversions, the model lifecycle (a watcher of new versions and
+the hot swap), and the two service shapes (a model served through a dynamic batcher; a database
+with an outbox relay)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,13 @@ from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from rlhf_client import TOPIC_MODELS, TOPIC_SERVING, common_pb2, models_pb2
 
+from rlhf.errors import UnavailableError
+from rlhf.inference.engine import EngineRetiredError
 from rlhf.metrics import ServiceMetrics
 from rlhf.registry import ModelRegistry
 from rlhf.runtime.batching import DynamicBatcher
@@ -25,6 +28,7 @@ from rlhf.runtime.bus import make_bus
 from rlhf.runtime.server import BaseServiceSettings, ModelExecutor
 
 log = logging.getLogger("rlhf.services")
+T = TypeVar("T")
 
 KIND_NAMES = {common_pb2.MODEL_KIND_POLICY: "policy", common_pb2.MODEL_KIND_REWARD: "reward"}
 KIND_ENUMS = {name: kind for kind, name in KIND_NAMES.items()}
@@ -131,6 +135,77 @@ class ModelWatcher:
         self._bus, self._service = bus, service
 
 
+class ServedModel:
+    """The model version a service serves, hot-swapped, and the versions it replaced while they
+    finish their work: the one model lifecycle of the policy-server and the reward-scorer.
+
+    A :class:`ModelWatcher` loads each new version beside the current one; the swap starts the
+    new engine (``start()``, when it has one), makes it current, and retires the old one
+    (``retire()``: it finishes what it runs and has queued) and closes it in the background
+    (``close()``). Engines without these methods (the reward-scorer's, whose batches hold their
+    own reference) are simply replaced. :meth:`use` calls a function on the current engine, again
+    on the newer one when a swap retired the engine in between.
+    """
+
+    def __init__(self, registry: ModelRegistry, kind: str, load: Callable[[Path, str], object],
+                 metrics: ServiceMetrics, pinned_version: str | None = None):
+        self.kind = kind
+        self.metrics = metrics
+        self.current = None
+        self._retired: list = []
+        self._closers: set[asyncio.Task] = set()
+        self.watcher = ModelWatcher(registry, kind, load, self._swap, pinned_version=pinned_version or None)
+
+    async def start(self, bus, service: str) -> None:
+        """Load the newest (or pinned) version and follow rlhf.models.v1 (before ``bus.start()``)."""
+        await self.watcher.load_initial()
+        self.watcher.subscribe(bus, group_id(service), service)
+
+    async def close(self) -> None:
+        engines = [e for e in [self.current, *self._retired] if e is not None]
+        self.current = None
+        await asyncio.gather(*(e.close() for e in engines if hasattr(e, "close")))
+        self.watcher.close()
+
+    def _swap(self, engine) -> None:
+        if hasattr(engine, "start"):
+            engine.start()
+        old, self.current = self.current, engine
+        self.metrics.model_version_info.labels(self.kind).set(time.time())
+        if old is not None and hasattr(old, "retire"):
+            old.retire()  # finishes what it runs and has queued, then its thread ends
+            self._retired.append(old)
+            t = asyncio.create_task(self._forget(old))
+            self._closers.add(t)
+            t.add_done_callback(self._closers.discard)
+
+    async def _forget(self, engine) -> None:
+        await engine.close()
+        if engine in self._retired:
+            self._retired.remove(engine)
+
+    @property
+    def version(self) -> str | None:
+        return self.current.version if self.current is not None else None
+
+    def get(self):
+        if self.current is None:
+            raise UnavailableError(f"no {self.kind} version loaded yet; publish one to the registry")
+        return self.current
+
+    def use(self, fn: Callable[[object], T]) -> T:
+        """``fn(engine)`` on the current engine; when a newer version retired that engine before
+        ``fn`` could queue its work there (EngineRetiredError), on the newer one."""
+        for _ in range(3):
+            engine = self.get()
+            try:
+                return fn(engine)
+            except EngineRetiredError:
+                if self.current is engine:
+                    raise
+        raise UnavailableError(f"the {self.kind} version changed repeatedly; retry")
+
+
 # -- shared lifecycles ------------------------------------------------------------------------------
 
 
@@ -197,12 +272,14 @@ class ModelService:
         self.s = settings
         self.metrics = metrics
         self.registry = ModelRegistry(settings.registry_dir)
-        self.engine = None
         self.executor = ModelExecutor(self.name)
         self.batcher: DynamicBatcher | None = None
         self.bus = bus if bus is not None else make_bus(settings.kafka_bootstrap, metrics)
-        self.watcher = ModelWatcher(self.registry, self.kind, self._make_engine, self._swap,
-                                    pinned_version=pinned_version or None)
+        self.model = ServedModel(self.registry, self.kind, self._make_engine, metrics, pinned_version)
+
+    @property
+    def engine(self):
+        return self.model.current
 
     def _batcher(self) -> DynamicBatcher:
         raise NotImplementedError
@@ -213,18 +290,13 @@ class ModelService:
     async def start(self) -> None:
         self.batcher = self._batcher()
         self.batcher.start()
-        await self.watcher.load_initial()
-        # every replica must see every version: a consumer group of its own
-        self.watcher.subscribe(self.bus, group_id(self.name), self.name)
+        await self.model.start(self.bus, self.name)
         await self.bus.start()
-        await self.watcher.start_announcing()
+        await self.model.watcher.start_announcing()
 
     async def stop(self) -> None:
         await self.bus.close()
         if self.batcher is not None:
             await self.batcher.close()
         self.executor.shutdown()
-        self.watcher.close()
-
-    def _swap(self, engine) -> None:
-        self.engine = engine
+        await self.model.close()

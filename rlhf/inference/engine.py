@@ -31,14 +31,14 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import AsyncIterator, NamedTuple
 
 import torch
 
 from rlhf.errors import DataError, ResourceExhaustedError, UnavailableError
 from rlhf.inference.runners import make_runner
-from rlhf.inference.sampling import BatchParams, RowParams, choose
+from rlhf.inference.sampling import BatchParams, choose
 from rlhf.inference.text import SampleText, fast_codec
 from rlhf.runtime.threads import use_model_threads
 from rlhf.serving import GenerationRequest, PolicyEngine
@@ -178,7 +178,7 @@ class _Row:
     pos: int  # positions written in the row's slot (= the next token's position)
     max_new: int
     min_new: int
-    params: RowParams
+    generator: torch.Generator | None  # a seeded sample's own random numbers
     generated: int = 0
     last: int = 0  # the last token chosen (the next decode step's input)
 
@@ -209,6 +209,7 @@ class EngineFront:
     max_len: int
     max_prompt_tokens: int
     cfg: EngineConfig
+    metrics: object
 
     def _init_front(self, tokenizer, *, add_bos: bool, dtype: str, device, max_len: int,
                     max_prompt_tokens: int) -> None:
@@ -239,17 +240,27 @@ class EngineFront:
         bos = self.tokenizer.bos_token_id
         return ([bos] if self.add_bos and bos is not None else []) + ids
 
-    def check(self, prompt_ids: list[int], req: GenerationRequest, where: str = "prompt") -> None:
+    def _set_queue_gauge(self) -> None:
+        if self.metrics is not None:
+            self.metrics.policy_queue_depth.set(self._waiting_samples)
+
+    def check(self, prompt_ids: list[int], req: GenerationRequest, where: str = "prompt") -> GenerationRequest:
+        """``req`` if this engine can serve it for the prompt (with a defaulted ``max_new_tokens``
+        lowered to the room the prompt leaves in the context), else DataError."""
         n = len(prompt_ids)
         if n == 0:
             raise DataError(f"{where} is empty")
         if n > self.max_prompt_tokens:
             raise PromptTooLongError(f"{where} has {n} tokens; the limit is {self.max_prompt_tokens}")
+        if req.fit_to_context and n + req.max_new_tokens > self.max_len:
+            req = replace(req, max_new_tokens=max(1, self.max_len - n),
+                          min_new_tokens=min(req.min_new_tokens, max(1, self.max_len - n)))
         if n + req.max_new_tokens > self.max_len:
             raise DataError(f"{where}: {n} prompt tokens + max_new_tokens={req.max_new_tokens} exceed the "
                             f"model's context of {self.max_len} (at most {self.max_len - n} new tokens)")
         if max(1, req.n) > self.cfg.max_batch_size:
             raise DataError(f"n={req.n} exceeds the batch of {self.cfg.max_batch_size} rows")
+        return req
 
 
 class InferenceEngine(EngineFront):
@@ -319,7 +330,7 @@ class InferenceEngine(EngineFront):
         """Queue one prompt for ``req.n`` samples (checked with :meth:`check` first)."""
         if self._loop is None:
             raise EngineRetiredError("the engine was not started")
-        self.check(prompt_ids, req)
+        req = self.check(prompt_ids, req)
         gen = Generation(self, prompt_ids, req, deadline, self._loop)
         self._enqueue(gen)
         return gen
@@ -334,10 +345,6 @@ class InferenceEngine(EngineFront):
             self._waiting_samples += gen.n
             self._set_queue_gauge()
             self._cond.notify()
-
-    def _set_queue_gauge(self) -> None:
-        if self.metrics is not None:
-            self.metrics.policy_queue_depth.set(self._waiting_samples)
 
     # -- the worker thread -----------------------------------------------------------------------
 
@@ -463,12 +470,16 @@ class InferenceEngine(EngineFront):
         self._rows = new
         self._params = None
 
-    def _row_params(self, req: GenerationRequest, index: int) -> RowParams:
-        g = None
-        if req.seed is not None:  # sample j of a request with seed s draws from seed s + j
-            g = torch.Generator().manual_seed((int(req.seed) + index) % (2 ** 63))
-        return RowParams(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
-                         top_logprobs=req.top_logprobs, generator=g)
+    @staticmethod
+    def _row_generator(req: GenerationRequest, index: int) -> torch.Generator | None:
+        if req.seed is None:
+            return None
+        # sample j of a request with seed s draws from seed s + j
+        return torch.Generator().manual_seed((int(req.seed) + index) % (2 ** 63))
+
+    @staticmethod
+    def _batch_params(rows: list[_Row], device) -> BatchParams:
+        return BatchParams([r.gen.req for r in rows], [r.generator for r in rows], device)
 
     def _prefill(self, admitted: list[Generation], events) -> None:
         """Prefill each admitted prompt into the next free slot; a request's other n - 1 rows get
@@ -488,13 +499,13 @@ class InferenceEngine(EngineFront):
                     self.runner.copy_slot(slot0 + bi, slot, P)
                     tail += 1
                 by_slot[slot] = (bi, _Row(g, j, P, g.req.max_new_tokens, g.req.min_new_tokens,
-                                          self._row_params(g.req, j)))
+                                          self._row_generator(g.req, j)))
         slots = sorted(by_slot)
         src = [by_slot[s][0] for s in slots]
         rows = [by_slot[s][1] for s in slots]
         if src != list(range(b)):
             logits = logits[torch.tensor(src, device=logits.device)]  # one row of logits per sample
-        finished = self._choose(rows, logits, BatchParams([r.params for r in rows], logits.device), events)
+        finished = self._choose(rows, logits, self._batch_params(rows, logits.device), events)
         self._rows.extend(rows)
         self._params = None
         if finished:
@@ -511,7 +522,7 @@ class InferenceEngine(EngineFront):
         for r in rows:
             r.pos += 1
         if self._params is None:
-            self._params = BatchParams([r.params for r in rows], logits.device)
+            self._params = self._batch_params(rows, logits.device)
         self.stats.decode_steps += 1
         self.stats.decode_rows += len(rows)
         self.stats.max_rows = max(self.stats.max_rows, len(rows))
@@ -543,7 +554,7 @@ class InferenceEngine(EngineFront):
                 fin = "length"
             else:
                 fin = None
-            k = r.params.top_logprobs
+            k = r.gen.req.top_logprobs
             alts = list(zip(top_i[i][:k], top_v[i][:k])) if k and top_i is not None else None
             events.append((r.gen, TokenEvent(r.index, t, lp_l[i], alts, fin)))
             if fin is not None:

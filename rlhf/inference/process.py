@@ -291,7 +291,7 @@ class EngineProcess(EngineFront):
         """Queue one prompt for ``req.n`` samples on the child (checked here first)."""
         if self._loop is None:
             raise EngineRetiredError("the engine was not started")
-        self.check(prompt_ids, req)
+        req = self.check(prompt_ids, req)
         if self._closed or self._retiring:
             raise EngineRetiredError(f"the engine of version {self.version} is closed")
         n = max(1, req.n)
@@ -326,10 +326,6 @@ class EngineProcess(EngineFront):
             self._queued.discard(rid)
             self._waiting_samples -= gen.n
             self._set_queue_gauge()
-
-    def _set_queue_gauge(self) -> None:
-        if self.metrics is not None:
-            self.metrics.policy_queue_depth.set(self._waiting_samples)
 
     # -- results (event loop) --------------------------------------------------------------------
 

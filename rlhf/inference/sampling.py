@@ -9,44 +9,35 @@ generator, so its samples do not depend on the other rows' draws.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
-
-@dataclass
-class RowParams:
-    """What the sampler needs to know about one row (fixed while the row runs)."""
-
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    top_logprobs: int = 0  # how many alternatives to report per token (0: none)
-    generator: torch.Generator | None = None  # a seeded row's own random numbers
+from rlhf.serving import GenerationRequest
 
 
 class BatchParams:
-    """The rows' settings as tensors, rebuilt only when the set of rows changes."""
+    """The rows' sampling settings (each row's :class:`~rlhf.serving.GenerationRequest` and, for a
+    seeded sample, its own generator) as tensors, rebuilt only when the set of rows changes."""
 
-    def __init__(self, rows: list[RowParams], device: torch.device):
-        self.n = len(rows)
-        t = [r.temperature for r in rows]
+    def __init__(self, reqs: list[GenerationRequest], generators: list[torch.Generator | None],
+                 device: torch.device):
+        self.n = len(reqs)
+        t = [r.temperature for r in reqs]
         self.greedy = torch.tensor([x == 0 for x in t], device=device)  # (n,)
         self.all_greedy = all(x == 0 for x in t)
         self.any_greedy = any(x == 0 for x in t)
         self.temperature = torch.tensor([x if x > 0 else 1.0 for x in t], device=device)[:, None]  # (n, 1)
         self.all_t1 = all(x == 1.0 for x in t)
-        self.any_top_k = any(r.top_k > 0 for r in rows)
-        self.any_top_p = any(r.top_p < 1.0 for r in rows)
-        self.top_k = torch.tensor([r.top_k for r in rows], device=device)[:, None]  # (n, 1)
-        self.top_p = torch.tensor([r.top_p for r in rows], device=device)[:, None]  # (n, 1)
-        filtered = [r.top_k > 0 or r.top_p < 1.0 for r in rows]
+        self.any_top_k = any(r.top_k > 0 for r in reqs)
+        self.any_top_p = any(r.top_p < 1.0 for r in reqs)
+        self.top_k = torch.tensor([r.top_k for r in reqs], device=device)[:, None]  # (n, 1)
+        self.top_p = torch.tensor([r.top_p for r in reqs], device=device)[:, None]  # (n, 1)
+        filtered = [r.top_k > 0 or r.top_p < 1.0 for r in reqs]
         self.filtered = torch.tensor(filtered, device=device)  # (n,) rows that sample from a top-k/top-p set
         self.all_filtered = all(filtered)
-        self.top_logprobs = max((r.top_logprobs for r in rows), default=0)
-        self.seeded = [(i, r.generator) for i, r in enumerate(rows) if r.generator is not None]
-        self.unseeded = torch.tensor([i for i, r in enumerate(rows) if r.generator is None], dtype=torch.long)
+        self.top_logprobs = max((r.top_logprobs for r in reqs), default=0)
+        self.seeded = [(i, g) for i, g in enumerate(generators) if g is not None]
+        self.unseeded = torch.tensor([i for i, g in enumerate(generators) if g is None], dtype=torch.long)
         self.none_seeded = not self.seeded
 
 

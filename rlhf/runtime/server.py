@@ -117,6 +117,10 @@ class Service(Protocol):
     async def stop(self) -> None:
         """After in-flight calls drained: close consumers, flush. Also called if start() failed."""
 
+    # Optional: ``async def drain(self, grace: float) -> None`` runs beside the gRPC server's
+    # graceful stop, from its first moment: a service that answers more than gRPC (HTTP, say)
+    # refuses new work there too and lets what is in flight finish within ``grace`` seconds.
+
 
 # -- exceptions -> status codes ------------------------------------------------------------------
 
@@ -439,7 +443,8 @@ async def serve(service: Service, settings: BaseServiceSettings, metrics: Servic
     ``service.start()``, health SERVING, log "serving" and call ``ready(grpc_port, metrics_port)``
     (``metrics_port`` is -1 without a metrics server). On stop: health NOT_SERVING, no new calls,
     in-flight calls get ``grace_seconds`` to finish (then they are cancelled; a second signal
-    cancels them at once), ``await service.stop()``, the metrics server stops, and this returns.
+    cancels them at once) while ``service.drain(grace_seconds)`` runs (if the service has one),
+    ``await service.stop()``, the metrics server stops, and this returns.
     """
     loop = asyncio.get_running_loop()
     stop = stop_event if stop_event is not None else asyncio.Event()
@@ -512,11 +517,16 @@ async def serve(service: Service, settings: BaseServiceSettings, metrics: Servic
         if started:
             log.info("draining", extra={"fields": {"grace_seconds": settings.grace_seconds}})
             stopping = asyncio.ensure_future(server.stop(settings.grace_seconds))
+            drain = getattr(service, "drain", None)
+            draining = asyncio.ensure_future(drain(settings.grace_seconds)) if drain and start_attempted else None
             forced = asyncio.ensure_future(force.wait())
             await asyncio.wait({stopping, forced}, return_when=asyncio.FIRST_COMPLETED)
             if not stopping.done():
                 await server.stop(0)
                 await stopping
+            if draining is not None:
+                await asyncio.wait({draining, forced}, return_when=asyncio.FIRST_COMPLETED)
+                draining.cancel()
             forced.cancel()
         else:
             await server.stop(None)

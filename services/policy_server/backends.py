@@ -25,7 +25,7 @@ import time
 from typing import AsyncIterator, Protocol
 
 from rlhf.errors import DataError, ResourceExhaustedError, UnavailableError
-from rlhf.inference.engine import (EngineConfig, EngineRetiredError, Generation, InferenceEngine, PromptTooLongError,
+from rlhf.inference.engine import (EngineConfig, Generation, InferenceEngine, PromptTooLongError,
                                    SampleResult, StreamEvent, stream_batches, stream_samples)
 from rlhf.inference.process import EngineProcess
 from rlhf.inference.text import SampleText
@@ -53,6 +53,15 @@ class Run(Protocol):
     def is_special(self, token_id: int) -> bool: ...
 
     def full_text(self, sample: SampleResult) -> str: ...
+
+
+def observe(metrics, api: str, runs: list, t0: float) -> None:
+    """Time to first token and request duration of a request (its ``runs``, arrived at ``t0``,
+    a time.perf_counter() value) on ``api`` (openai, tgi or grpc)."""
+    firsts = [r.first_token_at for r in runs if r.first_token_at is not None]
+    if firsts:
+        metrics.policy_time_to_first_token_seconds.labels(api).observe(min(firsts) - t0)
+    metrics.policy_request_duration_seconds.labels(api).observe(time.perf_counter() - t0)
 
 
 async def complete(run: Run) -> list[SampleResult]:
@@ -104,29 +113,24 @@ class LocalRun:
 
 
 class LocalBackend:
+    """The registry's policy versions on the embedded engine, through the services' shared model
+    lifecycle (:class:`services.common.ServedModel`: load beside, swap, retire, close)."""
+
     name = "local"
 
     def __init__(self, registry, settings, metrics, engine_config: EngineConfig, pinned_version: str = ""):
-        from services.common import ModelWatcher
+        from services.common import ServedModel
 
         self.s = settings
         self.metrics = metrics
         self.cfg = engine_config
-        self.engine: InferenceEngine | None = None
-        self._retired: list[InferenceEngine] = []
-        self._closers: set[asyncio.Task] = set()
-        self.watcher = ModelWatcher(registry, "policy", self._load, self._swap, pinned_version=pinned_version or None)
+        self.model = ServedModel(registry, "policy", self._load, metrics, pinned_version)
 
-    # lifecycle
-    async def start(self, bus, group: str) -> None:
-        await self.watcher.load_initial()
-        self.watcher.subscribe(bus, group, "policy-server")
+    async def start(self, bus, service: str) -> None:
+        await self.model.start(bus, service)
 
     async def stop(self) -> None:
-        engines = [e for e in [self.engine, *self._retired] if e is not None]
-        self.engine = None
-        await asyncio.gather(*(e.close() for e in engines))
-        self.watcher.close()
+        await self.model.close()
 
     def _load(self, path, version: str) -> InferenceEngine | EngineProcess:
         """Runs on the watcher's loader thread."""
@@ -136,36 +140,22 @@ class LocalBackend:
         policy = PolicyEngine(path, version, max_prompt_tokens=self.s.max_prompt_tokens, device=self.s.device)
         return InferenceEngine(policy, self.cfg, self.metrics)
 
-    def _swap(self, engine: InferenceEngine) -> None:
-        engine.start()
-        old, self.engine = self.engine, engine
-        self.metrics.model_version_info.labels("policy").set(time.time())
-        if old is not None:
-            old.retire()  # finishes what it runs and has queued, then its thread ends
-            self._retired.append(old)
-            t = asyncio.create_task(self._forget(old))
-            self._closers.add(t)
-            t.add_done_callback(self._closers.discard)
-
-    async def _forget(self, engine: InferenceEngine) -> None:
-        await engine.close()
-        if engine in self._retired:
-            self._retired.remove(engine)
-
     # serving
     @property
+    def engine(self) -> InferenceEngine | EngineProcess | None:
+        return self.model.current
+
+    @property
     def version(self) -> str | None:
-        return self.engine.version if self.engine is not None else None
+        return self.model.version
 
     @property
     def ready(self) -> bool:
         # an engine process that died is closed: health turns 503 until a new version loads
         return self.engine is not None and not self.engine.closed
 
-    def current(self) -> InferenceEngine:
-        if self.engine is None:
-            raise UnavailableError("no policy version loaded yet; publish one to the registry")
-        return self.engine
+    def current(self) -> InferenceEngine | EngineProcess:
+        return self.model.get()
 
     @property
     def tokenizer(self):
@@ -183,20 +173,16 @@ class LocalBackend:
              truncate: int | None = None) -> LocalRun:
         """Check and queue one prompt on the current version's engine (``truncate``: keep only
         the prompt's last that many tokens)."""
-        for _ in range(3):
-            engine = self.current()
+
+        def submit(engine) -> LocalRun:
             ids = engine.encode(prompt)
             if truncate is not None and len(ids) > truncate:
                 bos = ids[:1] if engine.add_bos else []
                 ids = bos + ids[len(ids) - truncate + len(bos):]
-            engine.check(ids, req, where)
-            try:
-                return LocalRun(engine, engine.submit(ids, req, deadline))
-            except EngineRetiredError:
-                if self.engine is engine:
-                    raise
-                # a newer version took over between the two lines above: use it
-        raise UnavailableError("the policy version changed repeatedly; retry")
+            checked = engine.check(ids, req, where)
+            return LocalRun(engine, engine.submit(ids, checked, deadline))
+
+        return self.model.use(submit)
 
     def info(self) -> dict:
         e = self.current()
@@ -391,7 +377,7 @@ class TGIBackend:
             except Exception as e:  # noqa: BLE001 - keep the last known answer
                 log.warning("TGI backend /info failed", extra={"fields": {"error": type(e).__name__}})
 
-    async def start(self, bus=None, group: str = "") -> None:
+    async def start(self, bus=None, service: str = "") -> None:
         deadline = time.monotonic() + 60
         while True:
             try:

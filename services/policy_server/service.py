@@ -1,12 +1,13 @@
 """policy-server: generation for product traffic and PPO rollouts, over gRPC and HTTP.
 
 The gRPC PolicyService (proto <-> domain here) and the OpenAI- and TGI-compatible HTTP API
-(:mod:`services.policy_server.http_api`, on ``http_port`` in the same process and event loop)
+(:mod:`services.policy_server.api`, on ``http_port`` in the same process and event loop)
 share one backend (:mod:`services.policy_server.backends`): the embedded continuous-batching
 engine of :mod:`rlhf.inference` on the registry's newest policy version, hot-reloaded on
 ``rlhf.models.v1`` without failing a call, or a remote TGI server. Every answer carries the
-version that produced it. On SIGTERM gRPC and HTTP drain together: new HTTP requests get 503,
-those in flight finish within ``grace_seconds``.
+version that produced it. On SIGTERM gRPC and HTTP drain together (the bootstrap calls
+:meth:`PolicyServer.drain` beside the gRPC server's stop): new HTTP requests get 503, those in
+flight finish within ``grace_seconds``.
 """
 
 from __future__ import annotations
@@ -27,16 +28,19 @@ from rlhf.runtime.apikeys import ApiKeys
 from rlhf.runtime.bus import make_bus
 from rlhf.runtime.http import EmbeddedHttpServer
 from rlhf.runtime.server import BaseServiceSettings
+from rlhf.inference.requests import RequestLimits, build_request
 from rlhf.serving import GenerationRequest
-from services.common import group_id
-from services.policy_server.backends import LocalBackend, TGIBackend, complete
-from services.policy_server.http_api import HttpApi
+from services.policy_server.backends import LocalBackend, TGIBackend, complete, observe
+from services.policy_server.api.routes import HttpApi
 from services.policy_server.optin import PromptForwarder
 
 NAME = "policy-server"
 FINISH = {"eos": policy_pb2.FINISH_REASON_STOP, "stop": policy_pb2.FINISH_REASON_STOP,
           "length": policy_pb2.FINISH_REASON_LENGTH}
 log = logging.getLogger("rlhf.services.policy")
+# the gRPC API's names for GenerationRequest's fields (in error messages)
+NAMES = {k: f"sampling.{k}" for k in ("max_new_tokens", "min_new_tokens", "temperature", "top_p", "top_k", "stop",
+                                      "seed")}
 
 
 @dataclass
@@ -108,6 +112,7 @@ class PolicyServer(policy_grpc.PolicyServiceServicer):
         self.forwarder = (PromptForwarder(s.prompt_collector_addr, metrics, s.optin_queue_size)
                           if s.prompt_collector_addr else None)
         self.http = HttpApi(self.backend, s, metrics, self.keys, self.forwarder)
+        self.limits = RequestLimits(max_new_tokens=s.max_new_tokens_limit, max_n=s.max_n)
         self.http_server: EmbeddedHttpServer | None = None
         self.http_port: int | None = None
         self._drain: asyncio.Future | None = None
@@ -115,21 +120,12 @@ class PolicyServer(policy_grpc.PolicyServiceServicer):
     # -- lifecycle ------------------------------------------------------------------------------
     def register(self, server: grpc.aio.Server) -> None:
         policy_grpc.add_PolicyServiceServicer_to_server(self, server)
-        # The bootstrap stops the gRPC server first on SIGTERM; HTTP starts draining (503 for new
-        # requests) at that same moment rather than after gRPC's grace period.
-        grpc_stop = server.stop
-
-        async def stop(grace):
-            self._begin_drain(grace)
-            return await grpc_stop(grace)
-
-        server.stop = stop
 
     async def start(self) -> None:
-        await self.backend.start(self.bus, group_id(NAME))
+        await self.backend.start(self.bus, NAME)
         await self.bus.start()
         if isinstance(self.backend, LocalBackend):
-            await self.backend.watcher.start_announcing()
+            await self.backend.model.watcher.start_announcing()
         if self.forwarder is not None:
             await self.forwarder.start()
         if self.s.http_port >= 0:
@@ -139,13 +135,15 @@ class PolicyServer(policy_grpc.PolicyServiceServicer):
             log.info("http serving", extra={"fields": {"host": self.s.host, "http_port": self.http_port,
                                                        "backend": self.s.backend, "auth": self.keys.enabled}})
 
-    def _begin_drain(self, grace: float | None) -> None:
+    async def drain(self, grace: float) -> None:
+        """The bootstrap's shutdown hook, beside the gRPC server's stop: HTTP refuses new requests
+        (503) from now on and those in flight get ``grace`` seconds."""
         if self._drain is None:
-            self._drain = asyncio.ensure_future(self.http.drain(grace or 0.0))
+            self._drain = asyncio.ensure_future(self.http.drain(grace))
+        await asyncio.shield(self._drain)
 
     async def stop(self) -> None:
-        self._begin_drain(self.s.grace_seconds)
-        await self._drain
+        await self.drain(self.s.grace_seconds)  # already done when the bootstrap drained
         if self.http_server is not None:
             await self.http_server.stop()
         if self.forwarder is not None:
@@ -155,36 +153,16 @@ class PolicyServer(policy_grpc.PolicyServiceServicer):
 
     # -- helpers --------------------------------------------------------------------------------
     def _request(self, sp: policy_pb2.SamplingParams, n: int, return_logprobs: bool) -> GenerationRequest:
-        max_new = sp.max_new_tokens or self.s.max_new_tokens_default
-        if sp.max_new_tokens < 0 or max_new > self.s.max_new_tokens_limit:
-            raise DataError(f"sampling.max_new_tokens must be in 1..{self.s.max_new_tokens_limit}")
-        temperature = sp.temperature if sp.HasField("temperature") else 1.0
-        top_p = sp.top_p if sp.HasField("top_p") else 1.0
-        if temperature < 0:
-            raise DataError("sampling.temperature must be >= 0")
-        if not 0 < top_p <= 1:
-            raise DataError("sampling.top_p must be in (0, 1]")
-        if sp.top_k < 0 or sp.min_new_tokens < 0 or sp.min_new_tokens > max_new:
-            raise DataError("sampling.top_k and sampling.min_new_tokens must be >= 0, min_new_tokens <= max_new_tokens")
-        if n < 0 or n > self.s.max_n:
-            raise DataError(f"n must be in 1..{self.s.max_n}")
-        if any(len(s) > 64 for s in sp.stop) or len(sp.stop) > 8:
-            raise DataError("sampling.stop takes at most 8 strings of at most 64 characters")
-        return GenerationRequest(max_new_tokens=max_new, temperature=temperature, top_p=top_p, top_k=sp.top_k,
-                                 min_new_tokens=sp.min_new_tokens, stop=tuple(s for s in sp.stop if s),
-                                 seed=sp.seed if sp.HasField("seed") else None, n=max(1, n),
-                                 return_logprobs=return_logprobs)
+        values = {"n": n or 1, "max_new_tokens": sp.max_new_tokens or None, "min_new_tokens": sp.min_new_tokens,
+                  "temperature": sp.temperature if sp.HasField("temperature") else None,
+                  "top_p": sp.top_p if sp.HasField("top_p") else None, "top_k": sp.top_k, "stop": list(sp.stop),
+                  "seed": sp.seed if sp.HasField("seed") else None, "return_logprobs": return_logprobs}
+        return build_request(values, self.limits, default_max_new_tokens=self.s.max_new_tokens_default, names=NAMES)
 
     @staticmethod
     def _deadline(context) -> float | None:
         remaining = context.time_remaining()
         return None if remaining is None else time.monotonic() + remaining
-
-    def _observe(self, runs, t0: float) -> None:
-        firsts = [r.first_token_at for r in runs if r.first_token_at is not None]
-        if firsts:
-            self.metrics.policy_time_to_first_token_seconds.labels("grpc").observe(min(firsts) - t0)
-        self.metrics.policy_request_duration_seconds.labels("grpc").observe(time.perf_counter() - t0)
 
     # -- RPCs -----------------------------------------------------------------------------------
     async def Generate(self, request: policy_pb2.GenerateRequest, context) -> policy_pb2.GenerateResponse:
@@ -207,7 +185,7 @@ class PolicyServer(policy_grpc.PolicyServiceServicer):
         finally:
             for r in runs:
                 r.cancel()
-        self._observe(runs, t0)
+        observe(self.metrics, "grpc", runs, t0)
         resp = policy_pb2.GenerateResponse(policy_version=runs[0].version)
         for run, samples in zip(runs, results):
             pc = resp.results.add()
@@ -239,7 +217,7 @@ class PolicyServer(policy_grpc.PolicyServiceServicer):
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
         finally:
             await events.aclose()  # a client that went away cancels the generation
-            self._observe([run], t0)
+            observe(self.metrics, "grpc", [run], t0)
 
     async def GetPolicyVersion(self, request, context) -> policy_pb2.GetPolicyVersionResponse:
         v = self.backend.version

@@ -241,22 +241,24 @@ def test_retiring_finishes_what_runs_and_what_waits(policy):
 
 
 def test_a_seeded_row_draws_the_same_token_whatever_runs_beside_it():
-    from rlhf.inference.sampling import BatchParams, RowParams, choose
+    from rlhf.inference.sampling import BatchParams, choose
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 50, generator=g) * 2
-    plain = RowParams(temperature=1.0, top_k=0, top_p=1.0, top_logprobs=0, generator=None)
-    filtered = RowParams(temperature=0.7, top_k=5, top_p=0.9, top_logprobs=0, generator=None)
-    greedy = RowParams(temperature=0.0, top_k=0, top_p=1.0, top_logprobs=0, generator=None)
+    plain = GenerationRequest(temperature=1.0)
+    filtered = GenerationRequest(temperature=0.7, top_k=5, top_p=0.9)
+    greedy = GenerationRequest(temperature=0.0)
 
     def seeded(seed):
-        return RowParams(temperature=1.0, top_k=0, top_p=1.0, top_logprobs=0,
-                         generator=torch.Generator().manual_seed(seed))
+        return GenerationRequest(temperature=1.0), torch.Generator().manual_seed(seed)
+
+    def params(rows):
+        return BatchParams([r for r, _ in rows], [gen for _, gen in rows], logits.device)
 
     for seed in range(20):
-        alone, _, _ = choose(logits[:1].clone(), BatchParams([seeded(seed)], logits.device), None, 0)
+        alone, _, _ = choose(logits[:1].clone(), params([seeded(seed)]), None, 0)
         for other in (plain, filtered, greedy):
-            rows = [seeded(seed), other, filtered]
-            tokens, _, _ = choose(logits.clone(), BatchParams(rows, logits.device), None, 0,
+            rows = [seeded(seed), (other, None), (filtered, None)]
+            tokens, _, _ = choose(logits.clone(), params(rows), None, 0,
                                   generator=torch.Generator().manual_seed(1))
             assert tokens[0] == alone[0], (seed, other)

@@ -1,0 +1,209 @@
+"""The plumbing both HTTP dialects share: authentication, draining, deadlines, request metrics,
+the request body, the model name, opt-in forwarding, and opening runs on the backend.
+
+:class:`ApiServer` holds that state; :meth:`ApiServer.endpoint` wraps a dialect's handler so
+that every request is refused while draining (503), authenticated (401, 429), given a deadline,
+counted in ``rlhf_http_requests_total`` and answered in the dialect's error shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, replace
+
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+
+from rlhf.inference.requests import MAX_TOP_N_TOKENS, RequestLimits
+from rlhf.runtime.apikeys import ApiKeys
+from rlhf.runtime.http import EventStreamResponse, until_disconnected
+from rlhf.serving import GenerationRequest
+from services.policy_server.backends import complete, observe
+from services.policy_server.api.errors import OPENAI, TGI, ApiError, as_api_error, error_body, json_response
+
+log = logging.getLogger("rlhf.services.policy.http")
+
+TRUE = {"1", "true", "yes", "on"}
+
+
+@dataclass
+class Ctx:
+    """One request as its handler sees it."""
+
+    team: str
+    t0: float  # time.perf_counter() at arrival
+    deadline: float  # time.monotonic() by which it must be answered
+    request: Request
+
+
+class ApiServer:
+    def __init__(self, backend, settings, metrics, keys: ApiKeys, forwarder=None):
+        self.backend = backend
+        self.s = settings
+        self.metrics = metrics
+        self.keys = keys
+        self.forwarder = forwarder
+        self.model_name = settings.model_name
+        # the request limits, and those of the fields that allow fewer alternatives per token
+        # (OpenAI completions' logprobs, TGI's top_n_tokens)
+        self.limits = RequestLimits(max_new_tokens=settings.max_new_tokens_limit, max_n=settings.max_n)
+        self.limits_top_n = replace(self.limits, top_logprobs=MAX_TOP_N_TOKENS)
+        self.draining = False
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # -- draining ---------------------------------------------------------------------------------
+
+    async def drain(self, grace_seconds: float) -> None:
+        """New requests get 503 from now on; wait up to ``grace_seconds`` for those in flight."""
+        self.draining = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), grace_seconds)
+        except asyncio.TimeoutError:
+            log.warning("HTTP requests still in flight after the grace period", extra={"fields": {"requests": self.in_flight}})
+
+    def _enter(self) -> None:
+        self.in_flight += 1
+        self._idle.clear()
+
+    def _leave(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+
+    # -- every request ------------------------------------------------------------------------------
+
+    def record(self, route: str, status: int) -> None:
+        self.metrics.http_requests_total.labels(self.metrics.service, route, str(status)).inc()
+
+    @staticmethod
+    def version_headers(version: str | None) -> dict:
+        return {"X-Policy-Version": version} if version else {}
+
+    async def not_found(self, request: Request, exc: HTTPException) -> Response:
+        style = OPENAI if request.url.path.startswith("/v1/") else TGI
+        msg = "no such route" if exc.status_code == 404 else (exc.detail or "error")
+        e = ApiError(exc.status_code, f"{msg}: {request.method} {request.url.path}", "not_found")
+        self.record("other", exc.status_code)
+        return json_response(error_body(style, e), exc.status_code)
+
+    def endpoint(self, handler, route: str, style: str, auth: bool = True, drains: bool = True):
+        async def endpoint(request: Request) -> Response:
+            t0 = time.perf_counter()
+            self._enter()
+            streaming = False
+            status = 500
+            try:
+                if drains and self.draining:
+                    raise ApiError(503, "the server is shutting down; retry on another replica", "draining",
+                                   retry_after=1.0)
+                team = self.keys.check(request.headers.get("authorization")) if auth else "anonymous"
+                ctx = Ctx(team, t0, time.monotonic() + self._timeout(request), request)
+                resp = await handler(request, ctx)
+                status = resp.status_code
+                if isinstance(resp, EventStreamResponse):
+                    streaming = True
+                    inner = resp.on_close
+
+                    def closed() -> None:
+                        if inner is not None:
+                            inner()
+                        self.record(route, 200)
+                        self._leave()
+
+                    resp.on_close = closed
+                return resp
+            except ClientDisconnect:
+                status = 499
+                return Response(status_code=499)
+            except Exception as exc:  # noqa: BLE001 - every error is answered in the API's shape
+                e = as_api_error(exc)
+                status = e.status
+                headers = {"Retry-After": str(max(1, math.ceil(e.retry_after)))} if e.retry_after else {}
+                headers.update(self.version_headers(self.backend.version))
+                return json_response(error_body(style, e), e.status, headers)
+            finally:
+                if not streaming:
+                    self.record(route, status)
+                    self._leave()
+
+        return endpoint
+
+    def _timeout(self, request: Request) -> float:
+        t = self.s.request_timeout_seconds
+        h = request.headers.get("x-request-timeout")
+        if h:
+            try:
+                v = float(h)
+            except ValueError:
+                raise ApiError(400, "X-Request-Timeout must be a number of seconds", "invalid_value") from None
+            if v > 0:
+                t = min(t, v)
+        return t
+
+    async def body(self, request: Request) -> dict:
+        cl = request.headers.get("content-length")
+        if cl and cl.isdigit() and int(cl) > self.s.max_body_bytes:
+            raise ApiError(413, f"request body over {self.s.max_body_bytes} bytes", "body_too_large")
+        raw = await request.body()
+        if len(raw) > self.s.max_body_bytes:
+            raise ApiError(413, f"request body over {self.s.max_body_bytes} bytes", "body_too_large")
+        try:
+            body = json.loads(raw or b"null")
+        except (ValueError, UnicodeDecodeError):
+            raise ApiError(400, "the request body is not valid JSON", "invalid_json") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object", "invalid_json")
+        return body
+
+    # -- generation -------------------------------------------------------------------------------
+
+    def check_model(self, name) -> None:
+        if name is None or name == "":
+            return
+        v = self.backend.version
+        if not isinstance(name, str) or name not in (self.model_name, v, f"{self.model_name}@{v}"):
+            raise ApiError(404, f"The model `{name}` does not exist; this server serves `{self.model_name}` "
+                                f"(version {v}, also addressable as `{self.model_name}@{v}`)", "model_not_found", "model")
+
+    def opt_in(self, request: Request, texts: list[str], user, team: str) -> None:
+        if self.forwarder is None:
+            return
+        if (request.headers.get("x-rlhf-consent") or "").strip().lower() not in TRUE:
+            return
+        user = user or request.headers.get("x-rlhf-user")
+        if isinstance(user, str) and user:
+            self.forwarder.offer(texts, user, f"api:{team}")
+
+    def open(self, prompts: list[str], req: GenerationRequest, ctx: Ctx, truncate: int | None = None) -> list:
+        runs = []
+        try:
+            for i, p in enumerate(prompts):
+                where = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+                runs.append(self.backend.open(p, req, ctx.deadline, where, truncate))
+        except BaseException:
+            for r in runs:
+                r.cancel()
+            raise
+        return runs
+
+    def observe(self, api: str, runs: list, t0: float) -> None:
+        observe(self.metrics, api, runs, t0)
+
+    async def complete_all(self, runs: list, ctx: Ctx) -> list:
+        """Every sample of every run (lists of SampleResults, per run); a client that goes away
+        cancels them."""
+        async def all_done():
+            return await asyncio.gather(*(complete(r) for r in runs))
+
+        try:
+            return await until_disconnected(ctx.request, all_done())
+        finally:
+            for r in runs:
+                r.cancel()

@@ -1,0 +1,123 @@
+"""What the OpenAI routes share: the sampling fields of a request, the answer's envelope, usage,
+log-probs, and ``GET /v1/models``.
+
+Every answer names the policy version that produced it: ``model`` = ``<model_name>@<version>``,
+``system_fingerprint`` = the version, and the ``X-Policy-Version`` header.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from rlhf.inference.requests import build_request
+from rlhf.serving import GenerationRequest
+from services.policy_server.api.base import ApiServer, Ctx
+from services.policy_server.api.errors import OPENAI, ApiError, dumps, error_body, json_response
+from services.policy_server.api.fields import field, stop_list
+
+# OpenAI's names for GenerationRequest's fields (in error messages)
+NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
+
+
+class OpenAIDialect:
+    def __init__(self, api: ApiServer):
+        self.api = api
+        self.s = api.s
+
+    def sampling(self, body: dict, chat: bool) -> tuple[GenerationRequest, int]:
+        """The sampling settings of an OpenAI request, and how many top log-probs it wants (-1: no log-probs)."""
+        for name in ("presence_penalty", "frequency_penalty"):
+            if body.get(name) not in (None, 0, 0.0):
+                raise ApiError(400, f"'{name}' is not supported by this server (only 0)", "unsupported_parameter", name)
+        if body.get("logit_bias"):
+            raise ApiError(400, "'logit_bias' is not supported by this server", "unsupported_parameter", "logit_bias")
+        best_of = field(body, "best_of", int, None)
+        if best_of is not None and best_of != (body.get("n") or 1):
+            raise ApiError(400, "'best_of' other than n is not supported", "unsupported_parameter", "best_of")
+        names = dict(NAMES)
+        max_tokens = body.get("max_tokens")
+        if chat and body.get("max_completion_tokens") is not None:
+            max_tokens = body["max_completion_tokens"]
+            names["max_new_tokens"] = "max_completion_tokens"
+        if chat:
+            want = field(body, "logprobs", bool, False)
+            k = body.get("top_logprobs")
+            names["top_logprobs"] = "top_logprobs"
+            if k and not want:
+                raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "invalid_value", "top_logprobs")
+            top = (k or 0) if want else None
+        else:
+            top = body.get("logprobs")
+            names["top_logprobs"] = "logprobs"
+        top_k = body.get("top_k")
+        values = {"n": body.get("n"), "max_new_tokens": max_tokens, "min_new_tokens": body.get("min_tokens"),
+                  "temperature": body.get("temperature"), "top_p": body.get("top_p"),
+                  "top_k": 0 if top_k == -1 else top_k,  # -1: off, as in vLLM
+                  "seed": body.get("seed"), "stop": stop_list(body.get("stop")),
+                  "top_logprobs": top, "return_logprobs": top is not None}
+        default = self.s.max_new_tokens_default if chat else 16  # OpenAI's legacy completions default to 16
+        limits = self.api.limits if chat else self.api.limits_top_n
+        req = build_request(values, limits, default_max_new_tokens=default, names=names)
+        return req, (-1 if top is None else req.top_logprobs)
+
+    @staticmethod
+    def stream_flags(body: dict) -> tuple[bool, bool]:
+        stream = field(body, "stream", bool, False)
+        opts = field(body, "stream_options", dict, {}) or {}
+        return stream, bool(stream and opts.get("include_usage"))
+
+    def base(self, kind: str, version: str, rid: str) -> dict:
+        return {"id": rid, "object": kind, "created": int(time.time()), "model": f"{self.api.model_name}@{version}",
+                "system_fingerprint": version}
+
+    def chunk_head(self, kind: str, rid: str, first_key: bytes) -> Callable[[str], bytes]:
+        """``data: {...,"choices":[{<first_key>`` for the stream's common chunks, per version: the
+        per-token part is then written on its own (one json.dumps of the text, not of the chunk)."""
+        cache: dict[str, bytes] = {}
+
+        def head(version: str) -> bytes:
+            h = cache.get(version)
+            if h is None:
+                h = cache[version] = b"data: " + dumps(self.base(kind, version, rid))[:-1] + b',"choices":[{' + first_key
+            return h
+
+        return head
+
+    def usage_chunk(self, kind: str, version: str, rid: str, usage: dict) -> bytes:
+        c = self.base(kind, version, rid)
+        c["choices"], c["usage"] = [], usage
+        return b"data: " + dumps(c) + b"\n\n"
+
+    @staticmethod
+    def usage(runs, samples_per_run) -> dict:
+        p = sum(len(r.prompt_token_ids or []) for r in runs)
+        c = sum(len(s.token_ids) for ss in samples_per_run for s in ss)
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+    @staticmethod
+    def text_tokens(run, ids: list[int]) -> list[int]:
+        return [t for t in ids if not run.is_special(t)]
+
+    @staticmethod
+    def finish(reason: str) -> str:
+        return "length" if reason == "length" else "stop"
+
+    @staticmethod
+    def stream_error(e: ApiError) -> bytes:
+        return b"data: " + dumps(error_body(OPENAI, e)) + b"\n\n"
+
+    async def models(self, request: Request, ctx: Ctx) -> Response:
+        v = self.api.backend.version
+        if v is None:
+            raise ApiError(503, "no policy version loaded yet", "unavailable")
+        created = int(time.time())
+        name = self.api.model_name
+        data = [{"id": name, "object": "model", "created": created, "owned_by": "rlhf-platform", "version": v},
+                {"id": f"{name}@{v}", "object": "model", "created": created, "owned_by": "rlhf-platform",
+                 "version": v}]
+        return json_response({"object": "list", "data": data}, headers=self.api.version_headers(v))
+

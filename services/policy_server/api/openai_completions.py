@@ -1,0 +1,105 @@
+"""``POST /v1/completions``: OpenAI's (legacy) completions, plain and streamed."""
+
+from __future__ import annotations
+
+import uuid
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from rlhf.inference.engine import SampleResult, StreamEvent
+from services.policy_server.api.base import Ctx
+from services.policy_server.api.errors import OPENAI, ApiError, dumps, json_response
+from services.policy_server.api.fields import field, unsupported
+from services.policy_server.api.openai_common import OpenAIDialect
+from services.policy_server.api.streaming import event_stream
+
+
+class Completions(OpenAIDialect):
+    @staticmethod
+    def logprobs(run, ids, lps, tops, offset: int, k: int) -> dict:
+        tokens = [run.token_text(t) for t in ids]
+        offsets = []
+        for t in tokens:
+            offsets.append(offset)
+            offset += len(t)
+        out = {"tokens": tokens, "token_logprobs": lps[:len(ids)], "text_offset": offsets, "top_logprobs": None}
+        if k and tops is not None:
+            out["top_logprobs"] = [{run.token_text(i): lp for i, lp in alts} for alts in tops[:len(ids)]]
+        return out
+
+    async def create(self, request: Request, ctx: Ctx) -> Response:
+        api = self.api
+        body = await api.body(request)
+        api.check_model(body.get("model"))
+        prompt = body.get("prompt")
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ApiError(400, "'prompt' must be a non-empty string or list of strings (token ids are not "
+                                "supported)", "invalid_value", "prompt")
+        if len(prompts) > self.s.max_prompts_per_request:
+            raise ApiError(400, f"at most {self.s.max_prompts_per_request} prompts per request", "invalid_value", "prompt")
+        unsupported(body, "suffix")
+        echo = field(body, "echo", bool, False)
+        req, k = self.sampling(body, chat=False)
+        if echo and req.return_logprobs:
+            raise ApiError(400, "'echo' together with 'logprobs' is not supported", "unsupported_parameter", "echo")
+        stream, usage_chunk = self.stream_flags(body)
+        user = field(body, "user", str, None)
+        runs = api.open(prompts, req, ctx)
+        api.opt_in(request, prompts, user, ctx.team)
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        if stream:
+            return await self._stream(runs, prompts, req, k, echo, usage_chunk, rid, ctx)
+        results = await api.complete_all(runs, ctx)
+        api.observe(OPENAI, runs, ctx.t0)
+        out = self.base("text_completion", runs[0].version, rid)
+        choices = []
+        for p, (run, samples) in enumerate(zip(runs, results)):
+            for s in samples:
+                lp = None
+                if req.return_logprobs:
+                    ids = self.text_tokens(run, s.token_ids)
+                    lp = self.logprobs(run, ids, s.logprobs, s.top_logprobs, 0, k)
+                choices.append({"text": (prompts[p] if echo else "") + s.text, "index": p * req.n + s.index,
+                                "logprobs": lp, "finish_reason": self.finish(s.finish_reason)})
+        out["choices"] = choices
+        out["usage"] = self.usage(runs, results)
+        return json_response(out, headers=api.version_headers(runs[0].version))
+
+    async def _stream(self, runs, prompts, req, k: int, echo: bool, usage_chunk: bool, rid: str, ctx: Ctx):
+        n = req.n
+        offsets = [[len(prompts[p]) if echo else 0] * n for p in range(len(prompts))]
+        sent_echo: set[int] = set()
+        ended: list[list[SampleResult]] = [[] for _ in runs]
+        heads = self.chunk_head("text_completion", rid, b'"text":')
+
+        def fmt(p: int, ev: StreamEvent) -> bytes:
+            run = runs[p]
+            idx = p * n + ev.index
+            text = ev.text
+            if echo and idx not in sent_echo:
+                sent_echo.add(idx)
+                text = prompts[p] + text
+            lp = None
+            if req.return_logprobs and not run.is_special(ev.token_id):
+                lp = self.logprobs(run, [ev.token_id], [ev.logprob], [ev.top or []], offsets[p][ev.index], k)
+                offsets[p][ev.index] += len(lp["tokens"][0])
+            if ev.sample is not None:
+                ended[p].append(ev.sample)
+            if lp is None and ev.finish_reason is None:
+                if not text:
+                    return b""
+                return heads(run.version) + dumps(text) + b',"index":%d,"logprobs":null,"finish_reason":null}]}\n\n' % idx
+            chunk = self.base("text_completion", run.version, rid)
+            chunk["choices"] = [{"text": text, "index": idx, "logprobs": lp,
+                                 "finish_reason": self.finish(ev.finish_reason) if ev.finish_reason else None}]
+            return b"data: " + dumps(chunk) + b"\n\n"
+
+        def tail() -> list[bytes]:
+            out = []
+            if usage_chunk:
+                out.append(self.usage_chunk("text_completion", runs[0].version, rid, self.usage(runs, ended)))
+            return out + [b"data: [DONE]\n\n"]
+
+        return await event_stream(self.api, runs, ctx, OPENAI, fmt, tail, self.stream_error)
