@@ -60,10 +60,13 @@ def label_pending(stub: feedback_grpc.FeedbackServiceStub, labeler: SimulatedLab
 
 
 def run_labeler(target: str, labeler: SimulatedLabeler, labeler_id: str, stop: threading.Event,
-                poll_seconds: float = 0.5) -> int:
-    """Label until ``stop`` is set; returns the number of rankings submitted."""
+                poll_seconds: float = 0.5, token: str = "") -> int:
+    """Label until ``stop`` is set; returns the number of rankings submitted. ``token`` is the
+    labeler's credential (the store takes the labeler id from it when authentication is on)."""
+    from rlhf.runtime.grpc_client import PeerCredentials, blocking_channel
+
     total = 0
-    with grpc.insecure_channel(target) as ch:
+    with blocking_channel(target, creds=PeerCredentials(token=token)) as ch:
         stub = feedback_grpc.FeedbackServiceStub(ch)
         while not stop.is_set():
             try:

@@ -32,6 +32,19 @@ def env_table(cls, service: str) -> str:
     return "\n".join(rows)
 
 
+def service_class(mod, name: str):
+    """The servicer class a service module builds."""
+    return next(v for v in vars(mod).values()
+                if isinstance(v, type) and getattr(v, "name", None) == name and hasattr(v, "rpc_roles"))
+
+
+def roles_table(cls) -> str:
+    """Who may call each RPC (docs/security.md explains the roles)."""
+    rows = ["| RPC | roles that may call it |", "|---|---|"]
+    rows += [f"| `{m}` | {', '.join(sorted(r))} |" for m, r in cls.rpc_roles.items()]
+    return "\n".join(rows)
+
+
 def render() -> str:
     parts = [
         "# Services reference",
@@ -47,7 +60,7 @@ def render() -> str:
     for name, module in SERVICES.items():
         mod = importlib.import_module(module)
         parts += [f"## {name}", "", (inspect.getdoc(mod) or "").split("\n\n")[0], "",
-                  env_table(mod.Settings, name), ""]
+                  env_table(mod.Settings, name), "", roles_table(service_class(mod, name)), ""]
     local = "; ".join(f"{kind}: " + ", ".join(f"`{f}`" for f in fields) for kind, fields in runs.LOCAL_ONLY.items())
     parts += [
         "## Trainer jobs",

@@ -12,6 +12,7 @@ import dataclasses
 import importlib
 import logging
 import os
+import secrets
 import signal
 import threading
 from pathlib import Path
@@ -20,7 +21,8 @@ from rlhf.errors import ConfigError
 from rlhf.metrics import ServiceMetrics
 from rlhf.runtime.bus import make_bus
 from rlhf.runtime.logs import configure_logging
-from rlhf.runtime.server import serve
+from rlhf.runtime.auth import SERVICE, Principal, shared_secret_resolver
+from rlhf.runtime.server import LOOPBACK, authenticator_for, serve
 from rlhf.runtime.settings import load_settings
 from services import SERVICES
 
@@ -74,12 +76,32 @@ class UpOptions:
 PORT_OFFSET = {"prompt-collector": 0, "policy-server": 1, "reward-scorer": 2, "feedback-store": 3, "trainer": 4}
 
 
+def _internal_token_file(data_dir: Path) -> Path:
+    return (data_dir / "secrets" / "services.token").resolve()
+
+
+def internal_token(data_dir: Path) -> str:
+    """The token the services of one `rlhf up` present to each other (a new one per start, in a
+    file only this user can read): with credentials configured, they are each other's
+    ``service`` callers without an entry in the credentials file."""
+    f = _internal_token_file(data_dir)
+    f.parent.mkdir(parents=True, exist_ok=True)
+    f.parent.chmod(0o700)
+    token = secrets.token_urlsafe(32)
+    fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(token + "\n")
+    return token
+
+
 def up_settings(opts: UpOptions, environ=os.environ) -> dict:
     """Each service's settings for `rlhf up`: its wiring (ports, addresses, registry, database,
     broker) from up's options, everything else from ``RLHF_<SERVICE>_*`` variables as with
     ``rlhf serve`` (API keys, limits, ...); a variable for a wired field is an error."""
     db = opts.database_url or f"sqlite:///{(opts.data_dir / 'rlhf.db').resolve()}"
     registry = str((opts.data_dir / "registry").resolve())
+    # the services call each other with a token of their own (written by up(); see internal_token)
+    token_file = str(_internal_token_file(opts.data_dir))
     addr = {n: f"{opts.host}:{opts.base_port + o}" for n, o in PORT_OFFSET.items()}
     extra = {
         "prompt-collector": {"database_url": db, "migrate_on_start": False},
@@ -96,10 +118,13 @@ def up_settings(opts: UpOptions, environ=os.environ) -> dict:
     for name in ORDER:
         wired = {"host": opts.host, "port": opts.base_port + PORT_OFFSET[name],
                  "metrics_port": opts.base_metrics_port + PORT_OFFSET[name] if opts.base_metrics_port > 0 else -1,
-                 "kafka_bootstrap": opts.kafka, **extra[name]}
+                 "kafka_bootstrap": opts.kafka, "peer_token_file": token_file, **extra[name]}
+        # on loopback a developer's machine is trusted unless credentials are configured; on any
+        # other address `rlhf up` needs them, like `rlhf serve`
+        defaults = {"log_level": opts.log_level, "allow_anonymous": opts.host in LOOPBACK}
         try:
-            out[name] = load_settings(module_of(name).Settings, name, environ,
-                                      base={**wired, "log_level": opts.log_level}, fixed=frozenset(wired))
+            out[name] = load_settings(module_of(name).Settings, name, environ, base={**wired, **defaults},
+                                      fixed=frozenset(wired))
         except ConfigError as e:
             problems.append(str(e))
     if problems:
@@ -112,6 +137,7 @@ async def up(opts: UpOptions, stop_event: asyncio.Event | None = None, ready=Non
     from rlhf.storage.db import make_engine, migrate
 
     opts.data_dir.mkdir(parents=True, exist_ok=True)
+    token = internal_token(opts.data_dir)
     settings = up_settings(opts)
     engine = make_engine(settings["feedback-store"].database_url)
     await asyncio.to_thread(migrate, engine)  # once, before the two services that share the database
@@ -131,6 +157,9 @@ async def up(opts: UpOptions, stop_event: asyncio.Event | None = None, ready=Non
         s = settings[name]
         metrics = ServiceMetrics(name)
         svc = module_of(name).build(s, metrics, _SharedBus(shared) if shared is not None else None)
+        svc.auth = authenticator_for(svc, s)
+        if svc.auth.enabled:  # the other services of this `rlhf up` call with the internal token
+            svc.auth.add_resolver(shared_secret_resolver(token, Principal("rlhf-up", frozenset({SERVICE}))))
         started = asyncio.Event()
 
         def on_ready(g, m, name=name, started=started):

@@ -157,6 +157,13 @@ class ApiKeys:
             except ConfigError as e:
                 log.error("api keys file invalid; keeping the previous keys", extra={"fields": {"error": str(e)}})
 
+    def team_of(self, key: str) -> str | None:
+        """The team of a key, without spending from its rate limit (None: not a key)."""
+        with self._lock:
+            self._maybe_reload(time.monotonic())
+            info = self._keys.get(_digest(key))
+        return info.team if info is not None else None
+
     def check(self, authorization: str | None) -> str:
         """The team of the request's ``Authorization: Bearer <key>``; raises AuthError or
         RateLimitedError. With no keys configured every request passes as "anonymous"."""

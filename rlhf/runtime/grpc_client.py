@@ -1,4 +1,6 @@
-"""Channels services use to call each other: the server's message limits and a retry policy.
+"""Channels services use to call each other: the server's message limits, a retry policy, and
+the caller's credentials (a bearer token on every call; TLS, with a client certificate for mutual
+TLS, when the peer serves it).
 
 Calls answered UNAVAILABLE (a server restarting or not ready) or RESOURCE_EXHAUSTED (a server's
 admission control shedding load, see :mod:`rlhf.runtime.server`) are retried by gRPC itself, up to
@@ -11,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import grpc
@@ -39,20 +43,110 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
 ]
 
 
+@dataclass(frozen=True)
+class PeerCredentials:
+    """What a client presents: a bearer token, and for TLS the CA to trust (and a client
+    certificate for mutual TLS)."""
+
+    token: str = ""
+    ca: bytes | None = None
+    cert: bytes | None = None
+    key: bytes | None = None
+
+    @classmethod
+    def from_settings(cls, s) -> "PeerCredentials":
+        """From a service's ``peer_*`` settings (files: mounted secrets)."""
+        from rlhf.runtime.auth import read_secret
+
+        def read(path: str) -> bytes | None:
+            return Path(path).read_bytes() if path else None
+
+        return cls(token=read_secret(s.peer_token_file) if s.peer_token_file else "", ca=read(s.peer_tls_ca_file),
+                   cert=read(s.peer_tls_cert_file), key=read(s.peer_tls_key_file))
+
+    def metadata(self) -> list[tuple[str, str]]:
+        return [("authorization", f"Bearer {self.token}")] if self.token else []
+
+    def tls(self) -> grpc.ChannelCredentials | None:
+        if self.ca is None:
+            return None
+        return grpc.ssl_channel_credentials(root_certificates=self.ca, private_key=self.key, certificate_chain=self.cert)
+
+
+def _with_metadata(details, extra: list[tuple[str, str]]):
+    return details._replace(metadata=list(details.metadata or ()) + extra)
+
+
+class _BearerAio(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor,
+                 grpc.aio.StreamUnaryClientInterceptor, grpc.aio.StreamStreamClientInterceptor):
+    def __init__(self, extra):
+        self.extra = extra
+
+    async def intercept_unary_unary(self, continuation, details, request):
+        return await continuation(_with_metadata(details, self.extra), request)
+
+    async def intercept_unary_stream(self, continuation, details, request):
+        return await continuation(_with_metadata(details, self.extra), request)
+
+    async def intercept_stream_unary(self, continuation, details, request_iterator):
+        return await continuation(_with_metadata(details, self.extra), request_iterator)
+
+    async def intercept_stream_stream(self, continuation, details, request_iterator):
+        return await continuation(_with_metadata(details, self.extra), request_iterator)
+
+
+class _Details(grpc.ClientCallDetails):
+    def __init__(self, d, metadata):
+        self.method, self.timeout, self.credentials = d.method, d.timeout, d.credentials
+        self.wait_for_ready, self.compression, self.metadata = d.wait_for_ready, d.compression, metadata
+
+
+class _BearerSync(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                  grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    def __init__(self, extra):
+        self.extra = extra
+
+    def _d(self, d):
+        return _Details(d, list(d.metadata or ()) + self.extra)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._d(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._d(details), request)
+
+    def intercept_stream_unary(self, continuation, details, request_iterator):
+        return continuation(self._d(details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, details, request_iterator):
+        return continuation(self._d(details), request_iterator)
+
+
 def _options(options: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
     extra = dict(options)
     return [(k, v) for k, v in CHANNEL_OPTIONS if k not in extra] + list(extra.items())
 
 
-def channel(target: str, options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:
-    """An insecure grpc.aio channel to ``target`` (``host:port``) with the platform's options;
-    ``options`` are added (and override ones of the same name)."""
-    return grpc.aio.insecure_channel(target, options=_options(options))
+def channel(target: str, options: Sequence[tuple[str, Any]] = (),
+            creds: PeerCredentials | None = None) -> grpc.aio.Channel:
+    """A grpc.aio channel to ``target`` (``host:port``) with the platform's options (``options``
+    are added and override ones of the same name) and ``creds`` (none: insecure, anonymous)."""
+    creds = creds or PeerCredentials()
+    interceptors = [_BearerAio(creds.metadata())] if creds.token else None
+    tls = creds.tls()
+    if tls is not None:
+        return grpc.aio.secure_channel(target, tls, options=_options(options), interceptors=interceptors)
+    return grpc.aio.insecure_channel(target, options=_options(options), interceptors=interceptors)
 
 
-def blocking_channel(target: str, options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
-    """The same as :func:`channel` for blocking stubs (the trainer's job threads)."""
-    return grpc.insecure_channel(target, options=_options(options))
+def blocking_channel(target: str, options: Sequence[tuple[str, Any]] = (),
+                     creds: PeerCredentials | None = None) -> grpc.Channel:
+    """The same as :func:`channel` for blocking stubs (the trainer's job threads, the label client)."""
+    creds = creds or PeerCredentials()
+    tls = creds.tls()
+    ch = grpc.secure_channel(target, tls, options=_options(options)) if tls is not None else \
+        grpc.insecure_channel(target, options=_options(options))
+    return grpc.intercept_channel(ch, _BearerSync(creds.metadata())) if creds.token else ch
 
 
 async def wait_ready(target: str, timeout: float = 30.0, service: str = "") -> None:

@@ -64,6 +64,7 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import grpc
@@ -74,6 +75,8 @@ from prometheus_client import start_http_server
 
 from rlhf import errors
 from rlhf.metrics import ServiceMetrics
+from rlhf.runtime.auth import (ANYONE, AuthError, Authenticator, check_roles, make_authenticator, reset_caller,
+                               set_caller)
 from rlhf.runtime.settings import BaseServiceSettings, load_settings  # noqa: F401  (re-exported)
 from rlhf.runtime.threads import use_model_threads
 
@@ -100,6 +103,18 @@ SERVER_OPTIONS: list[tuple[str, Any]] = [
 # services whose calls skip admission control (they are cheap and must answer under load)
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 UNLIMITED_SERVICES = frozenset({grpc_health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1})
+LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
+# services any caller may use without credentials (the orchestrator's health probes send none)
+OPEN_SERVICES = frozenset({grpc_health.SERVICE_NAME})
+
+
+def _cert_names(context) -> list[str]:
+    """The common names of the client's certificate (mutual TLS), if it sent one."""
+    try:
+        ctx = context.auth_context() or {}
+    except Exception:  # noqa: BLE001 - no TLS on this call
+        return []
+    return [v.decode() if isinstance(v, bytes) else str(v) for v in ctx.get("x509_common_name", ())]
 
 
 class Service(Protocol):
@@ -107,6 +122,9 @@ class Service(Protocol):
 
     name: str  # e.g. "reward-scorer"
     service_names: list[str]  # full gRPC service names, for health and reflection
+    # the roles that may call each RPC (method name -> roles of rlhf.runtime.auth); every method of
+    # the service must be listed, or serve() refuses to start
+    rpc_roles: dict[str, frozenset[str]]
 
     def register(self, server: grpc.aio.Server) -> None:
         """Add the servicers to ``server`` (``add_XServicer_to_server(self, server)``)."""
@@ -117,6 +135,8 @@ class Service(Protocol):
     async def stop(self) -> None:
         """After in-flight calls drained: close consumers, flush. Also called if start() failed."""
 
+    # Optional: ``auth``, an rlhf.runtime.auth.Authenticator the service built itself (to add token
+    # resolvers of its own, or to use for HTTP too); otherwise serve() builds one from the settings.
     # Optional: ``async def drain(self, grace: float) -> None`` runs beside the gRPC server's
     # graceful stop, from its first moment: a service that answers more than gRPC (HTTP, say)
     # refuses new work there too and lets what is in flight finish within ``grace`` seconds.
@@ -127,6 +147,8 @@ class Service(Protocol):
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and message a handler's exception is answered with."""
     msg = str(exc) or type(exc).__name__
+    if isinstance(exc, AuthError):
+        return (grpc.StatusCode.PERMISSION_DENIED if exc.denied else grpc.StatusCode.UNAUTHENTICATED), msg
     if isinstance(exc, (errors.NotFoundError, errors.ModelNotFoundError)):
         return grpc.StatusCode.NOT_FOUND, msg
     if isinstance(exc, errors.ResourceExhaustedError):
@@ -167,10 +189,20 @@ class Admission:
 
 
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
-    """Admission control, exception -> status mapping and request metrics for every RPC."""
+    """Authentication and roles, admission control, exception -> status mapping and request
+    metrics for every RPC.
 
-    def __init__(self, metrics: ServiceMetrics, max_concurrency: int = 64, max_queue: int = 256):
+    With ``auth``, each call's credentials become an :class:`~rlhf.runtime.auth.Principal`
+    (UNAUTHENTICATED without valid ones) that must hold one of the roles ``rpc_roles`` gives the
+    method (PERMISSION_DENIED otherwise); the handler reads it with ``rlhf.runtime.auth.caller()``.
+    Health checks need no credentials (the orchestrator's probes send none); reflection needs any.
+    """
+
+    def __init__(self, metrics: ServiceMetrics, max_concurrency: int = 64, max_queue: int = 256,
+                 auth: Authenticator | None = None, rpc_roles: dict[str, frozenset[str]] | None = None):
         self.metrics = metrics
+        self.auth = auth if auth is not None else Authenticator(allow_anonymous=True)
+        self.rpc_roles = rpc_roles or {}
         self.admission = Admission(max_concurrency, max_queue)
         self._in_flight = metrics.grpc_in_flight.labels(metrics.service)
         self._cache: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
@@ -190,17 +222,33 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
     def _wrap(self, handler: grpc.RpcMethodHandler, full: str) -> grpc.RpcMethodHandler:
         service, _, method = full.lstrip("/").rpartition("/")
         limited = service not in UNLIMITED_SERVICES
+        roles = None if service in OPEN_SERVICES else \
+            ANYONE if service in UNLIMITED_SERVICES else self.rpc_roles.get(method, frozenset())
+        gate = (method, roles)
         if handler.unary_unary is not None:
-            return handler._replace(unary_unary=self._wrap_unary(handler.unary_unary, method, limited))
+            return handler._replace(unary_unary=self._wrap_unary(handler.unary_unary, gate, limited))
         if handler.stream_unary is not None:
-            return handler._replace(stream_unary=self._wrap_unary(handler.stream_unary, method, limited))
+            return handler._replace(stream_unary=self._wrap_unary(handler.stream_unary, gate, limited))
         if handler.unary_stream is not None:
-            return handler._replace(unary_stream=self._wrap_stream(handler.unary_stream, method, limited))
+            return handler._replace(unary_stream=self._wrap_stream(handler.unary_stream, gate, limited))
         if handler.stream_stream is not None:
-            return handler._replace(stream_stream=self._wrap_stream(handler.stream_stream, method, limited))
+            return handler._replace(stream_stream=self._wrap_stream(handler.stream_stream, gate, limited))
         return handler
 
     # what each call goes through, before and after the handler
+    async def _authenticate(self, context, gate: tuple[str, frozenset[str] | None]):
+        """The caller, or abort UNAUTHENTICATED / PERMISSION_DENIED (None: an open service)."""
+        method, roles = gate
+        if roles is None:
+            return None
+        try:
+            p = self.auth.authenticate(context.invocation_metadata() or (), _cert_names(context))
+            check_roles(p, roles, method)
+        except AuthError as e:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED if e.denied else grpc.StatusCode.UNAUTHENTICATED,
+                                str(e))
+        return set_caller(p)
+
     async def _enter(self, context, limited: bool) -> bool:
         if not limited:
             return False
@@ -240,12 +288,16 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                       extra={"fields": {"method": method, "error": type(exc).__name__}})
         return code, msg
 
-    def _wrap_unary(self, behavior: Callable, method: str, limited: bool) -> Callable:
+    def _wrap_unary(self, behavior: Callable, gate: tuple, limited: bool) -> Callable:
+        method = gate[0]
+
         async def unary(request, context):
             start = time.perf_counter()
             code = grpc.StatusCode.OK
             admitted = False
+            who = None
             try:
+                who = await self._authenticate(context, gate)
                 admitted = await self._enter(context, limited)
                 if admitted:
                     async with self.admission.slot:
@@ -264,21 +316,26 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 code, msg = self._status(exc, method)
                 await context.abort(code, msg)
             finally:
+                if who is not None:
+                    reset_caller(who)
                 self._leave(admitted)
                 self._record(method, code, start)
 
         return unary
 
-    def _wrap_stream(self, behavior: Callable, method: str, limited: bool) -> Callable:
+    def _wrap_stream(self, behavior: Callable, gate: tuple, limited: bool) -> Callable:
         if inspect.iscoroutinefunction(behavior):
             # a streaming handler that writes with context.write() and returns None: same shape
-            return self._wrap_unary(behavior, method, limited)
+            return self._wrap_unary(behavior, gate, limited)
+        method = gate[0]
 
         async def stream(request, context):
             start = time.perf_counter()
             code = grpc.StatusCode.OK
             admitted = False
+            who = None
             try:
+                who = await self._authenticate(context, gate)
                 admitted = await self._enter(context, limited)
                 async with (self.admission.slot if admitted else contextlib.nullcontext()):
                     result = behavior(request, context)
@@ -302,6 +359,9 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 code, msg = self._status(exc, method)
                 await context.abort(code, msg)
             finally:
+                if who is not None:
+                    with contextlib.suppress(ValueError):  # a generator closed in another context
+                        reset_caller(who)
                 self._leave(admitted)
                 self._record(method, code, start)
 
@@ -422,10 +482,42 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
             await changed.wait()
 
 
+def authenticator_for(service: Service, settings: BaseServiceSettings) -> Authenticator:
+    """The service's own authenticator, or one from the settings' credentials."""
+    auth = getattr(service, "auth", None)
+    return auth if auth is not None else make_authenticator(settings)
+
+
+def check_rpc_roles(service: Service) -> dict[str, frozenset[str]]:
+    """The service's ``rpc_roles``; every method of its gRPC services must have an entry."""
+    from google.protobuf import descriptor_pool
+
+    roles = getattr(service, "rpc_roles", None) or {}
+    missing = []
+    for full in service.service_names:
+        desc = descriptor_pool.Default().FindServiceByName(full)
+        missing += [f"{full}/{m.name}" for m in desc.methods if m.name not in roles]
+    if missing:
+        raise errors.ConfigError(f"{service.name}: no roles declared for {', '.join(missing)} (rpc_roles)")
+    return roles
+
+
+def server_tls_credentials(settings: BaseServiceSettings) -> grpc.ServerCredentials | None:
+    """TLS for the gRPC port when a certificate is configured; mutual TLS (client certificates
+    required, signed by ``tls_client_ca_file``) when that is set too."""
+    if not settings.tls_cert_file:
+        return None
+    key, cert = Path(settings.tls_key_file).read_bytes(), Path(settings.tls_cert_file).read_bytes()
+    ca = Path(settings.tls_client_ca_file).read_bytes() if settings.tls_client_ca_file else None
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+
+
 def build_server(service: Service, settings: BaseServiceSettings, metrics: ServiceMetrics,
-                 health: HealthServicer) -> grpc.aio.Server:
+                 health: HealthServicer, auth: Authenticator | None = None) -> grpc.aio.Server:
     """The grpc.aio server with the interceptor, the service, health and reflection (not bound)."""
-    interceptor = ServiceInterceptor(metrics, settings.max_concurrency, settings.max_queue)
+    auth = auth if auth is not None else authenticator_for(service, settings)
+    interceptor = ServiceInterceptor(metrics, settings.max_concurrency, settings.max_queue, auth,
+                                     check_rpc_roles(service))
     server = grpc.aio.server(interceptors=[interceptor], options=SERVER_OPTIONS)
     service.register(server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -455,8 +547,14 @@ async def serve(service: Service, settings: BaseServiceSettings, metrics: Servic
     health = HealthServicer()
     for n in names:
         health.set(n, NOT_SERVING)
-    server = build_server(service, settings, metrics, health)
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    auth = authenticator_for(service, settings)
+    if not auth.enabled and settings.host not in LOOPBACK:
+        log.warning("authentication is off (allow_anonymous) on a non-loopback address: every caller is trusted",
+                    extra={"fields": {"host": settings.host}})
+    server = build_server(service, settings, metrics, health, auth)
+    address = f"{settings.host}:{settings.port}"
+    tls = server_tls_credentials(settings)
+    port = server.add_secure_port(address, tls) if tls is not None else server.add_insecure_port(address)
     if not port:
         raise OSError(f"cannot bind the gRPC port {settings.host}:{settings.port}")
 
@@ -499,7 +597,9 @@ async def serve(service: Service, settings: BaseServiceSettings, metrics: Servic
                     health.set(n, SERVING)
                 log.info("serving", extra={"fields": {
                     "host": settings.host, "grpc_port": port, "metrics_port": metrics_port,
-                    "services": list(service.service_names)}})
+                    "services": list(service.service_names), "tls": tls is not None,
+                    "mutual_tls": bool(settings.tls_client_ca_file),
+                    "auth": "credentials" if auth.enabled else "anonymous"}})
                 if ready is not None:
                     ready(port, metrics_port)
                 await stop_task

@@ -57,6 +57,16 @@ class BaseServiceSettings:
     grace_seconds: float = 10.0  # on SIGTERM, how long in-flight calls may take to finish
     log_level: str = "INFO"  # DEBUG, INFO, WARNING, ERROR or CRITICAL
     kafka_bootstrap: str | None = None  # Kafka bootstrap servers (host:port,...); unset: no Kafka
+    # authentication and TLS (docs/security.md)
+    credentials_file: str = ""  # YAML/JSON file of callers: token (or its sha256) or client-certificate name -> roles; re-read on change
+    allow_anonymous: bool = False  # without credentials every caller is trusted with every role: development only
+    tls_cert_file: str = ""  # PEM certificate of the gRPC port; set with tls_key_file to serve TLS
+    tls_key_file: str = ""  # PEM private key of that certificate
+    tls_client_ca_file: str = ""  # PEM CA bundle: clients must present a certificate it signed (mutual TLS)
+    peer_token_file: str = ""  # the bearer token this service presents when it calls other services
+    peer_tls_ca_file: str = ""  # PEM CA bundle to verify other services' certificates (their ports serve TLS)
+    peer_tls_cert_file: str = ""  # PEM client certificate presented to other services (mutual TLS)
+    peer_tls_key_file: str = ""  # PEM private key of that client certificate
 
     def __post_init__(self) -> None:
         problems = common_problems(self)
@@ -78,6 +88,17 @@ def common_problems(s: BaseServiceSettings) -> list[tuple[str, str]]:
         out.append(("max_queue", f"must be >= 0, got {s.max_queue}"))
     if not s.grace_seconds >= 0:
         out.append(("grace_seconds", f"must be >= 0, got {s.grace_seconds}"))
+    for name in ("credentials_file", "tls_cert_file", "tls_key_file", "tls_client_ca_file", "peer_token_file",
+                 "peer_tls_ca_file", "peer_tls_cert_file", "peer_tls_key_file"):
+        path = getattr(s, name, "")
+        if path and not os.path.isfile(path):
+            out.append((name, f"file {path} does not exist"))
+    if bool(getattr(s, "tls_cert_file", "")) != bool(getattr(s, "tls_key_file", "")):
+        out.append(("tls_cert_file", "tls_cert_file and tls_key_file go together"))
+    if getattr(s, "tls_client_ca_file", "") and not getattr(s, "tls_cert_file", ""):
+        out.append(("tls_client_ca_file", "mutual TLS needs tls_cert_file and tls_key_file too"))
+    if bool(getattr(s, "peer_tls_cert_file", "")) != bool(getattr(s, "peer_tls_key_file", "")):
+        out.append(("peer_tls_cert_file", "peer_tls_cert_file and peer_tls_key_file go together"))
     if str(s.log_level).upper() not in LOG_LEVELS:
         out.append(("log_level", f"must be one of {', '.join(LOG_LEVELS)}, got {s.log_level!r}"))
     return out

@@ -14,6 +14,7 @@ import grpc
 from rlhf_client import TOPIC_FEEDBACK, feedback_grpc, feedback_pb2
 
 from rlhf.metrics import ServiceMetrics
+from rlhf.runtime.auth import LABELER, OPERATOR, SERVICE, TRAINER, caller, labeler_of
 from rlhf.storage.feedback import FeedbackStore, TaskIn
 from services.common import DatabaseSettings, OutboxService, from_ts
 
@@ -30,6 +31,19 @@ class FeedbackService(OutboxService, feedback_grpc.FeedbackServiceServicer):
     name = NAME
     topic = TOPIC_FEEDBACK
     service_names = [feedback_pb2.DESCRIPTOR.services_by_name["FeedbackService"].full_name]
+    # labelers rank, choose and write under their own id; the trainer (service) and ML engineers
+    # read the data out; operators run the store (they do not label under anyone's name)
+    rpc_roles = {
+        "CreateLabelingTasks": frozenset({SERVICE, OPERATOR}),
+        "GetLabelingTask": frozenset({LABELER, SERVICE, OPERATOR}),
+        "ListLabelingTasks": frozenset({LABELER}),
+        "SubmitRanking": frozenset({LABELER}),
+        "SubmitBestOfK": frozenset({LABELER}),
+        "SubmitDemonstration": frozenset({LABELER}),
+        "ExportComparisons": frozenset({SERVICE, TRAINER, OPERATOR}),
+        "ExportDemonstrations": frozenset({SERVICE, TRAINER, OPERATOR}),
+        "GetAgreement": frozenset({SERVICE, TRAINER, OPERATOR}),
+    }
 
     def __init__(self, settings: Settings, metrics: ServiceMetrics, bus=None):
         super().__init__(settings, metrics, bus)
@@ -50,29 +64,30 @@ class FeedbackService(OutboxService, feedback_grpc.FeedbackServiceServicer):
         return feedback_pb2.GetLabelingTaskResponse(task=row.to_proto())
 
     async def ListLabelingTasks(self, request, context):
-        rows, token = await asyncio.to_thread(self.store.list_tasks, request.labeler_id, request.page_size,
-                                              request.page_token)
+        rows, token = await asyncio.to_thread(self.store.list_tasks, labeler_of(caller(), request.labeler_id),
+                                              request.page_size, request.page_token)
         return feedback_pb2.ListLabelingTasksResponse(tasks=[r.to_proto() for r in rows], next_page_token=token)
 
     # -- submissions ----------------------------------------------------------------------------
     async def SubmitRanking(self, request, context):
         ranking = [list(g.indices) for g in request.ranking]
         sid, dup = await asyncio.to_thread(self.store.submit_ranking, request.idempotency_key, request.task_id,
-                                           request.labeler_id, ranking)
+                                           labeler_of(caller(), request.labeler_id), ranking)
         if not dup:
             self.metrics.feedback_comparisons_total.labels(kind="ranking").inc()
         return feedback_pb2.SubmitRankingResponse(submission_id=sid, duplicate=dup)
 
     async def SubmitBestOfK(self, request, context):
         sid, dup = await asyncio.to_thread(self.store.submit_best_of_k, request.idempotency_key, request.task_id,
-                                           request.labeler_id, request.best_index)
+                                           labeler_of(caller(), request.labeler_id), request.best_index)
         if not dup:
             self.metrics.feedback_comparisons_total.labels(kind="best_of_k").inc()
         return feedback_pb2.SubmitBestOfKResponse(submission_id=sid, duplicate=dup)
 
     async def SubmitDemonstration(self, request, context):
         sid, dup = await asyncio.to_thread(self.store.submit_demonstration, request.idempotency_key, request.prompt,
-                                           request.prompt_id, request.split, request.labeler_id, request.response)
+                                           request.prompt_id, request.split, labeler_of(caller(), request.labeler_id),
+                                           request.response)
         return feedback_pb2.SubmitDemonstrationResponse(submission_id=sid, duplicate=dup)
 
     # -- export ---------------------------------------------------------------------------------

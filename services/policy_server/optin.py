@@ -28,8 +28,10 @@ class _Item:
 
 
 class PromptForwarder:
-    def __init__(self, target: str, metrics, max_queue: int = 1000, batch: int = 64, timeout: float = 5.0):
+    def __init__(self, target: str, metrics, max_queue: int = 1000, batch: int = 64, timeout: float = 5.0,
+                 creds=None):
         self.target = target
+        self.creds = creds  # the policy-server's own credentials (rlhf.runtime.grpc_client.PeerCredentials)
         self.metrics = metrics
         self.batch = batch
         self.timeout = timeout
@@ -53,7 +55,7 @@ class PromptForwarder:
     async def start(self) -> None:
         from rlhf.runtime.grpc_client import channel
 
-        self._channel = channel(self.target)
+        self._channel = channel(self.target, creds=self.creds)
         self._task = asyncio.create_task(self._run(), name="prompt-forwarder")
 
     async def close(self, flush_seconds: float = 2.0) -> None:

@@ -20,12 +20,14 @@ from dataclasses import dataclass
 import grpc
 from rlhf_client import policy_grpc, policy_pb2
 
+from rlhf.runtime.auth import ANYONE, OPERATOR, PRODUCT, SERVICE, Principal, make_authenticator
 from rlhf.errors import DataError, UnavailableError
 from rlhf.inference.engine import DeadlineExceededError, EngineConfig
 from rlhf.metrics import ServiceMetrics
 from rlhf.registry import ModelRegistry
 from rlhf.runtime.apikeys import ApiKeys
 from rlhf.runtime.bus import make_bus
+from rlhf.runtime.grpc_client import PeerCredentials
 from rlhf.runtime.http import EmbeddedHttpServer
 from rlhf.runtime.server import BaseServiceSettings
 from rlhf.inference.requests import RequestLimits, build_request
@@ -96,6 +98,10 @@ class Settings(BaseServiceSettings):
 class PolicyServer(policy_grpc.PolicyServiceServicer):
     name = NAME
     service_names = [policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name]
+    # product teams generate; the trainer (service) samples rollouts and candidates
+    rpc_roles = {"Generate": frozenset({PRODUCT, SERVICE, OPERATOR}),
+                 "GenerateStream": frozenset({PRODUCT, SERVICE, OPERATOR}),
+                 "GetPolicyVersion": ANYONE}
 
     def __init__(self, settings: Settings, metrics: ServiceMetrics, bus=None):
         s = self.s = settings
@@ -109,13 +115,20 @@ class PolicyServer(policy_grpc.PolicyServiceServicer):
                                max_seq_len=s.max_prompt_tokens + s.max_new_tokens_limit, runner=s.engine_runner)
             self.backend = LocalBackend(ModelRegistry(s.registry_dir), s, metrics, cfg, s.policy_version)
         self.keys = ApiKeys(s.api_keys_file or None, s.api_keys)
-        self.forwarder = (PromptForwarder(s.prompt_collector_addr, metrics, s.optin_queue_size)
+        # gRPC callers: the credentials file, and the HTTP API's keys as product-team credentials
+        self.auth = make_authenticator(s, [self._key_principal] if self.keys.enabled else [])
+        self.forwarder = (PromptForwarder(s.prompt_collector_addr, metrics, s.optin_queue_size,
+                                          creds=PeerCredentials.from_settings(s))
                           if s.prompt_collector_addr else None)
         self.http = HttpApi(self.backend, s, metrics, self.keys, self.forwarder)
         self.limits = RequestLimits(max_new_tokens=s.max_new_tokens_limit, max_n=s.max_n)
         self.http_server: EmbeddedHttpServer | None = None
         self.http_port: int | None = None
         self._drain: asyncio.Future | None = None
+
+    def _key_principal(self, token: str) -> Principal | None:
+        team = self.keys.team_of(token)
+        return Principal(name=f"team:{team}", roles=frozenset({PRODUCT}), team=team) if team is not None else None
 
     # -- lifecycle ------------------------------------------------------------------------------
     def register(self, server: grpc.aio.Server) -> None:

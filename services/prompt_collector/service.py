@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import grpc
 from rlhf_client import TOPIC_PROMPTS, prompts_grpc, prompts_pb2
 
+from rlhf.runtime.auth import OPERATOR, PRODUCT, SERVICE, TRAINER
 from rlhf.metrics import ServiceMetrics
 from rlhf.storage.prompts import PromptIn, PromptStore, to_proto
 from services.common import DatabaseSettings, OutboxService
@@ -28,6 +29,11 @@ class PromptCollector(OutboxService, prompts_grpc.PromptCollectorServiceServicer
     name = NAME
     topic = TOPIC_PROMPTS
     service_names = [prompts_pb2.DESCRIPTOR.services_by_name["PromptCollectorService"].full_name]
+    # prompts come from product teams and from the policy-server's opt-in forwarding; the trainer
+    # (service) and ML engineers read them
+    rpc_roles = {"SubmitPrompts": frozenset({PRODUCT, SERVICE, OPERATOR}),
+                 "ListPrompts": frozenset({SERVICE, TRAINER, OPERATOR}),
+                 "SamplePrompts": frozenset({SERVICE, TRAINER, OPERATOR})}
 
     def __init__(self, settings: Settings, metrics: ServiceMetrics, bus=None):
         super().__init__(settings, metrics, bus)

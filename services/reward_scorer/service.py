@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import grpc
 from rlhf_client import reward_grpc, reward_pb2
 
+from rlhf.runtime.auth import ANYONE, OPERATOR, SERVICE, TRAINER
 from rlhf.errors import DataError, UnavailableError
 from rlhf.metrics import ServiceMetrics
 from rlhf.runtime.batching import DynamicBatcher
@@ -41,6 +42,7 @@ class RewardScorer(ModelService, reward_grpc.RewardServiceServicer):
     name = NAME
     kind = "reward"
     service_names = [reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name]
+    rpc_roles = {"Score": frozenset({SERVICE, TRAINER, OPERATOR}), "GetRewardModelVersion": ANYONE}
 
     def __init__(self, settings: Settings, metrics: ServiceMetrics, bus=None):
         super().__init__(settings, metrics, bus, pinned_version=settings.reward_version)

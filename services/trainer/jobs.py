@@ -43,6 +43,7 @@ class JobEvent:
 class Job:
     job_id: str
     kind: str
+    owner: str = ""  # the principal that started it (rlhf.runtime.auth)
     status: str = PENDING
     progress: float = 0.0
     message: str = ""
@@ -96,11 +97,11 @@ class JobManager:
             raise NotFoundError(f"no job {job_id!r}")
         return j
 
-    def start(self, kind: str, body: Callable[[JobContext], dict | None]) -> Job:
+    def start(self, kind: str, body: Callable[[JobContext], dict | None], owner: str = "") -> Job:
         with self._lock:
             if self.running() >= self.max_running:
                 raise ResourceExhaustedError(f"{self.running()} job(s) already running; at most {self.max_running}")
-            job = Job(job_id=uuid.uuid4().hex, kind=kind)
+            job = Job(job_id=uuid.uuid4().hex, kind=kind, owner=owner)
             self.jobs[job.job_id] = job
             self._trim()
         ctx = JobContext(self, job)

@@ -29,7 +29,7 @@ from rlhf.errors import ConfigError, DataError, UnavailableError
 from rlhf.generation import Rollout, SamplingParams
 from rlhf.models import RewardModel, load_causal_lm, load_tokenizer, minilm_path
 from rlhf.registry import ModelRegistry
-from rlhf.runtime.grpc_client import blocking_channel
+from rlhf.runtime.grpc_client import PeerCredentials, blocking_channel
 from rlhf.train import JobIO, PPOJob, RMJob, RolloutSource, SFTJob, Source, run_ppo, run_rm
 from services.common import ts
 from services.trainer.jobs import JobContext
@@ -93,8 +93,8 @@ class Peers:
         return n
 
     @classmethod
-    def connect(cls, addrs: dict[str, str], **kw) -> "Peers":
-        ch = {k: blocking_channel(v) for k, v in addrs.items()}
+    def connect(cls, addrs: dict[str, str], creds: PeerCredentials | None = None, **kw) -> "Peers":
+        ch = {k: blocking_channel(v, creds=creds) for k, v in addrs.items()}
         return cls(prompts=prompts_grpc.PromptCollectorServiceStub(ch["prompt-collector"]),
                    policy=policy_grpc.PolicyServiceStub(ch["policy-server"]),
                    reward=reward_grpc.RewardServiceStub(ch["reward-scorer"]),

@@ -11,11 +11,13 @@ from dataclasses import dataclass
 import grpc
 from rlhf_client import TOPIC_FEEDBACK, TOPIC_MODELS, TOPIC_SERVING, feedback_pb2, models_pb2, trainer_grpc, trainer_pb2
 
+from rlhf.runtime.auth import OPERATOR, TRAINER, AuthError, caller
 from rlhf.config import apply_overrides, from_dict
 from rlhf.errors import ConfigError, DataError, UnavailableError
 from rlhf.metrics import ServiceMetrics
 from rlhf.registry import ModelRegistry
 from rlhf.runtime.bus import make_bus
+from rlhf.runtime.grpc_client import PeerCredentials
 from rlhf.runtime.server import BaseServiceSettings
 from rlhf.train import PPOJob, RMJob, SFTJob
 from services.common import KIND_NAMES, group_id, ts
@@ -60,6 +62,8 @@ def _job_proto(j: Job) -> trainer_pb2.Job:
 class Trainer(trainer_grpc.TrainerServiceServicer):
     name = NAME
     service_names = [trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name]
+    # ML engineers run jobs (and cancel their own); operators any job
+    rpc_roles = {m: frozenset({TRAINER, OPERATOR}) for m in ("StartJob", "GetJob", "ListJobs", "WatchJob", "CancelJob")}
 
     def __init__(self, settings: Settings, metrics: ServiceMetrics, bus=None):
         self.s = settings
@@ -92,8 +96,7 @@ class Trainer(trainer_grpc.TrainerServiceServicer):
             registry=self.registry, publish_event=self._publish_blocking,
             observe_ppo_step=self.metrics.observe_ppo_step, wait_comparisons=self._wait_comparisons,
             wait_served=self._wait_served,
-            device=self.s.device,
-            timeout=self.s.rpc_timeout_seconds)
+            device=self.s.device, timeout=self.s.rpc_timeout_seconds, creds=PeerCredentials.from_settings(self.s))
 
     async def stop(self) -> None:
         if self.jobs is not None:
@@ -184,7 +187,7 @@ class Trainer(trainer_grpc.TrainerServiceServicer):
         except (ConfigError, ValueError, TypeError) as e:
             raise DataError(f"overrides: {e}") from e
         peers = self.peers
-        job = self.jobs.start(name, lambda ctx: runs.run_job(name, ctx, peers, cfg))
+        job = self.jobs.start(name, lambda ctx: runs.run_job(name, ctx, peers, cfg), owner=caller().name)
         return trainer_pb2.StartJobResponse(job=_job_proto(job))
 
     async def GetJob(self, request, context) -> trainer_pb2.GetJobResponse:
@@ -201,6 +204,10 @@ class Trainer(trainer_grpc.TrainerServiceServicer):
                                                message=ev.message, metrics=ev.metrics, event_time=ts(ev.time))
 
     async def CancelJob(self, request, context) -> trainer_pb2.CancelJobResponse:
+        who, job = caller(), self.jobs.get(request.job_id)
+        if not (who.anonymous or who.has(OPERATOR) or job.owner == who.name):
+            raise AuthError(f"{who.name} may not cancel job {job.job_id}: it belongs to {job.owner}; "
+                            "only its owner or an operator may", denied=True)
         return trainer_pb2.CancelJobResponse(job=_job_proto(self.jobs.cancel(request.job_id)))
 
 

@@ -21,6 +21,7 @@ import grpc
 from rlhf_client import policy_grpc, policy_pb2, reward_grpc, reward_pb2
 
 from rlhf import errors
+from rlhf.runtime.auth import ANYONE
 from rlhf.metrics import ServiceMetrics
 from rlhf.runtime.logs import configure_logging
 from rlhf.runtime.server import BaseServiceSettings, serve
@@ -67,6 +68,7 @@ class EchoService:
 
     name = "echo"
     service_names = [REWARD_SERVICE, POLICY_SERVICE]
+    rpc_roles = {m: ANYONE for m in ("Score", "GetRewardModelVersion", "Generate", "GenerateStream", "GetPolicyVersion")}
 
     def __init__(self, sleep: float = 0.0, start_delay: float = 0.0):
         self.reward = EchoReward(sleep)

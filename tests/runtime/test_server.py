@@ -64,6 +64,7 @@ async def running(service: EchoService | None = None, **settings):
     metrics = ServiceMetrics("echo")
     stop = asyncio.Event()
     ports = asyncio.get_running_loop().create_future()
+    settings = {"allow_anonymous": True, **settings}
     task = asyncio.create_task(serve(service or EchoService(), BaseServiceSettings(**settings), metrics,
                                      ready=lambda g, m: ports.set_result((g, m)), stop_event=stop))
     done, _ = await asyncio.wait({task, ports}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
@@ -288,7 +289,8 @@ class _Lines:
 
 def test_sigterm_drains_in_flight_calls_and_exits_0():
     grace = 6.0
-    env = {**os.environ, "RLHF_ECHO_GRACE_SECONDS": str(grace), "RLHF_ECHO_LOG_LEVEL": "info"}
+    env = {**os.environ, "RLHF_ECHO_GRACE_SECONDS": str(grace), "RLHF_ECHO_LOG_LEVEL": "info",
+           "RLHF_ECHO_ALLOW_ANONYMOUS": "true"}
     proc = subprocess.Popen([sys.executable, "-m", "tests.runtime.echo_service"], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out, err = _Lines(proc.stdout), _Lines(proc.stderr)
@@ -350,7 +352,8 @@ def test_stop_while_starting_still_stops_the_service():
     async def main():
         service = EchoService(start_delay=30)
         stop = asyncio.Event()
-        task = asyncio.create_task(serve(service, BaseServiceSettings(metrics_port=-1), ServiceMetrics("echo"),
+        task = asyncio.create_task(serve(service, BaseServiceSettings(metrics_port=-1, allow_anonymous=True),
+                                         ServiceMetrics("echo"),
                                          stop_event=stop))
         await asyncio.sleep(0.3)
         stop.set()

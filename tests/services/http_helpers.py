@@ -45,7 +45,8 @@ class RunningServer:
 
 def start_server(**settings) -> RunningServer:
     """Start a policy-server with ``Settings(**settings)`` (metrics on a free port, HTTP too)."""
-    s = Settings(**{"port": 0, "metrics_port": 0, "http_port": 0, "grace_seconds": 5.0, **settings})
+    s = Settings(**{"port": 0, "metrics_port": 0, "http_port": 0, "grace_seconds": 5.0, "allow_anonymous": True,
+                    **settings})
     metrics = ServiceMetrics("policy-server")
     loop = asyncio.new_event_loop()
     ready = threading.Event()

@@ -15,6 +15,7 @@ from rlhf_client import (feedback_grpc, feedback_pb2, policy_grpc, policy_pb2, p
                          trainer_grpc, trainer_pb2)
 
 from rlhf.label_client import WordListJudge, run_labeler
+from rlhf.runtime.grpc_client import PeerCredentials, blocking_channel
 from rlhf.labeler import SimulatedLabeler
 from tests.services.helpers import PROMPTS
 
@@ -34,8 +35,13 @@ class LoopRun:
     prompt_ids: list = field(default_factory=list)
 
 
-def submit_prompts(target: str) -> list[str]:
-    with grpc.insecure_channel(target) as ch:
+def channel(target: str, token: str = "") -> grpc.Channel:
+    """A channel that presents ``token`` (none: anonymous, for services without authentication)."""
+    return blocking_channel(target, creds=PeerCredentials(token=token))
+
+
+def submit_prompts(target: str, token: str = "") -> list[str]:
+    with channel(target, token) as ch:
         stub = prompts_grpc.PromptCollectorServiceStub(ch)
         r = stub.SubmitPrompts(prompts_pb2.SubmitPromptsRequest(prompts=[
             prompts_pb2.PromptInput(text=p.encode(), user_id=f"user-{i}", source="test", consent=True)
@@ -43,8 +49,11 @@ def submit_prompts(target: str) -> list[str]:
         return [x.prompt_id for x in r.results]
 
 
-def run_online_loop(addrs: dict[str, str], timeout: float = 600.0) -> LoopRun:
-    prompt_ids = submit_prompts(addrs["prompt-collector"])
+def run_online_loop(addrs: dict[str, str], timeout: float = 600.0, tokens: dict[str, str] | None = None) -> LoopRun:
+    """``tokens``: the credentials of "operator" (submits prompts, runs the job) and of the labelers
+    "sim-0" and "sim-1" when the services authenticate."""
+    tokens = tokens or {}
+    prompt_ids = submit_prompts(addrs["prompt-collector"], tokens.get("operator", ""))
     stop = threading.Event()
     counts: dict[str, int] = {}
     errors: list[BaseException] = []
@@ -52,7 +61,7 @@ def run_online_loop(addrs: dict[str, str], timeout: float = 600.0) -> LoopRun:
     def labeler(name: str, seed: int) -> None:
         try:
             counts[name] = run_labeler(addrs["feedback-store"], SimulatedLabeler(WordListJudge(), 0.05, seed=seed),
-                                       name, stop, poll_seconds=0.2)
+                                       name, stop, poll_seconds=0.2, token=tokens.get(name, ""))
         except BaseException as e:  # surfaced by the test below
             errors.append(e)
 
@@ -60,7 +69,7 @@ def run_online_loop(addrs: dict[str, str], timeout: float = 600.0) -> LoopRun:
     for t in threads:
         t.start()
     try:
-        with grpc.insecure_channel(addrs["trainer"]) as ch:
+        with channel(addrs["trainer"], tokens.get("operator", "")) as ch:
             stub = trainer_grpc.TrainerServiceStub(ch)
             job = stub.StartJob(trainer_pb2.StartJobRequest(kind=trainer_pb2.JOB_KIND_ONLINE_LOOP,
                                                             overrides=LOOP_OVERRIDES), timeout=30).job
@@ -74,9 +83,9 @@ def run_online_loop(addrs: dict[str, str], timeout: float = 600.0) -> LoopRun:
     return LoopRun(job=job, events=events, rankings_submitted=sum(counts.values()), prompt_ids=prompt_ids)
 
 
-def served_version(target: str) -> tuple[str, str]:
+def served_version(target: str, token: str = "") -> tuple[str, str]:
     """(GetPolicyVersion, the version a Generate answer carries)."""
-    with grpc.insecure_channel(target) as ch:
+    with channel(target, token) as ch:
         stub = policy_grpc.PolicyServiceStub(ch)
         v = stub.GetPolicyVersion(policy_pb2.GetPolicyVersionRequest(), timeout=30).policy_version
         g = stub.Generate(policy_pb2.GenerateRequest(prompts=["the film"], sampling=policy_pb2.SamplingParams(
@@ -84,8 +93,8 @@ def served_version(target: str) -> tuple[str, str]:
         return v, g.policy_version
 
 
-def export_submission_ids(target: str) -> list[str]:
-    with grpc.insecure_channel(target) as ch:
+def export_submission_ids(target: str, token: str = "") -> list[str]:
+    with channel(target, token) as ch:
         stub = feedback_grpc.FeedbackServiceStub(ch)
         return [m.comparison.submission_id for m in stub.ExportComparisons(feedback_pb2.ExportComparisonsRequest(),
                                                                            timeout=60)]

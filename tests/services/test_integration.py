@@ -17,11 +17,13 @@ from pathlib import Path
 
 import grpc
 import pytest
+import yaml
 from confluent_kafka import Consumer, Producer
 from rlhf_client import (TOPIC_FEEDBACK, TOPIC_MODELS, common_pb2, feedback_grpc, feedback_pb2, models_pb2, policy_grpc,
-                         policy_pb2, prompts_grpc, prompts_pb2, reward_grpc, reward_pb2, trainer_pb2)
+                         policy_pb2, prompts_grpc, prompts_pb2, reward_grpc, reward_pb2, trainer_grpc, trainer_pb2)
 from sqlalchemy import text
 
+from rlhf.runtime.auth import token_sha256
 from rlhf.storage.db import make_engine
 from tests.services import scenario
 from tests.services.helpers import (fresh_database, free_ports, metric_value, scrape, tiny_policy_registry,
@@ -34,6 +36,16 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow,
                                                             "(scripts/test.sh starts Kafka and PostgreSQL)")]
 ROOT = Path(__file__).resolve().parents[2]
 NAMES = ["prompt-collector", "policy-server", "reward-scorer", "feedback-store", "trainer"]
+# the callers of this cluster: the services themselves, an operator (who also runs jobs and
+# submits prompts), three labelers; each with a token of its own
+CALLERS = {"services": ["service"], "operator": ["operator", "trainer", "product"], "sim-0": ["labeler"],
+           "sim-1": ["labeler"], "bad-input-test": ["labeler"]}
+TOKENS = {name: f"tok-{name}-{uuid.uuid4().hex}" for name in CALLERS}
+
+
+def ch(addr: str, who: str = "operator") -> grpc.Channel:
+    """A channel presenting ``who``'s token."""
+    return scenario.channel(addr, TOKENS[who])
 
 
 @pytest.fixture(scope="module")
@@ -46,13 +58,18 @@ def cluster(tmp_path_factory):
     grpc_ports = dict(zip(NAMES, ports[:5]))
     metrics_ports = dict(zip(NAMES, ports[5:]))
     addrs = {n: f"127.0.0.1:{p}" for n, p in grpc_ports.items()}
+    # credentials: the file holds only token digests; each service presents the services' token
+    (root / "credentials.yaml").write_text(yaml.safe_dump({"callers": [
+        {"name": n, "roles": r, "token_sha256": token_sha256(TOKENS[n])} for n, r in CALLERS.items()]}))
+    (root / "services.token").write_text(TOKENS["services"] + "\n")
     procs = {}
     logs = {}
     for name in NAMES:
         pre = "RLHF_" + name.upper().replace("-", "_") + "_"
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
                pre + "PORT": str(grpc_ports[name]), pre + "METRICS_PORT": str(metrics_ports[name]),
-               pre + "KAFKA_BOOTSTRAP": KAFKA, pre + "GRACE_SECONDS": "5"}
+               pre + "KAFKA_BOOTSTRAP": KAFKA, pre + "GRACE_SECONDS": "5",
+               pre + "CREDENTIALS_FILE": str(root / "credentials.yaml"), pre + "PEER_TOKEN_FILE": str(root / "services.token")}
         if name in ("prompt-collector", "feedback-store"):
             env[pre + "DATABASE_URL"] = db_url
         else:
@@ -112,7 +129,7 @@ def _topic_events(topic: str, cls, timeout: float = 20.0) -> list:
 
 def test_online_loop_across_processes_kafka_and_postgres(cluster):
     addrs = cluster["addrs"]
-    run = scenario.run_online_loop(addrs)
+    run = scenario.run_online_loop(addrs, tokens=TOKENS)
     assert run.job.status == trainer_pb2.JOB_STATUS_SUCCEEDED, run.job.message
 
     # every submitted ranking is in PostgreSQL exactly once ...
@@ -135,10 +152,10 @@ def test_online_loop_across_processes_kafka_and_postgres(cluster):
     assert kinds[common_pb2.MODEL_KIND_REWARD] >= 1 and kinds[common_pb2.MODEL_KIND_POLICY] >= 2
 
     # the policy-server now serves the newest version
-    v, gen_v = scenario.served_version(addrs["policy-server"])
+    v, gen_v = scenario.served_version(addrs["policy-server"], TOKENS["operator"])
     assert v == gen_v == run.job.published_versions[-1]
-    with grpc.insecure_channel(addrs["reward-scorer"]) as ch:
-        rv = reward_grpc.RewardServiceStub(ch).GetRewardModelVersion(reward_pb2.GetRewardModelVersionRequest()).reward_model_version
+    with ch(addrs["reward-scorer"]) as c:
+        rv = reward_grpc.RewardServiceStub(c).GetRewardModelVersion(reward_pb2.GetRewardModelVersionRequest()).reward_model_version
     assert rv in run.job.published_versions
 
     m = scrape(cluster["metrics"]["trainer"])
@@ -158,8 +175,8 @@ def _count(eng, table: str) -> int:
 
 @pytest.fixture(scope="module")
 def task(cluster):
-    with grpc.insecure_channel(cluster["addrs"]["feedback-store"]) as ch:
-        return feedback_grpc.FeedbackServiceStub(ch).CreateLabelingTasks(feedback_pb2.CreateLabelingTasksRequest(
+    with ch(cluster["addrs"]["feedback-store"]) as c:
+        return feedback_grpc.FeedbackServiceStub(c).CreateLabelingTasks(feedback_pb2.CreateLabelingTasksRequest(
             tasks=[feedback_pb2.LabelingTaskInput(prompt="p", prompt_id="x", split=1, candidates=list("abcd"),
                                                   policy_version="v0")])).tasks[0]
 
@@ -177,18 +194,18 @@ def _ranking(task_id, groups, key=None):
 ])
 def test_bad_rankings_are_rejected_and_store_nothing(cluster, task, groups, code, needle):
     before = (_count(cluster["db"], "submissions"), _count(cluster["db"], "outbox"))
-    with grpc.insecure_channel(cluster["addrs"]["feedback-store"]) as ch:
+    with ch(cluster["addrs"]["feedback-store"], "bad-input-test") as c:
         with pytest.raises(grpc.RpcError) as e:
-            feedback_grpc.FeedbackServiceStub(ch).SubmitRanking(_ranking(task.task_id, groups))
+            feedback_grpc.FeedbackServiceStub(c).SubmitRanking(_ranking(task.task_id, groups))
     assert e.value.code() == code and needle in e.value.details()
     assert (_count(cluster["db"], "submissions"), _count(cluster["db"], "outbox")) == before
 
 
 def test_ranking_for_unknown_task_is_not_found(cluster):
     before = _count(cluster["db"], "submissions")
-    with grpc.insecure_channel(cluster["addrs"]["feedback-store"]) as ch:
+    with ch(cluster["addrs"]["feedback-store"], "bad-input-test") as c:
         with pytest.raises(grpc.RpcError) as e:
-            feedback_grpc.FeedbackServiceStub(ch).SubmitRanking(_ranking("no-such-task", [[0], [1]]))
+            feedback_grpc.FeedbackServiceStub(c).SubmitRanking(_ranking("no-such-task", [[0], [1]]))
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
     assert _count(cluster["db"], "submissions") == before
 
@@ -205,31 +222,31 @@ def test_empty_batches_and_oversized_prompts_are_invalid(cluster):
             prompts_pb2.PromptInput(text=b"\xff\xfe", user_id="u", consent=True)])),
     ]
     for call in calls:
-        with grpc.insecure_channel(a["prompt-collector"]) as ch:
+        with ch(a["prompt-collector"]) as c:
             with pytest.raises(grpc.RpcError) as e:
-                call(ch)
+                call(c)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
     assert _count(cluster["db"], "prompts") == before
-    with grpc.insecure_channel(a["feedback-store"]) as ch:
+    with ch(a["feedback-store"]) as c:
         with pytest.raises(grpc.RpcError) as e:
-            feedback_grpc.FeedbackServiceStub(ch).CreateLabelingTasks(feedback_pb2.CreateLabelingTasksRequest())
+            feedback_grpc.FeedbackServiceStub(c).CreateLabelingTasks(feedback_pb2.CreateLabelingTasksRequest())
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    with grpc.insecure_channel(a["policy-server"]) as ch:
-        stub = policy_grpc.PolicyServiceStub(ch)
+    with ch(a["policy-server"]) as c:
+        stub = policy_grpc.PolicyServiceStub(c)
         for req in (policy_pb2.GenerateRequest(), policy_pb2.GenerateRequest(prompts=["word " * 2000])):
             with pytest.raises(grpc.RpcError) as e:
                 stub.Generate(req)
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
-    with grpc.insecure_channel(a["reward-scorer"]) as ch:
+    with ch(a["reward-scorer"]) as c:
         with pytest.raises(grpc.RpcError) as e:
-            reward_grpc.RewardServiceStub(ch).Score(reward_pb2.ScoreRequest())
+            reward_grpc.RewardServiceStub(c).Score(reward_pb2.ScoreRequest())
         assert e.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAVAILABLE)
 
 
 def test_same_submission_twice_stores_once(cluster, task):
     key = uuid.uuid4().hex
-    with grpc.insecure_channel(cluster["addrs"]["feedback-store"]) as ch:
-        stub = feedback_grpc.FeedbackServiceStub(ch)
+    with ch(cluster["addrs"]["feedback-store"], "bad-input-test") as c:
+        stub = feedback_grpc.FeedbackServiceStub(c)
         a = stub.SubmitRanking(_ranking(task.task_id, [[2], [0, 1], [3]], key))
         b = stub.SubmitRanking(_ranking(task.task_id, [[2], [0, 1], [3]], key))
     assert not a.duplicate and b.duplicate and a.submission_id == b.submission_id
@@ -260,3 +277,59 @@ def test_wrong_type_on_a_topic_is_skipped_and_counted(cluster):
     assert v is not None and v >= 2
     assert cluster["procs"]["trainer"].poll() is None
     wait_serving(cluster["addrs"]["trainer"], timeout=10)
+
+
+# -- authentication: every RPC needs a caller with a role it declares ------------------------------
+
+
+def test_anonymous_callers_get_unauthenticated_and_start_nothing(cluster):
+    """The probe's worst case: an anonymous StartJob(PPO, kl_coef=inf) published a NaN policy."""
+    a = cluster["addrs"]
+    with grpc.insecure_channel(a["trainer"]) as c:
+        with pytest.raises(grpc.RpcError) as e:
+            trainer_grpc.TrainerServiceStub(c).StartJob(trainer_pb2.StartJobRequest(
+                kind=trainer_pb2.JOB_KIND_PPO, overrides={"steps": "1", "ppo.kl_coef": "inf"}))
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED and "Bearer" in e.value.details()
+    calls = {
+        "policy-server": lambda c: policy_grpc.PolicyServiceStub(c).Generate(policy_pb2.GenerateRequest(prompts=["x"])),
+        "feedback-store": lambda c: feedback_grpc.FeedbackServiceStub(c).ExportComparisons(
+            feedback_pb2.ExportComparisonsRequest()).next(),
+        "prompt-collector": lambda c: prompts_grpc.PromptCollectorServiceStub(c).ListPrompts(prompts_pb2.ListPromptsRequest()),
+        "reward-scorer": lambda c: reward_grpc.RewardServiceStub(c).Score(reward_pb2.ScoreRequest()),
+    }
+    for name, call in calls.items():
+        for channel in (grpc.insecure_channel(a[name]), scenario.channel(a[name], "not-a-valid-token-at-all")):
+            with channel as c, pytest.raises(grpc.RpcError) as e:
+                call(c)
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED, (name, e.value.details())
+    wait_serving(a["trainer"], timeout=5)  # health answers anyone (the orchestrator's probes send no token)
+
+
+def test_roles_and_labeler_identity_come_from_the_credential(cluster, task):
+    a = cluster["addrs"]
+    with ch(a["trainer"], "sim-0") as c:  # a labeler may not start jobs
+        with pytest.raises(grpc.RpcError) as e:
+            trainer_grpc.TrainerServiceStub(c).StartJob(trainer_pb2.StartJobRequest(kind=trainer_pb2.JOB_KIND_SFT))
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED and "trainer" in e.value.details()
+    with ch(a["feedback-store"], "sim-0") as c:
+        stub = feedback_grpc.FeedbackServiceStub(c)
+        with pytest.raises(grpc.RpcError) as e:  # ... nor export everyone's comparisons
+            stub.ExportComparisons(feedback_pb2.ExportComparisonsRequest()).next()
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        before = _count(cluster["db"], "submissions")
+        with pytest.raises(grpc.RpcError) as e:  # ... nor rank as somebody else
+            stub.SubmitRanking(feedback_pb2.SubmitRankingRequest(
+                idempotency_key=uuid.uuid4().hex, task_id=task.task_id, labeler_id="sim-1",
+                ranking=[feedback_pb2.RankGroup(indices=[i]) for i in range(4)]))
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED and "credential" in e.value.details()
+        assert _count(cluster["db"], "submissions") == before
+        # without a labeler_id the credential's is used
+        sid = stub.SubmitRanking(feedback_pb2.SubmitRankingRequest(
+            idempotency_key=uuid.uuid4().hex, task_id=task.task_id,
+            ranking=[feedback_pb2.RankGroup(indices=[i]) for i in range(4)])).submission_id
+    with cluster["db"].connect() as c:
+        assert c.execute(text("select labeler_id from submissions where id = :i"), {"i": sid}).scalar() == "sim-0"
+    with ch(a["feedback-store"]) as c:  # an operator does not label under anyone's name
+        with pytest.raises(grpc.RpcError) as e:
+            feedback_grpc.FeedbackServiceStub(c).SubmitRanking(_ranking(task.task_id, [[0], [1], [2], [3]]))
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED

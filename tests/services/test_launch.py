@@ -3,11 +3,12 @@
 import pytest
 
 from rlhf.errors import ConfigError
-from services.launch import UpOptions, up_settings
+from services.launch import UpOptions, internal_token, up_settings
 
 
 def test_up_takes_service_variables_and_refuses_ones_for_its_wiring(tmp_path):
     keys = '{"sk-team-a": {"team": "a", "requests_per_minute": 5}}'
+    internal_token(tmp_path)  # up() writes it before the settings
     s = up_settings(UpOptions(data_dir=tmp_path, base_port=41000),
                     environ={"RLHF_POLICY_SERVER_API_KEYS": keys, "RLHF_REWARD_SCORER_MAX_BATCH_ITEMS": "7",
                              "RLHF_TRAINER_LOG_LEVEL": "debug"})
