@@ -50,9 +50,12 @@ def _default(f: dataclasses.Field) -> str:
 def table(cls, prefix: str = "") -> str:
     hints = typing.get_type_hints(cls)
     comments = _comments(cls)
+    limits = getattr(cls, "LIMITS", {})
     rows = ["| field | type | default | meaning |", "|---|---|---|---|"]
     for f in dataclasses.fields(cls):
-        rows.append(f"| `{prefix}{f.name}` | `{_type_name(hints[f.name])}` | `{_default(f)}` | {comments.get(f.name, '')} |")
+        allowed = f" (allowed: {limits[f.name]})" if f.name in limits else ""
+        rows.append(f"| `{prefix}{f.name}` | `{_type_name(hints[f.name])}` | `{_default(f)}` | "
+                    f"{comments.get(f.name, '')}{allowed} |")
     return "\n".join(rows)
 
 
@@ -64,7 +67,10 @@ def render() -> str:
         "",
         "Every job takes `--config FILE` (YAML, or TOML when the name ends in `.toml`) and any number of",
         "`--set key=value` overrides (dotted keys reach into sections; values are parsed as YAML).",
-        "Unknown fields and wrong types are errors naming the field. Examples: `examples/`.",
+        "Unknown fields and wrong types are errors naming the field. Every value is then checked and",
+        "every problem listed in one error: numbers finite and in the range given as *allowed*",
+        "(`[a, b]` closed, `(a, b]` open at a), strings at most 4096 characters. The trainer service",
+        "checks its jobs the same way. Examples: `examples/`.",
         "",
         "Each job writes a new model version to `output` (which must not exist or be empty): the",
         "model in Hugging Face format, `manifest.json` (the model registry's manifest: kind, parent,",

@@ -11,11 +11,12 @@ from __future__ import annotations
 import inspect
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable
+from typing import ClassVar, Callable
 
 import torch
 import torch.nn.functional as F
 
+from rlhf.config import Range, count
 from rlhf.models import position_ids_from_mask
 
 
@@ -38,6 +39,10 @@ class SamplingParams:
             raise ValueError("top_p must be in (0, 1]")
         if self.top_k < 0:
             raise ValueError("top_k must be >= 0")
+
+    LIMITS: ClassVar[dict[str, Range]] = {
+        "max_new_tokens": count(1, 100_000), "temperature": Range(0, 100), "top_k": count(0, 1_000_000),
+        "top_p": Range(0, 1, lo_open=True), "min_new_tokens": count(0, 100_000)}
 
 
 @dataclass

@@ -25,6 +25,12 @@ from typing import Callable
 from rlhf.errors import DataError, NotFoundError
 
 KINDS = ("policy", "reward")
+MAX_VERSION_CHARS = 200
+
+
+def _short(version: str) -> str:
+    """A version id as an error message quotes it: a huge one is cut, not echoed."""
+    return repr(version) if len(version) <= 80 else f"{version[:40]!r}... ({len(version)} characters)"
 
 
 def new_version_id() -> str:
@@ -57,11 +63,11 @@ class ModelRegistry:
 
     def path(self, kind: str, version: str) -> Path:
         self._check_kind(kind)
-        if not version or "/" in version or version.startswith("."):
-            raise DataError(f"invalid model version id {version!r}")
+        if not version or "/" in version or version.startswith(".") or len(version) > MAX_VERSION_CHARS:
+            raise DataError(f"invalid model version id {_short(version)}")
         p = self.root / kind / version
         if not (p / "manifest.json").is_file():
-            raise NotFoundError(f"no {kind} model version {version!r} in the registry")
+            raise NotFoundError(f"no {kind} model version {_short(version)} in the registry")
         return p
 
     def manifest(self, kind: str, version: str) -> Manifest:

@@ -25,14 +25,14 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal, Sequence
+from typing import ClassVar, Callable, Literal, Sequence
 
 import torch
 
 from rlhf.algos.ppo import PPOConfig, PPOTrainer, RewardFn
 from rlhf.algos.rm import RMTrainConfig, normalize_reward_model, pair_accuracy, split_into_pairs, train_reward_model
 from rlhf.algos.sft import SFTConfig, encode_demonstrations, pack_texts, perplexity, train_lm
-from rlhf.config import to_dict
+from rlhf.config import Range, count, to_dict
 from rlhf.data import Comparison, Demonstration, read_comparisons, read_demonstrations, read_prompts
 from rlhf.errors import ConfigError, DataError
 from rlhf.generation import Rollout
@@ -59,6 +59,8 @@ class SFTJob:
     min_demonstrations: int = 1  # fewer demonstrations fail the job
     sft: SFTConfig = field(default_factory=SFTConfig)  # training hyper-parameters (next table)
 
+    LIMITS: ClassVar[dict[str, Range]] = {"min_demonstrations": count(1, 10**9)}
+
 
 @dataclass
 class RMJob:
@@ -74,6 +76,8 @@ class RMJob:
     min_comparisons: int = 4  # fewer usable comparisons fail the job
     since_unix: float = 0.0  # trainer: only comparisons stored at or after this time (0: all)
     rm: RMTrainConfig = field(default_factory=RMTrainConfig)  # training hyper-parameters (next table)
+
+    LIMITS: ClassVar[dict[str, Range]] = {"min_comparisons": count(1, 10**9), "since_unix": Range(0, 1e11)}
 
 
 @dataclass
@@ -91,6 +95,8 @@ class PPOJob:
     prefetch_rollouts: bool = False  # policy-server rollouts: ask for the next step's before this step's update (they overlap it, one version staler)
     wait_for_serving_seconds: float = 120.0  # trainer: how long to wait for the policy-server to serve the final version
     ppo: PPOConfig = field(default_factory=PPOConfig)  # PPO hyper-parameters (next tables)
+
+    LIMITS: ClassVar[dict[str, Range]] = {"steps": count(1, 10**7), "wait_for_serving_seconds": Range(0, 86_400, lo_open=True)}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -207,3 +207,46 @@ def test_to_dict_round_trips(tmp_path):
 def test_config_error_is_a_value_error():
     with pytest.raises(ValueError):
         load_config(PPOJob, None, ["ppo.lrr=1"])
+
+
+# every bad value of the probe (and more) is refused, all at once, by the CLI and the trainer alike
+BAD_OVERRIDES = [
+    ("ppo", "steps=0", "steps: must be in [1, 1e+07], got 0"),
+    ("ppo", "steps=-3", "steps: must be in"),
+    ("rm", "rm.epochs=0", "rm.epochs: must be in [1, 1000], got 0"),
+    ("rm", "since_unix=.nan", "since_unix: must be a finite number, got nan"),
+    ("ppo", "ppo.kl_coef=.inf", "ppo.kl_coef: must be a finite number, got inf"),
+    ("ppo", "ppo.kl_coef=-1", "ppo.kl_coef: must be in [0, 1000], got -1"),
+    ("ppo", "ppo.lr=-0.1", "ppo.lr: must be in [0, 1]"),
+    ("ppo", "ppo.sampling.temperature=.nan", "ppo.sampling.temperature: must be a finite number"),
+    ("ppo", "ppo.sampling.top_p=2", "ppo.sampling.top_p: must be in (0, 1], got 2"),
+    ("ppo", "ppo.sampling.max_new_tokens=0", "max_new_tokens"),
+    ("ppo", "ppo.gamma=1.5", "ppo.gamma: must be in [0, 1], got 1.5"),
+    ("ppo", "ppo.clip_range=0", "ppo.clip_range: must be in (0, 10], got 0"),
+    ("ppo", "reference=" + "v" * 5_000_000, "reference: 5000000 characters, at most 4096"),
+    ("sft", "sft.batch_size=0", "sft.batch_size: must be in [1, 65536], got 0"),
+    ("sft", "sft.epochs=0", "sft.epochs: must be in (0, 10000], got 0"),
+    ("sft", "min_demonstrations=0", "min_demonstrations: must be in"),
+    ("rm", "min_comparisons=-1", "min_comparisons: must be in"),
+]
+
+
+@pytest.mark.parametrize("stage,override,needle", BAD_OVERRIDES, ids=[o[:30] for _, o, _ in BAD_OVERRIDES])
+def test_bad_job_values_are_refused(stage, override, needle):
+    from rlhf.train import JOBS
+
+    with pytest.raises(ConfigError) as e:
+        load_config(JOBS[stage], None, [override])
+    assert needle in str(e.value)
+    assert len(str(e.value)) < 1000  # a huge value is named, not echoed
+
+
+def test_every_bad_value_is_listed_in_one_error():
+    from rlhf.train import PPOJob
+
+    with pytest.raises(ConfigError) as e:
+        load_config(PPOJob, None, ["steps=0", "ppo.kl_coef=.inf", "ppo.batch_size=0", "ppo.sampling.top_p=2"])
+    msg = str(e.value)
+    assert msg.startswith("4 invalid values:"), msg
+    for needle in ("steps:", "ppo.kl_coef:", "ppo.sampling.top_p:", "batch_size"):
+        assert needle in msg

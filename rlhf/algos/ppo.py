@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Sequence
+from typing import ClassVar, Callable, Literal, Sequence
 
 import torch
 import torch.nn as nn
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from rlhf.algos.kl import make_kl_controller
 from rlhf.algos.masked import masked_mean, whiten
 from rlhf.algos.sft import sft_loss
+from rlhf.config import SEED, UNIT, Range, count
 from rlhf.generation import (Rollout, SamplingParams, accepts_logits_to_keep, decode_responses, sample,
                               tokenize_prompts)
 from rlhf.models import ValueHead, hidden_size_of, position_ids_from_mask
@@ -164,6 +165,15 @@ class PPOConfig:
         if self.ppo_epochs < 1:
             raise ValueError("ppo_epochs must be >= 1")
         self.stop_token_ids = tuple(self.stop_token_ids)
+
+    LIMITS: ClassVar[dict[str, Range]] = {
+        "batch_size": count(1, 65_536), "mini_batch_size": count(1, 65_536), "max_prompt_tokens": count(1, 1_000_000),
+        "min_response_tokens": count(0, 1_000_000), "missing_stop_penalty": Range(-1e6, 1e6),
+        "kl_coef": Range(0, 1000), "kl_target": Range(0, 1e6, lo_open=True), "ppo_epochs": count(1, 1000),
+        "lr": Range(0, 1), "value_lr": Range(0, 1), "clip_range": Range(0, 10, lo_open=True),
+        "clip_range_value": Range(0, 1e6, lo_open=True), "vf_coef": Range(0, 1000), "entropy_coef": Range(0, 10),
+        "gamma": UNIT, "lam": UNIT, "max_grad_norm": Range(0, 1e6, lo_open=True), "ptx_coef": Range(0, 1000),
+        "ptx_batch_size": count(1, 65_536), "seed": SEED}
 
 
 # ----------------------------------------------------------------------------------------------

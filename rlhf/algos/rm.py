@@ -25,12 +25,13 @@ import math
 import random
 import time
 from dataclasses import dataclass
-from typing import Callable, Literal, Sequence
+from typing import ClassVar, Callable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from rlhf.algos.sft import lr_at
+from rlhf.config import SEED, UNIT, Range, count
 from rlhf.data import Comparison
 from rlhf.errors import DataError
 
@@ -210,6 +211,10 @@ class RMTrainConfig:
     freeze_embeddings: bool = False  # keep the backbone's input token embeddings fixed (faster; a large share of an encoder's weights)
     seed: int = 0  # shuffling seed
     bf16: bool = False  # autocast to bfloat16 on CPU/GPU
+
+    LIMITS: ClassVar[dict[str, Range]] = {
+        "epochs": count(1, 1000), "batch_size": count(1, 65_536), "lr": Range(0, 1), "warmup_steps": count(0),
+        "min_lr_ratio": UNIT, "weight_decay": UNIT, "max_length": count(2, 1_000_000), "seed": SEED}
 
 
 def _scores(rm, prompts, responses, max_length, bf16: bool) -> torch.Tensor:

@@ -13,11 +13,12 @@ import math
 import random
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import ClassVar, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from rlhf.config import SEED, UNIT, Range, count
 from rlhf.data import Demonstration
 from rlhf.errors import DataError
 from rlhf.models import position_ids_from_mask
@@ -76,6 +77,11 @@ class SFTConfig:
     max_length: int = 256  # tokens per sequence; longer ones are cut
     bf16: bool = False  # autocast to bfloat16 (fast on CPUs with AVX-512 BF16 or AMX)
     seed: int = 0  # shuffling seed
+
+    LIMITS: ClassVar[dict[str, Range]] = {
+        "epochs": Range(0, 10_000, lo_open=True), "max_steps": count(), "batch_size": count(1, 65_536),
+        "lr": Range(0, 1), "min_lr_ratio": UNIT, "warmup_steps": count(0), "weight_decay": UNIT,
+        "max_length": count(2, 1_000_000), "seed": SEED}
 def lr_at(step: int, total: int, cfg) -> float:
     """Learning rate of optimizer step ``step`` (0-based) of ``total``: linear warm-up over
     ``cfg.warmup_steps``, then cosine decay from ``cfg.lr`` to ``cfg.lr * cfg.min_lr_ratio``.

@@ -17,12 +17,14 @@ import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import ClassVar, Callable
 
 import torch
 from rlhf_client import (common_pb2, feedback_grpc, feedback_pb2, models_pb2, policy_grpc, policy_pb2,
                          prompts_grpc, prompts_pb2, reward_grpc, reward_pb2)
 
+from rlhf.storage.feedback import MAX_BATCH, MAX_K, MIN_K
+from rlhf.config import Range, count
 from rlhf.algos.ppo import PPOTrainer
 from rlhf.data import Comparison, Demonstration
 from rlhf.errors import ConfigError, DataError, UnavailableError
@@ -37,17 +39,24 @@ from services.trainer.jobs import JobContext
 # fields of the job configs that name files or directories on the caller's machine: the trainer
 # reads its data from the services and writes into its registry, so a StartJob naming them is refused
 EXPORT_TASK_IDS = 1000  # task ids per ExportComparisons call (the feedback-store's limit)
+VERSION_FIELDS = {"sft": ("model",), "rm": ("model",), "ppo": ("policy", "reference")}  # policy versions
 LOCAL_ONLY = {"sft": ("data", "eval_data", "output"), "rm": ("data", "eval_data", "output"),
               "ppo": ("reward_model", "prompts", "ptx_data", "output")}
 
 
-def refuse_local_fields(kind: str, job) -> None:
-    """INVALID_ARGUMENT for fields only ``rlhf train`` takes (paths on the caller's machine)."""
+def check_for_trainer(kind: str, job, registry: ModelRegistry) -> None:
+    """What the trainer refuses at StartJob: the fields only ``rlhf train`` takes (paths on the
+    caller's machine: INVALID_ARGUMENT), and model versions its registry does not hold (NOT_FOUND)."""
     parts = [("", kind, job)] if kind != "online_loop" else [("rm.", "rm", job.rm), ("ppo.", "ppo", job.ppo)]
     given = [prefix + f for prefix, k, j in parts for f in LOCAL_ONLY[k] if getattr(j, f)]
     if given:
         raise ConfigError(f"{', '.join(given)}: the trainer takes its data from the services and writes into its "
                           f"registry; these fields are for `rlhf train`")
+    for _, k, j in parts:
+        for name in VERSION_FIELDS[k]:
+            version = getattr(j, name)
+            if version and not (k in ("rm", "sft") and name == "model" and version == "minilm"):
+                registry.path("policy", version)  # DataError / NotFoundError naming the version
 
 
 @dataclass
@@ -61,6 +70,11 @@ class OnlineLoopConfig:
     candidate_min_new_tokens: int = 1  # no empty candidates: a labeler cannot rank nothing
     rm: RMJob = field(default_factory=RMJob)  # the RM job of each round
     ppo: PPOJob = field(default_factory=PPOJob)  # the PPO job of each round
+
+    LIMITS: ClassVar[dict[str, Range]] = {
+        "iterations": count(1, 1_000_000), "prompts_per_iteration": count(1, MAX_BATCH), "k": count(MIN_K, MAX_K),
+        "comparisons_needed": count(1, 10**9), "wait_timeout_seconds": Range(0, 10**7, lo_open=True),
+        "candidate_max_new_tokens": count(1, 100_000), "candidate_min_new_tokens": count(0, 100_000)}
 
 
 # -- the peers every body gets ------------------------------------------------------------------

@@ -183,9 +183,9 @@ class Trainer(trainer_grpc.TrainerServiceServicer):
         overrides = [f"{k}={v}" for k, v in sorted(request.overrides.items())]
         try:
             cfg = from_dict(cfg_cls, apply_overrides({}, overrides))
-            runs.refuse_local_fields(name, cfg)
         except (ConfigError, ValueError, TypeError) as e:
             raise DataError(f"overrides: {e}") from e
+        runs.check_for_trainer(name, cfg, self.registry)
         peers = self.peers
         job = self.jobs.start(name, lambda ctx: runs.run_job(name, ctx, peers, cfg), owner=caller().name)
         return trainer_pb2.StartJobResponse(job=_job_proto(job))

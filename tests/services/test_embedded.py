@@ -278,3 +278,32 @@ def test_forged_feedback_events_count_for_nothing(embedded):
             for i, tid in enumerate(ids)]
     deliver(sids)  # the real events arrive: now the store confirms three
     assert t._wait_comparisons(ids, 3, 30, lambda: None) == 3
+
+
+def test_start_job_lists_every_bad_value_and_starts_nothing(embedded):
+    with grpc.insecure_channel(embedded["addrs"]["trainer"]) as ch:
+        stub = trainer_grpc.TrainerServiceStub(ch)
+        before = len(stub.ListJobs(trainer_pb2.ListJobsRequest()).jobs)
+        bad = {
+            trainer_pb2.JOB_KIND_PPO: ({"steps": "0", "ppo.kl_coef": ".inf", "ppo.adaptive_kl": "false",
+                                        "ppo.batch_size": "4", "ppo.mini_batch_size": "2"},
+                                       ["steps: must be in", "ppo.kl_coef: must be a finite number"]),
+            trainer_pb2.JOB_KIND_RM: ({"since_unix": ".nan", "rm.epochs": "0"},
+                                      ["since_unix: must be a finite number", "rm.epochs: must be in [1, 1000]"]),
+            trainer_pb2.JOB_KIND_ONLINE_LOOP: ({"k": "1", "iterations": "0"}, ["k: must be in [2, 16]", "iterations"]),
+        }
+        for kind, (overrides, needles) in bad.items():
+            with pytest.raises(grpc.RpcError) as e:
+                stub.StartJob(trainer_pb2.StartJobRequest(kind=kind, overrides=overrides))
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert all(n in e.value.details() for n in needles), e.value.details()
+        with pytest.raises(grpc.RpcError) as e:  # a file path is the CLI's business, not the trainer's
+            stub.StartJob(trainer_pb2.StartJobRequest(kind=trainer_pb2.JOB_KIND_SFT, overrides={"data": "/etc/passwd"}))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "rlhf train" in e.value.details()
+        with pytest.raises(grpc.RpcError) as e:  # an unknown version is named, cut short, before any job starts
+            stub.StartJob(trainer_pb2.StartJobRequest(kind=trainer_pb2.JOB_KIND_PPO, overrides={"reference": "v" * 3000}))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "3000 characters" in e.value.details()
+        with pytest.raises(grpc.RpcError) as e:
+            stub.StartJob(trainer_pb2.StartJobRequest(kind=trainer_pb2.JOB_KIND_PPO, overrides={"reference": "v2099-nope"}))
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND and "v2099-nope" in e.value.details()
+        assert len(stub.ListJobs(trainer_pb2.ListJobsRequest()).jobs) == before
