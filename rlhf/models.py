@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from rlhf.errors import ModelNotFoundError
+from rlhf.errors import DataError, ModelNotFoundError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: models come from local paths
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -137,10 +137,23 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
 
 
 def load_causal_lm(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """Load any Hugging Face causal LM from a local directory."""
+    """Load any Hugging Face causal LM from a local directory (refusing non-finite weights)."""
     p = _check_model_dir(path)
     model = _from_pretrained(AutoModelForCausalLM, p, dtype=dtype)
+    check_finite(model.named_parameters(), str(p))
     return model
+
+
+def check_finite(tensors: Iterable[tuple[str, torch.Tensor]], what: str) -> None:
+    """DataError naming the first tensors that hold NaN or infinity: such a model is never
+    published or served (its answers would be NaN, which no client can parse)."""
+    bad = []
+    for name, t in tensors:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad.append(f"{name} ({int((~torch.isfinite(t)).sum())} of {t.numel()} values)")
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise DataError(f"{what} has non-finite weights (NaN or infinity): {', '.join(bad[:3])}{more}")
 
 
 def save_pretrained(model: PreTrainedModel, tokenizer, path: str | os.PathLike, manifest: dict | None = None) -> Path:
@@ -321,6 +334,8 @@ class RewardModel(nn.Module):
             tok.pad_token = tok.eos_token
         tok.padding_side = "left" if config.backbone == "causal" else "right"
         state = load_file(str(p / "reward_head.safetensors"))
+        check_finite([*backbone.named_parameters(), *state.items(),
+                      ("bias/gain", torch.tensor([config.bias, config.gain]))], str(p))
         with _LOAD_LOCK:
             head = nn.Linear(state["weight"].shape[1], 1)
         head.load_state_dict(state)

@@ -14,6 +14,7 @@ snapshot, the config and the metrics that made it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import shutil
@@ -114,6 +115,7 @@ def write_version(final: str | os.PathLike, kind: str, write: Callable[[Path], N
     tmp.mkdir()
     try:
         write(tmp)
+        check_written(tmp, metrics or {})
         m = Manifest(kind=kind, version=version, parent_version=parent_version, job_id=job_id,
                      base_model=base_model, data=data or {}, config=config or {},
                      metrics={k: float(v) for k, v in (metrics or {}).items()}, created_at=time.time())
@@ -123,6 +125,21 @@ def write_version(final: str | os.PathLike, kind: str, write: Callable[[Path], N
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return m
+
+
+def check_written(d: Path, metrics: dict) -> None:
+    """Refuse a version whose weights or final metrics are not finite: a NaN model must never
+    be published (the servers would answer NaN). Every ``*.safetensors`` file is read back."""
+    from safetensors import safe_open
+
+    from rlhf.models import check_finite
+
+    bad = [k for k, v in metrics.items() if not math.isfinite(float(v))]
+    if bad:
+        raise DataError(f"refusing to publish: non-finite final metrics {', '.join(sorted(bad))}")
+    for f in sorted(d.rglob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            check_finite(((k, st.get_tensor(k)) for k in st.keys()), f"refusing to publish: {f.name}")
 
 
 def read_manifest(path: str | os.PathLike) -> Manifest | None:

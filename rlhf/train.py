@@ -21,6 +21,7 @@ its value head (``value_head.pt``).
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -220,6 +221,15 @@ def usable_comparisons(comparisons: Sequence[Comparison], loss: str) -> list[Com
     return [c for c in comparisons if c.kind != "best_of_k"]
 
 
+def check_step(stage: str, step: int, metrics: dict) -> None:
+    """Stop a job whose losses turned NaN or infinite: it would only train (and publish) garbage."""
+    bad = [k for k, v in metrics.items()
+           if ("loss" in k or k in ("kl", "reward")) and isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise DataError(f"{stage} step {step}: {', '.join(f'{k} = {metrics[k]}' for k in sorted(bad))}; the job stops "
+                        "and publishes nothing (lower the learning rate or the KL coefficient?)")
+
+
 def _metrics_jsonl(history: list[dict]) -> str:
     return "".join(json.dumps({k: v for k, v in h.items() if not k.startswith("_")}) + "\n" for h in history)
 
@@ -252,6 +262,7 @@ def run_sft(job: SFTJob, io: JobIO) -> dict:
 
     def on_step(m: dict) -> None:
         io.check()
+        check_step("SFT", m.get("step", 0), m)
         io.step("SFT", m.get("step", 0), total, {"sft_loss": m["loss"]})
 
     hist = train_lm(model, ids, attn, lm, job.sft, on_step)
@@ -282,6 +293,7 @@ def run_rm(job: RMJob, io: JobIO) -> dict:
 
     def on_step(m: dict) -> None:
         io.check()
+        check_step("RM", m.get("step", 0), m)
         io.step("RM", m.get("step", 0), total, {"rm_loss": m["loss"]})
 
     hist = train_reward_model(rm, train, job.rm, on_step)
@@ -339,6 +351,7 @@ def run_ppo(job: PPOJob, io: JobIO) -> dict:
             prompts, rollout, info = source.next(step)
             own = info.pop("own_rollout")
             m = trainer.step_on_rollout(prompts, rollout, own_rollout=own)
+            check_step("PPO", step + 1, m)
             m.update(info)
             hist.append(m)
             source.stepped(step, m)

@@ -200,3 +200,32 @@ def test_encoder_reward_model_round_trip(tmp_path):
     loaded = RewardModel.load(tmp_path / "rm")
     assert loaded.config.backbone == "encoder" and loaded.tokenizer.padding_side == "right"
     assert torch.allclose(loaded.score(prompts, responses), normed, atol=1e-6)
+
+
+# -- nothing non-finite is published or served ------------------------------------------------
+
+
+def test_a_nan_model_is_never_published_or_loaded(tok, tmp_path):
+    from rlhf.errors import DataError
+    from rlhf.models import RewardModel, load_causal_lm
+    from rlhf.registry import ModelRegistry
+
+    model = _tiny(tok)
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight[0, 0] = float("nan")
+        model.lm_head.weight[1, :3] = float("inf")
+    reg = ModelRegistry(tmp_path / "registry")
+    with pytest.raises(DataError, match="refusing to publish: model.safetensors has non-finite weights"):
+        reg.publish("policy", lambda d: save_pretrained(model, tok, d))
+    assert reg.versions("policy") == [] and list((tmp_path / "registry" / "policy").iterdir()) == []
+    with pytest.raises(DataError, match="non-finite final metrics loss"):
+        reg.publish("policy", lambda d: save_pretrained(_tiny(tok), tok, d), metrics={"loss": float("nan")})
+    # written by something else: the loaders refuse it too
+    save_pretrained(model, tok, tmp_path / "nan")
+    with pytest.raises(DataError, match=r"non-finite weights .*transformer.h.0.mlp.c_fc.weight \(1 of"):
+        load_causal_lm(tmp_path / "nan")
+    rm = RewardModel.from_causal_lm(_tiny(tok), tok, seed=0)
+    rm.config.gain = float("inf")
+    rm.save(tmp_path / "rm")
+    with pytest.raises(DataError, match="bias/gain"):
+        RewardModel.load(tmp_path / "rm")

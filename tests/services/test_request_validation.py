@@ -91,3 +91,14 @@ def test_the_same_bad_request_breaks_the_same_rule_on_every_surface(srv, rule, f
     assert {"grpc", "openai"} <= set(surfaces)
     for name in surfaces:
         assert want in messages[name], (name, messages[name])
+
+
+def test_json_answers_never_hold_a_bare_nan():
+    import json
+
+    from services.policy_server.api.errors import dumps
+
+    body = {"choices": [{"logprobs": {"token_logprobs": [-0.5, float("nan"), float("-inf")]}}], "ok": 1.5}
+    text = dumps(body).decode()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text)["choices"][0]["logprobs"]["token_logprobs"] == [-0.5, None, None]

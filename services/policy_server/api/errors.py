@@ -7,6 +7,7 @@ OpenAI ``{"error": {"message", "type", "param", "code"}}``; TGI ``{"error": "...
 from __future__ import annotations
 
 import json
+import math
 import logging
 from typing import Any
 
@@ -37,7 +38,22 @@ TGI_TYPE = {400: "validation", 401: "authentication", 404: "not_found", 413: "va
 
 
 def dumps(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+    """JSON as clients parse it: a NaN or infinite number (a log-prob that overflowed, say) is
+    written as null, never as the bare NaN that JSON parsers reject."""
+    try:
+        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    except ValueError:
+        return json.dumps(_finite(obj), separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def json_response(obj: Any, status: int = 200, headers: dict | None = None) -> Response:

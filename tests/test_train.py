@@ -1,0 +1,59 @@
+"""rlhf.train: the job recipes (the CLI and the trainer run them; tests/services/test_one_recipe.py
+compares the two paths)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhf.data import write_jsonl
+from rlhf.errors import DataError
+from rlhf.models import TinyLMConfig, build_tiny_lm, save_pretrained, train_tokenizer
+from rlhf.train import LocalIO, PPOJob, batch_prompts, run_ppo
+from rlhf.algos.ppo import PPOConfig
+from rlhf.generation import SamplingParams
+
+TEXTS = [f"review {i}: the film was good and fun" for i in range(40)]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    torch.set_num_threads(1)
+    d = tmp_path_factory.mktemp("train")
+    tok = train_tokenizer(TEXTS, vocab_size=300)
+    save_pretrained(build_tiny_lm(TinyLMConfig(n_layer=1, n_embd=32, n_head=2, vocab_size=len(tok)), seed=0), tok, d / "base")
+    write_jsonl(d / "prompts.jsonl", [{"prompt": t[:10]} for t in TEXTS])
+    return d
+
+
+class NaNRewards(LocalIO):
+    """Rewards that turn NaN at the second step (a reward model gone bad)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def reward_fn(self, job):
+        def score(prompts, responses):
+            self.calls += 1
+            return torch.full((len(prompts),), float("nan") if self.calls > 1 else 0.5)
+        return score, lambda: {"reward_model": "test"}
+
+
+def test_a_job_whose_losses_turn_nan_stops_and_publishes_nothing(files, tmp_path):
+    job = PPOJob(policy=str(files / "base"), reward_model="unused", prompts=str(files / "prompts.jsonl"),
+                 output=str(tmp_path / "out"), steps=3,
+                 ppo=PPOConfig(batch_size=4, mini_batch_size=2, ppo_epochs=1, sampling=SamplingParams(max_new_tokens=3)))
+    io = NaNRewards()
+    with pytest.raises(DataError, match=r"PPO step 2: .*reward = nan.*publishes nothing"):
+        run_ppo(job, io)
+    assert io.calls == 2 and not (tmp_path / "out").exists()
+
+
+def test_each_step_draws_its_prompts_from_the_seed_and_the_step_alone():
+    prompts = [f"p{i}" for i in range(50)]
+    assert batch_prompts(prompts, 3, 7, 8) == batch_prompts(list(prompts), 3, 7, 8)
+    assert batch_prompts(prompts, 3, 7, 8) != batch_prompts(prompts, 4, 7, 8)
+    assert len(set(batch_prompts(prompts, 0, 0, 50))) == 50
+    with pytest.raises(DataError, match="fewer than ppo.batch_size=8"):
+        batch_prompts(prompts[:5], 0, 0, 8)
