@@ -19,7 +19,7 @@ from typing import Callable, TypeVar
 from google.protobuf.timestamp_pb2 import Timestamp
 from rlhf_client import TOPIC_MODELS, TOPIC_SERVING, common_pb2, models_pb2
 
-from rlhf.errors import UnavailableError
+from rlhf.errors import DataError, UnavailableError
 from rlhf.inference.engine import EngineRetiredError
 from rlhf.metrics import ServiceMetrics
 from rlhf.registry import ModelRegistry
@@ -50,10 +50,13 @@ def ts(dt: datetime | float | None = None) -> Timestamp:
     return t
 
 
-def from_ts(t: Timestamp | None) -> datetime | None:
+def from_ts(t: Timestamp | None, field: str = "since") -> datetime | None:
     if t is None or (t.seconds == 0 and t.nanos == 0):
         return None
-    return t.ToDatetime(tzinfo=timezone.utc)
+    try:
+        return t.ToDatetime(tzinfo=timezone.utc)
+    except (ValueError, OverflowError) as e:
+        raise DataError(f"{field}: timestamp out of range ({t.seconds} s, {t.nanos} ns)") from e
 
 
 class ModelWatcher:

@@ -108,6 +108,29 @@ LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 OPEN_SERVICES = frozenset({grpc_health.SERVICE_NAME})
 
 
+class Malformed:
+    """A request whose bytes did not parse: the call is answered INVALID_ARGUMENT (gRPC itself
+    would answer UNKNOWN, which clients cannot tell from a server bug)."""
+
+    def __init__(self, message: str, reason: str):
+        self.message, self.reason = message, reason
+
+
+def _tolerant(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    message = getattr(getattr(deserialize, "__self__", None), "DESCRIPTOR", None)
+    name = message.full_name if message is not None else "request message"
+
+    def parse(data: bytes):
+        try:
+            return deserialize(data)
+        except Exception as e:  # noqa: BLE001 - DecodeError, or anything else the parser raises on garbage
+            return Malformed(name, type(e).__name__)
+    return parse
+
+
+MAX_STATUS_CHARS = 2000  # a status message travels in HTTP/2 trailers: no 5 MB id echoed back
+
+
 def _cert_names(context) -> list[str]:
     """The common names of the client's certificate (mutual TLS), if it sent one."""
     try:
@@ -147,6 +170,8 @@ class Service(Protocol):
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and message a handler's exception is answered with."""
     msg = str(exc) or type(exc).__name__
+    if len(msg) > MAX_STATUS_CHARS:
+        msg = msg[:MAX_STATUS_CHARS] + f"... ({len(msg)} characters, cut)"
     if isinstance(exc, AuthError):
         return (grpc.StatusCode.PERMISSION_DENIED if exc.denied else grpc.StatusCode.UNAUTHENTICATED), msg
     if isinstance(exc, (errors.NotFoundError, errors.ModelNotFoundError)):
@@ -225,6 +250,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         roles = None if service in OPEN_SERVICES else \
             ANYONE if service in UNLIMITED_SERVICES else self.rpc_roles.get(method, frozenset())
         gate = (method, roles)
+        if handler.request_deserializer is not None and not handler.request_streaming:
+            handler = handler._replace(request_deserializer=_tolerant(handler.request_deserializer))
         if handler.unary_unary is not None:
             return handler._replace(unary_unary=self._wrap_unary(handler.unary_unary, gate, limited))
         if handler.stream_unary is not None:
@@ -298,6 +325,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             who = None
             try:
                 who = await self._authenticate(context, gate)
+                if isinstance(request, Malformed):
+                    raise errors.DataError(f"malformed request: not a valid {request.message} ({request.reason})")
                 admitted = await self._enter(context, limited)
                 if admitted:
                     async with self.admission.slot:
@@ -336,6 +365,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             who = None
             try:
                 who = await self._authenticate(context, gate)
+                if isinstance(request, Malformed):
+                    raise errors.DataError(f"malformed request: not a valid {request.message} ({request.reason})")
                 admitted = await self._enter(context, limited)
                 async with (self.admission.slot if admitted else contextlib.nullcontext()):
                     result = behavior(request, context)

@@ -89,6 +89,11 @@ def _task_row(r) -> TaskRow:
 
 # -- validation helpers ---------------------------------------------------------------------------
 
+def _short(value: str) -> str:
+    """An id as a message quotes it (a huge one is cut: messages travel in gRPC metadata)."""
+    return repr(value) if len(value) <= 80 else f"{value[:40]!r}... ({len(value)} characters)"
+
+
 def _check_str(value: Any, where: str, *, max_chars: int, required: bool, blank_ok: bool = False) -> str:
     """A string field: type, emptiness, length, no NUL (PostgreSQL text cannot hold one)."""
     if value is None:
@@ -226,10 +231,11 @@ class FeedbackStore:
                 for r in rows]
 
     def get_task(self, task_id: str) -> TaskRow:
+        task_id = _check_str(task_id, "task_id", max_chars=MAX_ID_CHARS, required=True)
         with transaction(self.engine) as conn:
             r = conn.execute(select(labeling_tasks).where(labeling_tasks.c.id == task_id)).first()
         if r is None:
-            raise NotFoundError(f"labeling task {task_id!r} not found")
+            raise NotFoundError(f"labeling task {_short(task_id)} not found")
         return _task_row(r)
 
     def list_tasks(self, labeler_id: str = "", page_size: int = 100,
@@ -271,7 +277,7 @@ class FeedbackStore:
         content = {"kind": "ranking", "task_id": task_id, "labeler_id": labeler_id, "ranking": groups}
 
         def prepare(conn, sid: str, now: datetime):
-            task = self._task_for_submission(conn, task_id)
+            task = self._task_for_submission(conn, task_id, labeler_id)
             _check_ranking_against(groups, task.k)
             row = dict(kind="ranking", task_id=task_id, labeler_id=labeler_id, ranking=groups)
             comparison = self._comparison(task, sid, labeler_id, "ranking", groups, 0, now)
@@ -289,7 +295,7 @@ class FeedbackStore:
         content = {"kind": "best_of_k", "task_id": task_id, "labeler_id": labeler_id, "best_index": best_index}
 
         def prepare(conn, sid: str, now: datetime):
-            task = self._task_for_submission(conn, task_id)
+            task = self._task_for_submission(conn, task_id, labeler_id)
             if not 0 <= best_index < task.k:
                 raise DataError(f"best_index: {best_index} out of range for K={task.k}")
             row = dict(kind="best_of_k", task_id=task_id, labeler_id=labeler_id, best_index=best_index)
@@ -321,10 +327,18 @@ class FeedbackStore:
         return self._submit(key, content, prepare)
 
     @staticmethod
-    def _task_for_submission(conn, task_id: str) -> TaskRow:
+    def _task_for_submission(conn, task_id: str, labeler_id: str | None = None) -> TaskRow:
+        """The task an answer is for; with ``labeler_id``, ConflictError when they answered it already."""
         r = conn.execute(select(labeling_tasks).where(labeling_tasks.c.id == task_id)).first()
         if r is None:
-            raise NotFoundError(f"labeling task {task_id!r} not found")
+            raise NotFoundError(f"labeling task {_short(task_id)} not found")
+        if labeler_id is not None:
+            s = submissions
+            done = conn.execute(select(s.c.id).where(s.c.task_id == task_id, s.c.labeler_id == labeler_id,
+                                                     s.c.kind.in_(COMPARISON_KINDS))).first()
+            if done is not None:
+                raise ConflictError(f"labeler {_short(labeler_id)} already answered task {task_id}: one answer "
+                                    f"per labeler per task")
         return _task_row(r)
 
     @staticmethod
@@ -359,7 +373,14 @@ class FeedbackStore:
                     if found is not None:
                         return self._answer_existing(found, sha)
                     sid, now = uuid.uuid4().hex, utcnow()
-                    row, event, bus_key = prepare(conn, sid, now)
+                    try:
+                        row, event, bus_key = prepare(conn, sid, now)
+                    except ConflictError:
+                        # the answer prepare() found may be this very key, committed meanwhile
+                        found = self._existing(conn, key)
+                        if found is not None:
+                            return self._answer_existing(found, sha)
+                        raise
                     conn.execute(insert(submissions), dict(row, id=sid, idempotency_key=key, request_sha256=sha,
                                                            created_at=now))
                     conn.execute(insert(outbox), dict(topic=TOPIC, message_type=EVENT_TYPE,
@@ -368,6 +389,7 @@ class FeedbackStore:
                     return sid, False
             except IntegrityError:
                 # A concurrent submission with this key committed first (PostgreSQL): answer from it.
+                # (A concurrent other answer of the same labeler to the task: the retry's check says so.)
                 with transaction(self.engine) as conn:
                     found = self._existing(conn, key)
                 if found is not None:

@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import (JSON, BigInteger, CheckConstraint, DateTime, ForeignKey, Index, Integer, LargeBinary,
-                        MetaData, SmallInteger, String, Text)
+                        MetaData, SmallInteger, String, Text, text)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -106,6 +106,10 @@ class Submission(Base):
         CheckConstraint("kind IN ('ranking', 'best_of_k', 'demonstration')", name="kind"),
         Index("ix_submissions_created_at", "created_at"),
         Index("ix_submissions_task_id_labeler_id", "task_id", "labeler_id"),
+        # one answer (ranking or best-of-K choice) per labeler per task (migration 0002)
+        Index("uq_submissions_answer", "task_id", "labeler_id", unique=True,
+              postgresql_where=text("kind IN ('ranking', 'best_of_k')"),
+              sqlite_where=text("kind IN ('ranking', 'best_of_k')")),
     )
 
 

@@ -482,3 +482,19 @@ def test_json_logs_with_fields_and_exceptions(capsys):
     finally:
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
+
+
+def test_malformed_bytes_are_invalid_argument_and_huge_messages_are_cut():
+    async def main():
+        async with running() as srv:
+            async with grpc.aio.insecure_channel(srv.target) as ch:
+                raw = ch.unary_unary(f"/{REWARD_SERVICE}/Score", request_serializer=None, response_deserializer=None)
+                for garbage in (b"\xff\xff\xff\xff", b"\x0a\x05ab", b"\x08" + b"\xff" * 11):
+                    code, details = await code_of(raw(garbage))
+                    assert code == grpc.StatusCode.INVALID_ARGUMENT, (garbage, code, details)
+                    assert "malformed request: not a valid rlhf.reward.v1.ScoreRequest" in details
+                stub = reward_grpc.RewardServiceStub(ch)
+                code, details = await code_of(stub.Score(score_request("raise:DataError:" + "id" * 2_500_000)))
+                assert code == grpc.StatusCode.INVALID_ARGUMENT and len(details) < 2100 and "cut" in details
+            assert srv.count("Score", "INVALID_ARGUMENT") == 4
+    asyncio.run(main())

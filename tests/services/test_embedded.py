@@ -307,3 +307,20 @@ def test_start_job_lists_every_bad_value_and_starts_nothing(embedded):
             stub.StartJob(trainer_pb2.StartJobRequest(kind=trainer_pb2.JOB_KIND_PPO, overrides={"reference": "v2099-nope"}))
         assert e.value.code() == grpc.StatusCode.NOT_FOUND and "v2099-nope" in e.value.details()
         assert len(stub.ListJobs(trainer_pb2.ListJobsRequest()).jobs) == before
+
+
+def test_out_of_range_timestamps_and_nul_ids_are_invalid_argument(embedded):
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    with grpc.insecure_channel(embedded["addrs"]["feedback-store"]) as ch:
+        fb = feedback_grpc.FeedbackServiceStub(ch)
+        for call in (lambda: list(fb.ExportComparisons(feedback_pb2.ExportComparisonsRequest(
+                         since=Timestamp(seconds=10**15)))),
+                     lambda: fb.GetAgreement(feedback_pb2.GetAgreementRequest(since=Timestamp(seconds=-10**14))),
+                     lambda: fb.GetLabelingTask(feedback_pb2.GetLabelingTaskRequest(task_id="a\x00b"))):
+            with pytest.raises(grpc.RpcError) as e:
+                call()
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+        with pytest.raises(grpc.RpcError) as e:  # a huge unknown id is named, cut, not echoed
+            fb.GetLabelingTask(feedback_pb2.GetLabelingTaskRequest(task_id="t" * 150))
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND and "(150 characters)" in e.value.details()

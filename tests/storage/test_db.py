@@ -40,7 +40,7 @@ def test_migrated_schema_matches_metadata(db_url):
         migrate(engine)  # idempotent
         assert _diffs(engine) == []
         with engine.connect() as conn:
-            assert MigrationContext.configure(conn).get_current_revision() == _head() == "0001"
+            assert MigrationContext.configure(conn).get_current_revision() == _head() == "0002"
         names = set(inspect(engine).get_table_names())
         assert {"prompts", "labeling_tasks", "submissions", "outbox", "alembic_version"} <= names
     finally:

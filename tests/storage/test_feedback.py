@@ -173,6 +173,17 @@ def test_ranking_event_carries_the_full_comparison(store, task, engine):
     assert [*store.export_comparisons()] == [c]
 
 
+def test_one_answer_per_labeler_per_task(store, task, count):
+    store.submit_ranking("key-1", task.task_id, "alice", [[0], [1], [2], [3]])
+    for again in (lambda: store.submit_ranking("key-2", task.task_id, "alice", [[3], [2], [1], [0]]),
+                  lambda: store.submit_best_of_k("key-3", task.task_id, "alice", 1)):
+        with pytest.raises(ConflictError, match="alice' already answered task .*one answer per labeler per task"):
+            again()
+    assert count("submissions") == 1 and count("outbox") == 1
+    store.submit_ranking("key-4", task.task_id, "bob", [[3], [2], [1], [0]])  # another labeler may
+    assert count("submissions") == 2
+
+
 def test_best_of_k_and_demonstration_events(store, task, engine):
     sid1, _ = store.submit_best_of_k("b-1", task.task_id, "bob", 3)
     sid2, _ = store.submit_demonstration("d-1", "Write a haiku.", "p9", TEST, "carol", "Old pond...")
@@ -192,8 +203,8 @@ def test_idempotent_replay_stores_and_announces_once(store, task, count):
     assert store.submit_ranking("key-1", task.task_id, "alice", [[1, 0], [2], [3]]) == (sid, True)
     assert store.submit_ranking("key-1", task.task_id, "alice", [[0, 1], [2], [3]]) == (sid, True)  # ties: no order
     assert count("submissions") == 1 and count("outbox") == 1
-    bid, _ = store.submit_best_of_k("key-2", task.task_id, "alice", 2)
-    assert store.submit_best_of_k("key-2", task.task_id, "alice", 2) == (bid, True)
+    bid, _ = store.submit_best_of_k("key-2", task.task_id, "bob", 2)  # one answer per labeler per task
+    assert store.submit_best_of_k("key-2", task.task_id, "bob", 2) == (bid, True)
     did, _ = store.submit_demonstration("key-3", "q", "", 0, "alice", "r")
     assert store.submit_demonstration("key-3", "q", "", 0, "alice", "r") == (did, True)
     assert count("submissions") == 3 and count("outbox") == 3
