@@ -8,14 +8,15 @@ ranking with an idempotency key derived from (labeler, task), so a retry never s
 
 from __future__ import annotations
 
+import itertools
 import re
 import threading
-import time
 from typing import Sequence
 
 import grpc
 import numpy as np
-from rlhf_client import feedback_grpc, feedback_pb2
+from rlhf_client.channel import Credentials
+from rlhf_client.client import FeedbackClient
 
 from rlhf.labeler import SimulatedLabeler
 
@@ -37,40 +38,32 @@ class WordListJudge:
         return np.asarray(out, dtype=np.float64)
 
 
-def label_pending(stub: feedback_grpc.FeedbackServiceStub, labeler: SimulatedLabeler, labeler_id: str,
-                  max_tasks: int = 1000, timeout: float = 30.0) -> int:
+def label_pending(client: FeedbackClient, labeler: SimulatedLabeler, labeler_id: str,
+                  max_tasks: int = 1000) -> int:
     """Rank every task this labeler has not answered yet (up to ``max_tasks``); returns how many."""
     done = 0
-    token = ""
     while done < max_tasks:
-        page = stub.ListLabelingTasks(feedback_pb2.ListLabelingTasksRequest(
-            labeler_id=labeler_id, page_size=min(100, max_tasks - done), page_token=token), timeout=timeout)
-        if not page.tasks:
+        page = list(itertools.islice(client.pending_tasks(labeler_id, page_size=100), min(100, max_tasks - done)))
+        if not page:
             return done
-        orders = labeler.rank_many([t.prompt for t in page.tasks], [list(t.candidates) for t in page.tasks])
-        for task, order in zip(page.tasks, orders):
-            stub.SubmitRanking(feedback_pb2.SubmitRankingRequest(
-                idempotency_key=f"sim-{labeler_id}-{task.task_id}", task_id=task.task_id, labeler_id=labeler_id,
-                ranking=[feedback_pb2.RankGroup(indices=[i]) for i in order]), timeout=timeout)
+        orders = labeler.rank_many([t.prompt for t in page], [list(t.candidates) for t in page])
+        for task, order in zip(page, orders):
+            client.submit_ranking(task.task_id, [[i] for i in order], labeler_id,
+                                  idempotency_key=f"sim-{labeler_id}-{task.task_id}")
             done += 1
-        token = page.next_page_token
-        if not token:
-            token = ""  # answered tasks drop out of the listing: start over
+        # answered tasks drop out of the listing: ask again from the start
     return done
 
 
 def run_labeler(target: str, labeler: SimulatedLabeler, labeler_id: str, stop: threading.Event,
-                poll_seconds: float = 0.5, token: str = "") -> int:
+                poll_seconds: float = 0.5, token: str = "", timeout: float = 30.0) -> int:
     """Label until ``stop`` is set; returns the number of rankings submitted. ``token`` is the
     labeler's credential (the store takes the labeler id from it when authentication is on)."""
-    from rlhf.runtime.grpc_client import PeerCredentials, blocking_channel
-
     total = 0
-    with blocking_channel(target, creds=PeerCredentials(token=token)) as ch:
-        stub = feedback_grpc.FeedbackServiceStub(ch)
+    with FeedbackClient(target, Credentials(token=token), timeout) as client:
         while not stop.is_set():
             try:
-                n = label_pending(stub, labeler, labeler_id)
+                n = label_pending(client, labeler, labeler_id)
             except grpc.RpcError as e:
                 if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED):
                     raise

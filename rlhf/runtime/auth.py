@@ -177,7 +177,7 @@ def parse_credentials(data: Any, where: str) -> list[_Entry]:
     return out
 
 
-class Credentials:
+class CredentialsFile:
     """The callers of a credentials file, re-read when the file changes (at most once a second).
 
     A file that turns invalid keeps the last good callers (and logs why), so a bad edit does not
@@ -255,7 +255,7 @@ class Authenticator:
     whose common name the file maps.
     """
 
-    credentials: Credentials = field(default_factory=Credentials)
+    credentials: CredentialsFile = field(default_factory=CredentialsFile)
     allow_anonymous: bool = False
     resolvers: list[Callable[[str], Principal | None]] = field(default_factory=list)
 
@@ -335,7 +335,7 @@ def read_secret(path: str) -> str:
 def make_authenticator(settings, resolvers: Iterable[Callable[[str], Principal | None]] = ()) -> Authenticator:
     """The authenticator a service's settings describe (``credentials_file``, ``allow_anonymous``),
     with the service's own token resolvers after the file."""
-    creds = Credentials(settings.credentials_file or None)
+    creds = CredentialsFile(settings.credentials_file or None)
     return Authenticator(creds, allow_anonymous=settings.allow_anonymous, resolvers=list(resolvers))
 
 

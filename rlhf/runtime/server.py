@@ -73,6 +73,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from rlhf_client.channel import MAX_MESSAGE_BYTES
+
 from rlhf import errors
 from rlhf.metrics import ServiceMetrics
 from rlhf.runtime.auth import (ANYONE, AuthError, Authenticator, check_roles, make_authenticator, reset_caller,
@@ -82,7 +84,6 @@ from rlhf.runtime.threads import use_model_threads
 
 log = logging.getLogger("rlhf.runtime.server")
 
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 MAX_CONCURRENT_STREAMS = 1024  # per connection; the client queues calls beyond it
 _INT_MAX = 2**31 - 1
 

@@ -31,7 +31,7 @@ class PromptForwarder:
     def __init__(self, target: str, metrics, max_queue: int = 1000, batch: int = 64, timeout: float = 5.0,
                  creds=None):
         self.target = target
-        self.creds = creds  # the policy-server's own credentials (rlhf.runtime.grpc_client.PeerCredentials)
+        self.creds = creds  # the policy-server's own credentials (rlhf_client.channel.Credentials)
         self.metrics = metrics
         self.batch = batch
         self.timeout = timeout
@@ -53,7 +53,7 @@ class PromptForwarder:
                 self._count("dropped")
 
     async def start(self) -> None:
-        from rlhf.runtime.grpc_client import channel
+        from rlhf_client.channel import channel
 
         self._channel = channel(self.target, creds=self.creds)
         self._task = asyncio.create_task(self._run(), name="prompt-forwarder")

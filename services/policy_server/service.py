@@ -27,7 +27,7 @@ from rlhf.metrics import ServiceMetrics
 from rlhf.registry import ModelRegistry
 from rlhf.runtime.apikeys import ApiKeys
 from rlhf.runtime.bus import make_bus
-from rlhf.runtime.grpc_client import PeerCredentials
+from rlhf.runtime.grpc_client import peer_credentials
 from rlhf.runtime.http import EmbeddedHttpServer
 from rlhf.runtime.server import BaseServiceSettings
 from rlhf.inference.requests import RequestLimits, build_request
@@ -118,7 +118,7 @@ class PolicyServer(policy_grpc.PolicyServiceServicer):
         # gRPC callers: the credentials file, and the HTTP API's keys as product-team credentials
         self.auth = make_authenticator(s, [self._key_principal] if self.keys.enabled else [])
         self.forwarder = (PromptForwarder(s.prompt_collector_addr, metrics, s.optin_queue_size,
-                                          creds=PeerCredentials.from_settings(s))
+                                          creds=peer_credentials(s))
                           if s.prompt_collector_addr else None)
         self.http = HttpApi(self.backend, s, metrics, self.keys, self.forwarder)
         self.limits = RequestLimits(max_new_tokens=s.max_new_tokens_limit, max_n=s.max_n)

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import ClassVar, Callable
 
 import torch
-from rlhf_client import (common_pb2, feedback_grpc, feedback_pb2, models_pb2, policy_grpc, policy_pb2,
-                         prompts_grpc, prompts_pb2, reward_grpc, reward_pb2)
+from rlhf_client import common_pb2, feedback_pb2, models_pb2, policy_pb2
+from rlhf_client.client import FeedbackClient, PolicyClient, PromptClient, RewardClient
 
 from rlhf.storage.feedback import MAX_BATCH, MAX_K, MIN_K
 from rlhf.config import Range, count
@@ -31,7 +31,7 @@ from rlhf.errors import ConfigError, DataError, UnavailableError
 from rlhf.generation import Rollout, SamplingParams
 from rlhf.models import RewardModel, load_causal_lm, load_tokenizer, minilm_path
 from rlhf.registry import ModelRegistry
-from rlhf.runtime.grpc_client import PeerCredentials, blocking_channel
+from rlhf_client.channel import Credentials
 from rlhf.train import JobIO, PPOJob, RMJob, RolloutSource, SFTJob, Source, run_ppo, run_rm
 from services.common import ts
 from services.trainer.jobs import JobContext
@@ -82,12 +82,13 @@ class OnlineLoopConfig:
 
 @dataclass
 class Peers:
-    """Blocking stubs to the other services, and the publish hook."""
+    """The SDK's typed clients of the other services (deadline ``timeout`` on every call), and
+    the hooks into the trainer service."""
 
-    prompts: prompts_grpc.PromptCollectorServiceStub
-    policy: policy_grpc.PolicyServiceStub
-    reward: reward_grpc.RewardServiceStub
-    feedback: feedback_grpc.FeedbackServiceStub
+    prompts: PromptClient
+    policy: PolicyClient
+    reward: RewardClient
+    feedback: FeedbackClient
     registry: ModelRegistry
     publish_event: Callable[[models_pb2.ModelVersionPublishedEvent], None]
     observe_ppo_step: Callable[[dict], None]
@@ -100,19 +101,16 @@ class Peers:
 
     def count_stored_comparisons(self, task_ids: list[str]) -> int:
         """Comparisons the feedback-store holds for these labeling tasks."""
-        n = 0
-        for i in range(0, len(task_ids), EXPORT_TASK_IDS):
-            n += sum(1 for _ in self.feedback.ExportComparisons(feedback_pb2.ExportComparisonsRequest(
-                task_ids=task_ids[i : i + EXPORT_TASK_IDS]), timeout=self.timeout))
-        return n
+        return sum(sum(1 for _ in self.feedback.export_comparisons(task_ids=task_ids[i : i + EXPORT_TASK_IDS]))
+                   for i in range(0, len(task_ids), EXPORT_TASK_IDS))
 
     @classmethod
-    def connect(cls, addrs: dict[str, str], creds: PeerCredentials | None = None, **kw) -> "Peers":
-        ch = {k: blocking_channel(v, creds=creds) for k, v in addrs.items()}
-        return cls(prompts=prompts_grpc.PromptCollectorServiceStub(ch["prompt-collector"]),
-                   policy=policy_grpc.PolicyServiceStub(ch["policy-server"]),
-                   reward=reward_grpc.RewardServiceStub(ch["reward-scorer"]),
-                   feedback=feedback_grpc.FeedbackServiceStub(ch["feedback-store"]), **kw)
+    def connect(cls, addrs: dict[str, str], creds: Credentials | None = None, timeout: float = 300.0,
+                **kw) -> "Peers":
+        return cls(prompts=PromptClient(addrs["prompt-collector"], creds, timeout),
+                   policy=PolicyClient(addrs["policy-server"], creds, timeout),
+                   reward=RewardClient(addrs["reward-scorer"], creds, timeout),
+                   feedback=FeedbackClient(addrs["feedback-store"], creds, timeout), timeout=timeout, **kw)
 
 
 def _to_comparison(c: feedback_pb2.Comparison) -> Comparison:
@@ -122,9 +120,10 @@ def _to_comparison(c: feedback_pb2.Comparison) -> Comparison:
                       ranking=tuple(tuple(g.indices) for g in c.ranking))
 
 
-def _sampling_proto(sp: SamplingParams) -> policy_pb2.SamplingParams:
-    return policy_pb2.SamplingParams(temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k,
-                                     max_new_tokens=sp.max_new_tokens, min_new_tokens=sp.min_new_tokens)
+def _sampling(sp: SamplingParams) -> dict:
+    """A PPO job's sampling settings as the policy-server's SamplingParams fields."""
+    return dict(temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k, max_new_tokens=sp.max_new_tokens,
+                min_new_tokens=sp.min_new_tokens)
 
 
 def rollout_from_response(resp: policy_pb2.GenerateResponse, pad_id: int, eos_id: int) -> Rollout:
@@ -164,9 +163,7 @@ class ServerRollouts(RolloutSource):
     def _fetch(self, step: int) -> tuple[list[str], policy_pb2.GenerateResponse]:
         prompts = self.prompts_for_step(step)
         peers = self.io.peers
-        return prompts, peers.policy.Generate(policy_pb2.GenerateRequest(
-            prompts=prompts, n=1, sampling=_sampling_proto(self.job.ppo.sampling), return_logprobs=True),
-            timeout=peers.timeout)
+        return prompts, peers.policy.generate(prompts, return_logprobs=True, **_sampling(self.job.ppo.sampling))
 
     def next(self, step: int) -> tuple[list[str], Rollout, dict]:
         t0 = time.perf_counter()
@@ -243,16 +240,12 @@ class ServiceIO(JobIO):
     # inputs
     def demonstrations(self, job: SFTJob) -> tuple[list[Demonstration], list[Demonstration]]:
         self.event("exporting demonstrations from the feedback-store", 0.02)
-        demos = [m.demonstration for m in self.peers.feedback.ExportDemonstrations(
-            feedback_pb2.ExportDemonstrationsRequest(), timeout=self.peers.timeout)]
+        demos = list(self.peers.feedback.export_demonstrations())
         return [Demonstration(d.prompt, d.response) for d in demos], []
 
     def comparisons(self, job: RMJob) -> tuple[list[Comparison], list[Comparison]]:
         self.event("exporting comparisons from the feedback-store", 0.02)
-        req = feedback_pb2.ExportComparisonsRequest()
-        if job.since_unix > 0:
-            req.since.CopyFrom(ts(job.since_unix))
-        exported = [m.comparison for m in self.peers.feedback.ExportComparisons(req, timeout=self.peers.timeout)]
+        exported = list(self.peers.feedback.export_comparisons(**({"since": ts(job.since_unix)} if job.since_unix > 0 else {})))
         train = [_to_comparison(c) for c in exported if c.split != common_pb2.SPLIT_TEST]
         held = [_to_comparison(c) for c in exported if c.split == common_pb2.SPLIT_TEST]
         return train, held
@@ -289,21 +282,13 @@ class ServiceIO(JobIO):
         return RewardModel.from_causal_lm(load_causal_lm(path), load_tokenizer(path), job.rm.seed), ""
 
     def prompts(self, job: PPOJob) -> list[str]:
-        out, token = [], ""
-        while True:
-            r = self.peers.prompts.ListPrompts(prompts_pb2.ListPromptsRequest(
-                split=common_pb2.SPLIT_TRAIN, page_size=1000, page_token=token), timeout=self.peers.timeout)
-            out += [p.text for p in r.prompts]
-            token = r.next_page_token
-            if not token:
-                return out
+        return [p.text for p in self.peers.prompts.list(split=common_pb2.SPLIT_TRAIN)]
 
     def reward_fn(self, job: PPOJob):
         last = {"v": ""}
 
         def score(prompts: list[str], responses: list[str]) -> torch.Tensor:
-            r = self.peers.reward.Score(reward_pb2.ScoreRequest(items=[
-                reward_pb2.ScoreItem(prompt=p, response=s) for p, s in zip(prompts, responses)]), timeout=self.peers.timeout)
+            r = self.peers.reward.score(zip(prompts, responses))
             last["v"] = r.reward_model_version
             return torch.tensor(list(r.scores), dtype=torch.float32)
 
@@ -355,20 +340,16 @@ def run_online_loop(ctx: JobContext, peers: Peers, cfg: OnlineLoopConfig) -> dic
         base = it / cfg.iterations
         span = 1.0 / cfg.iterations
         ctx.event(f"iteration {it + 1}: sampling {cfg.prompts_per_iteration} prompts", base)
-        sampled = peers.prompts.SamplePrompts(prompts_pb2.SamplePromptsRequest(
-            split=common_pb2.SPLIT_TRAIN, count=cfg.prompts_per_iteration, seed=int(time.time())),
-            timeout=peers.timeout).prompts
+        sampled = peers.prompts.sample(cfg.prompts_per_iteration, split=common_pb2.SPLIT_TRAIN, seed=int(time.time()))
         if not sampled:
             raise DataError("the prompt-collector holds no train prompts")
-        gen = peers.policy.Generate(policy_pb2.GenerateRequest(
-            prompts=[p.text for p in sampled], n=cfg.k,
-            sampling=policy_pb2.SamplingParams(max_new_tokens=cfg.candidate_max_new_tokens,
-                                               min_new_tokens=cfg.candidate_min_new_tokens)), timeout=peers.timeout)
-        tasks = peers.feedback.CreateLabelingTasks(feedback_pb2.CreateLabelingTasksRequest(tasks=[
+        gen = peers.policy.generate([p.text for p in sampled], n=cfg.k, max_new_tokens=cfg.candidate_max_new_tokens,
+                                    min_new_tokens=cfg.candidate_min_new_tokens)
+        tasks = peers.feedback.create_tasks([
             feedback_pb2.LabelingTaskInput(prompt=p.text, prompt_id=p.prompt_id, split=p.split,
                                            candidates=[_printable(c.text) for c in r.completions],
                                            policy_version=gen.policy_version)
-            for p, r in zip(sampled, gen.results)]), timeout=peers.timeout).tasks
+            for p, r in zip(sampled, gen.results)])
         ctx.event(f"iteration {it + 1}: {len(tasks)} labeling tasks from policy {gen.policy_version}; "
                   f"waiting for {cfg.comparisons_needed} comparisons", base + 0.1 * span)
         # only comparisons of this iteration's tasks count: announced on rlhf.feedback.v1, confirmed

@@ -17,7 +17,7 @@ from rlhf.errors import ConfigError, DataError, UnavailableError
 from rlhf.metrics import ServiceMetrics
 from rlhf.registry import ModelRegistry
 from rlhf.runtime.bus import make_bus
-from rlhf.runtime.grpc_client import PeerCredentials
+from rlhf.runtime.grpc_client import peer_credentials
 from rlhf.runtime.server import BaseServiceSettings
 from rlhf.train import PPOJob, RMJob, SFTJob
 from services.common import KIND_NAMES, group_id, ts
@@ -96,7 +96,7 @@ class Trainer(trainer_grpc.TrainerServiceServicer):
             registry=self.registry, publish_event=self._publish_blocking,
             observe_ppo_step=self.metrics.observe_ppo_step, wait_comparisons=self._wait_comparisons,
             wait_served=self._wait_served,
-            device=self.s.device, timeout=self.s.rpc_timeout_seconds, creds=PeerCredentials.from_settings(self.s))
+            device=self.s.device, timeout=self.s.rpc_timeout_seconds, creds=peer_credentials(self.s))
 
     async def stop(self) -> None:
         if self.jobs is not None:

@@ -15,9 +15,9 @@ from rlhf_client import reward_grpc
 from rlhf.errors import ConfigError
 from rlhf.metrics import ServiceMetrics
 from rlhf.runtime import auth
-from rlhf.runtime.auth import (ANONYMOUS, AuthError, Authenticator, Credentials, Principal, labeler_of,
+from rlhf.runtime.auth import (ANONYMOUS, AuthError, Authenticator, CredentialsFile, Principal, labeler_of,
                                parse_credentials, token_sha256)
-from rlhf.runtime.grpc_client import PeerCredentials, channel
+from rlhf_client.channel import Credentials, channel
 from rlhf.runtime.server import BaseServiceSettings, check_rpc_roles, serve
 from services import SERVICES
 from tests.runtime.echo_service import EchoService
@@ -56,7 +56,7 @@ def test_tokens_map_to_principals_and_rotate_without_a_restart(tmp_path, monkeyp
     old, new = "old-token-" + LONG, "new-token-" + LONG
     f = _file(tmp_path, [{"name": "search", "roles": ["product"], "token_sha256": token_sha256(old)},
                          {"name": "alice", "roles": ["labeler"], "token": "alice-" + LONG}])
-    a = Authenticator(Credentials(f))
+    a = Authenticator(CredentialsFile(f))
     p = a.authenticate([("authorization", f"Bearer {old}")])
     assert (p.name, p.team, p.roles) == ("search", "search", frozenset({"product"}))
     assert a.authenticate({"authorization": "Bearer alice-" + LONG}).labeler_id == "alice"
@@ -77,8 +77,8 @@ def test_tokens_map_to_principals_and_rotate_without_a_restart(tmp_path, monkeyp
 
 def test_nothing_configured_refuses_to_start_unless_anonymous_is_asked_for():
     with pytest.raises(ConfigError, match="allow_anonymous"):
-        Authenticator(Credentials())
-    a = Authenticator(Credentials(), allow_anonymous=True)
+        Authenticator(CredentialsFile())
+    a = Authenticator(CredentialsFile(), allow_anonymous=True)
     assert a.authenticate([("authorization", "Bearer whatever-" + LONG)]) is ANONYMOUS  # off: all trusted
 
 
@@ -127,7 +127,7 @@ def test_roles_per_rpc_through_the_interceptor(tmp_path):
         try:
             for token, code in (("eng-" + LONG, grpc.StatusCode.OK), ("team-" + LONG, grpc.StatusCode.PERMISSION_DENIED),
                                 ("", grpc.StatusCode.UNAUTHENTICATED)):
-                async with channel(target, creds=PeerCredentials(token=token)) as ch:
+                async with channel(target, creds=Credentials(token=token)) as ch:
                     try:
                         await reward_grpc.RewardServiceStub(ch).Score(score_request("a"))
                         got, details = grpc.StatusCode.OK, ""
@@ -179,9 +179,9 @@ def test_tls_with_a_token_and_mutual_tls_with_a_client_certificate(pki, tmp_path
         port, stop, task = await _serve(TrainerOnly(), tls)
         target = f"127.0.0.1:{port}"
         try:
-            assert await call(target, PeerCredentials(token="eng-" + LONG, ca=ca)) == grpc.StatusCode.OK
-            assert await call(target, PeerCredentials(ca=ca)) == grpc.StatusCode.UNAUTHENTICATED
-            assert await call(target, PeerCredentials(token="eng-" + LONG)) == grpc.StatusCode.UNAVAILABLE  # plaintext
+            assert await call(target, Credentials(token="eng-" + LONG, ca=ca)) == grpc.StatusCode.OK
+            assert await call(target, Credentials(ca=ca)) == grpc.StatusCode.UNAUTHENTICATED
+            assert await call(target, Credentials(token="eng-" + LONG)) == grpc.StatusCode.UNAVAILABLE  # plaintext
         finally:
             stop.set()
             await asyncio.wait_for(task, 30)
@@ -189,8 +189,8 @@ def test_tls_with_a_token_and_mutual_tls_with_a_client_certificate(pki, tmp_path
         target = f"127.0.0.1:{port}"
         try:
             # the client certificate alone names the caller; without one the handshake fails
-            assert await call(target, PeerCredentials(ca=ca, cert=cert, key=key)) == grpc.StatusCode.OK
-            assert await call(target, PeerCredentials(token="eng-" + LONG, ca=ca)) == grpc.StatusCode.UNAVAILABLE
+            assert await call(target, Credentials(ca=ca, cert=cert, key=key)) == grpc.StatusCode.OK
+            assert await call(target, Credentials(token="eng-" + LONG, ca=ca)) == grpc.StatusCode.UNAVAILABLE
         finally:
             stop.set()
             await asyncio.wait_for(task, 30)

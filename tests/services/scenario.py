@@ -7,7 +7,6 @@ integration test (five OS processes, Kafka, PostgreSQL).
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import dataclass, field
 
 import grpc
@@ -15,7 +14,7 @@ from rlhf_client import (feedback_grpc, feedback_pb2, policy_grpc, policy_pb2, p
                          trainer_grpc, trainer_pb2)
 
 from rlhf.label_client import WordListJudge, run_labeler
-from rlhf.runtime.grpc_client import PeerCredentials, blocking_channel
+from rlhf_client.channel import Credentials, blocking_channel
 from rlhf.labeler import SimulatedLabeler
 from tests.services.helpers import PROMPTS
 
@@ -37,7 +36,7 @@ class LoopRun:
 
 def channel(target: str, token: str = "") -> grpc.Channel:
     """A channel that presents ``token`` (none: anonymous, for services without authentication)."""
-    return blocking_channel(target, creds=PeerCredentials(token=token))
+    return blocking_channel(target, creds=Credentials(token=token))
 
 
 def submit_prompts(target: str, token: str = "") -> list[str]:

@@ -451,8 +451,10 @@ def test_a_reload_under_load_drops_nothing(srv, registry):
         t.join(60)
     assert not errors, errors[:3]
     assert version(srv) == new and {old, new} <= set(seen)
+    # gRPC takes the same API keys as HTTP (a product team's credential)
     with grpc.insecure_channel(srv.grpc_target) as ch:
-        r = policy_grpc.PolicyServiceStub(ch).Generate(policy_pb2.GenerateRequest(prompts=["the film"]))
+        r = policy_grpc.PolicyServiceStub(ch).Generate(policy_pb2.GenerateRequest(prompts=["the film"]),
+                                                       metadata=[("authorization", f"Bearer {KEY}")])
     assert r.policy_version == new
 
 

@@ -17,7 +17,6 @@ from safetensors.torch import load_file
 
 from rlhf.config import apply_overrides, from_dict
 from rlhf.data import write_jsonl
-from rlhf.registry import ModelRegistry
 from rlhf.train import JOBS, run_local
 from tests.services.helpers import PROMPTS, tiny_policy_registry, up_on_free_ports
 

@@ -276,11 +276,12 @@ def test_concurrent_conflicting_submissions(store, task, count):
 
 def test_export_filters(store, count, monkeypatch):
     monkeypatch.setattr(feedback_mod, "_EXPORT_CHUNK", 3)  # several chunks
-    t_train, t_test = store.create_tasks([task_in(split=TRAIN), task_in(k=3, split=TEST)])
+    trains = store.create_tasks([task_in(split=TRAIN) for _ in range(4)])  # one answer per labeler per task
+    tests = store.create_tasks([task_in(k=3, split=TEST) for _ in range(4)])
     order = []
     for i in range(4):
-        order.append(store.submit_ranking(f"r{i}", t_train.task_id, f"lab{i % 2}", [[0], [1], [2], [3]])[0])
-        order.append(store.submit_best_of_k(f"b{i}", t_test.task_id, f"lab{i % 2}", i % 3)[0])
+        order.append(store.submit_ranking(f"r{i}", trains[i].task_id, f"lab{i % 2}", [[0], [1], [2], [3]])[0])
+        order.append(store.submit_best_of_k(f"b{i}", tests[i].task_id, f"lab{i % 2}", i % 3)[0])
     demos = [store.submit_demonstration(f"d{i}", f"q{i}", "", [TRAIN, TEST][i % 2], f"lab{i % 2}", "r")[0]
              for i in range(7)]
     everything = list(store.export_comparisons())
@@ -334,7 +335,6 @@ def test_agreement_over_the_store(store):
     t1 = store.create_tasks([task_in(k=3)])[0].task_id
     t2 = store.create_tasks([task_in(k=3)])[0].task_id
     t3 = store.create_tasks([task_in(k=2)])[0].task_id
-    store.submit_ranking("a-old", t1, "A", [[2], [1], [0]])  # superseded by A's later ranking
     store.submit_ranking("a-1", t1, "A", [[0], [1], [2]])
     store.submit_ranking("b-1", t1, "B", [[1], [0], [2]])  # vs A: 2 of 3 pairs agree
     store.submit_ranking("a-2", t2, "A", [[0], [1], [2]])  # one labeler only: not counted
@@ -344,7 +344,7 @@ def test_agreement_over_the_store(store):
     store.submit_ranking("c-3", t3, "C", [[1], [0]])  # AB agree, AC and BC disagree: 1 of 3
     assert store.agreement() == (pytest.approx(3 / 6), 2, 6)
     assert store.agreement(since=datetime.now(timezone.utc) + timedelta(hours=1)) == (0.0, 0, 0)
-    # since leaves out A's ranking of t1 (both of them): t1 no longer has two labelers
+    # since leaves out A's ranking of t1: t1 no longer has two labelers
     b1_time = next(c.create_time for c in store.export_comparisons() if c.labeler_id == "B" and c.task_id == t1)
     assert store.agreement(since=b1_time.ToDatetime(tzinfo=timezone.utc)) == (pytest.approx(1 / 3), 1, 3)
 
