@@ -43,6 +43,9 @@ PPO_OPTIONAL_METRICS: dict[str, tuple[str, str, str]] = {
 }
 # a step's time_<phase>_seconds keys (generate, reward, update, ...) -> rlhf_ppo_phase_duration_seconds{phase}
 PHASE_PREFIX, PHASE_SUFFIX = "time_", "_seconds"
+# the phases of rlhf.algos.ppo and of the trainer service's steps, exported from the start (at 0),
+# so that rate() sees the first steps' increase
+PPO_PHASES = ("prompts", "generate", "reference_and_value", "reward", "update", "publish")
 
 
 def ppo_metric_values(step: dict) -> dict[str, float]:
@@ -142,6 +145,8 @@ class ServiceMetrics:
         self.ppo_phase_duration_seconds = Histogram(
             "rlhf_ppo_phase_duration_seconds", "wall time of one phase of a PPO step (generate, reward, update, ...)",
             ["phase"], buckets=STEP_BUCKETS, registry=r)
+        for phase in PPO_PHASES:
+            self.ppo_phase_duration_seconds.labels(phase)
         self.ppo_start_response_length_tokens = Gauge(
             "rlhf_ppo_start_response_length_tokens",
             "mean response length of the run's first rollouts (the reference policy's, when the run starts from it)",

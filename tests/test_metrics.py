@@ -18,6 +18,8 @@ def value(m: ServiceMetrics, name: str, **labels) -> float | None:
 
 def test_ppo_step_phases_target_staleness_and_first_length():
     m = ServiceMetrics("trainer")
+    # every known phase exists before the first step, so that rate() sees the first steps' increase
+    assert value(m, "rlhf_ppo_phase_duration_seconds_count", phase="update") == 0.0
     step = {"step": 1, "kl": 3.0, "kl_target": 6.0, "rollout_staleness_versions": 1, "response_length_tokens": 20.0,
             "time_generate_seconds": 0.4, "time_update_seconds": 1.5, "reward_std": 0.7}
     m.observe_ppo_step(step)
