@@ -62,14 +62,16 @@ class Helm:
             raise AssertionError(f"helm {' '.join(args)} failed ({r.returncode}):\n{r.stderr}\n{r.stdout[-2000:]}")
         return r
 
-    def template(self, *values: Path | str, sets: tuple[str, ...] = (), release: str = "rlhf",
-                 namespace: str = "rlhf") -> list[dict]:
+    def template(self, *values: Path | str, sets: tuple[str, ...] = (), set_strings: tuple[str, ...] = (),
+                 release: str = "rlhf", namespace: str = "rlhf") -> list[dict]:
         """Every manifest `helm template` renders (hooks included), as dicts."""
         args = ["template", release, str(CHART), "--namespace", namespace, "--kube-version", "v1.37.2"]
         for v in values:
             args += ["-f", str(v)]
         for s in sets:
             args += ["--set", s]
+        for s in set_strings:
+            args += ["--set-string", s]
         return [d for d in yaml.safe_load_all(self.run(*args).stdout) if d]
 
 
