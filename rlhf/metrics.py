@@ -45,7 +45,7 @@ PPO_OPTIONAL_METRICS: dict[str, tuple[str, str, str]] = {
 PHASE_PREFIX, PHASE_SUFFIX = "time_", "_seconds"
 # the phases of rlhf.algos.ppo and of the trainer service's steps, exported from the start (at 0),
 # so that rate() sees the first steps' increase
-PPO_PHASES = ("prompts", "generate", "reference_and_value", "reward", "update", "publish")
+PPO_PHASES = ("generate", "reference_and_value", "reward", "update", "publish")
 
 
 def ppo_metric_values(step: dict) -> dict[str, float]:

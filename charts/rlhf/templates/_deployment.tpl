@@ -139,6 +139,8 @@ spec:
             {{- end }}
             {{- if $auth.credentials.existingSecret }}
             - {name: {{ $p }}CREDENTIALS_FILE, value: "/etc/rlhf/credentials/{{ $auth.credentials.key }}"}
+            {{- else if $auth.allowAnonymous }}
+            - {name: {{ $p }}ALLOW_ANONYMOUS, value: "true"}
             {{- end }}
             {{- if $auth.peerToken.existingSecret }}
             - {name: {{ $p }}PEER_TOKEN_FILE, value: "/etc/rlhf/peer-token/{{ $auth.peerToken.key }}"}
@@ -149,6 +151,8 @@ spec:
             - {name: {{ $p }}PEER_TLS_CA_FILE, value: /etc/rlhf/tls/ca.crt}
             {{- if $.Values.tls.clientAuth }}
             - {name: {{ $p }}TLS_CLIENT_CA_FILE, value: /etc/rlhf/tls/ca.crt}
+            - {name: {{ $p }}PEER_TLS_CERT_FILE, value: /etc/rlhf/tls/tls.crt}
+            - {name: {{ $p }}PEER_TLS_KEY_FILE, value: /etc/rlhf/tls/tls.key}
             {{- end }}
             {{- end }}
             {{- range $field, $value := $v.settings }}

@@ -186,6 +186,12 @@ The values' types are checked by values.schema.json before this runs.
 {{- if and (not .Values.database.inCluster.enabled) (not .Values.database.existingSecret) (hasPrefix "sqlite" .Values.database.url) -}}
 {{- $msgs = append $msgs "database.url must name a PostgreSQL server: a SQLite file cannot be shared by replicas on different nodes" -}}
 {{- end -}}
+{{- if and (not .Values.auth.allowAnonymous) (not .Values.auth.credentials.existingSecret) -}}
+{{- $msgs = append $msgs "auth.credentials.existingSecret is required: the Secret with the callers file (tokens or certificate names -> roles, docs/security.md) without which every service refuses to start; or auth.allowAnonymous=true to let anyone call with every role (trials only)" -}}
+{{- end -}}
+{{- if and .Values.auth.credentials.existingSecret (not .Values.auth.peerToken.existingSecret) (not .Values.tls.clientAuth) -}}
+{{- $msgs = append $msgs "auth.peerToken.existingSecret is required with auth.credentials: the token the trainer and the policy-server present to the other services (a `service` caller of the callers file); or tls.clientAuth=true, where they present their certificates" -}}
+{{- end -}}
 {{- if and .Values.tls.enabled (not .Values.tls.existingSecret) -}}
 {{- $msgs = append $msgs "tls.enabled=true needs tls.existingSecret: a Secret of type kubernetes.io/tls with tls.crt, tls.key and ca.crt" -}}
 {{- end -}}
