@@ -5,6 +5,7 @@
     rlhf eval rm --model DIR --data comparisons.jsonl
     rlhf eval winrate --a samples_a.jsonl --b samples_b.jsonl [--judge gold|DIR]
     rlhf init-model --out DIR --texts FILE.jsonl [--set n_layer=4 ...]
+    rlhf migrate [--database-url URL]     (or RLHF_DATABASE_URL: the services' database schema)
 
 Installed packages add commands through the ``rlhf.commands`` entry-point group: a function that
 takes the sub-parsers and adds its own. The platform's services add ``serve``, ``up`` and
@@ -152,6 +153,23 @@ def cmd_init_model(args) -> int:
     return 0
 
 
+def cmd_migrate(args) -> int:
+    import os
+
+    from rlhf.storage.db import make_engine, migrate
+
+    url = args.database_url or os.environ.get("RLHF_DATABASE_URL")
+    if not url:
+        raise RLHFError("no database: pass --database-url or set RLHF_DATABASE_URL")
+    engine = make_engine(url)
+    try:
+        migrate(engine)
+    finally:
+        engine.dispose()
+    print(f"database schema is current ({engine.url.render_as_string(hide_password=True)})", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rlhf", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -187,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--seed", type=int, default=0)
     i.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="TinyLMConfig field, e.g. n_layer=2")
     i.set_defaults(func=cmd_init_model)
+
+    mg = sub.add_parser("migrate", help="bring a database's schema to the newest migration (idempotent; the Helm chart's Job)")
+    mg.add_argument("--database-url", help="SQLAlchemy URL; default: $RLHF_DATABASE_URL")
+    mg.set_defaults(func=cmd_migrate)
 
     for ext in entry_points(group=COMMANDS_GROUP):  # e.g. the services' serve, up and demo-loop
         ext.load()(sub)

@@ -10,6 +10,11 @@ registry per service process, and per test).
 
 from __future__ import annotations
 
+import math
+import threading
+import time
+from typing import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 # short key in a PPO step's metrics -> (Prometheus name, kind, help)
@@ -17,6 +22,7 @@ PPO_METRICS: dict[str, tuple[str, str, str]] = {
     "kl": ("rlhf_ppo_kl", "gauge", "KL(pi || rho) in nats per sequence, batch mean"),
     "kl_coef": ("rlhf_ppo_kl_coef", "gauge", "KL penalty coefficient beta used in the step"),
     "reward": ("rlhf_ppo_reward", "gauge", "mean reward-model score of the step's rollouts"),
+    "reward_std": ("rlhf_ppo_reward_std", "gauge", "standard deviation of the reward-model scores of the step's rollouts"),
     "policy_loss": ("rlhf_ppo_policy_loss", "gauge", "clipped surrogate policy loss"),
     "value_loss": ("rlhf_ppo_value_loss", "gauge", "clipped value loss"),
     "clipfrac_ratio": ("rlhf_ppo_clipfrac_ratio", "gauge", "share of tokens whose probability ratio was clipped"),
@@ -26,6 +32,20 @@ PPO_METRICS: dict[str, tuple[str, str, str]] = {
     "tokens_total": ("rlhf_ppo_tokens_total", "counter", "response tokens trained on"),
     "step_duration_seconds": ("rlhf_ppo_step_duration_seconds", "histogram", "wall time of one PPO step"),
 }
+
+
+# keys only some steps carry: kl_target with the adaptive KL controller; the staleness when the
+# trainer service samples the rollouts from the policy-server
+PPO_OPTIONAL_METRICS: dict[str, tuple[str, str, str]] = {
+    "kl_target": ("rlhf_ppo_kl_target", "gauge", "the adaptive KL controller's target, nats per sequence"),
+    "rollout_staleness_versions": ("rlhf_ppo_rollout_staleness_versions", "gauge",
+                                   "policy versions between the one that sampled the step's rollouts and the trained one"),
+}
+# a step's time_<phase>_seconds keys (generate, reward, update, ...) -> rlhf_ppo_phase_duration_seconds{phase}
+PHASE_PREFIX, PHASE_SUFFIX = "time_", "_seconds"
+# the phases of rlhf.algos.ppo and of the trainer service's steps, exported from the start (at 0),
+# so that rate() sees the first steps' increase
+PPO_PHASES = ("generate", "reference_and_value", "reward", "update", "publish")
 
 
 def ppo_metric_values(step: dict) -> dict[str, float]:
@@ -41,7 +61,7 @@ STEP_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 class ServiceMetrics:
     """Every service-side metric, registered on ``registry``."""
 
-    def __init__(self, service: str, registry: CollectorRegistry | None = None, version: str = "0.1.0"):
+    def __init__(self, service: str, registry: CollectorRegistry | None = None, version: str = "0.1.0"):  # noqa: C901
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.service = service
@@ -77,6 +97,21 @@ class ServiceMetrics:
         self.model_version_info = Gauge(
             "rlhf_model_version_loaded_timestamp_seconds", "when the served model version was loaded",
             ["kind"], registry=r)
+        self.model_version_served = Info(
+            "rlhf_model_version", "the model version a service serves (label version; one series per kind)",
+            ["kind"], registry=r)
+        # storage (prompt-collector, feedback-store)
+        self.outbox_backlog_messages = Gauge(
+            "rlhf_outbox_backlog_messages", "outbox rows stored and not yet published, by topic", ["topic"], registry=r)
+        self.db_errors_total = Counter(
+            "rlhf_db_errors_total", "database statements and connections that failed (constraint violations excluded)",
+            registry=r)
+        self.feedback_open_tasks = Gauge(
+            "rlhf_feedback_open_tasks", "labeling tasks without any ranking or best-of-K choice yet", registry=r)
+        self.feedback_labeler_agreement_ratio = Gauge(
+            "rlhf_feedback_labeler_agreement_ratio",
+            "share of candidate pairs two labelers order alike, over the rankings of the last 24 hours (NaN: no pairs)",
+            registry=r)
         # policy-server inference API (HTTP beside gRPC) and its engine
         self.http_requests_total = Counter(
             "rlhf_http_requests_total", "HTTP requests answered, by route and status code",
@@ -105,6 +140,17 @@ class ServiceMetrics:
                 self.ppo[key] = Counter(name, help_, registry=r)
             else:
                 self.ppo[key] = Histogram(name, help_, buckets=STEP_BUCKETS, registry=r)
+        for key, (name, _, help_) in PPO_OPTIONAL_METRICS.items():
+            self.ppo[key] = Gauge(name, help_, registry=r)
+        self.ppo_phase_duration_seconds = Histogram(
+            "rlhf_ppo_phase_duration_seconds", "wall time of one phase of a PPO step (generate, reward, update, ...)",
+            ["phase"], buckets=STEP_BUCKETS, registry=r)
+        for phase in PPO_PHASES:
+            self.ppo_phase_duration_seconds.labels(phase)
+        self.ppo_start_response_length_tokens = Gauge(
+            "rlhf_ppo_start_response_length_tokens",
+            "mean response length of the run's first rollouts (the reference policy's, when the run starts from it)",
+            registry=r)
         self._ppo_counted = {"samples_total": 0.0, "tokens_total": 0.0}
 
     def observe_ppo_step(self, step: dict) -> None:
@@ -123,3 +169,47 @@ class ServiceMetrics:
                 self._ppo_counted[key] = v
             else:
                 m.observe(v)
+        for key in PPO_OPTIONAL_METRICS:
+            if key in step:
+                self.ppo[key].set(float(step[key]))
+        for key, v in step.items():
+            if key.startswith(PHASE_PREFIX) and key.endswith(PHASE_SUFFIX):
+                self.ppo_phase_duration_seconds.labels(key[len(PHASE_PREFIX):-len(PHASE_SUFFIX)]).observe(float(v))
+        if step.get("step") == 1 and "response_length_tokens" in step:
+            self.ppo_start_response_length_tokens.set(float(step["response_length_tokens"]))
+
+    def model_loaded(self, kind: str, version: str) -> None:
+        """A service started serving ``version`` of ``kind`` (policy, reward)."""
+        self.model_version_info.labels(kind).set(time.time())
+        self.model_version_served.labels(kind).info({"version": version})
+
+    def observe_database(self, engine) -> None:
+        """Count the failures of ``engine`` (a SQLAlchemy Engine) in rlhf_db_errors_total."""
+        from sqlalchemy import event, exc
+
+        def on_error(ctx) -> None:
+            if not isinstance(ctx.sqlalchemy_exception, exc.IntegrityError):  # an answer, not a failure
+                self.db_errors_total.inc()
+
+        event.listen(engine, "handle_error", on_error)
+
+
+def set_at_scrape(gauge, read: Callable[[], float], max_age_s: float = 10.0) -> None:
+    """Let ``gauge`` (a Gauge or a labelled child) read its value with ``read()`` when scraped,
+    at most once per ``max_age_s`` (the value in between is the last one read). A ``read`` that
+    raises gives NaN: a scrape never fails because, say, the database is down."""
+    lock = threading.Lock()
+    last = [-math.inf, math.nan]
+
+    def value() -> float:
+        with lock:
+            now = time.monotonic()
+            if now - last[0] >= max_age_s:
+                try:
+                    last[1] = float(read())
+                except Exception:  # noqa: BLE001 - reported as NaN (and by rlhf_db_errors_total)
+                    last[1] = math.nan
+                last[0] = now
+            return last[1]
+
+    gauge.set_function(value)

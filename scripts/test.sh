@@ -4,20 +4,35 @@
 #
 # The integration tests need a Kafka broker and PostgreSQL: scripts/infra.sh starts both under
 # .cache/infra/ and they are stopped again on exit, unless they were already running before
-# (then they are left for whoever started them). RLHF_TEST_INFRA=none starts nothing; the
-# integration tests are then skipped unless RLHF_TEST_KAFKA_BOOTSTRAP / RLHF_TEST_DATABASE_URL
-# point at servers of your own.
+# (then they are left for whoever started them). The deployment tests need Prometheus
+# (scripts/prometheus.sh installs Debian's package) and helm with a Kubernetes control plane
+# (scripts/k8s.sh builds them once, then starts the cluster under .cache/k8s/ and stops it on exit
+# in the same way). RLHF_TEST_INFRA=none starts nothing; the integration tests are then skipped
+# unless RLHF_TEST_KAFKA_BOOTSTRAP / RLHF_TEST_DATABASE_URL point at servers of your own, and the
+# deployment tests unless the programs are already built and installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 
+stop_on_exit=()  # the scripts whose servers this run started: stopped again on exit
+trap 'for s in "${stop_on_exit[@]}"; do scripts/$s stop || true; done' EXIT
 if [ "${RLHF_TEST_INFRA:-}" != "none" ]; then
+  # the deployment checks (tests/deploy): Debian's Prometheus, and helm with a Kubernetes control
+  # plane built from the Go module proxy (the first time only: cached in ~/.cache/rlhf/k8s)
+  scripts/prometheus.sh install
+  scripts/k8s.sh build
   if ! scripts/infra.sh status >/dev/null 2>&1; then
-    trap 'scripts/infra.sh stop || true' EXIT
+    stop_on_exit+=(infra.sh)
   fi
   scripts/infra.sh start
   # shellcheck source=/dev/null
   source .cache/infra/env
+  if ! scripts/k8s.sh status >/dev/null 2>&1; then
+    stop_on_exit+=(k8s.sh)
+  fi
+  scripts/k8s.sh start
+  # shellcheck source=/dev/null
+  source .cache/k8s/env
 fi
 
 set +e

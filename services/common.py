@@ -21,7 +21,7 @@ from rlhf_client import TOPIC_MODELS, TOPIC_SERVING, common_pb2, models_pb2
 
 from rlhf.errors import DataError, UnavailableError
 from rlhf.inference.engine import EngineRetiredError
-from rlhf.metrics import ServiceMetrics
+from rlhf.metrics import ServiceMetrics, set_at_scrape
 from rlhf.registry import ModelRegistry
 from rlhf.runtime.batching import DynamicBatcher
 from rlhf.runtime.bus import make_bus
@@ -174,7 +174,7 @@ class ServedModel:
         if hasattr(engine, "start"):
             engine.start()
         old, self.current = self.current, engine
-        self.metrics.model_version_info.labels(self.kind).set(time.time())
+        self.metrics.model_loaded(self.kind, engine.version)
         if old is not None and hasattr(old, "retire"):
             old.retire()  # finishes what it runs and has queued, then its thread ends
             self._retired.append(old)
@@ -232,6 +232,8 @@ class OutboxService:
         self.engine = make_engine(settings.database_url)
         self.bus = bus if bus is not None else make_bus(settings.kafka_bootstrap, metrics)
         self.relay = OutboxRelay(self.engine, self.bus, topics=[self.topic])
+        metrics.observe_database(self.engine)
+        set_at_scrape(metrics.outbox_backlog_messages.labels(self.topic), self.relay.backlog)
         self._stop = asyncio.Event()
         self._relay_task: asyncio.Task | None = None
 

@@ -142,7 +142,9 @@ async def up(opts: UpOptions, stop_event: asyncio.Event | None = None, ready=Non
     engine = make_engine(settings["feedback-store"].database_url)
     await asyncio.to_thread(migrate, engine)  # once, before the two services that share the database
     engine.dispose()
-    shared = make_bus(opts.kafka, ServiceMetrics("bus")) if opts.kafka is None else None
+    metrics = {name: ServiceMetrics(name) for name in ORDER}
+    # the one in-process bus of all five reports its lag and throughput on the trainer's /metrics
+    shared = make_bus(opts.kafka, metrics["trainer"]) if opts.kafka is None else None
     if shared is not None:
         await shared.start()
     stop = stop_event or asyncio.Event()
@@ -155,8 +157,7 @@ async def up(opts: UpOptions, stop_event: asyncio.Event | None = None, ready=Non
     tasks, ports = [], {}
     for name in ORDER:
         s = settings[name]
-        metrics = ServiceMetrics(name)
-        svc = module_of(name).build(s, metrics, _SharedBus(shared) if shared is not None else None)
+        svc = module_of(name).build(s, metrics[name], _SharedBus(shared) if shared is not None else None)
         svc.auth = authenticator_for(svc, s)
         if svc.auth.enabled:  # the other services of this `rlhf up` call with the internal token
             svc.auth.add_resolver(shared_secret_resolver(token, Principal("rlhf-up", frozenset({SERVICE}))))
@@ -166,7 +167,7 @@ async def up(opts: UpOptions, stop_event: asyncio.Event | None = None, ready=Non
             ports[name] = (g, m)
             started.set()
 
-        tasks.append(asyncio.create_task(serve(svc, s, metrics, ready=on_ready, stop_event=stop), name=name))
+        tasks.append(asyncio.create_task(serve(svc, s, metrics[name], ready=on_ready, stop_event=stop), name=name))
         await asyncio.wait([asyncio.create_task(started.wait()), tasks[-1]], return_when=asyncio.FIRST_COMPLETED)
         if tasks[-1].done():
             stop.set()

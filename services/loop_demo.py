@@ -68,7 +68,8 @@ def quick_loop_config() -> LoopDemoConfig:
 
 
 def run_loop_demo(out: Path, quick: bool = False, data_dir: Path | None = None, base_port: int = 50051,
-                  progress: Progress | None = None) -> dict:
+                  progress: Progress | None = None, base_metrics_port: int = 0, http_port: int = 0,
+                  linger_seconds: float = 0.0) -> dict:
     t_start = time.perf_counter()
     progress = progress or Progress(enabled=False)
     data_dir = Path(data_dir) if data_dir else default_data_dir()
@@ -95,7 +96,8 @@ def run_loop_demo(out: Path, quick: bool = False, data_dir: Path | None = None, 
     grouped, _ = sample_texts(rho, tok, prompts[:64], cfg.k, cfg.response_tokens, seed=1)
     temperature = SimulatedLabeler.calibrate_temperature([judge.score([p] * cfg.k, g) for p, g in zip(prompts, grouped)], 0.73)
 
-    opts = UpOptions(data_dir=out, base_port=base_port, base_metrics_port=0, log_level="WARNING")
+    opts = UpOptions(data_dir=out, base_port=base_port, base_metrics_port=base_metrics_port, http_port=http_port,
+                     log_level="WARNING")
     addr = {n: f"127.0.0.1:{base_port + o}" for n, o in PORT_OFFSET.items()}
     task = progress.add("starting the five services", total=1)
     close = up_in_thread(opts)
@@ -139,6 +141,11 @@ def run_loop_demo(out: Path, quick: bool = False, data_dir: Path | None = None, 
             n_comparisons = sum(1 for _ in fb.ExportComparisons(feedback_pb2.ExportComparisonsRequest()))
         with grpc.insecure_channel(addr["policy-server"]) as ch:
             served = policy_grpc.PolicyServiceStub(ch).GetPolicyVersion(policy_pb2.GetPolicyVersionRequest()).policy_version
+        if linger_seconds > 0:  # the services stay up for a look at them (their APIs, their /metrics)
+            try:
+                time.sleep(linger_seconds)
+            except KeyboardInterrupt:  # Ctrl-C ends the wait, not the demo
+                pass
     finally:
         stop.set()
         for th in labelers:

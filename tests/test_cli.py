@@ -133,3 +133,16 @@ def test_the_core_never_imports_the_services():
             "import rlhf.train, rlhf.docgen, rlhf.demo\nprint('ok')\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_migrate_brings_a_database_to_the_newest_schema(tmp_path, monkeypatch, capsys):
+    from sqlalchemy import create_engine, inspect
+
+    monkeypatch.delenv("RLHF_DATABASE_URL", raising=False)
+    assert main(["migrate"]) == 2
+    assert "pass --database-url or set RLHF_DATABASE_URL" in capsys.readouterr().err
+    url = f"sqlite:///{tmp_path / 'rlhf.db'}"
+    monkeypatch.setenv("RLHF_DATABASE_URL", url)
+    assert main(["migrate"]) == 0
+    assert main(["migrate"]) == 0  # idempotent, as the chart's Job runs it before every upgrade
+    assert {"prompts", "labeling_tasks", "submissions", "outbox"} <= set(inspect(create_engine(url)).get_table_names())

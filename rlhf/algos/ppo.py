@@ -342,6 +342,7 @@ class PPOTrainer:
             "kl": kl_seq,
             "kl_coef": beta,
             "kl_coef_next": new_beta,
+            **({"kl_target": self.kl_ctl.target} if hasattr(self.kl_ctl, "target") else {}),
             "reward": scores.mean().item(),
             "reward_std": scores.std().item() if scores.numel() > 1 else 0.0,
             "reward_total": (scores - beta * kl.sum(1)).mean().item(),

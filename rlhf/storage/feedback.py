@@ -487,6 +487,14 @@ class FeedbackStore:
         with transaction(self.engine) as conn:
             return int(conn.execute(q).scalar_one())
 
+    def count_open_tasks(self) -> int:
+        """Labeling tasks that no labeler has ranked or chosen the best of yet."""
+        t, s = labeling_tasks, submissions
+        q = select(func.count()).select_from(t).where(
+            ~exists().where(s.c.task_id == t.c.id, s.c.kind.in_(COMPARISON_KINDS)))
+        with transaction(self.engine) as conn:
+            return int(conn.execute(q).scalar_one())
+
     def agreement(self, since: datetime | None = None) -> tuple[float, int, int]:
         """(pairwise_agreement, tasks, pairs) over the rankings stored at or after ``since``.
 

@@ -20,7 +20,7 @@ import asyncio
 import logging
 from typing import Protocol, Sequence
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.engine import Connection, Engine
 
 from rlhf.storage.db import is_postgresql, transaction, utcnow
@@ -52,6 +52,14 @@ class OutboxRelay:
         self.topics = tuple(topics) if topics is not None else None
         self.published_total = 0
         self.failures_total = 0
+
+    def backlog(self) -> int:
+        """Rows of this relay's topics stored and not yet published."""
+        q = select(func.count()).select_from(outbox).where(outbox.c.published_at.is_(None))
+        if self.topics is not None:
+            q = q.where(outbox.c.topic.in_(self.topics))
+        with transaction(self.engine) as conn:
+            return int(conn.execute(q).scalar_one())
 
     # -- one batch --------------------------------------------------------------------------------
     def _select(self):

@@ -8,12 +8,14 @@ nothing stored goes unannounced.
 from __future__ import annotations
 
 import asyncio
+import math
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 
 import grpc
 from rlhf_client import TOPIC_FEEDBACK, feedback_grpc, feedback_pb2
 
-from rlhf.metrics import ServiceMetrics
+from rlhf.metrics import ServiceMetrics, set_at_scrape
 from rlhf.runtime.auth import LABELER, OPERATOR, SERVICE, TRAINER, caller, labeler_of
 from rlhf.storage.feedback import FeedbackStore, TaskIn
 from services.common import DatabaseSettings, OutboxService, from_ts
@@ -48,6 +50,12 @@ class FeedbackService(OutboxService, feedback_grpc.FeedbackServiceServicer):
     def __init__(self, settings: Settings, metrics: ServiceMetrics, bus=None):
         super().__init__(settings, metrics, bus)
         self.store = FeedbackStore(self.engine)
+        set_at_scrape(metrics.feedback_open_tasks, self.store.count_open_tasks)
+        set_at_scrape(metrics.feedback_labeler_agreement_ratio, self._agreement_last_day, max_age_s=60.0)
+
+    def _agreement_last_day(self) -> float:
+        agreement, _, pairs = self.store.agreement(datetime.now(timezone.utc) - timedelta(days=1))
+        return agreement if pairs else math.nan
 
     def register(self, server: grpc.aio.Server) -> None:
         feedback_grpc.add_FeedbackServiceServicer_to_server(self, server)

@@ -349,6 +349,17 @@ def test_agreement_over_the_store(store):
     assert store.agreement(since=b1_time.ToDatetime(tzinfo=timezone.utc)) == (pytest.approx(1 / 3), 1, 3)
 
 
+def test_open_tasks_are_those_without_a_comparison(store):
+    assert store.count_open_tasks() == 0
+    t1, t2, t3 = (t.task_id for t in store.create_tasks([task_in(), task_in(), task_in()]))
+    assert store.count_open_tasks() == 3
+    store.submit_ranking("r-1", t1, "A", [[0], [1], [2], [3]])
+    store.submit_best_of_k("b-2", t2, "A", 1)
+    store.submit_ranking("r-1b", t1, "B", [[1], [0], [2], [3]])  # a second label changes nothing
+    store.submit_demonstration("d-1", "Explain KL.", "p9", TRAIN, "A", "It measures ...")  # not a comparison
+    assert store.count_open_tasks() == 1
+
+
 def test_lost_race_on_the_idempotency_key(store, task, count, monkeypatch):
     """Another submission with our key commits between our lookup and our insert: the insert hits
     the unique constraint and we answer from the stored row (duplicate, or conflict)."""

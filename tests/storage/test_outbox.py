@@ -89,6 +89,17 @@ def test_topics_filter(engine):
     assert sum(r.published_at is None for r in rows(engine)) == 2
 
 
+def test_backlog_counts_the_relay_topics_unpublished_rows(engine):
+    PromptStore(engine).submit(prompt_texts(3))
+    fb = FeedbackStore(engine)
+    task = fb.create_tasks([TaskIn("q", "p", 1, ["a", "b"], "v1")])[0]
+    fb.submit_best_of_k("k", task.task_id, "alice", 1)
+    prompts = OutboxRelay(engine, FakeBus(), batch_size=2, topics=["rlhf.prompts.v1"])
+    assert (prompts.backlog(), OutboxRelay(engine, FakeBus()).backlog()) == (3, 4)
+    asyncio.run(prompts.drain_once())
+    assert (prompts.backlog(), OutboxRelay(engine, FakeBus()).backlog()) == (1, 2)
+
+
 def test_failed_publish_leaves_rows_for_the_next_round(engine, caplog):
     PromptStore(engine).submit(prompt_texts(5))
     ids = [r.id for r in rows(engine)]
