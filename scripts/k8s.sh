@@ -18,9 +18,9 @@
 #
 # Environment:
 #   RLHF_TEST_INFRA=none      do nothing
-#   RLHF_K8S_BUILD_JOBS       parallel packages in the build (go build -p; default 1: the cold
-#                             build takes 25 minutes on an idle core, an hour on a busy one, and
-#                             leaves the other cores free)
+#   RLHF_K8S_BUILD_JOBS       parallel packages in the build (go build -p; default: every core,
+#                             so that a cold build fits the test command's budget; 1 leaves the
+#                             other cores free, at 25 minutes on an idle core, an hour on a busy one)
 #   RLHF_TEST_K8S_PORT        kube-apiserver port (default 16443); etcd uses the next two
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,7 +34,7 @@ ETCD_PORT="$((API_PORT + 1))"
 ETCD_PEER_PORT="$((API_PORT + 2))"
 START_TIMEOUT="${RLHF_TEST_INFRA_TIMEOUT:-90}"
 K8S_VERSION=v1.37.2
-JOBS="${RLHF_K8S_BUILD_JOBS:-1}"
+JOBS="${RLHF_K8S_BUILD_JOBS:-$(nproc 2>/dev/null || echo 1)}"
 
 log() { echo "[k8s] $*" >&2; }
 die() { echo "[k8s] error: $*" >&2; exit 1; }
