@@ -437,29 +437,6 @@ class ModelExecutor:
         await asyncio.to_thread(self._pool.shutdown, True)
 
 
-_default_executor: ModelExecutor | None = None
-_default_lock = threading.Lock()
-
-
-async def run_in_model_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Run ``fn(*args, **kwargs)`` in the process's model thread (a :class:`ModelExecutor` that
-    :func:`serve` shuts down when it returns)."""
-    global _default_executor
-    with _default_lock:
-        if _default_executor is None:
-            _default_executor = ModelExecutor("default")
-        ex = _default_executor
-    return await ex.run(fn, *args, **kwargs)
-
-
-def _shutdown_default_executor() -> None:
-    global _default_executor
-    with _default_lock:
-        ex, _default_executor = _default_executor, None
-    if ex is not None:
-        ex.shutdown(wait=False)
-
-
 # -- the bootstrap -------------------------------------------------------------------------------
 
 class HealthServicer(health_pb2_grpc.HealthServicer):
@@ -666,7 +643,6 @@ async def serve(service: Service, settings: BaseServiceSettings, metrics: Servic
             if start_attempted:
                 await service.stop()
         finally:
-            _shutdown_default_executor()
             if httpd is not None:
                 await asyncio.to_thread(httpd.shutdown)
                 httpd.server_close()
@@ -677,13 +653,8 @@ async def serve(service: Service, settings: BaseServiceSettings, metrics: Servic
             log.info("stopped")
 
 
-def run_service(service: Service, settings: BaseServiceSettings, metrics: ServiceMetrics) -> None:
-    """``asyncio.run(serve(...))`` for a process's entry point."""
-    asyncio.run(serve(service, settings, metrics))
-
-
 __all__ = [
     "Admission", "BaseServiceSettings", "HealthServicer", "MAX_MESSAGE_BYTES", "ModelExecutor", "SERVER_OPTIONS", "Service",
-    "ServiceInterceptor", "build_server", "load_settings", "run_in_model_thread", "run_service", "serve",
+    "ServiceInterceptor", "build_server", "load_settings", "serve",
     "status_for",
 ]
