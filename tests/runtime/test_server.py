@@ -32,6 +32,7 @@ from rlhf_client import policy_grpc, policy_pb2, reward_grpc, reward_pb2
 from rlhf.errors import ConfigError
 from rlhf.metrics import ServiceMetrics
 from rlhf.runtime import grpc_client
+from rlhf_client import channel as sdk_channel
 from rlhf.runtime.logs import configure_logging
 from rlhf.runtime.server import BaseServiceSettings, ModelExecutor, serve
 from rlhf.runtime.settings import load_settings
@@ -97,7 +98,7 @@ def test_health_reflection_and_metrics_endpoint():
     async def main():
         async with running() as srv:
             await grpc_client.wait_ready(srv.target, timeout=10)
-            async with grpc_client.channel(srv.target) as ch:
+            async with sdk_channel.channel(srv.target) as ch:
                 health = health_pb2_grpc.HealthStub(ch)
                 for name in ("", REWARD_SERVICE, POLICY_SERVICE):
                     reply = await health.Check(health_pb2.HealthCheckRequest(service=name))
@@ -372,11 +373,11 @@ def test_wait_ready_times_out_naming_the_last_answer():
 
 
 def test_client_channel_options():
-    config = json.loads(dict(grpc_client.CHANNEL_OPTIONS)["grpc.service_config"])
+    config = json.loads(dict(sdk_channel.CHANNEL_OPTIONS)["grpc.service_config"])
     policy = config["methodConfig"][0]["retryPolicy"]
     assert policy["maxAttempts"] == 5
     assert set(policy["retryableStatusCodes"]) == {"UNAVAILABLE", "RESOURCE_EXHAUSTED"}
-    assert dict(grpc_client.CHANNEL_OPTIONS)["grpc.max_receive_message_length"] == 64 * 1024 * 1024
+    assert dict(sdk_channel.CHANNEL_OPTIONS)["grpc.max_receive_message_length"] == 64 * 1024 * 1024
 
 
 def test_model_executor_runs_off_the_event_loop():
