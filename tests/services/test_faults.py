@@ -521,6 +521,7 @@ def test_no_service_log_holds_a_submitted_text(cluster):
         assert "not ready: NOT_SERVING" in logs["feedback-store"]
     report = os.environ.get("RLHF_FAULT_REPORT")
     if report:
+        Path(report).parent.mkdir(parents=True, exist_ok=True)
         Path(report).write_text(fault_table(FIGURES) + "\n\n" + json.dumps(FIGURES, indent=2) + "\n")
 
 
