@@ -44,6 +44,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import yaml
 from confluent_kafka import Consumer, TopicPartition
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rlhf_client import (TOPIC_FEEDBACK, TOPIC_MODELS, common_pb2, feedback_grpc, feedback_pb2, models_pb2,
@@ -54,7 +55,8 @@ from sqlalchemy import text
 from rlhf.label_client import WordListJudge, run_labeler
 from rlhf.labeler import SimulatedLabeler
 from rlhf.registry import KINDS, ModelRegistry, read_manifest
-from rlhf.runtime.grpc_client import blocking_channel
+from rlhf.runtime.auth import token_sha256
+from rlhf.runtime.grpc_client import PeerCredentials, blocking_channel
 from rlhf.storage.db import make_engine
 from tests.services.helpers import fresh_database, free_ports, tiny_policy_registry, wait_serving
 from tests.services.infra import ROOT, Infra, own_servers_or_skip
@@ -66,6 +68,17 @@ WRITERS = 4  # concurrent writer threads
 DOWN_SECONDS = 2.0  # how long a killed thing stays down before it is started again
 NAMES = ["prompt-collector", "policy-server", "reward-scorer", "feedback-store", "trainer"]
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED)
+CASES = {"fs": "feedback-store kill -9", "broker": "Kafka broker kill -9", "pg": "PostgreSQL crash"}
+# the callers, each with a token of its own (docs/security.md): the services, an operator (tasks,
+# prompts, jobs), a writer per case, the simulated labeler and the ranker of the PPO case
+CALLERS = {"services": ["service"], "operator": ["operator", "trainer", "product"], "sim-pg": ["labeler"],
+           "ppo-ranker": ["labeler"], **{f"writer-{k}": ["labeler"] for k in CASES}}
+TOKENS = {name: f"tok-{name}-{uuid.uuid4().hex}" for name in CALLERS}
+
+
+def channel(addr: str, who: str = "operator") -> grpc.Channel:
+    """The platform's retrying channel, presenting ``who``'s token."""
+    return blocking_channel(addr, creds=PeerCredentials(token=TOKENS[who]))
 
 TEXTS: list[str] = []  # every prompt and response text submitted: none may reach a log
 FIGURES: dict[str, dict] = {}  # the fault table, by case
@@ -97,6 +110,10 @@ class Cluster:
         self.addrs = {n: f"127.0.0.1:{p}" for n, p in self.ports.items()}
         self.procs: dict[str, subprocess.Popen] = {}
         self.engine = make_engine(db_url)  # the test's own look at the database
+        # credentials: the file holds only token digests; each service presents the services' token
+        (root / "credentials.yaml").write_text(yaml.safe_dump({"callers": [
+            {"name": n, "roles": r, "token_sha256": token_sha256(TOKENS[n])} for n, r in CALLERS.items()]}))
+        (root / "services.token").write_text(TOKENS["services"] + "\n")
 
     def log(self, name: str) -> Path:
         return self.root / f"{name}.log"
@@ -106,7 +123,9 @@ class Cluster:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RLHF_")}
         env.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "clients" / "python")]),
                     pre + "PORT": str(self.ports[name]), pre + "METRICS_PORT": str(self.metrics_ports[name]),
-                    pre + "KAFKA_BOOTSTRAP": self.infra.env["RLHF_TEST_KAFKA_BOOTSTRAP"], pre + "GRACE_SECONDS": "5"})
+                    pre + "KAFKA_BOOTSTRAP": self.infra.env["RLHF_TEST_KAFKA_BOOTSTRAP"], pre + "GRACE_SECONDS": "5",
+                    pre + "CREDENTIALS_FILE": str(self.root / "credentials.yaml"),
+                    pre + "PEER_TOKEN_FILE": str(self.root / "services.token")})
         if name in ("prompt-collector", "feedback-store"):
             env[pre + "DATABASE_URL"] = self.db_url
         else:
@@ -176,7 +195,7 @@ def _unique(kind: str) -> str:
 
 
 def create_tasks(c: Cluster, n: int, k: int = 2, split: int = common_pb2.SPLIT_TRAIN) -> list[str]:
-    with blocking_channel(c.addrs["feedback-store"]) as ch:
+    with channel(c.addrs["feedback-store"]) as ch:
         stub = feedback_grpc.FeedbackServiceStub(ch)
         tasks = stub.CreateLabelingTasks(feedback_pb2.CreateLabelingTasksRequest(tasks=[
             feedback_pb2.LabelingTaskInput(prompt=_unique("prompt"), split=split,
@@ -204,7 +223,7 @@ def write_rankings(c: Cluster, task_ids: list[str], labeler: str, tally: Tally, 
     deadline = time.monotonic() + give_up_s
 
     def writer() -> None:
-        with blocking_channel(c.addrs["feedback-store"]) as ch:
+        with channel(c.addrs["feedback-store"], labeler) as ch:
             stub = feedback_grpc.FeedbackServiceStub(ch)
             while True:
                 try:
@@ -238,8 +257,8 @@ def write_rankings(c: Cluster, task_ids: list[str], labeler: str, tally: Tally, 
 
 
 def run_case(c: Cluster, case: str, fault, restore, during=None) -> Tally:
-    """N rankings; ``fault()`` once a third are acknowledged, ``during()`` while it is down (if
-    given), ``restore()`` DOWN_SECONDS later; returns the writer's tally."""
+    """N rankings (``case``: a key of CASES); ``fault()`` once a third are acknowledged, ``during()``
+    while it is down (if given), ``restore()`` DOWN_SECONDS later; returns the writer's tally."""
     task_ids = create_tasks(c, N)
     tally = Tally(labeler=f"writer-{case}")
     writer = threading.Thread(target=write_rankings, args=(c, task_ids, tally.labeler, tally), daemon=True)
@@ -298,8 +317,9 @@ def announced(c: Cluster, topic: str, cls) -> list:
         consumer.close()
 
 
-def check_case(c: Cluster, case: str, tally: Tally) -> dict:
+def check_case(c: Cluster, key: str, tally: Tally) -> dict:
     """acknowledged = stored = announced: the figures of the fault table, asserted."""
+    case = CASES[key]
     wait_outbox_drained(c)
     with c.engine.connect() as conn:
         rows = conn.execute(text("select id, idempotency_key, task_id from submissions where labeler_id = :l"),
@@ -346,17 +366,16 @@ def wait_health(addr: str, wanted: int, timeout: float) -> bool:
 
 def test_feedback_store_kill9_mid_stream_loses_and_doubles_nothing(cluster):
     c = cluster
-    tally = run_case(c, "feedback-store kill -9", fault=lambda: c.kill9("feedback-store"),
+    tally = run_case(c, "fs", fault=lambda: c.kill9("feedback-store"),
                      restore=lambda: (c.start("feedback-store"), c.wait("feedback-store")))
-    check_case(c, "feedback-store kill -9", tally)
+    check_case(c, "fs", tally)
     assert sum(tally.retries.values()) > 0, "the kill went unnoticed by the writer: it did not test anything"
 
 
 def test_broker_kill9_mid_stream_loses_and_doubles_nothing(cluster):
     c = cluster
-    tally = run_case(c, "Kafka broker kill -9", fault=lambda: c.infra.crash("kafka"),
-                     restore=lambda: c.infra.restart("kafka"))
-    check_case(c, "Kafka broker kill -9", tally)
+    tally = run_case(c, "broker", fault=lambda: c.infra.crash("kafka"), restore=lambda: c.infra.restart("kafka"))
+    check_case(c, "broker", tally)
     for name in NAMES:  # every service rode it out
         assert c.procs[name].poll() is None, f"{name} exited:\n" + c.log(name).read_text()[-3000:]
 
@@ -373,7 +392,7 @@ def test_postgresql_crash_mid_stream_loses_and_doubles_nothing(cluster):
     def label() -> None:
         try:
             labeled.append(run_labeler(fs, SimulatedLabeler(WordListJudge(), 0.05, seed=1), "sim-pg", stop,
-                                       poll_seconds=0.2))
+                                       poll_seconds=0.2, token=TOKENS["sim-pg"]))
         except BaseException as e:  # noqa: BLE001 - asserted below
             labeled.append(e)
 
@@ -383,7 +402,7 @@ def test_postgresql_crash_mid_stream_loses_and_doubles_nothing(cluster):
     def during() -> None:
         seen["not_serving"] = wait_health(fs, health_pb2.HealthCheckResponse.NOT_SERVING, timeout=15)
         codes = []
-        with blocking_channel(pc) as ch:
+        with channel(pc) as ch:
             stub = prompts_grpc.PromptCollectorServiceStub(ch)
             for _ in range(3):
                 try:
@@ -395,9 +414,9 @@ def test_postgresql_crash_mid_stream_loses_and_doubles_nothing(cluster):
                     codes.append(e.code().name)
         seen["submit_prompts"] = codes
 
-    tally = run_case(c, "PostgreSQL crash", fault=lambda: c.infra.crash("postgres"),
-                     restore=lambda: c.infra.restart("postgres"), during=during)
-    check_case(c, "PostgreSQL crash", tally)
+    tally = run_case(c, "pg", fault=lambda: c.infra.crash("postgres"), restore=lambda: c.infra.restart("postgres"),
+                     during=during)
+    check_case(c, "pg", tally)
     assert seen["not_serving"], "the feedback-store did not report NOT_SERVING while its database was down"
     assert wait_health(fs, health_pb2.HealthCheckResponse.SERVING, timeout=30), "not SERVING again after the restart"
     assert "INTERNAL" not in seen["submit_prompts"], seen["submit_prompts"]
@@ -443,17 +462,17 @@ def test_trainer_kill9_mid_ppo_leaves_nothing_half_published(cluster):
     # a reward model from fresh comparisons, served by the reward-scorer
     since = time.time()
     tasks = create_tasks(c, 8, k=4)
-    with blocking_channel(c.addrs["feedback-store"]) as ch:
+    with channel(c.addrs["feedback-store"], "ppo-ranker") as ch:
         stub = feedback_grpc.FeedbackServiceStub(ch)
         for t in tasks:
             stub.SubmitRanking(feedback_pb2.SubmitRankingRequest(
                 idempotency_key=f"ppo-{t}", task_id=t, labeler_id="ppo-ranker",
                 ranking=[feedback_pb2.RankGroup(indices=[i]) for i in (2, 0, 3, 1)]), timeout=30)
-    with blocking_channel(c.addrs["prompt-collector"]) as ch:
+    with channel(c.addrs["prompt-collector"]) as ch:
         prompts_grpc.PromptCollectorServiceStub(ch).SubmitPrompts(prompts_pb2.SubmitPromptsRequest(prompts=[
             prompts_pb2.PromptInput(text=_unique("prompt").encode(), user_id=f"ppo-{i}", source="faults", consent=True)
             for i in range(16)]), timeout=30)
-    with blocking_channel(c.addrs["trainer"]) as ch:
+    with channel(c.addrs["trainer"]) as ch:
         stub = trainer_grpc.TrainerServiceStub(ch)
         rm = stub.StartJob(trainer_pb2.StartJobRequest(kind=trainer_pb2.JOB_KIND_RM, overrides={
             "since_unix": str(since), "min_comparisons": "4", "rm.epochs": "1", "rm.batch_size": "4",
@@ -461,7 +480,7 @@ def test_trainer_kill9_mid_ppo_leaves_nothing_half_published(cluster):
         list(stub.WatchJob(trainer_pb2.WatchJobRequest(job_id=rm.job_id), timeout=600))
         rm = stub.GetJob(trainer_pb2.GetJobRequest(job_id=rm.job_id), timeout=30).job
     assert rm.status == trainer_pb2.JOB_STATUS_SUCCEEDED, rm.message
-    with blocking_channel(c.addrs["reward-scorer"]) as ch:
+    with channel(c.addrs["reward-scorer"]) as ch:
         deadline = time.monotonic() + 120
         while True:
             try:
@@ -475,7 +494,7 @@ def test_trainer_kill9_mid_ppo_leaves_nothing_half_published(cluster):
             time.sleep(0.5)
 
     # PPO, killed once its first steps are done and published
-    with blocking_channel(c.addrs["trainer"]) as ch:
+    with channel(c.addrs["trainer"]) as ch:
         stub = trainer_grpc.TrainerServiceStub(ch)
         job = stub.StartJob(trainer_pb2.StartJobRequest(kind=trainer_pb2.JOB_KIND_PPO, overrides={
             "steps": "200", "ppo.batch_size": "4", "ppo.mini_batch_size": "2", "ppo.ppo_epochs": "1",
@@ -488,7 +507,7 @@ def test_trainer_kill9_mid_ppo_leaves_nothing_half_published(cluster):
     c.start("trainer")
     c.wait("trainer")
 
-    with blocking_channel(c.addrs["trainer"]) as ch:
+    with channel(c.addrs["trainer"]) as ch:
         stub = trainer_grpc.TrainerServiceStub(ch)
         with pytest.raises(grpc.RpcError) as e:
             stub.GetJob(trainer_pb2.GetJobRequest(job_id=job.job_id), timeout=30)
@@ -517,7 +536,7 @@ def test_no_service_log_holds_a_submitted_text(cluster):
     assert all(logs.values())
     leaked = {n: sum(t in log for t in TEXTS) for n, log in logs.items()}
     assert not any(leaked.values()), f"submitted texts found in the logs: {leaked}"
-    if "PostgreSQL crash" in FIGURES:  # the outage was seen and logged, without the texts
+    if CASES["pg"] in FIGURES:  # the outage was seen and logged, without the texts
         assert "not ready: NOT_SERVING" in logs["feedback-store"]
     report = os.environ.get("RLHF_FAULT_REPORT")
     if report:

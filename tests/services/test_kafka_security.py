@@ -55,6 +55,7 @@ def _serve_feedback_store(tmp_path, broker: dict, **security) -> tuple[subproces
     env = {k: v for k, v in os.environ.items() if not k.startswith("RLHF_")}
     env.update({"PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "clients" / "python")]),
                 pre + "PORT": str(port), pre + "METRICS_PORT": "-1", pre + "GRACE_SECONDS": "2",
+                pre + "ALLOW_ANONYMOUS": "true",  # on loopback: this test is about Kafka's logins, not gRPC's
                 pre + "DATABASE_URL": f"sqlite:///{tmp_path / 'feedback.db'}",
                 pre + "KAFKA_BOOTSTRAP": broker["RLHF_TEST_KAFKA_BOOTSTRAP"],
                 **_security_env(pre, broker, **security)})
