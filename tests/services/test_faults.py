@@ -49,6 +49,7 @@ from confluent_kafka import Consumer, TopicPartition
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rlhf_client import (TOPIC_FEEDBACK, TOPIC_MODELS, common_pb2, feedback_grpc, feedback_pb2, models_pb2,
                          prompts_grpc, prompts_pb2, reward_grpc, reward_pb2, trainer_grpc, trainer_pb2)
+from rlhf_client.channel import Credentials, blocking_channel
 from safetensors.torch import load_file
 from sqlalchemy import text
 
@@ -56,7 +57,6 @@ from rlhf.label_client import WordListJudge, run_labeler
 from rlhf.labeler import SimulatedLabeler
 from rlhf.registry import KINDS, ModelRegistry, read_manifest
 from rlhf.runtime.auth import token_sha256
-from rlhf.runtime.grpc_client import PeerCredentials, blocking_channel
 from rlhf.storage.db import make_engine
 from tests.services.helpers import fresh_database, free_ports, tiny_policy_registry, wait_serving
 from tests.services.infra import ROOT, Infra, own_servers_or_skip
@@ -78,7 +78,7 @@ TOKENS = {name: f"tok-{name}-{uuid.uuid4().hex}" for name in CALLERS}
 
 def channel(addr: str, who: str = "operator") -> grpc.Channel:
     """The platform's retrying channel, presenting ``who``'s token."""
-    return blocking_channel(addr, creds=PeerCredentials(token=TOKENS[who]))
+    return blocking_channel(addr, creds=Credentials(token=TOKENS[who]))
 
 TEXTS: list[str] = []  # every prompt and response text submitted: none may reach a log
 FIGURES: dict[str, dict] = {}  # the fault table, by case
