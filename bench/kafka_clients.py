@@ -72,7 +72,7 @@ class Confluent:
     def __init__(self, bootstrap: str):
         import confluent_kafka
 
-        self.version = confluent_kafka.version()[0] + f" (librdkafka {confluent_kafka.libversion()[0]})"
+        self.version = f"{confluent_kafka.__version__} (librdkafka {confluent_kafka.libversion()[0]})"
         self.bootstrap = bootstrap
 
     def producer(self):
@@ -92,7 +92,8 @@ class Confluent:
                 errs = []
                 p.produce(topic, value, headers=[(TYPE_HEADER, EVENT_TYPE.encode())],
                           on_delivery=lambda err, _m: errs.append(err))
-                p.flush(30)
+                while not errs:  # as the bus does: poll for the delivery report (flush() would
+                    p.poll(0.05)  # skip linger.ms, which the bus's publishes wait out)
                 assert errs == [None], errs
                 lat.append(time.perf_counter() - t0)
         return t, lat
