@@ -4,6 +4,10 @@ It stands in for people where there are none (tests, `rlhf up --simulate-labeler
 labeling tasks it has not answered, ranks each task's K candidates with
 :class:`rlhf.labeler.SimulatedLabeler` (hidden gold score + Bradley–Terry noise), and submits the
 ranking with an idempotency key derived from (labeler, task), so a retry never stores twice.
+
+It rides out a feedback-store or database restart: its channel retries calls answered UNAVAILABLE
+or RESOURCE_EXHAUSTED (the platform's retry policy), and a call that still fails with one of
+:data:`RETRYABLE` is tried again at the next poll, under the same key.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import itertools
 import re
 import threading
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import grpc
 import numpy as np
@@ -19,6 +23,9 @@ from rlhf_client.channel import Credentials
 from rlhf_client.client import FeedbackClient
 
 from rlhf.labeler import SimulatedLabeler
+
+# a feedback-store restarting, shedding load, or waiting for its database: try again later
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 class WordListJudge:
@@ -38,36 +45,39 @@ class WordListJudge:
         return np.asarray(out, dtype=np.float64)
 
 
-def label_pending(client: FeedbackClient, labeler: SimulatedLabeler, labeler_id: str,
-                  max_tasks: int = 1000) -> int:
-    """Rank every task this labeler has not answered yet (up to ``max_tasks``); returns how many."""
+def submit_pending(client: FeedbackClient, labeler: SimulatedLabeler, labeler_id: str,
+                   max_tasks: int = 1000) -> Iterator[str]:
+    """Rank every task this labeler has not answered yet (up to ``max_tasks``); yields each task id
+    once its ranking is acknowledged (so a caller counts what was stored before a failure too)."""
     done = 0
     while done < max_tasks:
         page = list(itertools.islice(client.pending_tasks(labeler_id, page_size=100), min(100, max_tasks - done)))
         if not page:
-            return done
+            return
         orders = labeler.rank_many([t.prompt for t in page], [list(t.candidates) for t in page])
         for task, order in zip(page, orders):
             client.submit_ranking(task.task_id, [[i] for i in order], labeler_id,
                                   idempotency_key=f"sim-{labeler_id}-{task.task_id}")
             done += 1
+            yield task.task_id
         # answered tasks drop out of the listing: ask again from the start
-    return done
 
 
 def run_labeler(target: str, labeler: SimulatedLabeler, labeler_id: str, stop: threading.Event,
                 poll_seconds: float = 0.5, token: str = "", timeout: float = 30.0) -> int:
-    """Label until ``stop`` is set; returns the number of rankings submitted. ``token`` is the
-    labeler's credential (the store takes the labeler id from it when authentication is on)."""
+    """Label until ``stop`` is set; returns the number of rankings submitted (acknowledged).
+    ``token`` is the labeler's credential (the store takes the labeler id from it when
+    authentication is on). Calls failing with one of :data:`RETRYABLE` are tried again later."""
     total = 0
     with FeedbackClient(target, Credentials(token=token), timeout) as client:
         while not stop.is_set():
+            n = 0
             try:
-                n = label_pending(client, labeler, labeler_id)
+                for _ in submit_pending(client, labeler, labeler_id):
+                    n += 1
             except grpc.RpcError as e:
-                if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED):
+                if e.code() not in RETRYABLE:
                     raise
-                n = 0
             total += n
             if n == 0:
                 stop.wait(poll_seconds)

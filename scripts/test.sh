@@ -10,6 +10,10 @@
 # in the same way). RLHF_TEST_INFRA=none starts nothing; the integration tests are then skipped
 # unless RLHF_TEST_KAFKA_BOOTSTRAP / RLHF_TEST_DATABASE_URL point at servers of your own, and the
 # deployment tests unless the programs are already built and installed.
+#
+# The fault tests (marker faults, docs/reliability.md) start a broker and a durable PostgreSQL of
+# their own and crash them; their table (tried, held, lost, duplicated) is printed at the end and
+# kept in .cache/fault-report.md (RLHF_FAULT_REPORT names another file). -m "not faults" skips them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -35,10 +39,17 @@ if [ "${RLHF_TEST_INFRA:-}" != "none" ]; then
   source .cache/k8s/env
 fi
 
+export RLHF_FAULT_REPORT="${RLHF_FAULT_REPORT:-$PWD/.cache/fault-report.md}"
+rm -f "$RLHF_FAULT_REPORT"
+
 set +e
 .venv/bin/python -m pytest "$@"
 rc=$?
 set -e
+if [ -s "$RLHF_FAULT_REPORT" ]; then
+  echo "fault table (docs/reliability.md), also in $RLHF_FAULT_REPORT:" >&2
+  sed -n '/^|/p' "$RLHF_FAULT_REPORT" >&2
+fi
 if [ "$rc" -eq 5 ]; then
   echo "pytest collected no tests" >&2
   exit 1

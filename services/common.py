@@ -24,7 +24,7 @@ from rlhf.inference.engine import EngineRetiredError
 from rlhf.metrics import ServiceMetrics, set_at_scrape
 from rlhf.registry import ModelRegistry
 from rlhf.runtime.batching import DynamicBatcher
-from rlhf.runtime.bus import make_bus
+from rlhf.runtime.bus import bus_for
 from rlhf.runtime.server import BaseServiceSettings, ModelExecutor
 
 log = logging.getLogger("rlhf.services")
@@ -216,10 +216,20 @@ class ServedModel:
 class DatabaseSettings(BaseServiceSettings):
     database_url: str = "sqlite:///rlhf.db"  # SQLAlchemy URL; postgresql+psycopg://... in production
     migrate_on_start: bool = True  # run the schema migrations at start (idempotent)
+    statement_timeout_seconds: float = 30.0  # PostgreSQL cancels a statement running longer (UNAVAILABLE); 0: no limit
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.statement_timeout_seconds >= 0:
+            raise ValueError(f"statement_timeout_seconds must be >= 0, got {self.statement_timeout_seconds}")
 
 
 class OutboxService:
-    """A service that stores in the database and announces through the outbox on ``topic``."""
+    """A service that stores in the database and announces through the outbox on ``topic``.
+
+    Its health is NOT_SERVING while the database does not answer (:meth:`check_ready`, which the
+    bootstrap polls), and its calls are answered UNAVAILABLE then (rlhf.storage.db).
+    """
 
     topic: str
 
@@ -229,8 +239,8 @@ class OutboxService:
 
         self.s = settings
         self.metrics = metrics
-        self.engine = make_engine(settings.database_url)
-        self.bus = bus if bus is not None else make_bus(settings.kafka_bootstrap, metrics)
+        self.engine = make_engine(settings.database_url, statement_timeout_s=settings.statement_timeout_seconds)
+        self.bus = bus if bus is not None else bus_for(settings, metrics)
         self.relay = OutboxRelay(self.engine, self.bus, topics=[self.topic])
         metrics.observe_database(self.engine)
         set_at_scrape(metrics.outbox_backlog_messages.labels(self.topic), self.relay.backlog)
@@ -244,6 +254,12 @@ class OutboxService:
             await asyncio.to_thread(migrate, self.engine)
         await self.bus.start()
         self._relay_task = asyncio.create_task(self.relay.run(self._stop))
+
+    async def check_ready(self) -> None:
+        """Raises UnavailableError while the database does not answer."""
+        from rlhf.storage.db import ping
+
+        await asyncio.to_thread(ping, self.engine)
 
     async def stop(self) -> None:
         self._stop.set()
@@ -279,7 +295,7 @@ class ModelService:
         self.registry = ModelRegistry(settings.registry_dir)
         self.executor = ModelExecutor(self.name)
         self.batcher: DynamicBatcher | None = None
-        self.bus = bus if bus is not None else make_bus(settings.kafka_bootstrap, metrics)
+        self.bus = bus if bus is not None else bus_for(settings, metrics)
         self.model = ServedModel(self.registry, self.kind, self._make_engine, metrics, pinned_version)
 
     @property

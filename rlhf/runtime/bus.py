@@ -18,6 +18,11 @@ or whose bytes do not parse. A handler that raises is retried :attr:`EventBus.ha
 times, then its message is skipped the same way. Nothing a message contains stops a consumer.
 
 Message bodies are never logged (they hold prompts and responses): only topics, offsets, types.
+
+Security: :func:`kafka_client_config` turns a service's ``kafka_*`` settings into librdkafka's
+(``security.protocol``, SASL/SCRAM login, the CA of TLS), and every client of a :class:`KafkaBus`
+(producer, consumers, admin) uses them. A refused login or TLS handshake ends :meth:`KafkaBus.start`
+with a :class:`~rlhf.errors.ConfigError` that says so, instead of a timeout.
 """
 
 from __future__ import annotations
@@ -30,11 +35,12 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Awaitable, Callable, Iterable
 
 from google.protobuf.message import Message
 
-from rlhf.errors import UnavailableError
+from rlhf.errors import ConfigError, UnavailableError
 from rlhf.metrics import ServiceMetrics
 
 log = logging.getLogger("rlhf.bus")
@@ -263,17 +269,22 @@ class KafkaBus(EventBus):
 
     poll_timeout_s = 0.5
     close_grace_s = 10.0  # how long close() lets a running handler finish before cancelling it
+    metadata_timeout_s = 15.0  # how long a topic look-up waits for the brokers
 
     def __init__(self, bootstrap: str, metrics: ServiceMetrics | None = None, client_id: str = "rlhf",
-                 *, partitions: int = 1, producer_config: dict | None = None, consumer_config: dict | None = None):
+                 *, partitions: int = 1, producer_config: dict | None = None, consumer_config: dict | None = None,
+                 client_config: dict | None = None):
         super().__init__(metrics)
         if not bootstrap:
             raise ValueError("bootstrap must name at least one broker")
         self.bootstrap = bootstrap
         self.client_id = client_id
         self.partitions = partitions
+        # every client's settings: bootstrap, and the security ones (kafka_client_config)
+        self._client_config = {**(client_config or {}), "bootstrap.servers": bootstrap}
         self._producer_config = dict(producer_config or {})
         self._consumer_config = dict(consumer_config or {})
+        self._login_error: str | None = None  # the broker refused the login or the TLS handshake
         self._subs: list[_Subscription] = []
         self._consumers: list[tuple[threading.Thread, threading.Event]] = []
         self._known_topics: set[str] = set()
@@ -297,9 +308,10 @@ class KafkaBus(EventBus):
         from confluent_kafka.admin import AdminClient
 
         self._loop = asyncio.get_running_loop()
-        self._admin = AdminClient({"bootstrap.servers": self.bootstrap, "client.id": f"{self.client_id}-admin"})
+        self._admin = AdminClient({**self._client_config, "client.id": f"{self.client_id}-admin",
+                                   "error_cb": self._on_admin_error})
         self._producer = Producer({
-            "bootstrap.servers": self.bootstrap,
+            **self._client_config,
             "client.id": self.client_id,
             "enable.idempotence": True,
             "acks": "all",
@@ -308,7 +320,11 @@ class KafkaBus(EventBus):
         })
         self._poller = threading.Thread(target=self._poll_producer, name="rlhf-bus-producer", daemon=True)
         self._poller.start()
-        await self.ensure_topics(sorted({s.topic for s in self._subs}), self.partitions)
+        topics = sorted({s.topic for s in self._subs})
+        if topics:
+            await self.ensure_topics(topics, self.partitions)
+        else:  # a publisher only: still log in now, so that refused credentials stop the start
+            await asyncio.to_thread(self._list_topics)
         self._started = True
         for s in self._subs:
             self._start_consumer(s)
@@ -338,6 +354,32 @@ class KafkaBus(EventBus):
         if names:
             await asyncio.to_thread(self._ensure_topics_sync, names, partitions)
 
+    def _on_admin_error(self, err) -> None:  # on the thread that polls the admin client
+        from confluent_kafka import KafkaError
+
+        if err.code() in (KafkaError._AUTHENTICATION, KafkaError._SSL):
+            self._login_error = err.str()
+
+    def _list_topics(self) -> dict:
+        """The cluster's topics. Looks them up second by second, so that a refused login or TLS
+        handshake (reported to the admin's error callback) ends the wait at once, with its reason."""
+        from confluent_kafka import KafkaException
+
+        deadline = time.monotonic() + self.metadata_timeout_s
+        while True:
+            try:
+                return self._admin.list_topics(timeout=1.0).topics
+            except KafkaException as e:
+                self._admin.poll(0)  # serves the error callback
+                if self._login_error is not None:
+                    protocol = self._client_config.get("security.protocol", "PLAINTEXT")
+                    raise ConfigError(f"Kafka at {self.bootstrap} refused the connection ({protocol}): "
+                                      f"{self._login_error}; check the kafka_sasl_* and kafka_ssl_ca_file "
+                                      "settings") from None
+                if time.monotonic() >= deadline:
+                    raise UnavailableError(f"Kafka at {self.bootstrap} did not answer within "
+                                           f"{self.metadata_timeout_s:g} s: {e.args[0].str()}") from None
+
     def _ensure_topics_sync(self, names: list[str], partitions: int) -> None:
         from confluent_kafka import KafkaError, KafkaException
         from confluent_kafka.admin import NewTopic
@@ -346,7 +388,7 @@ class KafkaBus(EventBus):
             names = [n for n in names if n not in self._known_topics]
             if not names:
                 return
-            existing = self._admin.list_topics(timeout=15).topics
+            existing = self._list_topics()
             missing = [n for n in names if n not in existing or existing[n].error is not None]
             if missing:
                 futures = self._admin.create_topics(
@@ -428,7 +470,7 @@ class KafkaBus(EventBus):
                 if consumer is None:
                     self._ensure_topics_sync([sub.topic], self.partitions)
                     consumer = Consumer({
-                        "bootstrap.servers": self.bootstrap,
+                        **self._client_config,
                         "group.id": sub.group_id,
                         "client.id": self.client_id,
                         "enable.auto.commit": False,
@@ -523,6 +565,34 @@ class KafkaBus(EventBus):
             log.debug("could not read the consumer lag of %s", topic, exc_info=True)
 
 
-def make_bus(bootstrap: str | None, metrics: ServiceMetrics | None = None) -> EventBus:
-    """A :class:`KafkaBus` on ``bootstrap`` when given, else an :class:`InProcessBus`."""
-    return KafkaBus(bootstrap, metrics) if bootstrap else InProcessBus(metrics)
+def kafka_client_config(settings) -> dict:
+    """librdkafka's security settings from a service's ``kafka_*`` settings
+    (:class:`rlhf.runtime.settings.BaseServiceSettings`, which validated them). Reads the password
+    from ``kafka_sasl_password_file`` now (a rotated Secret takes effect at the next start)."""
+    protocol = settings.kafka_security_protocol.upper()
+    config = {"security.protocol": protocol}
+    if protocol.startswith("SASL_"):
+        try:
+            password = Path(settings.kafka_sasl_password_file).read_text(encoding="utf-8").rstrip("\r\n")
+        except OSError as e:
+            raise ConfigError(f"kafka_sasl_password_file: cannot read {settings.kafka_sasl_password_file}: "
+                              f"{e.strerror}") from None
+        config.update({"sasl.mechanism": settings.kafka_sasl_mechanism.upper(),
+                       "sasl.username": settings.kafka_sasl_username, "sasl.password": password})
+    if protocol.endswith("SSL") and settings.kafka_ssl_ca_file:
+        config["ssl.ca.location"] = settings.kafka_ssl_ca_file
+    return config
+
+
+def make_bus(bootstrap: str | None, metrics: ServiceMetrics | None = None, client_config: dict | None = None) -> EventBus:
+    """A :class:`KafkaBus` on ``bootstrap`` when given (its clients with ``client_config``), else an
+    :class:`InProcessBus`."""
+    return KafkaBus(bootstrap, metrics, client_config=client_config) if bootstrap else InProcessBus(metrics)
+
+
+def bus_for(settings, metrics: ServiceMetrics | None = None) -> EventBus:
+    """The bus a service's settings ask for: Kafka at ``kafka_bootstrap`` with its security settings,
+    or the in-process bus without a bootstrap."""
+    if not settings.kafka_bootstrap:
+        return InProcessBus(metrics)
+    return make_bus(settings.kafka_bootstrap, metrics, kafka_client_config(settings))

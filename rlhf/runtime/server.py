@@ -101,6 +101,9 @@ SERVER_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.so_reuseport", 0),
 ]
 
+READY_CHECK_INTERVAL_S = 1.0  # how often a service's check_ready runs
+READY_CHECK_TIMEOUT_S = 5.0  # a check_ready that takes longer has failed
+
 # services whose calls skip admission control (they are cheap and must answer under load)
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 UNLIMITED_SERVICES = frozenset({grpc_health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1})
@@ -164,6 +167,10 @@ class Service(Protocol):
     # Optional: ``async def drain(self, grace: float) -> None`` runs beside the gRPC server's
     # graceful stop, from its first moment: a service that answers more than gRPC (HTTP, say)
     # refuses new work there too and lets what is in flight finish within ``grace`` seconds.
+    #
+    # Optional: ``async def check_ready(self) -> None`` raises while the service cannot serve (its
+    # database is unreachable, say). Polled every READY_CHECK_INTERVAL_S while serving: health
+    # says NOT_SERVING from the first failed check until one passes again.
 
 
 # -- exceptions -> status codes ------------------------------------------------------------------
@@ -521,6 +528,42 @@ def server_tls_credentials(settings: BaseServiceSettings) -> grpc.ServerCredenti
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
 
 
+async def watch_readiness(service: Service, health: HealthServicer, names: list[str]) -> None:
+    """Poll ``service.check_ready()`` (if it has one) and set every health status to SERVING or
+    NOT_SERVING by its outcome, logging each change with the reason. Runs until cancelled; a check
+    still running (a database that hangs) counts as failed and is not started twice."""
+    check = getattr(service, "check_ready", None)
+    if check is None:
+        return
+    ready = True
+    pending: asyncio.Future | None = None
+    try:
+        while True:
+            if pending is None or pending.done():
+                pending = asyncio.ensure_future(check())
+            done, _ = await asyncio.wait({pending}, timeout=READY_CHECK_TIMEOUT_S)
+            if not done:
+                problem = f"the readiness check did not finish within {READY_CHECK_TIMEOUT_S:g} s"
+            elif pending.cancelled():
+                problem = "the readiness check was cancelled"
+            else:
+                exc = pending.exception()
+                problem = None if exc is None else (str(exc) or type(exc).__name__)
+            if (problem is None) != ready:
+                ready = problem is None
+                status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+                for n in names:
+                    health.set(n, status)
+                if ready:
+                    log.info("ready again: SERVING")
+                else:
+                    log.warning("not ready: NOT_SERVING", extra={"fields": {"reason": problem}})
+            await asyncio.sleep(READY_CHECK_INTERVAL_S)
+    finally:
+        if pending is not None:
+            pending.cancel()
+
+
 def build_server(service: Service, settings: BaseServiceSettings, metrics: ServiceMetrics,
                  health: HealthServicer, auth: Authenticator | None = None) -> grpc.aio.Server:
     """The grpc.aio server with the interceptor, the service, health and reflection (not bound)."""
@@ -611,7 +654,11 @@ async def serve(service: Service, settings: BaseServiceSettings, metrics: Servic
                     "auth": "credentials" if auth.enabled else "anonymous"}})
                 if ready is not None:
                     ready(port, metrics_port)
-                await stop_task
+                readiness = asyncio.ensure_future(watch_readiness(service, health, names))
+                try:
+                    await stop_task
+                finally:
+                    readiness.cancel()
         finally:
             stop_task.cancel()
             if not start_task.done():  # stopped while starting (or serve() itself was cancelled)

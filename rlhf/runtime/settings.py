@@ -67,12 +67,20 @@ class BaseServiceSettings:
     peer_tls_ca_file: str = ""  # PEM CA bundle to verify other services' certificates (their ports serve TLS)
     peer_tls_cert_file: str = ""  # PEM client certificate presented to other services (mutual TLS)
     peer_tls_key_file: str = ""  # PEM private key of that client certificate
+    # -- Kafka security (rlhf.runtime.bus.kafka_client_config turns these into librdkafka's settings)
+    kafka_security_protocol: str = "PLAINTEXT"  # PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL
+    kafka_sasl_mechanism: str = "SCRAM-SHA-512"  # SCRAM-SHA-256 or SCRAM-SHA-512 (with SASL_*)
+    kafka_sasl_username: str = ""  # SCRAM user name (required with SASL_*)
+    kafka_sasl_password_file: str = ""  # file holding the SCRAM password, e.g. a mounted Secret (required with SASL_*); never the password itself
+    kafka_ssl_ca_file: str = ""  # PEM file of the CA(s) that signed the brokers' certificates (SSL, SASL_SSL); empty: the system's CAs
 
     def __post_init__(self) -> None:
         problems = common_problems(self)
         if problems:
             raise ConfigError("; ".join(f"{name}: {msg}" for name, msg in problems))
         self.log_level = self.log_level.upper()
+        self.kafka_security_protocol = self.kafka_security_protocol.upper()
+        self.kafka_sasl_mechanism = self.kafka_sasl_mechanism.upper()
 
 
 def common_problems(s: BaseServiceSettings) -> list[tuple[str, str]]:
@@ -101,6 +109,53 @@ def common_problems(s: BaseServiceSettings) -> list[tuple[str, str]]:
         out.append(("peer_tls_cert_file", "peer_tls_cert_file and peer_tls_key_file go together"))
     if str(s.log_level).upper() not in LOG_LEVELS:
         out.append(("log_level", f"must be one of {', '.join(LOG_LEVELS)}, got {s.log_level!r}"))
+    return out + kafka_security_problems(s)
+
+
+KAFKA_SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+KAFKA_SASL_MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
+def _unreadable(path: str) -> str | None:
+    """Why ``path`` cannot serve as a secret or CA file, or None when it can."""
+    p = Path(path)
+    if not p.is_file():
+        return f"no such file: {path}"
+    try:
+        with p.open("rb") as f:
+            if not f.read(1):
+                return f"the file is empty: {path}"
+    except OSError as e:
+        return f"cannot read {path}: {e.strerror}"
+    return None
+
+
+def kafka_security_problems(s) -> list[tuple[str, str]]:
+    """(field, message) for each inconsistent Kafka security setting; files are checked to exist."""
+    out = []
+    protocol = str(s.kafka_security_protocol).upper()
+    if protocol not in KAFKA_SECURITY_PROTOCOLS:
+        out.append(("kafka_security_protocol", f"must be one of {', '.join(KAFKA_SECURITY_PROTOCOLS)}, got {s.kafka_security_protocol!r}"))
+        return out
+    if protocol.startswith("SASL_"):
+        if str(s.kafka_sasl_mechanism).upper() not in KAFKA_SASL_MECHANISMS:
+            out.append(("kafka_sasl_mechanism", f"must be one of {', '.join(KAFKA_SASL_MECHANISMS)}, got {s.kafka_sasl_mechanism!r}"))
+        if not s.kafka_sasl_username:
+            out.append(("kafka_sasl_username", f"required with kafka_security_protocol {protocol}"))
+        if not s.kafka_sasl_password_file:
+            out.append(("kafka_sasl_password_file", f"required with kafka_security_protocol {protocol} "
+                                                    "(a file holding the password, e.g. a mounted Secret)"))
+        elif (why := _unreadable(s.kafka_sasl_password_file)) is not None:
+            out.append(("kafka_sasl_password_file", why))
+    else:
+        for name in ("kafka_sasl_username", "kafka_sasl_password_file"):
+            if getattr(s, name):
+                out.append((name, f"set, but kafka_security_protocol {protocol} does not log in (use SASL_SSL or SASL_PLAINTEXT)"))
+    if s.kafka_ssl_ca_file:
+        if not protocol.endswith("SSL"):
+            out.append(("kafka_ssl_ca_file", f"set, but kafka_security_protocol {protocol} does not use TLS (use SSL or SASL_SSL)"))
+        elif (why := _unreadable(s.kafka_ssl_ca_file)) is not None:
+            out.append(("kafka_ssl_ca_file", why))
     return out
 
 
@@ -144,7 +199,11 @@ def _from_env(raw: str, tp: Any) -> Any:
 
 
 def _field_of(message: str, names: list[str]) -> str | None:
-    """The field a validator's message is about: the longest field name in it as a whole word."""
+    """The field a validator's message is about: the one it starts with (``"name: ..."``), else the
+    longest field name in it as a whole word."""
+    head = message.split(":", 1)[0]
+    if head in names:
+        return head
     for name in sorted(names, key=len, reverse=True):
         if re.search(rf"(?<![A-Za-z0-9_]){re.escape(name)}(?![A-Za-z0-9_])", message):
             return name

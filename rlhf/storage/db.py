@@ -5,6 +5,14 @@ embedded default (``sqlite:///rlhf.db``, or ``sqlite://`` in memory); PostgreSQL
 (``postgresql+psycopg://user@host/db``) in production. Everything here is synchronous: services
 call it from a worker thread (``asyncio.to_thread``).
 
+Every engine hides bound parameters from its error messages (``hide_parameters``): they carry
+prompts and responses, and error messages end up in logs. On PostgreSQL a statement that runs
+longer than the statement timeout is cancelled, and a database that cannot be reached (refused or
+lost connections, a server shutting down or recovering, a cancelled statement) surfaces as
+:class:`~rlhf.errors.UnavailableError` from :func:`transaction` -- UNAVAILABLE to a service's
+callers, which the platform's channels retry -- not as a driver error. :func:`ping` is the
+services' readiness check.
+
 SQLite notes: the sqlite3 driver's own transaction handling is switched off and SQLAlchemy emits
 ``BEGIN`` itself, so reads and writes of one transaction see one snapshot; writing transactions
 start with ``BEGIN IMMEDIATE`` (see :func:`transaction`) so that concurrent writers queue on the
@@ -15,7 +23,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import threading
+import time
 import weakref
 from contextlib import contextmanager, nullcontext
 from datetime import datetime, timezone
@@ -24,11 +34,17 @@ from typing import Iterator
 
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.pool import StaticPool
 
-from rlhf.errors import ConfigError, DataError
+from rlhf.errors import ConfigError, DataError, UnavailableError
+
+log = logging.getLogger("rlhf.storage")
 
 BUSY_TIMEOUT_S = 30.0
+STATEMENT_TIMEOUT_S = 30.0  # PostgreSQL cancels a statement running longer (the caller gets UNAVAILABLE)
+CONNECT_TIMEOUT_S = 10  # seconds to establish a PostgreSQL connection
 MIGRATIONS_DIR = Path(__file__).resolve().with_name("migrations")
 # pg_advisory_xact_lock key held while migrating, so two services starting at once migrate one
 # after the other (the second finds the schema at head).
@@ -39,12 +55,15 @@ _MIGRATION_LOCK_KEY = 0x726C6866_0001
 _ENGINE_LOCKS: "weakref.WeakKeyDictionary[Engine, threading.RLock]" = weakref.WeakKeyDictionary()
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, *, statement_timeout_s: float = STATEMENT_TIMEOUT_S) -> Engine:
     """An engine for ``url``: ``sqlite:///path``, ``sqlite://`` (in memory) or ``postgresql+psycopg://...``.
 
     SQLite files get WAL, foreign keys and a busy timeout; an in-memory database is shared by all
-    threads of the process. PostgreSQL gets ``pool_pre_ping``. ``postgresql://`` means psycopg 3.
+    threads of the process. PostgreSQL gets ``pool_pre_ping``, a connect timeout and a
+    ``statement_timeout`` of ``statement_timeout_s`` (0: none). ``postgresql://`` means psycopg 3.
     """
+    if not statement_timeout_s >= 0:
+        raise ConfigError(f"statement_timeout_seconds: must be >= 0, got {statement_timeout_s}")
     try:
         u = make_url(url)
     except Exception as e:  # noqa: BLE001 - sqlalchemy raises ArgumentError and friends
@@ -58,8 +77,22 @@ def make_engine(url: str) -> Engine:
         if u.get_driver_name() != "psycopg":
             raise ConfigError(f"database_url: PostgreSQL is supported through psycopg 3 "
                               f"(postgresql+psycopg://...), not {u.drivername!r}")
-        return create_engine(u, pool_pre_ping=True, future=True)
+        return create_engine(u, pool_pre_ping=True, hide_parameters=True,
+                             connect_args=_pg_connect_args(u, statement_timeout_s))
     raise ConfigError(f"database_url: unsupported database {backend!r} (use sqlite or postgresql+psycopg)")
+
+
+def _pg_connect_args(u, statement_timeout_s: float) -> dict:
+    """libpq's connect timeout (unless the URL sets one) and the statement timeout, added to the
+    URL's own ``options`` (connect_args replace the URL's query values of the same name)."""
+    args: dict = {}
+    if "connect_timeout" not in u.query:
+        args["connect_timeout"] = CONNECT_TIMEOUT_S
+    options = u.query.get("options", "")
+    if isinstance(options, tuple):
+        options = " ".join(options)
+    args["options"] = f"{options} -c statement_timeout={int(statement_timeout_s * 1000)}".strip()
+    return args
 
 
 def _sqlite_engine(u) -> Engine:
@@ -67,10 +100,10 @@ def _sqlite_engine(u) -> Engine:
     in_memory = database in ("", ":memory:") or "mode=memory" in str(u)
     connect_args = {"check_same_thread": False, "timeout": BUSY_TIMEOUT_S}
     if in_memory:
-        engine = create_engine(u, poolclass=StaticPool, connect_args=connect_args)
+        engine = create_engine(u, poolclass=StaticPool, connect_args=connect_args, hide_parameters=True)
         _ENGINE_LOCKS[engine] = threading.RLock()
     else:
-        engine = create_engine(u, connect_args=connect_args)
+        engine = create_engine(u, connect_args=connect_args, hide_parameters=True)
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn, _record):  # pragma: no branch - trivial
@@ -111,11 +144,57 @@ def transaction(engine: Engine, *, write: bool = False) -> Iterator[Connection]:
     """
     lock = _ENGINE_LOCKS.get(engine)
     with lock if lock is not None else nullcontext():
-        with engine.connect() as conn:
-            if write:
-                conn.execution_options(rlhf_write=True)
-            with conn.begin():
-                yield conn
+        try:
+            with engine.connect() as conn:
+                if write:
+                    conn.execution_options(rlhf_write=True)
+                with conn.begin():
+                    yield conn
+        except DBAPIError as e:
+            if not is_unavailable(engine, e):
+                raise
+            raise UnavailableError("the database is unavailable; retry later") from _logged_unavailable(e)
+        except PoolTimeout as e:  # every pooled connection busy for pool_timeout seconds
+            raise UnavailableError("the database is busy (no free connection); retry later") from e
+
+
+def ping(engine: Engine) -> None:
+    """Raises UnavailableError unless the database answers a trivial query (the readiness check)."""
+    with transaction(engine) as conn:
+        conn.execute(text("SELECT 1"))
+
+
+# SQLSTATE classes of a server that cannot serve now: connection exception, insufficient resources
+# (too many connections), operator intervention (shutdown, starting up, statement timeout), system
+# error (I/O)
+_UNAVAILABLE_CLASSES = ("08", "53", "57", "58")
+_last_unavailable_log = 0.0
+
+
+def is_unavailable(engine: Engine, exc: BaseException) -> bool:
+    """Whether a database error means "cannot be reached or cannot serve now" rather than a bad
+    statement: on PostgreSQL a lost or refused connection, or a SQLSTATE of the classes above.
+    Deadlocks and serialization failures are not: the stores retry those (:func:`is_transient`)."""
+    if not is_postgresql(engine) or not isinstance(exc, DBAPIError) or is_transient(exc):
+        return False
+    if exc.connection_invalidated or isinstance(exc, InterfaceError):
+        return True
+    if not isinstance(exc, OperationalError):
+        return False
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    return sqlstate is None or sqlstate[:2] in _UNAVAILABLE_CLASSES
+
+
+def _logged_unavailable(exc: DBAPIError) -> DBAPIError:
+    """Log why the database is unavailable (the driver's first line; no parameters), at most every
+    5 s per process so that an outage does not flood the log; returns ``exc``."""
+    global _last_unavailable_log
+    now = time.monotonic()
+    if now - _last_unavailable_log >= 5.0:
+        _last_unavailable_log = now
+        reason = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else type(exc.orig).__name__
+        log.warning("database unavailable: %s: %s", type(exc.orig).__name__, reason)
+    return exc
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -136,6 +215,7 @@ def migrate(engine: Engine) -> None:
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     with transaction(engine, write=True) as conn:
         if is_postgresql(engine):
+            conn.execute(text("SET LOCAL statement_timeout = 0"))  # a migration may take long
             conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK_KEY})
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")

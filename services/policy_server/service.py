@@ -26,7 +26,7 @@ from rlhf.inference.engine import DeadlineExceededError, EngineConfig
 from rlhf.metrics import ServiceMetrics
 from rlhf.registry import ModelRegistry
 from rlhf.runtime.apikeys import ApiKeys
-from rlhf.runtime.bus import make_bus
+from rlhf.runtime.bus import bus_for
 from rlhf.runtime.grpc_client import peer_credentials
 from rlhf.runtime.http import EmbeddedHttpServer
 from rlhf.runtime.server import BaseServiceSettings
@@ -106,7 +106,7 @@ class PolicyServer(policy_grpc.PolicyServiceServicer):
     def __init__(self, settings: Settings, metrics: ServiceMetrics, bus=None):
         s = self.s = settings
         self.metrics = metrics
-        self.bus = bus if bus is not None else make_bus(s.kafka_bootstrap, metrics)
+        self.bus = bus if bus is not None else bus_for(s, metrics)
         if s.backend == "tgi":
             self.backend = TGIBackend(s.tgi_url, s, metrics, s.tgi_api_key)
         else:

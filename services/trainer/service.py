@@ -16,7 +16,7 @@ from rlhf.config import apply_overrides, from_dict
 from rlhf.errors import ConfigError, DataError, UnavailableError
 from rlhf.metrics import ServiceMetrics
 from rlhf.registry import ModelRegistry
-from rlhf.runtime.bus import make_bus
+from rlhf.runtime.bus import bus_for
 from rlhf.runtime.grpc_client import peer_credentials
 from rlhf.runtime.server import BaseServiceSettings
 from rlhf.train import PPOJob, RMJob, SFTJob
@@ -69,7 +69,7 @@ class Trainer(trainer_grpc.TrainerServiceServicer):
         self.s = settings
         self.metrics = metrics
         self.registry = ModelRegistry(settings.registry_dir)
-        self.bus = bus if bus is not None else make_bus(settings.kafka_bootstrap, metrics)
+        self.bus = bus if bus is not None else bus_for(settings, metrics)
         self.jobs: JobManager | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         # comparison events per labeling task, each event counted once (consumers are idempotent);

@@ -29,9 +29,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from rlhf_client import policy_grpc, policy_pb2, reward_grpc, reward_pb2
 
-from rlhf.errors import ConfigError
+from rlhf.errors import ConfigError, UnavailableError
 from rlhf.metrics import ServiceMetrics
-from rlhf.runtime import grpc_client
+from rlhf.runtime import grpc_client, server
 from rlhf_client import channel as sdk_channel
 from rlhf.runtime.logs import configure_logging
 from rlhf.runtime.server import BaseServiceSettings, ModelExecutor, serve
@@ -349,6 +349,62 @@ def test_calls_still_running_at_the_grace_deadline_are_cancelled():
     asyncio.run(main())
 
 
+class ReadinessService(EchoService):
+    """An echo service whose readiness check fails (``down``) or hangs until ``answer`` is set
+    (a database that does not answer, then does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.down = False
+        self.answer: asyncio.Event | None = None
+
+    async def check_ready(self) -> None:
+        if self.answer is not None:
+            await self.answer.wait()
+        if self.down:
+            raise UnavailableError("the database is unavailable; retry later")
+
+
+async def _health_until(stub, wanted: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        statuses = {name: (await stub.Check(health_pb2.HealthCheckRequest(service=name))).status
+                    for name in ("", REWARD_SERVICE, POLICY_SERVICE)}
+        if set(statuses.values()) == {wanted}:
+            return
+        assert time.monotonic() < deadline, f"health still {statuses}, expected {wanted}"
+        await asyncio.sleep(0.02)
+
+
+def test_health_follows_the_services_readiness_check(monkeypatch, caplog):
+    """NOT_SERVING from the first failed (or hanging) check, SERVING again once one passes; calls
+    are still taken meanwhile (the service answers them with its own status)."""
+    monkeypatch.setattr(server, "READY_CHECK_INTERVAL_S", 0.02)
+    monkeypatch.setattr(server, "READY_CHECK_TIMEOUT_S", 0.2)
+
+    async def main():
+        service = ReadinessService()
+        async with running(service) as srv:
+            async with sdk_channel.channel(srv.target) as ch:
+                health = health_pb2_grpc.HealthStub(ch)
+                await _health_until(health, SERVING)
+                service.down = True
+                await _health_until(health, NOT_SERVING)
+                service.down = False
+                await _health_until(health, SERVING)
+                service.answer = asyncio.Event()
+                await _health_until(health, NOT_SERVING)
+                service.answer.set()  # the hanging check finishes: no second one was started meanwhile
+                await _health_until(health, SERVING)
+                await reward_grpc.RewardServiceStub(ch).Score(score_request("a"))
+    with caplog.at_level(logging.INFO, logger="rlhf.runtime.server"):
+        asyncio.run(main())
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages.count("not ready: NOT_SERVING") == 2 and messages.count("ready again: SERVING") == 2
+    reasons = [r.fields["reason"] for r in caplog.records if r.getMessage() == "not ready: NOT_SERVING"]
+    assert reasons == ["the database is unavailable; retry later", "the readiness check did not finish within 0.2 s"]
+
+
 def test_stop_while_starting_still_stops_the_service():
     async def main():
         service = EchoService(start_delay=30)
@@ -457,6 +513,39 @@ def test_settings_problems_are_listed_together():
     assert "RLHF_REWARD_SCORER_MAX_QUEUE: must be >= 0, got -1" in msg
     assert "RLHF_REWARD_SCORER_REGISTRY_DIR: registry_dir is required" in msg
     assert "(6 problems)" in msg
+
+
+def test_kafka_security_settings_are_checked_together(tmp_path):
+    p = "RLHF_REWARD_SCORER_"
+    empty = tmp_path / "empty"
+    empty.write_text("")
+    with pytest.raises(ConfigError) as e:
+        load_settings(ScorerSettings, "reward-scorer", {
+            p + "REGISTRY_DIR": "m", p + "KAFKA_SECURITY_PROTOCOL": "sasl_ssl", p + "KAFKA_SASL_MECHANISM": "PLAIN",
+            p + "KAFKA_SASL_PASSWORD_FILE": str(empty), p + "KAFKA_SSL_CA_FILE": str(tmp_path / "missing.pem")})
+    msg = str(e.value)
+    assert f"{p}KAFKA_SASL_MECHANISM: must be one of SCRAM-SHA-256, SCRAM-SHA-512, got 'PLAIN'" in msg
+    assert f"{p}KAFKA_SASL_USERNAME: required with kafka_security_protocol SASL_SSL" in msg
+    assert f"{p}KAFKA_SASL_PASSWORD_FILE: the file is empty: {empty}" in msg
+    assert f"{p}KAFKA_SSL_CA_FILE: no such file: {tmp_path / 'missing.pem'}" in msg
+    assert "(4 problems)" in msg
+
+    with pytest.raises(ConfigError) as e:
+        load_settings(ScorerSettings, "reward-scorer", {
+            p + "REGISTRY_DIR": "m", p + "KAFKA_SECURITY_PROTOCOL": "TLS", p + "KAFKA_SASL_USERNAME": "u"})
+    assert f"{p}KAFKA_SECURITY_PROTOCOL: must be one of PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL, got 'TLS'" in str(e.value)
+    with pytest.raises(ConfigError, match="KAFKA_SASL_USERNAME: set, but kafka_security_protocol PLAINTEXT does not log in"):
+        load_settings(ScorerSettings, "reward-scorer", {p + "REGISTRY_DIR": "m", p + "KAFKA_SASL_USERNAME": "u"})
+
+    secret = tmp_path / "password"
+    secret.write_text("s3cret\n")
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    s = load_settings(ScorerSettings, "reward-scorer", {
+        p + "REGISTRY_DIR": "m", p + "KAFKA_SECURITY_PROTOCOL": "sasl_ssl", p + "KAFKA_SASL_MECHANISM": "scram-sha-256",
+        p + "KAFKA_SASL_USERNAME": "rlhf", p + "KAFKA_SASL_PASSWORD_FILE": str(secret), p + "KAFKA_SSL_CA_FILE": str(ca)})
+    assert (s.kafka_security_protocol, s.kafka_sasl_mechanism) == ("SASL_SSL", "SCRAM-SHA-256")
+    assert "s3cret" not in repr(s)  # settings name the file, never hold the password
 
 
 def test_json_logs_with_fields_and_exceptions(capsys):

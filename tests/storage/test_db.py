@@ -10,12 +10,13 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.config import Config
 from alembic.script import ScriptDirectory
-from sqlalchemy import Column, Integer, MetaData, Table, insert, inspect
+from sqlalchemy import Column, Integer, MetaData, Table, insert, inspect, text
 from sqlalchemy.exc import IntegrityError
 
-from rlhf.errors import ConfigError, DataError
-from rlhf.storage.db import (MIGRATIONS_DIR, decode_page_token, encode_page_token, make_engine, migrate,
+from rlhf.errors import ConfigError, DataError, UnavailableError
+from rlhf.storage.db import (MIGRATIONS_DIR, decode_page_token, encode_page_token, make_engine, migrate, ping,
                              transaction)
+from rlhf.storage.feedback import FeedbackStore
 from rlhf.storage.prompts import PromptIn, PromptStore
 from rlhf.storage.schema import Base, outbox, submissions
 
@@ -141,6 +142,58 @@ def test_postgresql_url_defaults_to_psycopg():
     engine = make_engine("postgresql://u@localhost:1/db")  # nothing connects until used
     assert engine.dialect.driver == "psycopg"
     engine.dispose()
+
+
+def test_errors_never_carry_the_bound_parameters(engine):
+    """A failing statement's message names the statement, never the values (prompts end up in logs)."""
+    secret = "a prompt that must not reach any log 7d1e"
+    row = dict(id="s" * 32, idempotency_key=secret, request_sha256="0" * 64, kind="ranking", task_id="missing",
+               labeler_id="a", ranking=[[0], [1]], created_at=datetime.now(timezone.utc))
+    with pytest.raises(IntegrityError) as e:
+        with transaction(engine, write=True) as conn:
+            conn.execute(insert(submissions), row)
+    assert "INSERT INTO submissions" in str(e.value)
+    assert secret not in str(e.value) and "hidden due to hide_parameters" in str(e.value)
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_unreachable_postgresql_is_unavailable_not_a_driver_error(caplog):
+    engine = make_engine(f"postgresql+psycopg://u@127.0.0.1:{_closed_port()}/db")
+    with pytest.raises(UnavailableError, match="the database is unavailable; retry later"):
+        ping(engine)
+    # what the stores do through transaction(): the same error, so a service answers UNAVAILABLE
+    with pytest.raises(UnavailableError):
+        FeedbackStore(engine).submit_ranking("k1", "t1", "labeler", [[0], [1]])
+    engine.dispose()
+
+
+def test_postgresql_sessions_get_the_statement_timeout_and_keep_the_urls_options(db_url):
+    engine = make_engine(db_url, statement_timeout_s=0.25)
+    try:
+        with transaction(engine) as conn:
+            assert conn.execute(text("SHOW statement_timeout")).scalar() == "250ms"
+            assert "rlhf_test_" in conn.execute(text("SHOW search_path")).scalar()  # the URL's own options
+        with pytest.raises(UnavailableError):
+            with transaction(engine) as conn:
+                conn.execute(text("SELECT pg_sleep(3)"))
+        ping(engine)  # the pool recovers: the next call works
+    finally:
+        engine.dispose()
+
+
+test_postgresql_sessions_get_the_statement_timeout_and_keep_the_urls_options.backends = ("postgresql",)
+
+
+def test_a_negative_statement_timeout_is_refused():
+    with pytest.raises(ConfigError, match="statement_timeout_seconds"):
+        make_engine("sqlite://", statement_timeout_s=-1)
 
 
 def test_page_tokens():
