@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from rlhf.generation import inverse_cdf
 from rlhf.serving import GenerationRequest
 
 
@@ -73,18 +74,15 @@ def choose(logits: torch.Tensor, p: BatchParams, eos_block: torch.Tensor | None,
             if p.any_top_p:
                 drop = probs.cumsum(-1) - probs >= p.top_p  # keep the smallest set whose mass >= top_p
                 probs = probs.masked_fill(drop, 0.0)
-            cdf = probs.cumsum(-1)
-            idx = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_(max=V - 1)  # (n, 1)
-            tokens = order.gather(-1, idx).squeeze(-1)
+            idx = inverse_cdf(probs.cumsum(-1), u)  # (n,): never a token the filter dropped
+            tokens = order.gather(-1, idx[:, None]).squeeze(-1)
             if not p.all_filtered:
                 # the other rows draw in vocabulary order, as they do in a batch without such rows:
                 # a seeded sample must not depend on what else runs beside it
-                cdf = scaled.softmax(-1).cumsum(-1)
-                plain = torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(-1).clamp_(max=V - 1)
+                plain = inverse_cdf(scaled.softmax(-1).cumsum(-1), u)
                 tokens = torch.where(p.filtered, tokens, plain)
         else:
-            cdf = scaled.softmax(-1).cumsum(-1)
-            tokens = torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(-1).clamp_(max=V - 1)
+            tokens = inverse_cdf(scaled.softmax(-1).cumsum(-1), u)  # (n,): never a blocked EOS
         if p.any_greedy:
             tokens = torch.where(p.greedy, logits.argmax(-1), tokens)
     lps = logp.gather(-1, tokens[:, None]).squeeze(-1)  # (n,)
