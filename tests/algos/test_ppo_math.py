@@ -243,21 +243,27 @@ def test_truncate_at_stop_several_stop_ids_and_none():
 
 
 @pytest.mark.parametrize(
-    "kwargs",
+    "kwargs, message",
     [
-        {"batch_size": 10, "mini_batch_size": 4},
-        {"batch_size": 0},
-        {"mini_batch_size": 0},
-        {"ppo_epochs": 0},
-        {"value_model": "tied"},
-        {"kl_horizon": 0},
-        {"ptx_block_size": 1},
-        {"ptx_batch_size": 0},
+        ({"batch_size": 10, "mini_batch_size": 4}, r"batch_size \(10\) must be a multiple of mini_batch_size \(4\)"),
+        ({"batch_size": 0}, "batch_size and mini_batch_size must be >= 1"),
+        ({"mini_batch_size": 0}, "batch_size and mini_batch_size must be >= 1"),
+        ({"ppo_epochs": 0}, "ppo_epochs must be >= 1"),
+        ({"value_model": "tied"}, "value_model must be 'shared' or 'separate'"),
+        ({"kl_horizon": 0}, "kl_horizon must be >= 1"),
+        ({"ptx_block_size": 1}, "ptx_block_size >= 2"),
+        ({"ptx_batch_size": 0}, "ptx_batch_size must be >= 1"),
     ],
 )
-def test_ppo_config_validation(kwargs):
-    with pytest.raises(ValueError):
+def test_ppo_config_validation(kwargs, message):
+    with pytest.raises(ValueError, match=message):
         PPOConfig(**kwargs)
+
+
+def test_ppo_config_accepts_the_smallest_valid_values():
+    cfg = PPOConfig(batch_size=1, mini_batch_size=1, ppo_epochs=1, kl_horizon=1, ptx_block_size=2, ptx_batch_size=1,
+                    value_model="separate", sampling=SamplingParams(max_new_tokens=1, temperature=1e-3))
+    assert (cfg.batch_size, cfg.kl_horizon, cfg.ptx_block_size, cfg.value_model) == (1, 1, 2, "separate")
 
 
 def test_ppo_config_normalises_fields():
@@ -725,3 +731,47 @@ def test_kl_horizon_moves_beta_by_the_episodes_of_the_step(tok):
     e = min(max((m["kl"] - 0.05) / 0.05, -0.2), 0.2)
     assert e != 0.0
     assert m["kl_coef_next"] == pytest.approx(0.2 * (1 + e * 8 / 100))  # 8 rollouts of a 100-episode horizon
+
+
+def test_step_metrics_are_what_they_say(tok):
+    """Every reported figure of two steps against an independent computation on the rollouts."""
+    torch.manual_seed(0)
+    sampling = SamplingParams(max_new_tokens=6, temperature=0.9, min_new_tokens=1)
+    policy = _tiny_lm(tok)
+    ref = _perturbed(policy)
+    fn = _reward_fn(tok, tok(" a", add_special_tokens=False)["input_ids"][0])
+    cfg = _cfg(lr=0.0, value_lr=0.0, mini_batch_size=8, ppo_epochs=1, kl_coef=0.25, sampling=sampling,
+               missing_stop_penalty=None)
+    trainer = PPOTrainer(policy, tok, lambda p, r: fn(p, r) + torch.arange(len(r)) * 0.5, cfg, ref_model=ref)
+    seen = []
+    orig = trainer.generate
+    trainer.generate = lambda p: seen.append(orig(p)) or seen[-1]
+    history = [trainer.step(PROMPTS) for _ in range(2)]
+    tokens = 0
+    for step, (m, r) in enumerate(zip(history, seen), start=1):
+        mask = r.response_mask.float()
+        scores = fn(PROMPTS, m["_responses"]) + torch.arange(8) * 0.5
+        lp, all_pi = sampled_logprobs(policy, r, 0.9, 1, tok.eos_token_id)
+        lp_ref, _ = sampled_logprobs(ref, r, 0.9, 1, tok.eos_token_id)
+        kl_rows = ((lp - lp_ref) * mask).sum(1)
+        tokens += int(mask.sum())
+        assert m["step"] == step and m["samples_total"] == 8 * step and m["tokens_total"] == tokens
+        assert m["_scores"].tolist() == scores.tolist()
+        assert m["reward"] == pytest.approx(scores.mean().item()) and m["reward_std"] == pytest.approx(scores.std().item())
+        assert m["kl"] == pytest.approx(kl_rows.mean().item(), abs=5e-4)
+        beta = 0.25 if step == 1 else history[0]["kl_coef_next"]
+        assert m["reward_total"] == pytest.approx((scores - beta * kl_rows).mean().item(), abs=5e-4)
+        assert m["response_length_tokens"] == pytest.approx(mask.sum(1).mean().item())
+        assert m["stopped_fraction"] == pytest.approx(r.ended_with_eos.float().mean().item())
+        blocked = torch.arange(6)[None, :, None] < 1
+        sampled = torch.log_softmax(torch.where(blocked & (torch.arange(len(tok)) == tok.eos_token_id), -torch.inf,
+                                                all_pi), -1)
+        ent = -(sampled.exp() * sampled.nan_to_num(0.0, neginf=0.0)).sum(-1)  # (B, R)
+        assert m["entropy"] == pytest.approx(((ent * mask).sum() / mask.sum()).item(), rel=1e-4)
+        assert m["approx_kl"] < 1e-8 and m["clipfrac_ratio"] == 0.0 and m["value_clipfrac_ratio"] == 0.0
+        assert m["kl_coef"] == beta and m["kl_coef_next"] == pytest.approx(
+            beta * (1 + 0.1 * min(max((m["kl"] - 6.0) / 6.0, -0.2), 0.2)))
+        assert abs(m["policy_loss"]) < 1e-5  # ratio 1: minus the mean whitened advantage, 0
+        assert m["time_generate_seconds"] >= 0 and m["step_duration_seconds"] >= m["time_update_seconds"] > 0
+        assert m["samples_per_second"] == pytest.approx(8 / m["step_duration_seconds"])
+        assert m["tokens_per_second"] == pytest.approx(mask.sum().item() / m["step_duration_seconds"])
