@@ -8,6 +8,8 @@ of file are read here (see ``docs/data-formats.md`` for examples):
 * comparisons -- a full ranking of K responses (ties allowed), a best-of-K choice, or a pair
   (``chosen``/``rejected``, or a tie) -> :class:`Comparison`
 
+Pre-training text for PPO-ptx (:func:`read_texts`) may also be a plain text file.
+
 Bad input raises :class:`~rlhf.errors.DataError` whose message starts with ``<file>:<line>:``
 (1-based) and says what is wrong, e.g. ``prefs.jsonl:3: ranking repeats index 2``.
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import codecs
 import json
 import os
+import re
 import secrets
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -435,6 +438,37 @@ def read_prompts(path: PathLike, max_records: int | None = None) -> list[Prompt]
 def read_demonstrations(path: PathLike, max_records: int | None = None) -> list[Demonstration]:
     """Read ``{"prompt": str, "response": str}`` records."""
     return [_build(where, _demonstration, record) for where, record in _records(path, max_records)]
+
+
+def _text(record: dict[str, Any]) -> str:
+    if "text" in record:
+        (text,) = _require_texts(record, "text")
+        return text
+    if "prompt" in record or "response" in record:
+        prompt, response = _require_texts(record, "prompt", "response")
+        return prompt + response
+    raise DataError("not pre-training text: expected 'text', or 'prompt' and 'response'")
+
+
+def read_texts(path: PathLike, max_records: int | None = None) -> list[str]:
+    """Pre-training documents (PPO-ptx): a ``.jsonl`` file of ``{"text": str}`` records (or of
+    demonstrations, each read as prompt + response), or any other file as UTF-8 text whose
+    documents are separated by blank lines."""
+    name = os.fspath(path)
+    if name.endswith(".jsonl"):
+        return [_build(where, _text, record) for where, record in _records(path, max_records)]
+    lines: list[str] = []
+    for lineno, raw in _lines(path):
+        try:
+            lines.append(raw.decode("utf-8").rstrip("\r\n"))
+        except UnicodeDecodeError as e:
+            raise DataError(f"{name}:{lineno}: not valid UTF-8 (byte {e.start} of the line)") from None
+    limit = _check_max_records(max_records)
+    docs = [d.strip() for d in re.split(r"\n\s*\n", "\n".join(lines)) if d.strip()]
+    docs = docs[: int(limit)] if limit < len(docs) else docs
+    if not docs:
+        raise DataError(f"{name}: no text")
+    return docs
 
 
 _LIST_KEYS = ("responses", "ranking", "best")

@@ -4,7 +4,9 @@
 2. sample K continuations per prompt from rho; a *simulated* labeler (stand-in for people) ranks them
 3. train a reward model (rho's trunk + scalar head) with InstructGPT's K-way ranking loss
 4. PPO against the RM under the adaptive KL controller; and the same PPO with beta = 0
-5. evaluate on held-out prompts: gold-judge win rate, diversity, KL, perplexity under rho
+5. evaluate on held-out prompts: gold-judge win rate, diversity, KL, perplexity under rho; and
+   the perplexity of held-out review text under each policy (what PPO-ptx, ``--set
+   ppo.ptx_coef=...``, keeps down: it mixes rho's pre-training text into PPO's updates)
 
 Everything is written to a run directory: summary.json, samples, plots and model versions.
 """
@@ -28,7 +30,7 @@ import torch
 
 from rlhf.algos.ppo import PPOConfig, PPOTrainer, logprobs_of
 from rlhf.algos.rm import RMTrainConfig, accuracy_of_scores, comparison_scores, set_normalization, train_reward_model
-from rlhf.algos.sft import SFTConfig, pack_texts, perplexity, train_lm
+from rlhf.algos.sft import PretrainBlocks, SFTConfig, pack_texts, perplexity, train_lm
 from rlhf.config import to_dict
 from rlhf.data import Comparison, write_jsonl
 from rlhf.evaluate import distinct_n, mean_length, pairwise_accuracy, repetition_rate, win_rate
@@ -235,10 +237,12 @@ def sequence_logprob(model, tok, prompts: list[str], responses: list[str], batch
     return np.concatenate(out) if out else np.zeros(0)
 
 
-def evaluate_policy(name, model, ref, tok, judge, prompts, cfg: DemoConfig, seed: int) -> dict:
+def evaluate_policy(name, model, ref, tok, judge, prompts, cfg: DemoConfig, seed: int,
+                    heldout_blocks: torch.Tensor) -> dict:
     grouped, tokens = sample_texts(model, tok, prompts, 1, cfg.response_tokens, seed)
     responses = [g[0] for g in grouped]
     gold = judge.score(prompts, responses)
+    ones = torch.ones_like(heldout_blocks)
     lp_pi = sequence_logprob(model, tok, prompts, responses)
     lp_rho = sequence_logprob(ref, tok, prompts, responses)
     n_tok = sum(len(t) for t in tokens)
@@ -250,11 +254,13 @@ def evaluate_policy(name, model, ref, tok, judge, prompts, cfg: DemoConfig, seed
         "length": mean_length(tokens),
         "kl_to_ref": float(np.mean(lp_pi - lp_rho)),
         "perplexity_under_ref": float(math.exp(-lp_rho.sum() / max(n_tok, 1))),
+        # the alignment tax on language modelling: held-out reviews under the policy itself
+        "heldout_text_perplexity": perplexity(model, heldout_blocks, ones, ones),
     }
 
 
 def _ppo_run(name, rho, tok, rm: RewardModel, judge: GoldJudge, prompts: list[str], cfg: PPOConfig, steps: int,
-            progress: Progress, seed: int):
+            progress: Progress, seed: int, ptx: PretrainBlocks | None = None):
     """PPO from a copy of rho; returns (policy, per-step history with gold scores)."""
     policy = copy.deepcopy(rho).requires_grad_(True)  # rho is frozen; its copy is trained
     rm.eval()
@@ -263,7 +269,7 @@ def _ppo_run(name, rho, tok, rm: RewardModel, judge: GoldJudge, prompts: list[st
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
             return rm.score(ps, rs)
 
-    trainer = PPOTrainer(policy, tok, reward_fn, cfg, ref_model=rho)
+    trainer = PPOTrainer(policy, tok, reward_fn, cfg, ref_model=rho, ptx_blocks=ptx)
     rng = np.random.default_rng(seed)
     task = progress.add(name, total=steps)
     history = []
@@ -359,13 +365,17 @@ def run_demo(out_dir: Path, cfg: DemoConfig, data_dir: Path | None = None, progr
     ppo_cfg = copy.deepcopy(cfg.ppo)
     # fixed-length continuations, as in Ziegler et al.'s sentiment task
     ppo_cfg.sampling = SamplingParams(max_new_tokens=cfg.response_tokens, min_new_tokens=cfg.response_tokens)
-    policy, hist = _ppo_run("PPO (adaptive KL)", rho, tok, rm, judge, train_prompts, ppo_cfg, cfg.ppo_steps, progress, cfg.seed)
+    # PPO-ptx (off unless ppo.ptx_coef > 0) samples rho's own pre-training text
+    ptx = PretrainBlocks.from_texts(tok, lm_texts, cfg.block_size) if ppo_cfg.ptx_coef > 0 else None
+    policy, hist = _ppo_run("PPO (adaptive KL)", rho, tok, rm, judge, train_prompts, ppo_cfg, cfg.ppo_steps, progress,
+                            cfg.seed, ptx)
     ppo_dir = save_pretrained(policy, tok, out_dir / "models" / "ppo", manifest={
         "kind": "policy", "parent": str(sft_dir), "reward_model": str(rm_dir), "config": to_dict(ppo_cfg)})
     b0_cfg = copy.deepcopy(ppo_cfg)
     # no KL penalty and no entropy bonus: the entropy bonus is a brake on the same collapse the
     # penalty prevents, so the beta = 0 run drops both (docs/demo-results.md)
     b0_cfg.kl_coef, b0_cfg.adaptive_kl, b0_cfg.kl_target, b0_cfg.entropy_coef = 0.0, False, None, 0.0
+    b0_cfg.ptx_coef = 0.0  # nor PPO-ptx
     policy0, hist0 = _ppo_run("PPO (beta = 0)", rho, tok, rm, judge, train_prompts, b0_cfg, cfg.beta0_steps, progress, cfg.seed)
     b0_dir = save_pretrained(policy0, tok, out_dir / "models" / "ppo_beta0", manifest={
         "kind": "policy", "parent": str(sft_dir), "reward_model": str(rm_dir), "config": to_dict(b0_cfg)})
@@ -373,8 +383,9 @@ def run_demo(out_dir: Path, cfg: DemoConfig, data_dir: Path | None = None, progr
     # 5. evaluation on held-out prompts
     task = progress.add("evaluate on held-out prompts", total=3)
     ev = {}
+    heldout_blocks = pack_texts(tok, valid_reviews, cfg.block_size)
     for name, model in (("sft", rho), ("ppo", policy), ("ppo_beta0", policy0)):
-        ev[name] = evaluate_policy(name, model, rho, tok, judge, eval_prompts, cfg, cfg.seed + 7)
+        ev[name] = evaluate_policy(name, model, rho, tok, judge, eval_prompts, cfg, cfg.seed + 7, heldout_blocks)
         progress.update(task, advance=1)
     with torch.no_grad():
         for name in ev:
@@ -388,7 +399,8 @@ def run_demo(out_dir: Path, cfg: DemoConfig, data_dir: Path | None = None, progr
     gold0 = [h["gold"] for h in hist0]
     summary = {"task": "positive continuation of IMDB review openings (Ziegler et al. 2019)"}
     per_policy = {"gold_score": "gold_mean", "proxy_reward": "proxy_reward", "distinct2": "distinct2",
-                  "repetition": "repetition", "length": "length", "perplexity_under_sft": "perplexity_under_ref"}
+                  "repetition": "repetition", "length": "length", "perplexity_under_sft": "perplexity_under_ref",
+                  "heldout_text_perplexity": "heldout_text_perplexity"}
     for name in ev:  # sft, ppo, ppo_beta0
         summary.update({f"{key}_{name}": ev[name][field_] for key, field_ in per_policy.items()})
     for name in ("ppo", "ppo_beta0"):

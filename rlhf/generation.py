@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import ClassVar, Callable
+from typing import Callable, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -25,10 +25,10 @@ class SamplingParams:
     """How responses are sampled."""
 
     max_new_tokens: int = 32  # response length limit in tokens
-    temperature: float = 1.0  # PPO samples at T=1 so that rollout log-probs are the policy's own
-    top_k: int = 0  # 0: off
-    top_p: float = 1.0  # 1.0: off
-    min_new_tokens: int = 0  # EOS is masked out until this many tokens exist
+    temperature: float = 1.0  # softmax(logits / T); 0 is greedy. PPO optimises the distribution at this T
+    top_k: int = 0  # 0: off (PPO refuses it: the log-probs it optimises are of the unfiltered distribution)
+    top_p: float = 1.0  # 1.0: off (PPO refuses it, as top_k)
+    min_new_tokens: int = 0  # EOS cannot be sampled until this many tokens exist (PPO's log-probs know it)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -53,7 +53,7 @@ class Rollout:
     prompt_mask: torch.Tensor  # (B, P)
     response_ids: torch.Tensor  # (B, R) right-padded with pad_token_id after EOS
     response_mask: torch.Tensor  # (B, R) 1 on real response tokens, EOS included
-    logprobs: torch.Tensor  # (B, R) log pi(token) under the unmodified (T=1) distribution
+    logprobs: torch.Tensor  # (B, R) log-probs of the tokens (see ``sample``'s ``logprobs``)
     values: torch.Tensor | None  # (B, R) value head outputs, when a value head was given
     ended_with_eos: torch.Tensor  # (B,) bool
 
@@ -79,14 +79,44 @@ def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
     return logits
 
 
+def inverse_cdf(cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Invert a CDF: per row the index i with cdf[i-1] <= u * total < cdf[i], where total = cdf[-1].
+
+    ``cdf`` (B, V) is the cumulative sum of unnormalised non-negative weights, ``u`` (B, 1) uniform
+    in [0, 1). A token of zero weight is never returned: its cdf entry equals the one before, so
+    no x satisfies the bounds for it -- even at u == 0 (a left-sided search would return index 0
+    there, whatever its weight). When u * total rounds up to total, the last token of non-zero
+    weight is returned. Returns (B,).
+    """
+    total = cdf[:, -1:]  # (B, 1)
+    idx = torch.searchsorted(cdf, u * total, right=True)  # (B, 1)
+    last = (cdf < total).sum(-1, keepdim=True)  # (B, 1): the first index where the cdf reaches its total
+    return torch.minimum(idx, last).squeeze(-1)
+
+
 def _sample_categorical(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """One draw per row by inverting the CDF with a uniform number: the same distribution as
     ``torch.multinomial``, ~20x cheaper on CPU, and the generator may live on another device."""
     dev = generator.device if generator is not None else probs.device
     u = torch.rand(probs.shape[0], 1, generator=generator, device=dev).to(probs.device)  # (B, 1)
-    cdf = probs.cumsum(-1)  # (B, V)
-    idx = torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(-1)  # (B,)
-    return idx.clamp_(max=probs.shape[-1] - 1)
+    return inverse_cdf(probs.cumsum(-1), u)
+
+
+def sampling_logits(logits: torch.Tensor, temperature: float, min_new_tokens: int, eos_token_id: int | None,
+                    first_position: int = 0) -> torch.Tensor:
+    """The logits of the distribution the sampler draws from, before any top-k/top-p filter:
+    ``logits / temperature``, with EOS at -inf at response positions < ``min_new_tokens``.
+
+    ``logits`` (..., R, V) are for response positions ``first_position`` .. ``first_position+R-1``.
+    PPO takes its log-probs of the policy and of the reference from these (TRL divides by the
+    temperature in the same way), so the ratio and the KL are those of what was sampled.
+    Returns a new float32 tensor.
+    """
+    out = logits.float() / (temperature if temperature > 0 else 1.0)  # a new tensor: safe to edit
+    blocked = min_new_tokens - first_position
+    if blocked > 0 and eos_token_id is not None:
+        out[..., :blocked, eos_token_id] = float("-inf")
+    return out
 
 
 def accepts_logits_to_keep(model) -> bool:
@@ -106,14 +136,20 @@ def sample(
     generator: torch.Generator | None = None,
     autocast_dtype: torch.dtype | None = None,
     on_step: Callable[[torch.Tensor, torch.Tensor], bool | None] | None = None,
+    logprobs: Literal["model", "sampling"] = "model",
 ) -> Rollout:
     """Sample up to ``params.max_new_tokens`` tokens per row with a KV cache.
 
-    Rows that emit EOS stop (later positions are padding, masked out). ``logprobs`` are taken at
-    temperature 1 from the same logits used to sample, whatever the sampling temperature.
-    ``on_step(tokens, logprobs)`` (each (B,)) is called after every step, for streaming; when it
-    returns False, sampling stops there (the caller went away).
+    Rows that emit EOS stop (later positions are padding, masked out). ``logprobs="model"`` gives
+    the model's own log-probs (temperature 1, no filter, EOS allowed), what an inference API
+    reports; ``"sampling"`` gives those of the distribution each token was drawn from
+    (temperature, top-k/top-p and the EOS block of ``min_new_tokens`` included; 0 when greedy),
+    what PPO needs as its rollout log-probs. ``on_step(tokens, logprobs)`` (each (B,)) is called
+    after every step, for streaming; when it returns False, sampling stops there (the caller
+    went away).
     """
+    if logprobs not in ("model", "sampling"):
+        raise ValueError(f"logprobs must be 'model' or 'sampling', got {logprobs!r}")
     B = prompt_ids.shape[0]
     device = prompt_ids.device
     mask = prompt_mask.clone()
@@ -141,17 +177,18 @@ def sample(
         logits = out.logits[:, -1, :].float()  # (B, V)
         if want_hidden:
             vals.append(value_head(out.hidden_states[-1][:, -1, :].float()))  # (B,)
-        logp_all = F.log_softmax(logits, dim=-1)  # (B, V): the policy's own distribution at T=1
-        if t < params.min_new_tokens:
-            logits[:, eos_token_id] = float("-inf")  # affects sampling only, not the log-probs
+        scaled = sampling_logits(logits[:, None], params.temperature, params.min_new_tokens, eos_token_id, t)[:, 0]
         if params.temperature == 0:
-            nxt = logits.argmax(-1)
+            nxt = scaled.argmax(-1)
+            logp_all = F.log_softmax(logits, dim=-1) if logprobs == "model" else torch.zeros_like(logits)
         else:
-            scaled = _filter_logits(logits / params.temperature, params.top_k, params.top_p)
+            scaled = _filter_logits(scaled, params.top_k, params.top_p)  # (B, V)
             nxt = _sample_categorical(scaled.softmax(-1), generator)  # (B,)
+            logp_all = F.log_softmax(logits if logprobs == "model" else scaled, dim=-1)  # (B, V)
         nxt = torch.where(alive, nxt, torch.full_like(nxt, pad_token_id))
         tokens.append(nxt)
-        logps.append(logp_all.gather(-1, nxt.unsqueeze(-1)).squeeze(-1))
+        lp = logp_all.gather(-1, nxt.unsqueeze(-1)).squeeze(-1)  # (B,)
+        logps.append(torch.where(alive, lp, torch.zeros_like(lp)))  # padding may be outside a filter: no -inf
         alive_hist.append(alive.clone())
         alive = alive & (nxt != eos_token_id)
         if on_step is not None and on_step(nxt, logps[-1]) is False:

@@ -108,6 +108,28 @@ def build_tiny_lm(cfg: TinyLMConfig, seed: int = 0) -> GPT2LMHeadModel:
         return GPT2LMHeadModel(config)
 
 
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Set every dropout rate in ``model`` to 0, in place, and return it.
+
+    Every RL job does this to the policy, the value model, the reference and the reward model,
+    as TRL and OpenRLHF do: PPO's update runs in train mode, and with dropout on, the log-probs
+    of the update would not be those of the rollout (the ratio would not start at 1, nor the KL
+    at 0). Dropout modules get p = 0; float attributes named ``*dropout*`` (rates that attention
+    implementations hand to ``scaled_dot_product_attention``, e.g. Llama's
+    ``attention_dropout``) are set to 0. The model's config is left as it was.
+    """
+    for m in model.modules():
+        if isinstance(m, _DROPOUTS):
+            m.p = 0.0
+        for name, value in list(vars(m).items()):
+            if "dropout" in name and isinstance(value, float):
+                setattr(m, name, 0.0)
+    return model
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -225,11 +247,14 @@ class RewardConfig:
     et al. and InstructGPT) or ``"encoder"`` (a bidirectional encoder, mean-pooled).
     ``bias``/``gain`` implement the normalisation r' = (r - bias) * gain so that reference
     outputs score 0 on average (InstructGPT, section 3.5) and optionally unit variance.
+    ``max_length`` is the token length (prompt + response) the model was trained at; it scores
+    at that length unless told otherwise (a model saved before this field existed: 512).
     """
 
     backbone: str = "causal"
     bias: float = 0.0
     gain: float = 1.0
+    max_length: int = 512
 
 
 class RewardModel(nn.Module):
@@ -291,12 +316,45 @@ class RewardModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return (self.raw_scores(input_ids, attention_mask) - self.config.bias) * self.config.gain
 
-    def encode(self, prompts: list[str], responses: list[str], max_length: int = 512) -> dict[str, torch.Tensor]:
-        """Tokenize (prompt, response) pairs the way this backbone expects."""
-        if self.config.backbone == "causal":
-            texts = [p + r for p, r in zip(prompts, responses)]
-            return self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
-        return self.tokenizer(prompts, responses, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+    def encode(self, prompts: list[str], responses: list[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
+        """Tokenize (prompt, response) pairs the way this backbone expects: the causal trunk reads
+        prompt tokens then response tokens (its score at the last one), the encoder a pair with
+        its special tokens. At most ``max_length`` tokens (default: the length the model was
+        trained at, ``config.max_length``), special tokens included.
+
+        A pair that does not fit loses the *beginning of its prompt*: the response stays whole,
+        and so does the end of the prompt -- in a dialogue, the turn the response answers. Only a
+        response longer than the limit on its own is cut, at its end, and then has no prompt.
+        """
+        from tokenizers import Encoding
+
+        limit = max_length or self.config.max_length
+        pair = self.config.backbone != "causal"
+        bt = self.tokenizer.backend_tokenizer
+        bt.no_truncation()  # the backend may hold the settings of an earlier call (or of its
+        bt.no_padding()  # tokenizer.json); the tokenizer's own calls set theirs every time
+        budget = limit - bt.num_special_tokens_to_add(pair)
+        if budget < 1:
+            raise ValueError(f"max_length={limit} leaves no room for a response")
+        empty = bt.encode("", add_special_tokens=False)
+        rows = []
+        for p, r in zip(bt.encode_batch(list(prompts), add_special_tokens=False),
+                        bt.encode_batch(list(responses), add_special_tokens=False), strict=True):
+            if len(r.ids) > budget:
+                r.truncate(budget)  # a response too long on its own keeps its beginning
+            room = budget - len(r.ids)
+            if room == 0:
+                p = empty
+            elif len(p.ids) > room:
+                p.truncate(room, direction="left")  # the prompt keeps its end
+            enc = bt.post_process(p, r, True) if pair else bt.post_process(Encoding.merge([p, r]), None, True)
+            rows.append(enc.ids)
+        T = max((len(x) for x in rows), default=0)
+        pad, left = self.tokenizer.pad_token_id, self.tokenizer.padding_side == "left"
+        ids = [[pad] * (T - len(x)) + x if left else x + [pad] * (T - len(x)) for x in rows]
+        mask = [[0] * (T - len(x)) + [1] * len(x) if left else [1] * len(x) + [0] * (T - len(x)) for x in rows]
+        return {"input_ids": torch.tensor(ids, dtype=torch.long).view(len(rows), T),
+                "attention_mask": torch.tensor(mask, dtype=torch.long).view(len(rows), T)}
 
     @torch.no_grad()
     def score(self, prompts: list[str], responses: list[str], batch_size: int = 64) -> torch.Tensor:
@@ -305,7 +363,7 @@ class RewardModel(nn.Module):
         device = next(self.parameters()).device
         out = []
         for i in range(0, len(prompts), batch_size):
-            enc = self.encode(prompts[i : i + batch_size], responses[i : i + batch_size])
+            enc = self.encode(prompts[i : i + batch_size], responses[i : i + batch_size])  # at config.max_length
             out.append(self(enc["input_ids"].to(device), enc["attention_mask"].to(device)))
         return torch.cat(out) if out else torch.zeros(0)
 
@@ -327,7 +385,7 @@ class RewardModel(nn.Module):
         p = _check_model_dir(path)
         if not (p / "reward_config.json").is_file():
             raise ModelNotFoundError(f"{p} is not a reward model (no reward_config.json)")
-        config = RewardConfig(**json.loads((p / "reward_config.json").read_text()))
+        config = RewardConfig(**json.loads((p / "reward_config.json").read_text()))  # max_length: 512 if absent
         backbone = _from_pretrained(AutoModel, p)
         tok = AutoTokenizer.from_pretrained(p, local_files_only=True)
         if tok.pad_token is None:

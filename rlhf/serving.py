@@ -37,6 +37,11 @@ class GenerationRequest:
     return_logprobs: bool = False
     top_logprobs: int = 0  # alternatives reported per token by rlhf.inference (0: none)
     fit_to_context: bool = False  # max_new_tokens was a default: lower it to the room the prompt leaves
+    # "model": each token's log-prob under the model's own distribution (temperature 1, no
+    # filter), as inference APIs report it; "sampling": under the distribution it was drawn
+    # from (temperature, top-k/top-p, min_new_tokens' EOS block; 0 when greedy) -- what PPO
+    # needs as behaviour log-probs (rlhf.algos.ppo.PPOTrainer.step_on_rollout)
+    logprobs_of: str = "model"
 
     def sampling_params(self) -> SamplingParams:
         return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
@@ -117,7 +122,7 @@ class PolicyEngine:
         params = req.sampling_params()
         gen = torch.Generator(device="cpu").manual_seed(req.seed) if req.seed is not None else None
         r = sample(self.model, ids, mask, params, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id,
-                   generator=gen, on_step=on_step)
+                   generator=gen, on_step=on_step, logprobs=req.logprobs_of)
         out: list[PromptResult] = []
         resp, rmask, lp = r.response_ids.tolist(), r.response_mask.tolist(), r.logprobs.tolist()
         for i in range(len(prompts)):

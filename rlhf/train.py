@@ -32,16 +32,14 @@ import torch
 
 from rlhf.algos.ppo import PPOConfig, PPOTrainer, RewardFn
 from rlhf.algos.rm import RMTrainConfig, normalize_reward_model, pair_accuracy, split_into_pairs, train_reward_model
-from rlhf.algos.sft import SFTConfig, encode_demonstrations, pack_texts, perplexity, train_lm
+from rlhf.algos.sft import PretrainBlocks, SFTConfig, encode_demonstrations, perplexity, train_lm
 from rlhf.config import Range, count, to_dict
-from rlhf.data import Comparison, Demonstration, read_comparisons, read_demonstrations, read_prompts
+from rlhf.data import Comparison, Demonstration, read_comparisons, read_demonstrations, read_prompts, read_texts
 from rlhf.errors import ConfigError, DataError
 from rlhf.generation import Rollout
-from rlhf.models import RewardModel, load_causal_lm, load_tokenizer, minilm_path, save_pretrained
+from rlhf.models import RewardModel, disable_dropout, load_causal_lm, load_tokenizer, minilm_path, save_pretrained
 from rlhf.progress import Progress
 from rlhf.registry import write_version
-
-PTX_BLOCK_TOKENS = 64  # tokens per pre-training block of PPO-ptx
 
 
 # ----------------------------------------------------------------------------------------------
@@ -89,7 +87,7 @@ class PPOJob:
     reference: str = ""  # rho, the frozen reference: a directory / registry version; empty: the starting policy (rlhf train) or the root of its lineage, the SFT model (trainer)
     reward_model: str = ""  # directory of a reward model written by `rlhf train rm` (rlhf train, required); the trainer scores on the reward-scorer
     prompts: str = ""  # prompts JSONL, {"prompt"} per line (rlhf train, required); the trainer uses the prompt-collector's train prompts
-    ptx_data: str | None = None  # demonstrations JSONL used as pre-training text for PPO-ptx (rlhf train; optional)
+    ptx_data: str | None = None  # pre-training text for PPO-ptx (ppo.ptx_coef > 0): a text file of blank-line separated documents, or JSONL of {"text"} or demonstration records (rlhf train; optional)
     output: str = ""  # directory for the new policy version (rlhf train, required; must not exist); the trainer publishes into its registry
     steps: int = 100  # PPO steps; each uses ppo.batch_size prompts
     rollouts: Literal["", "local", "policy-server"] = ""  # who samples the rollouts: this process, or the policy-server (trainer only); empty: local for rlhf train, the policy-server in the trainer
@@ -118,7 +116,9 @@ class RolloutSource:
 
     def next(self, step: int) -> tuple[list[str], Rollout, dict]:
         """(prompts, rollout, info): ``info["own_rollout"]`` says whether the trainer's current
-        weights sampled it; other keys are step metrics (timings, staleness)."""
+        weights sampled it; ``info["behaviour_logprobs"]`` (optional) that ``rollout.logprobs``
+        are the sampler's behaviour log-probs, to take the PPO ratio against
+        (PPOTrainer.step_on_rollout); other keys are step metrics (timings, staleness)."""
         raise NotImplementedError
 
     def stepped(self, step: int, metrics: dict) -> None:
@@ -328,7 +328,7 @@ def run_ppo(job: PPOJob, io: JobIO) -> dict:
     policy = load_causal_lm(start.path).to(io.device)
     ref_model = load_causal_lm(ref.path).to(io.device)
     texts = io.ptx_texts(job)
-    ptx = pack_texts(tok, texts, PTX_BLOCK_TOKENS) if texts else None
+    ptx = PretrainBlocks.from_texts(tok, texts, job.ppo.ptx_block_size) if texts else None
     if job.ppo.ptx_coef > 0 and ptx is None:
         raise ConfigError("ppo.ptx_coef > 0 needs pre-training text (ptx_data)")
     reward_fn, reward_info = io.reward_fn(job)
@@ -350,7 +350,8 @@ def run_ppo(job: PPOJob, io: JobIO) -> dict:
             t_step = time.perf_counter()
             prompts, rollout, info = source.next(step)
             own = info.pop("own_rollout")
-            m = trainer.step_on_rollout(prompts, rollout, own_rollout=own)
+            behaviour = info.pop("behaviour_logprobs", False)
+            m = trainer.step_on_rollout(prompts, rollout, own_rollout=own, behaviour_logprobs=behaviour)
             check_step("PPO", step + 1, m)
             m.update(info)
             hist.append(m)
@@ -435,10 +436,10 @@ class LocalIO(JobIO):
         return [p.prompt for p in read_prompts(job.prompts)]
 
     def ptx_texts(self, job: PPOJob) -> list[str] | None:
-        return [d.prompt + d.response for d in read_demonstrations(job.ptx_data)] if job.ptx_data else None
+        return read_texts(job.ptx_data) if job.ptx_data else None
 
     def reward_fn(self, job: PPOJob):
-        rm = RewardModel.load(job.reward_model).requires_grad_(False).to(self.device)
+        rm = disable_dropout(RewardModel.load(job.reward_model)).requires_grad_(False).to(self.device)
         return (lambda ps, rs: rm.score(ps, rs)), (lambda: {"reward_model": job.reward_model})
 
     def publish(self, kind, write, job, *, parent, metrics, config, data) -> str:

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from rlhf.cli import main
-from rlhf.data import write_jsonl
+from rlhf.data import read_comparisons, write_jsonl
+from rlhf.models import RewardModel
 
 GOOD = ["a great film", "wonderful acting", "i loved it", "a fine story"]
 BAD = ["a dull film", "awful acting", "i hated it", "a boring story"]
@@ -40,8 +41,19 @@ def test_train_sft_rm_ppo_and_eval(workdir, capsys):
                                f'output = "{d / "rm"}"\n[rm]\nbatch_size = 4\nepochs = 2\nlr = 1e-3\n')
     assert main(["train", "rm", "--config", str(d / "rm.toml"), "--set", "rm.loss=ranking"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["rm_steps"] == 6 and 0.0 <= out["rm_accuracy_heldout"] <= 1.0
+    assert out["rm_steps"] == 6
     assert (d / "rm" / "reward_config.json").is_file()
+    # the accuracy the job reports is the share of pairs its saved RM orders correctly (the
+    # normalisation after it keeps the order), counted here from the model's own scores
+    rm = RewardModel.load(d / "rm")
+    assert rm.config.max_length == 128  # the length it trained at, stored with it
+    correct = total = 0.0
+    for c in read_comparisons(d / "cmp.jsonl"):
+        sc = rm.score([c.prompt] * c.K, list(c.responses)).tolist()
+        for w, l in c.pairs():
+            correct += 1.0 if sc[w] > sc[l] else 0.5 if sc[w] == sc[l] else 0.0
+            total += 1
+    assert out["rm_accuracy_heldout"] == pytest.approx(correct / total)
 
     (d / "ppo.yaml").write_text(f"policy: {d / 'sft'}\nreward_model: {d / 'rm'}\nprompts: {d / 'prompts.jsonl'}\n"
                                 f"output: {d / 'ppo'}\nsteps: 2\nppo:\n  batch_size: 4\n  mini_batch_size: 2\n"
@@ -52,13 +64,33 @@ def test_train_sft_rm_ppo_and_eval(workdir, capsys):
     assert (d / "ppo" / "config.json").is_file() and (d / "ppo" / "value_head.pt").is_file()
 
     assert main(["eval", "rm", "--model", str(d / "rm"), "--data", str(d / "cmp.jsonl")]) == 0
-    assert 0.0 <= json.loads(capsys.readouterr().out)["rm_accuracy"] <= 1.0
+    assert json.loads(capsys.readouterr().out)["rm_accuracy"] == pytest.approx(correct / total)
 
     write_jsonl(d / "a.jsonl", [{"prompt": "review 0:", "response": " a great film"}, {"prompt": "review 1:", "response": " x"}])
     write_jsonl(d / "b.jsonl", [{"prompt": "review 0:", "response": " awful acting"}, {"prompt": "review 1:", "response": " x"}])
     assert main(["eval", "winrate", "--a", str(d / "a.jsonl"), "--b", str(d / "b.jsonl"), "--judge", str(d / "rm")]) == 0
     res = json.loads(capsys.readouterr().out)
-    assert res["n"] == 2 and 0.0 <= res["win_rate_a_vs_b"] <= 1.0
+    a0, b0 = rm.score(["review 0:"] * 2, [" a great film", " awful acting"]).tolist()
+    assert a0 != b0
+    # prompt 0: whichever the RM prefers; prompt 1: the same response on both sides, a tie (1/2)
+    assert res["n"] == 2 and res["win_rate_a_vs_b"] == ((1.0 if a0 > b0 else 0.0) + 0.5) / 2
+
+
+def test_train_ppo_with_ptx_samples_the_pre_training_text(workdir, capsys):
+    d = workdir
+    if not (d / "rm" / "reward_config.json").is_file():
+        pytest.skip("needs the models of test_train_sft_rm_ppo_and_eval")
+    (d / "pretrain.txt").write_text("\n\n".join(f"{g} and {b}." for g, b in zip(GOOD * 4, BAD * 4)) + "\n")
+    (d / "ppo-ptx.yaml").write_text(f"policy: {d / 'sft'}\nreward_model: {d / 'rm'}\nprompts: {d / 'prompts.jsonl'}\n"
+                                    "steps: 2\nppo:\n  batch_size: 4\n  mini_batch_size: 2\n  ppo_epochs: 1\n"
+                                    "  ptx_coef: 0.5\n  ptx_block_size: 8\n  sampling:\n    max_new_tokens: 4\n")
+    base = ["train", "ppo", "--config", str(d / "ppo-ptx.yaml")]
+    assert main([*base, "--set", f"output={d / 'ppo-no-text'}"]) == 2
+    assert "ptx_data" in capsys.readouterr().err
+    assert main([*base, "--set", f"output={d / 'ppo-ptx'}", "--set", f"ptx_data={d / 'pretrain.txt'}"]) == 0
+    capsys.readouterr()
+    steps = [json.loads(x) for x in (d / "ppo-ptx" / "metrics.jsonl").read_text().splitlines()]
+    assert len(steps) == 2 and all(3.0 < s["ptx_loss"] < 8.0 for s in steps)  # about log(300): an NLL per token
 
 
 @pytest.mark.parametrize("case", ["missing_model", "empty_data", "repeated_index", "unknown_field", "output_exists", "k1"])

@@ -27,7 +27,7 @@ ppo:
   value_model: separate
   sampling:
     max_new_tokens: 24
-    top_k: 50
+    min_new_tokens: 4
 """
 
 RM_TOML = """\
@@ -55,7 +55,7 @@ def test_yaml_loads_into_nested_dataclasses(tmp_path):
     assert job.ppo.kl_target is None and job.ppo.adaptive_kl is False
     assert job.ppo.stop_token_ids == (13, 198)
     assert job.ppo.value_model == "separate"
-    assert job.ppo.sampling.max_new_tokens == 24 and job.ppo.sampling.top_k == 50
+    assert job.ppo.sampling.max_new_tokens == 24 and job.ppo.sampling.min_new_tokens == 4
     # fields the file leaves out keep their defaults
     assert job.ppo.sampling.temperature == 1.0
     assert job.ppo.clip_range == 0.2 and job.ptx_data is None
@@ -79,20 +79,20 @@ def test_overrides_apply_on_top_of_the_file(tmp_path):
                                      "ppo.stop_token_ids=[1, 2, 3]", "ppo.adaptive_kl=true", "ptx_data=d.jsonl"])
     assert job.ppo.lr == 1e-5
     assert job.ppo.sampling.max_new_tokens == 8
-    assert job.ppo.sampling.top_k == 50  # siblings from the file survive
+    assert job.ppo.sampling.min_new_tokens == 4  # siblings from the file survive
     assert job.steps == 3 and job.ppo.stop_token_ids == (1, 2, 3)
     assert job.ppo.adaptive_kl is True and job.ptx_data == "d.jsonl"
 
 
 def test_apply_overrides_on_plain_dicts():
-    d = {"ppo": {"lr": 0.1, "sampling": {"top_k": 5}}, "steps": 1}
+    d = {"ppo": {"lr": 0.1, "sampling": {"min_new_tokens": 5}}, "steps": 1}
     out = apply_overrides(d, ["ppo.lr=1e-5", "ppo.sampling.max_new_tokens=8", "new.deep.key=x", "empty="])
-    assert out["ppo"]["sampling"] == {"top_k": 5, "max_new_tokens": 8}
+    assert out["ppo"]["sampling"] == {"min_new_tokens": 5, "max_new_tokens": 8}
     assert float(out["ppo"]["lr"]) == 1e-5
     assert out["new"] == {"deep": {"key": "x"}}
     assert out["empty"] == "" and out["steps"] == 1
     # the input is not modified
-    assert d == {"ppo": {"lr": 0.1, "sampling": {"top_k": 5}}, "steps": 1}
+    assert d == {"ppo": {"lr": 0.1, "sampling": {"min_new_tokens": 5}}, "steps": 1}
     # a value containing '=' keeps everything after the first '='
     assert apply_overrides({}, ["a=b=c"]) == {"a": "b=c"}
 

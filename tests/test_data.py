@@ -16,6 +16,7 @@ from rlhf.data import (
     read_demonstrations,
     read_jsonl,
     read_prompts,
+    read_texts,
     write_jsonl,
 )
 from rlhf.errors import DataError, RLHFError
@@ -492,3 +493,45 @@ def test_error_uses_path_as_given(tmp_path, monkeypatch):
     with pytest.raises(DataError) as info:
         read_comparisons("prefs.jsonl")
     assert str(info.value) == "prefs.jsonl:1: best 9 is out of range for 3 responses (0..2)"
+
+
+# --------------------------------------------------------------------------------------------
+# Pre-training text (PPO-ptx)
+# --------------------------------------------------------------------------------------------
+
+
+def test_read_texts_from_text_and_jsonl(tmp_path):
+    txt = tmp_path / "corpus.txt"
+    txt.write_text("First document,\non two lines.\n\n\n  Second one.  \n   \nThird.\n", encoding="utf-8")
+    assert read_texts(txt) == ["First document,\non two lines.", "Second one.", "Third."]
+    assert read_texts(txt, max_records=2) == ["First document,\non two lines.", "Second one."]
+    jl = tmp_path / "corpus.jsonl"
+    write_jsonl(jl, [{"text": "A review."}, {"prompt": "Q: ", "response": "A."}, {"text": "x", "prompt": "ignored"}])
+    assert read_texts(jl) == ["A review.", "Q: A.", "x"]
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"title": "no text"}\n', "corpus.jsonl:1: not pre-training text"),
+    ('{"text": ""}\n', "corpus.jsonl:1: 'text' is empty"),
+    ('{"prompt": "only a prompt"}\n', "corpus.jsonl:1: missing 'response'"),
+    ("", "corpus.jsonl: no records"),
+])
+def test_read_texts_errors_name_the_line(tmp_path, content, message):
+    f = tmp_path / "corpus.jsonl"
+    f.write_text(content)
+    with pytest.raises(DataError) as e:
+        read_texts(f)
+    assert str(e.value).startswith(str(f) + message[len("corpus.jsonl"):])
+
+
+def test_read_texts_errors_on_plain_text(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n  \n")
+    with pytest.raises(DataError, match="no text"):
+        read_texts(empty)
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"fine\nnot \xff utf-8\n")
+    with pytest.raises(DataError, match=r"bad.txt:2: not valid UTF-8"):
+        read_texts(bad)
+    with pytest.raises(DataError, match="does not exist"):
+        read_texts(tmp_path / "missing.txt")

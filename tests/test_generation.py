@@ -253,3 +253,82 @@ def test_inverse_cdf_sampling_matches_the_distribution():
     freq = torch.bincount(draws, minlength=4).float() / draws.numel()
     assert torch.allclose(freq, probs[0], atol=0.01), freq
     assert (draws != 2).all(), "a zero-probability token is never drawn"
+
+
+# ----------------------------------------------------------------------------------------------
+# Inverse-CDF draws never return a token of probability 0; the log-probs of what was sampled
+# ----------------------------------------------------------------------------------------------
+
+BELOW_ONE = 1.0 - 2.0**-24  # the largest float32 below 1: torch.rand's highest value
+
+
+def test_inverse_cdf_at_the_ends_of_the_uniform_draw():
+    from rlhf.generation import inverse_cdf
+
+    probs = torch.tensor([[0.0, 0.0, 0.3, 0.7, 0.0],   # zero weight at both ends
+                          [0.5, 0.0, 0.5, 0.0, 0.0],   # and in the middle
+                          [1.0, 0.0, 0.0, 0.0, 0.0]])
+    cdf = probs.cumsum(-1)
+    assert inverse_cdf(cdf, torch.zeros(3, 1)).tolist() == [2, 0, 0]  # u = 0: the first token of weight > 0
+    assert inverse_cdf(cdf, torch.full((3, 1), BELOW_ONE)).tolist() == [3, 2, 0]  # u -> 1: the last one
+    assert inverse_cdf(cdf, torch.full((3, 1), 0.5)).tolist() == [3, 2, 0]  # u * total on a step: the next token
+    assert inverse_cdf(cdf, torch.ones(3, 1)).tolist() == [3, 2, 0]  # even u = 1 (should u * total round up)
+    # unnormalised weights (a softmax's cumsum need not end at exactly 1)
+    w = torch.tensor([[0.0, 2.0, 0.0, 6.0, 0.0]])
+    assert inverse_cdf(w.cumsum(-1), torch.tensor([[0.2]])).tolist() == [1]
+    assert inverse_cdf(w.cumsum(-1), torch.tensor([[0.25]])).tolist() == [3]
+
+
+@pytest.mark.parametrize("u", [0.0, BELOW_ONE])
+def test_no_zero_probability_token_under_top_k_and_min_new_tokens(model, monkeypatch, u):
+    """Every uniform draw at 0 (or just below 1): with EOS = token 0 blocked by min_new_tokens,
+    and top-k dropping tokens 0 and V-1, neither sampler may return them."""
+    from rlhf.inference.sampling import BatchParams, choose
+    from rlhf.serving import GenerationRequest
+
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.full(a if a and isinstance(a[0], int) else a[0], u))
+    ids, mask = left_pad(PROMPTS)
+    r = sample(model, ids, mask, SamplingParams(max_new_tokens=4, min_new_tokens=4), eos_token_id=0, pad_token_id=PAD)
+    assert (r.response_ids != 0).all()
+    logits = torch.zeros(2, V)
+    logits[:, 5:9] = 1.0  # top-4: tokens 5..8; tokens 0 and V-1 are outside it
+    for k in (0, 4):
+        toks, _, _ = choose(logits.clone(), BatchParams([GenerationRequest(top_k=k)] * 2, [None, None], torch.device("cpu")),
+                            torch.tensor([True, True]), eos_id=0)
+        assert (toks != 0).all() and (k == 0 or ((toks >= 5) & (toks <= 8)).all()), (k, toks)
+    k4 = sample(model, ids, mask, SamplingParams(max_new_tokens=4, top_k=4), NO_EOS, PAD)
+    with torch.no_grad():
+        first = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[:, -1]
+    assert all(t in row for t, row in zip(k4.response_ids[:, 0].tolist(), torch.topk(first, 4).indices.tolist()))
+
+
+def test_sampling_logprobs_are_those_of_the_distribution_sampled(model):
+    """logprobs="sampling": log softmax of the logits / T, filtered by top-k, EOS renormalised
+    away within min_new_tokens; "model" (the default) keeps the model's own T = 1 log-probs."""
+    ids, mask = left_pad(PROMPTS * 2)
+    eos = 7
+    params = SamplingParams(max_new_tokens=6, temperature=0.7, top_k=10, min_new_tokens=3)
+    runs = {mode: sample(model, ids, mask, params, eos_token_id=eos, pad_token_id=PAD, logprobs=mode,
+                         generator=torch.Generator().manual_seed(0)) for mode in ("model", "sampling")}
+    r = runs["sampling"]
+    assert torch.equal(r.response_ids, runs["model"].response_ids)  # the same draws
+    att = r.attention_mask
+    P = ids.shape[1]
+    with torch.no_grad():
+        z = model(input_ids=r.input_ids, attention_mask=att, position_ids=(att.cumsum(-1) - 1).clamp(min=0)).logits
+    z = z[:, P - 1 : -1].float()  # (B, R, V)
+    for b in range(z.shape[0]):
+        for t in range(int(r.response_mask[b].sum())):
+            scaled = z[b, t] / 0.7
+            if t < 3:
+                scaled[eos] = float("-inf")
+            kth = torch.topk(scaled, 10).values[-1]
+            kept = scaled >= kth
+            lp = scaled[r.response_ids[b, t]] - torch.logsumexp(scaled[kept], -1)
+            assert r.logprobs[b, t].item() == pytest.approx(lp.item(), abs=1e-4)
+            own = torch.log_softmax(z[b, t], -1)[r.response_ids[b, t]]
+            assert runs["model"].logprobs[b, t].item() == pytest.approx(own.item(), abs=1e-4)
+    greedy = sample(model, ids, mask, SamplingParams(max_new_tokens=3, temperature=0.0), NO_EOS, PAD, logprobs="sampling")
+    assert (greedy.logprobs == 0).all()  # greedy: the token chosen had probability 1
+    with pytest.raises(ValueError):
+        sample(model, ids, mask, params, eos, PAD, logprobs="tempered")

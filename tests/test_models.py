@@ -14,6 +14,7 @@ from rlhf.models import (
     ValueHead,
     build_tiny_lm,
     count_parameters,
+    disable_dropout,
     hidden_size_of,
     last_token_index,
     load_causal_lm,
@@ -229,3 +230,88 @@ def test_a_nan_model_is_never_published_or_loaded(tok, tmp_path):
     rm.save(tmp_path / "rm")
     with pytest.raises(DataError, match="bias/gain"):
         RewardModel.load(tmp_path / "rm")
+
+
+# ----------------------------------------------------------------------------------------------
+# Long dialogues: the reward model keeps the last turn and the whole response
+# ----------------------------------------------------------------------------------------------
+
+FIRST_TURN = "User: Hello, I would like some help choosing a film for the weekend."
+TURNS = [f"User: What about {x}? Assistant: {x} is a fine film, though long." for x in
+         ("Alien", "Heat", "Jaws", "Brazil", "Vertigo", "Psycho", "Rocky", "Fargo")]
+LAST_TURN = "User: Which one should I watch tonight with my little brother?"
+ANSWERS = (" Assistant: Watch Jaws tonight; he will love the shark.", " Assistant: Fargo.")
+
+
+def _dialogue(first=FIRST_TURN, last=LAST_TURN):
+    return " ".join([first, *TURNS, last])
+
+
+def _check_long_dialogue(rm, ids_of, specials):
+    """``ids_of(text)``: the tokenizer's ids without special tokens; ``specials(p, r)``: the ids
+    with the backbone's special tokens around (prompt ids, response ids)."""
+    from rlhf.algos.rm import comparison_scores
+    from rlhf.data import Comparison
+
+    limit = rm.config.max_length
+    prompt = _dialogue()
+    assert len(ids_of(prompt)) > 2 * limit  # far too long: something must give
+    enc = rm.encode([prompt] * 2, list(ANSWERS))
+    for row, answer in enumerate(ANSWERS):
+        got = enc["input_ids"][row][enc["attention_mask"][row].bool()].tolist()
+        r = ids_of(answer)
+        n_prompt = limit - len(specials([], r))  # what is left for the prompt
+        assert got == specials(ids_of(prompt)[-n_prompt:], r)  # the prompt's end, the whole response
+    last = ids_of(LAST_TURN)[-6:]
+    kept = enc["input_ids"][0].tolist()
+    assert any(kept[i : i + 6] == last for i in range(len(kept))), "the turn the response answers is kept"
+    # the scores of a long multi-turn comparison depend on its last turn, not on the turns cut away
+    c = Comparison(prompt=prompt, responses=ANSWERS, kind="ranking", ranking=((0,), (1,)))
+    base = comparison_scores(rm, [c])[0]
+    other_first = Comparison(prompt=_dialogue(first="User: Hi."), responses=ANSWERS, kind="ranking", ranking=((0,), (1,)))
+    other_last = Comparison(prompt=_dialogue(last="User: And a film for my grandmother, who hates sharks?"),
+                            responses=ANSWERS, kind="ranking", ranking=((0,), (1,)))
+    assert torch.equal(comparison_scores(rm, [other_first])[0], base)
+    assert not torch.allclose(comparison_scores(rm, [other_last])[0], base)
+    # a response longer than the limit on its own keeps its beginning, with no prompt
+    long_answer = " Assistant:" + " Jaws, then Alien." * 40
+    alone = rm.encode([prompt], [long_answer])
+    assert alone["input_ids"][0].tolist() == specials([], ids_of(long_answer)[: limit - len(specials([], []))])
+
+
+def test_causal_reward_model_truncates_a_long_dialogue_from_the_left(tok):
+    torch.manual_seed(0)
+    big = train_tokenizer(TEXTS + [_dialogue(), *ANSWERS, "User: Hi.", "sharks grandmother"], vocab_size=400)
+    lm = build_tiny_lm(TinyLMConfig(n_layer=1, n_embd=32, n_head=2, n_positions=64, vocab_size=len(big)), seed=0)
+    rm = RewardModel.from_causal_lm(lm, big)
+    rm.config.max_length = 40
+    _check_long_dialogue(rm, lambda t: big(t, add_special_tokens=False)["input_ids"], lambda p, r: p + r)
+
+
+def test_encoder_reward_model_truncates_a_long_dialogue_from_the_left():
+    torch.manual_seed(0)
+    rm = RewardModel.from_encoder(_minilm())
+    rm.config.max_length = 48
+    t = rm.tokenizer
+    _check_long_dialogue(rm, lambda x: t(x, add_special_tokens=False)["input_ids"],
+                         lambda p, r: [t.cls_token_id, *p, t.sep_token_id, *r, t.sep_token_id])
+
+
+def test_disable_dropout_zeroes_modules_and_rate_attributes(tok):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2,
+                                      resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1))
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2, attention_dropout=0.1))
+    for model in (gpt2, llama):
+        assert disable_dropout(model) is model
+        rates = [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+        rates += [v for m in model.modules() for k, v in vars(m).items() if "dropout" in k and isinstance(v, float)]
+        assert rates and set(rates) == {0.0}
+    assert gpt2.config.resid_pdrop == 0.1  # the config (what a saved model says) is left alone
+    ids = torch.randint(0, 64, (2, 8))
+    gpt2.train(), llama.train()
+    with torch.no_grad():
+        assert torch.equal(gpt2(input_ids=ids).logits, gpt2(input_ids=ids).logits)
+        assert torch.equal(llama(input_ids=ids).logits, llama(input_ids=ids).logits)

@@ -11,6 +11,12 @@ the adaptive controller in :mod:`rlhf.algos.kl`.
 PPO-ptx (InstructGPT eq. 2): objective += gamma * E_{x ~ D_pretrain}[ log pi(x) ], i.e. the loss
 gets ``ptx_coef`` times the pre-training negative log-likelihood.
 
+pi and rho above are the distributions the rollouts are sampled from: the model's logits divided
+by the sampling temperature, with EOS excluded while ``min_new_tokens`` forbids it (TRL divides
+by the temperature in the same way). The ratio, the KL penalty, the controller's KL and the
+entropy bonus are all taken under them; top-k/top-p filtering is refused (PPOConfig). Dropout is
+turned off in every model the trainer holds.
+
 The PPO machinery (Schulman et al. 2017, as used by both seeds): GAE(gamma, lambda) advantages,
 whitened; clipped surrogate policy loss; clipped value loss; several epochs of minibatches per
 rollout batch.
@@ -29,11 +35,11 @@ import torch.nn.functional as F
 
 from rlhf.algos.kl import make_kl_controller
 from rlhf.algos.masked import masked_mean, whiten
-from rlhf.algos.sft import sft_loss
+from rlhf.algos.sft import PretrainBlocks, sft_loss
 from rlhf.config import SEED, UNIT, Range, count
 from rlhf.generation import (Rollout, SamplingParams, accepts_logits_to_keep, decode_responses, sample,
-                              tokenize_prompts)
-from rlhf.models import ValueHead, hidden_size_of, position_ids_from_mask
+                              sampling_logits, tokenize_prompts)
+from rlhf.models import ValueHead, disable_dropout, hidden_size_of, position_ids_from_mask
 
 RewardFn = Callable[[list[str], list[str]], torch.Tensor]  # (prompts, responses) -> scores (B,)
 
@@ -102,8 +108,13 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Per-position entropy of the categorical distribution given by ``logits`` (..., V)."""
-    logp = F.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+    return entropy_of_logprobs(F.log_softmax(logits.float(), dim=-1))
+
+
+def entropy_of_logprobs(logp: torch.Tensor) -> torch.Tensor:
+    """-sum p log p over the last dimension of log-probs (..., V); tokens at -inf (p = 0) add 0,
+    with a zero (not NaN) gradient."""
+    return -(logp.exp() * logp.masked_fill(torch.isneginf(logp), 0.0)).sum(-1)
 
 
 def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -132,6 +143,7 @@ class PPOConfig:
     kl_coef: float = 0.1  # beta at step 0
     kl_target: float | None = 6.0  # nats per sequence; None with adaptive_kl=False -> fixed beta
     adaptive_kl: bool = True  # true: the adaptive controller moves beta towards kl_target; false: beta stays kl_coef
+    kl_horizon: int | None = None  # None: beta moves by K_beta = 0.1 per step (the seed); N: by batch_size / N per step (Ziegler et al.'s code: 10000)
     # PPO
     ppo_epochs: int = 4  # passes over each rollout batch
     mini_batch_size: int = 8  # rollouts per gradient step; divides batch_size
@@ -148,6 +160,7 @@ class PPOConfig:
     # PPO-ptx
     ptx_coef: float = 0.0  # gamma of InstructGPT eq. 2; 0 turns PPO-ptx off
     ptx_batch_size: int = 8  # pre-training sequences per PPO-ptx gradient step
+    ptx_block_size: int = 64  # tokens per pre-training sequence (blocks cut from the pre-training text)
     # Speed switches (each changes only how, not what, except bf16's rounding)
     value_model: Literal["shared", "separate"] = "shared"  # value head on the policy trunk, or its own copy
     logprobs_from_rollout: bool = True  # take old log-probs/values from the sampling pass
@@ -164,6 +177,17 @@ class PPOConfig:
             raise ValueError("value_model must be 'shared' or 'separate'")
         if self.ppo_epochs < 1:
             raise ValueError("ppo_epochs must be >= 1")
+        if self.sampling.temperature <= 0:
+            raise ValueError("sampling.temperature must be > 0: PPO optimises the distribution it samples from, "
+                             "and greedy decoding (0) has none")
+        if self.sampling.top_k != 0 or self.sampling.top_p != 1.0:
+            raise ValueError("PPO samples from the policy's whole distribution: leave sampling.top_k at 0 and "
+                             "sampling.top_p at 1 (a filtered distribution's support moves with the weights, and "
+                             "its KL to the reference can be infinite; docs/ppo.md)")
+        if self.kl_horizon is not None and self.kl_horizon < 1:
+            raise ValueError("kl_horizon must be >= 1 episode (or null for the per-step controller)")
+        if self.ptx_batch_size < 1 or self.ptx_block_size < 2:
+            raise ValueError("ptx_batch_size must be >= 1 and ptx_block_size >= 2")
         self.stop_token_ids = tuple(self.stop_token_ids)
 
     LIMITS: ClassVar[dict[str, Range]] = {
@@ -173,12 +197,20 @@ class PPOConfig:
         "lr": Range(0, 1), "value_lr": Range(0, 1), "clip_range": Range(0, 10, lo_open=True),
         "clip_range_value": Range(0, 1e6, lo_open=True), "vf_coef": Range(0, 1000), "entropy_coef": Range(0, 10),
         "gamma": UNIT, "lam": UNIT, "max_grad_norm": Range(0, 1e6, lo_open=True), "ptx_coef": Range(0, 1000),
-        "ptx_batch_size": count(1, 65_536), "seed": SEED}
+        "ptx_batch_size": count(1, 65_536), "ptx_block_size": count(2, 1_000_000), "kl_horizon": count(1, 10**12),
+        "seed": SEED}
 
 
 # ----------------------------------------------------------------------------------------------
 # The trainer
 # ----------------------------------------------------------------------------------------------
+
+
+def _gather(logp_all: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Log-probs (b, R, V) at ``tokens`` (b, R), 0 where ``mask`` is False (padding may hold a
+    token of probability 0, e.g. an EOS inside min_new_tokens: no -inf may reach a masked sum)."""
+    lp = logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return torch.where(mask, lp, torch.zeros_like(lp))
 
 
 def truncate_at_stop(r: Rollout, stop_ids: Sequence[int], min_tokens: int) -> torch.Tensor:
@@ -194,7 +226,7 @@ def truncate_at_stop(r: Rollout, stop_ids: Sequence[int], min_tokens: int) -> to
     first = torch.where(is_stop, pos, torch.full_like(pos, R)).min(1).values  # (B,)
     keep = pos <= first.unsqueeze(1)
     r.response_mask = r.response_mask * keep.long()
-    r.logprobs = r.logprobs * r.response_mask
+    r.logprobs = torch.where(r.response_mask.bool(), r.logprobs, torch.zeros_like(r.logprobs))
     if r.values is not None:
         r.values = r.values * r.response_mask
     return (first < R) | r.ended_with_eos
@@ -204,13 +236,14 @@ class PPOTrainer:
     """Owns the policy (trained), the reference (frozen copy), the value head and the optimizer."""
 
     def __init__(self, policy, tokenizer, reward_fn: RewardFn, cfg: PPOConfig, ref_model=None,
-                 ptx_blocks: torch.Tensor | None = None):
+                 ptx_blocks: PretrainBlocks | torch.Tensor | None = None):
         self.cfg = cfg
         self.policy = policy
         self.tok = tokenizer
         self.reward_fn = reward_fn
         self.device = next(policy.parameters()).device
-        self.ref = ref_model if ref_model is not None else copy.deepcopy(policy)
+        disable_dropout(policy)  # before the copies below: the reference and the critic inherit it
+        self.ref = disable_dropout(ref_model) if ref_model is not None else copy.deepcopy(policy)
         self.ref.eval().requires_grad_(False)
         self.value_head = ValueHead(hidden_size_of(policy)).to(self.device)
         self.critic = None
@@ -223,10 +256,10 @@ class PPOTrainer:
         groups = [{"params": list(policy.parameters())},
                   {"params": value_params, "lr": cfg.value_lr if cfg.value_lr is not None else cfg.lr}]
         self.opt = torch.optim.Adam(groups, lr=cfg.lr, eps=1e-5, fused=self.device.type in ("cpu", "cuda"))
-        self.kl_ctl = make_kl_controller(cfg.kl_coef, cfg.kl_target, cfg.adaptive_kl)
-        self.ptx_blocks = ptx_blocks
-        if cfg.ptx_coef > 0 and ptx_blocks is None:
-            raise ValueError("ptx_coef > 0 needs pre-training data (ptx_blocks)")
+        self.kl_ctl = make_kl_controller(cfg.kl_coef, cfg.kl_target, cfg.adaptive_kl, cfg.kl_horizon)
+        self.ptx = PretrainBlocks(ptx_blocks) if isinstance(ptx_blocks, torch.Tensor) else ptx_blocks
+        if cfg.ptx_coef > 0 and self.ptx is None:
+            raise ValueError("ptx_coef > 0 needs pre-training text (ptx_blocks: a PretrainBlocks)")
         self.gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
         self.samples_total = 0
         self.tokens_total = 0
@@ -247,6 +280,11 @@ class PPOTrainer:
         hidden = out.hidden_states[-1][:, P - 1 : -1, :].float() if want_hidden else None
         return logits, hidden
 
+    def _sampling_logprobs(self, logits: torch.Tensor) -> torch.Tensor:
+        """(b, R, V) logits -> log-probs of the distribution the rollouts are sampled from."""
+        s = self.cfg.sampling
+        return F.log_softmax(sampling_logits(logits, s.temperature, s.min_new_tokens, self.tok.eos_token_id), dim=-1)
+
     def _values(self, input_ids, attn, P, hidden_from_policy):
         if self.critic is None:
             return self.value_head(hidden_from_policy)
@@ -263,7 +301,7 @@ class PPOTrainer:
         shared_values = self.critic is None and cfg.logprobs_from_rollout
         return sample(self.policy, ids, mask, cfg.sampling, self.tok.eos_token_id, self.tok.pad_token_id,
                       value_head=self.value_head if shared_values else None, generator=self.gen,
-                      autocast_dtype=torch.bfloat16 if cfg.bf16 else None)
+                      autocast_dtype=torch.bfloat16 if cfg.bf16 else None, logprobs="sampling")
 
     def step(self, prompts: list[str]) -> dict:
         """Roll out on ``prompts``, score, and run ppo_epochs x minibatches of updates."""
@@ -278,38 +316,60 @@ class PPOTrainer:
         timings["generate"] = time.perf_counter() - t0
         return self.step_on_rollout(prompts, r, own_rollout=True, _t_start=t_start, _timings=timings)
 
-    def step_on_rollout(self, prompts: list[str], r: Rollout, own_rollout: bool = False,
-                        _t_start: float | None = None, _timings: dict | None = None) -> dict:
+    def step_on_rollout(self, prompts: list[str], r: Rollout, own_rollout: bool = False, *,
+                        behaviour_logprobs: bool = False, _t_start: float | None = None,
+                        _timings: dict | None = None) -> dict:
         """One PPO step on a rollout batch sampled elsewhere (e.g. by a policy-server).
 
-        Unless ``own_rollout``, the old log-probs and values are recomputed with this trainer's
-        current policy: the sampler may have served an older version, and PPO's ratio must start
-        at 1 for the policy being updated.
+        ``r.logprobs`` are the behaviour log-probs: those of the distribution each token was drawn
+        from (``sample(..., logprobs="sampling")``), under the weights that drew them. With
+        ``behaviour_logprobs`` the PPO ratio is taken against them: a rollout sampled by an older
+        version starts the update with a ratio != 1, and the clipped surrogate limits how far the
+        update moves from the policy that actually sampled it. Without, the old log-probs are
+        recomputed with this trainer's current weights (the ratio starts at 1 and the staleness
+        goes uncorrected). On a rollout of the current weights the two agree.
+
+        The KL penalty (and the KL fed to the controller) always uses the current weights'
+        log-probs: it penalises the policy being optimised, and the controller steers that policy,
+        not one several versions old. ``behaviour_approx_kl`` reports how far the behaviour
+        log-probs are from the current ones (0 for a fresh rollout).
         """
         cfg = self.cfg
         t_start = _t_start if _t_start is not None else time.perf_counter()
         timings = _timings if _timings is not None else {}
         if r.response_ids.shape[0] != len(prompts):
             raise ValueError(f"rollout has {r.response_ids.shape[0]} rows for {len(prompts)} prompts")
+        n_block = min(cfg.sampling.min_new_tokens, r.response_ids.shape[1])
+        if ((r.response_ids[:, :n_block] == self.tok.eos_token_id) & r.response_mask[:, :n_block].bool()).any():
+            raise ValueError(f"a response ends before sampling.min_new_tokens={cfg.sampling.min_new_tokens}: "
+                             "its EOS has probability 0 under the distribution PPO optimises")
         stopped = truncate_at_stop(r, cfg.stop_token_ids, cfg.min_response_tokens)
 
         t0 = time.perf_counter()
         ids, attn, P = r.input_ids, r.attention_mask, r.prompt_ids.shape[1]
         resp, rmask = r.response_ids, r.response_mask.float()
+        real = rmask.bool()
         from_rollout = cfg.logprobs_from_rollout and own_rollout
         with torch.no_grad():
             if from_rollout and r.values is not None:
-                old_logprobs, old_values = r.logprobs, r.values
+                logprobs, old_values = r.logprobs, r.values
             elif from_rollout:  # separate critic: log-probs from the rollout, values from the critic
-                old_logprobs = r.logprobs
+                logprobs = r.logprobs
                 old_values = self._values(ids, attn, P, None) * rmask
             else:
                 logits, hidden = self._forward(self.policy, ids, attn, P, want_hidden=self.critic is None)
-                old_logprobs = logprobs_of(logits, resp) * rmask
+                logprobs = _gather(self._sampling_logprobs(logits), resp, real)
                 old_values = self._values(ids, attn, P, hidden) * rmask
+                del logits, hidden
             ref_logits, _ = self._forward(self.ref, ids, attn, P, want_hidden=False)
-            ref_logprobs = logprobs_of(ref_logits, resp) * rmask
+            ref_logprobs = _gather(self._sampling_logprobs(ref_logits), resp, real)
             del ref_logits
+            old_logprobs = logprobs
+            if behaviour_logprobs and not own_rollout:
+                old_logprobs = torch.where(real, r.logprobs.to(logprobs.dtype), torch.zeros_like(logprobs))
+                if not torch.isfinite(old_logprobs).all():
+                    raise ValueError("the rollout's behaviour log-probs must be finite on every response token")
+            behaviour_kl = masked_mean(0.5 * (logprobs - old_logprobs) ** 2, rmask).item()
         timings["reference_and_value"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -321,7 +381,7 @@ class PPOTrainer:
 
         beta = self.kl_ctl.beta
         with torch.no_grad():
-            rewards, kl = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, rmask, beta)
+            rewards, kl = kl_penalized_rewards(scores, logprobs, ref_logprobs, rmask, beta)
             adv, returns = gae(rewards, old_values, rmask, cfg.gamma, cfg.lam)
             if cfg.whiten_advantages:
                 adv = whiten(adv, rmask)
@@ -331,7 +391,7 @@ class PPOTrainer:
         timings["update"] = time.perf_counter() - t0
 
         kl_seq = kl.sum(1).mean().item()
-        new_beta = self.kl_ctl.update(kl_seq)
+        new_beta = self.kl_ctl.update(kl_seq, n_steps=len(prompts))
         n_tokens = int(rmask.sum().item())
         self.samples_total += len(prompts)
         self.tokens_total += n_tokens
@@ -353,6 +413,7 @@ class PPOTrainer:
             "tokens_total": self.tokens_total,
             "step_duration_seconds": dt,
             "stopped_fraction": stopped.float().mean().item(),
+            "behaviour_approx_kl": behaviour_kl,
             **stats,
             **{f"time_{k}_seconds": v for k, v in timings.items()},
             "_responses": responses,
@@ -372,13 +433,13 @@ class PPOTrainer:
                 mb = perm[i : i + cfg.mini_batch_size]
                 m = rmask[mb]
                 logits, hidden = self._forward(self.policy, ids[mb], attn[mb], P, want_hidden=self.critic is None)
-                logp_all = F.log_softmax(logits.float(), dim=-1)  # (b, R, V): for log-probs and entropy
-                logprobs = logp_all.gather(-1, resp[mb].unsqueeze(-1)).squeeze(-1)
+                logp_all = self._sampling_logprobs(logits)  # (b, R, V): for log-probs and entropy
+                logprobs = _gather(logp_all, resp[mb], m.bool())
                 values = self._values(ids[mb], attn[mb], P, hidden)
                 pg, clipfrac, approx_kl = policy_loss(logprobs, old_logprobs[mb], adv[mb], m, cfg.clip_range)
                 vf, vclip = value_loss(values, old_values[mb], returns[mb], m, cfg.clip_range_value)
                 with torch.set_grad_enabled(cfg.entropy_coef > 0):
-                    ent = masked_mean(-(logp_all.exp() * logp_all).sum(-1), m)
+                    ent = masked_mean(entropy_of_logprobs(logp_all), m)
                 loss = pg + cfg.vf_coef * vf
                 if cfg.entropy_coef > 0:
                     loss = loss - cfg.entropy_coef * ent
@@ -398,9 +459,9 @@ class PPOTrainer:
         return {k: v / n for k, v in acc.items()}
 
     def _ptx_loss(self) -> torch.Tensor:
-        """-log pi(x) on a batch of pre-training blocks (PPO-ptx)."""
-        idx = torch.randint(0, self.ptx_blocks.shape[0], (self.cfg.ptx_batch_size,), generator=self.gen)
-        x = self.ptx_blocks[idx].to(self.device)
+        """-log pi(x) on a batch of pre-training blocks (PPO-ptx), at the model's own temperature 1:
+        the pre-training objective, not the sampling distribution."""
+        x = self.ptx.sample(self.cfg.ptx_batch_size, self.gen).to(self.device)
         ones = torch.ones_like(x)
         with self._autocast():
             logits = self.policy(input_ids=x).logits

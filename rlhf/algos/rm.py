@@ -205,7 +205,7 @@ class RMTrainConfig:
     warmup_steps: int = 0  # linear warm-up steps
     min_lr_ratio: float = 1.0  # after warm-up, cosine decay towards lr * min_lr_ratio; 1.0 keeps lr constant
     weight_decay: float = 0.0  # AdamW weight decay
-    max_length: int = 128  # tokens of prompt + response
+    max_length: int = 128  # tokens of prompt + response; stored with the model, which then scores at this length
     normalize_unit_variance: bool = False  # also scale reference scores to unit variance
     group_by_length: bool = False  # batch comparisons of similar token length (less padding); batches stay in random order
     freeze_embeddings: bool = False  # keep the backbone's input token embeddings fixed (faster; a large share of an encoder's weights)
@@ -217,7 +217,7 @@ class RMTrainConfig:
         "min_lr_ratio": UNIT, "weight_decay": UNIT, "max_length": count(2, 1_000_000), "seed": SEED}
 
 
-def _scores(rm, prompts, responses, max_length, bf16: bool) -> torch.Tensor:
+def _scores(rm, prompts, responses, max_length: int | None, bf16: bool) -> torch.Tensor:
     device = next(rm.parameters()).device
     enc = rm.encode(prompts, responses, max_length=max_length)
     ctx = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
@@ -226,10 +226,11 @@ def _scores(rm, prompts, responses, max_length, bf16: bool) -> torch.Tensor:
 
 
 @torch.no_grad()
-def comparison_scores(rm, comparisons: Sequence[Comparison], max_length: int = 128, batch_size: int = 64,
+def comparison_scores(rm, comparisons: Sequence[Comparison], max_length: int | None = None, batch_size: int = 64,
                       bf16: bool = False, on_batch: Callable[[int], None] | None = None) -> list[torch.Tensor]:
-    """Raw (unnormalised) scores of the responses of each comparison: one (K,) tensor per comparison.
-    ``on_batch`` is called with the number of comparisons of each batch once it is scored."""
+    """Raw (unnormalised) scores of the responses of each comparison: one (K,) tensor per comparison,
+    at ``max_length`` tokens (None: the length the RM was trained at). ``on_batch`` is called with
+    the number of comparisons of each batch once it is scored."""
     rm.eval()
     out: list[torch.Tensor] = []
     for i in range(0, len(comparisons), batch_size):
@@ -256,9 +257,10 @@ def accuracy_of_scores(comparisons: Sequence[Comparison], scores: Sequence[torch
     return correct / total
 
 
-def pair_accuracy(rm, comparisons: Sequence[Comparison], max_length: int = 128, batch_size: int = 64,
+def pair_accuracy(rm, comparisons: Sequence[Comparison], max_length: int | None = None, batch_size: int = 64,
                   bf16: bool = False) -> float:
-    """Share of strict (winner, loser) pairs the RM orders correctly (ties in score count 1/2)."""
+    """Share of strict (winner, loser) pairs the RM orders correctly (ties in score count 1/2), at
+    ``max_length`` tokens (None: the length the RM was trained at)."""
     return accuracy_of_scores(comparisons, comparison_scores(rm, comparisons, max_length, batch_size, bf16))
 
 
@@ -299,6 +301,7 @@ def train_reward_model(rm, train: Sequence[Comparison], cfg: RMTrainConfig,
         raise DataError("no comparisons to train the reward model on")
     if cfg.loss == "pairwise":  # the unit of a batch is a pair: batch_size counts pairs
         train = split_into_pairs(train)
+    rm.config.max_length = cfg.max_length  # saved with the model: it scores at the length it learned
     # frozen for this training only: the embeddings' own requires_grad flag comes back afterwards
     emb = rm.backbone.get_input_embeddings().weight if cfg.freeze_embeddings else None
     trainable = emb.requires_grad if emb is not None else True
@@ -360,7 +363,7 @@ def set_normalization(rm, reference_raw_scores: torch.Tensor, unit_variance: boo
 
 @torch.no_grad()
 def normalize_reward_model(rm, prompts: Sequence[str], reference_responses: Sequence[str],
-                           unit_variance: bool = False, max_length: int = 128, batch_size: int = 64,
+                           unit_variance: bool = False, max_length: int | None = None, batch_size: int = 64,
                            bf16: bool = False) -> tuple[float, float]:
     """Set the RM's (bias, gain) so reference outputs score 0 on average (and std 1 if asked)."""
     if not reference_responses:

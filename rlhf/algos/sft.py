@@ -4,7 +4,8 @@ Seed 001/002 (InstructGPT, step 1): "fine-tune GPT-3 on our labeler demonstratio
 supervised learning" -- maximise log pi(y | x) over demonstration responses y. The loss is on
 response tokens only: the prompt is context, not something the policy should learn to write.
 
-Pre-training (the demo's rho, and PPO-ptx batches) is the same loss with every token counted.
+Pre-training (the demo's rho, and PPO-ptx batches) is the same loss with every token counted;
+:class:`PretrainBlocks` holds the fixed-length blocks PPO-ptx samples from.
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ import math
 import random
 import time
 from dataclasses import dataclass
-from typing import ClassVar, Callable, Sequence
+from pathlib import Path
+from typing import Callable, ClassVar, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from rlhf.config import SEED, UNIT, Range, count
-from rlhf.data import Demonstration
+from rlhf.data import Demonstration, read_texts
 from rlhf.errors import DataError
 from rlhf.models import position_ids_from_mask
 
@@ -52,7 +54,7 @@ def encode_demonstrations(tokenizer, demos: Sequence[Demonstration], max_length:
     return input_ids, attn, loss_mask
 
 
-def pack_texts(tokenizer, texts: Sequence[str], block_size: int) -> torch.Tensor:
+def pack_texts(tokenizer, texts: Iterable[str], block_size: int) -> torch.Tensor:
     """Concatenate texts separated by EOS and cut into (N, block_size) blocks for pre-training."""
     stream: list[int] = []
     for t in texts:
@@ -61,6 +63,38 @@ def pack_texts(tokenizer, texts: Sequence[str], block_size: int) -> torch.Tensor
     if n == 0:
         raise DataError(f"not enough text for one block of {block_size} tokens")
     return torch.tensor(stream[: n * block_size]).view(n, block_size)  # (N, block_size)
+
+
+class PretrainBlocks:
+    """A pre-training text source for PPO-ptx (InstructGPT eq. 2, the gamma * E_pretrain[log pi]
+    term): the documents, tokenized with the policy's tokenizer, joined by EOS and cut into
+    blocks of ``block_size`` tokens; each PPO-ptx gradient step draws a batch of blocks
+    uniformly, with replacement.
+
+    ``from_file`` reads a text or JSONL file (:func:`rlhf.data.read_texts`); any other source
+    (a dataset version held elsewhere, a stream) plugs in through ``from_texts`` with its
+    documents.
+    """
+
+    def __init__(self, blocks: torch.Tensor):
+        if blocks.dim() != 2 or blocks.shape[0] < 1 or blocks.dtype != torch.long:
+            raise DataError("pre-training blocks must be a non-empty (N, block_size) tensor of token ids")
+        self.blocks = blocks  # (N, block_size)
+
+    @classmethod
+    def from_texts(cls, tokenizer, texts: Iterable[str], block_size: int) -> "PretrainBlocks":
+        return cls(pack_texts(tokenizer, texts, block_size))
+
+    @classmethod
+    def from_file(cls, tokenizer, path: str | Path, block_size: int) -> "PretrainBlocks":
+        return cls.from_texts(tokenizer, read_texts(path), block_size)
+
+    def __len__(self) -> int:
+        return self.blocks.shape[0]
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` blocks drawn uniformly with replacement: (n, block_size)."""
+        return self.blocks[torch.randint(0, len(self), (n,), generator=generator)]
 
 
 @dataclass

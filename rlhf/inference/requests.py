@@ -82,6 +82,7 @@ RULES: dict[str, Rule] = {r.field: r for r in [
          lambda L: f"an integer in 0..{L.top_logprobs}"),
     Rule("stop", _stop_ok,
          lambda L: f"at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} characters"),
+    Rule("logprobs_of", lambda v, L, _: v in ("model", "sampling"), lambda L: "'model' or 'sampling'"),
 ]}
 
 

@@ -3,7 +3,8 @@
 The same distribution as :func:`rlhf.generation.sample` row by row: temperature, then top-k,
 then top-p on what top-k kept (renormalised), EOS masked until ``min_new_tokens``, greedy at
 temperature 0, one inverse-CDF draw per row. Log-probs are the policy's own (temperature 1) at
-the chosen token, as PPO needs them. A row with a seed draws its uniform numbers from its own
+the chosen token, or, for a row that asks (``sampling_logprobs``), those of the distribution the
+token was drawn from, as PPO needs them. A row with a seed draws its uniform numbers from its own
 generator, so its samples do not depend on the other rows' draws.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from rlhf.generation import inverse_cdf
 from rlhf.serving import GenerationRequest
 
 
@@ -39,6 +41,9 @@ class BatchParams:
         self.seeded = [(i, g) for i, g in enumerate(generators) if g is not None]
         self.unseeded = torch.tensor([i for i, g in enumerate(generators) if g is None], dtype=torch.long)
         self.none_seeded = not self.seeded
+        # rows that report log-probs of the distribution sampled from, not the model's own
+        self.sampling_logprobs = torch.tensor([r.logprobs_of == "sampling" for r in reqs], device=device)  # (n,)
+        self.any_sampling_logprobs = any(r.logprobs_of == "sampling" for r in reqs)
 
 
 def choose(logits: torch.Tensor, p: BatchParams, eos_block: torch.Tensor | None, eos_id: int,
@@ -50,6 +55,7 @@ def choose(logits: torch.Tensor, p: BatchParams, eos_block: torch.Tensor | None,
     logp = F.log_softmax(logits, dim=-1)  # (n, V): the policy's own distribution (T = 1)
     if eos_block is not None:
         logits[:, eos_id].masked_fill_(eos_block, float("-inf"))  # sampling only, not the log-probs
+    drawn = None  # (n,) log-probs of the sampled distribution at the chosen token, when asked for
     if p.all_greedy:
         tokens = logits.argmax(-1)
     else:
@@ -73,20 +79,27 @@ def choose(logits: torch.Tensor, p: BatchParams, eos_block: torch.Tensor | None,
             if p.any_top_p:
                 drop = probs.cumsum(-1) - probs >= p.top_p  # keep the smallest set whose mass >= top_p
                 probs = probs.masked_fill(drop, 0.0)
-            cdf = probs.cumsum(-1)
-            idx = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_(max=V - 1)  # (n, 1)
-            tokens = order.gather(-1, idx).squeeze(-1)
+            idx = inverse_cdf(probs.cumsum(-1), u)  # (n,): never a token the filter dropped
+            tokens = order.gather(-1, idx[:, None]).squeeze(-1)
+            if p.any_sampling_logprobs:
+                drawn = (probs.gather(-1, idx[:, None]).squeeze(-1) / probs.sum(-1)).log()
             if not p.all_filtered:
                 # the other rows draw in vocabulary order, as they do in a batch without such rows:
                 # a seeded sample must not depend on what else runs beside it
-                cdf = scaled.softmax(-1).cumsum(-1)
-                plain = torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(-1).clamp_(max=V - 1)
+                plain = inverse_cdf(scaled.softmax(-1).cumsum(-1), u)
                 tokens = torch.where(p.filtered, tokens, plain)
+                if p.any_sampling_logprobs:
+                    plain_lp = F.log_softmax(scaled, -1).gather(-1, plain[:, None]).squeeze(-1)
+                    drawn = torch.where(p.filtered, drawn, plain_lp)
         else:
-            cdf = scaled.softmax(-1).cumsum(-1)
-            tokens = torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(-1).clamp_(max=V - 1)
+            tokens = inverse_cdf(scaled.softmax(-1).cumsum(-1), u)  # (n,): never a blocked EOS
+            if p.any_sampling_logprobs:
+                drawn = F.log_softmax(scaled, -1).gather(-1, tokens[:, None]).squeeze(-1)
         if p.any_greedy:
             tokens = torch.where(p.greedy, logits.argmax(-1), tokens)
     lps = logp.gather(-1, tokens[:, None]).squeeze(-1)  # (n,)
+    if p.any_sampling_logprobs:  # greedy rows drew their token with probability 1
+        drawn = torch.zeros_like(lps) if drawn is None else torch.where(p.greedy, torch.zeros_like(lps), drawn)
+        lps = torch.where(p.sampling_logprobs, drawn, lps)
     top = torch.topk(logp, p.top_logprobs, dim=-1) if p.top_logprobs > 0 else None
     return tokens, lps, top

@@ -94,3 +94,43 @@ def test_make_kl_controller_picks_the_class():
     assert [type(c) for c in (f1, f2, f3)] == [FixedKLController] * 3
     assert [c.beta for c in (f1, f2, f3)] == [0.2, 0.3, 0.4]
     assert f2.update(100.0) == 0.3
+
+
+# ----------------------------------------------------------------------------------------------
+# Ziegler et al.'s reference code: the step scaled by the episodes seen, n_steps / horizon
+# ----------------------------------------------------------------------------------------------
+
+
+def test_horizon_form_by_hand():
+    # beta 0.2, target 5, horizon 10,000:
+    #   KL 6, 512 rollouts : e = 0.2           -> beta = 0.2 * (1 + 0.2 * 0.0512)       = 0.202048
+    #   KL 4.5, 64 rollouts: e = -0.1          -> beta = 0.202048 * (1 - 0.1 * 0.0064) = 0.20191869...
+    #   KL 5, 1 rollout    : e = 0             -> unchanged
+    ctl = AdaptiveKLController(beta=0.2, target=5.0, horizon=10_000)
+    assert ctl.update(6.0, n_steps=512) == pytest.approx(0.202048, rel=1e-12)
+    assert ctl.update(4.5, n_steps=64) == pytest.approx(0.202048 * (1 - 0.1 * 0.0064), rel=1e-12)
+    assert ctl.update(5.0, n_steps=1) == pytest.approx(0.202048 * (1 - 0.1 * 0.0064), rel=1e-12)
+    # the per-step form ignores n_steps: K_beta = 0.1 per call, whatever the batch
+    per_step = AdaptiveKLController(beta=0.2, target=5.0)
+    assert per_step.update(6.0, n_steps=512) == pytest.approx(0.2 * 1.02, rel=1e-12)
+
+
+def test_horizon_makes_beta_follow_episodes_not_steps():
+    """The same 3,200 episodes at KL 6 (target 5) in batches of 16 or 64: with a horizon beta ends
+    about equal; per step, the run of small batches moves beta four times as many times."""
+    def run(batch, horizon):
+        ctl = make_kl_controller(0.1, 5.0, horizon=horizon)
+        for _ in range(3200 // batch):
+            ctl.update(6.0, n_steps=batch)
+        return ctl.beta
+
+    small, large = run(16, 10_000), run(64, 10_000)
+    assert small == pytest.approx(large, rel=2e-3) and small > 0.106
+    assert run(16, None) / run(64, None) == pytest.approx(1.02 ** 150, rel=1e-9)
+
+
+def test_fixed_controller_ignores_n_steps_and_bad_horizon_is_refused():
+    assert FixedKLController(beta=0.3).update(100.0, n_steps=512) == 0.3
+    assert type(make_kl_controller(0.3, None, horizon=10)) is FixedKLController
+    with pytest.raises(ValueError, match="horizon"):
+        AdaptiveKLController(beta=0.1, target=5.0, horizon=0)

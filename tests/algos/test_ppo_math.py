@@ -1,8 +1,11 @@
-"""PPO equations of rlhf.algos.ppo against hand numbers and plain-Python loops, plus a few
-PPOTrainer steps on a tiny GPT-2 (including the KV-cache rollout log-probs)."""
+"""PPO equations of rlhf.algos.ppo against hand numbers and plain-Python loops, plus PPOTrainer
+steps on a tiny GPT-2: the KV-cache rollout log-probs, the distribution PPO optimises (sampling
+temperature, forced length), dropout, behaviour log-probs of stale rollouts and PPO-ptx.
+(tests/algos/test_ppo_reference.py compares a whole update with a loop-written reference.)"""
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 
@@ -22,8 +25,8 @@ from rlhf.algos.ppo import (
     value_loss,
 )
 from rlhf.algos.masked import masked_mean
-from rlhf.algos.sft import pack_texts
-from rlhf.generation import Rollout, SamplingParams
+from rlhf.algos.sft import PretrainBlocks, pack_texts
+from rlhf.generation import Rollout, SamplingParams, sample, tokenize_prompts
 from rlhf.models import TinyLMConfig, build_tiny_lm, train_tokenizer
 
 torch.set_num_threads(1)
@@ -240,24 +243,33 @@ def test_truncate_at_stop_several_stop_ids_and_none():
 
 
 @pytest.mark.parametrize(
-    "kwargs",
+    "kwargs, message",
     [
-        {"batch_size": 10, "mini_batch_size": 4},
-        {"batch_size": 0},
-        {"mini_batch_size": 0},
-        {"ppo_epochs": 0},
-        {"value_model": "tied"},
+        ({"batch_size": 10, "mini_batch_size": 4}, r"batch_size \(10\) must be a multiple of mini_batch_size \(4\)"),
+        ({"batch_size": 0}, "batch_size and mini_batch_size must be >= 1"),
+        ({"mini_batch_size": 0}, "batch_size and mini_batch_size must be >= 1"),
+        ({"ppo_epochs": 0}, "ppo_epochs must be >= 1"),
+        ({"value_model": "tied"}, "value_model must be 'shared' or 'separate'"),
+        ({"kl_horizon": 0}, "kl_horizon must be >= 1"),
+        ({"ptx_block_size": 1}, "ptx_block_size >= 2"),
+        ({"ptx_batch_size": 0}, "ptx_batch_size must be >= 1"),
     ],
 )
-def test_ppo_config_validation(kwargs):
-    with pytest.raises(ValueError):
+def test_ppo_config_validation(kwargs, message):
+    with pytest.raises(ValueError, match=message):
         PPOConfig(**kwargs)
 
 
+def test_ppo_config_accepts_the_smallest_valid_values():
+    cfg = PPOConfig(batch_size=1, mini_batch_size=1, ppo_epochs=1, kl_horizon=1, ptx_block_size=2, ptx_batch_size=1,
+                    value_model="separate", sampling=SamplingParams(max_new_tokens=1, temperature=1e-3))
+    assert (cfg.batch_size, cfg.kl_horizon, cfg.ptx_block_size, cfg.value_model) == (1, 1, 2, "separate")
+
+
 def test_ppo_config_normalises_fields():
-    cfg = PPOConfig(batch_size=12, mini_batch_size=4, sampling={"max_new_tokens": 5, "top_k": 3},
+    cfg = PPOConfig(batch_size=12, mini_batch_size=4, sampling={"max_new_tokens": 5, "temperature": 0.7},
                     stop_token_ids=[1, 2])
-    assert cfg.sampling == SamplingParams(max_new_tokens=5, top_k=3)
+    assert cfg.sampling == SamplingParams(max_new_tokens=5, temperature=0.7)
     assert cfg.stop_token_ids == (1, 2)
 
 
@@ -318,6 +330,30 @@ def _full_forward(trainer, r):
     return lp * m, v * m
 
 
+def sampled_logprobs(model, r, temperature=1.0, min_new_tokens=0, eos=0):
+    """Independent log pi_T(response) of the distribution the sampler draws from: softmax(z / T),
+    renormalised without EOS (log p - log(1 - p_eos)) at response positions < min_new_tokens."""
+    att = r.attention_mask
+    P = r.prompt_ids.shape[1]
+    with torch.no_grad():
+        z = model(input_ids=r.input_ids, attention_mask=att, position_ids=(att.cumsum(-1) - 1).clamp(min=0)).logits
+        lp_all = torch.log_softmax(z[:, P - 1 : -1].float() / temperature, -1)  # (B, R, V)
+    lp = lp_all.gather(-1, r.response_ids.unsqueeze(-1)).squeeze(-1)
+    blocked = torch.arange(lp.shape[1]) < min_new_tokens  # (R,)
+    lp = torch.where(blocked, lp - torch.log1p(-lp_all[..., eos].exp()), lp)
+    return torch.where(r.response_mask.bool(), lp, torch.zeros_like(lp)), lp_all
+
+
+def _perturbed(model, scale=0.5, seed=1):
+    """A copy of ``model`` with noise on every weight: a reference the policy differs from."""
+    m = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale * p.std().clamp(min=1e-2))
+    return m
+
+
 def test_ppo_steps_on_tiny_model(tok):
     torch.manual_seed(0)
     target = tok(" a", add_special_tokens=False)["input_ids"][0]
@@ -325,13 +361,14 @@ def test_ppo_steps_on_tiny_model(tok):
     trainer = PPOTrainer(policy, tok, _reward_fn(tok, target), _cfg(logprobs_from_rollout=True))
     ref0, pol0 = _state(trainer.ref), _state(trainer.policy)
 
-    captured = []
+    captured, ref_lps = [], []
     orig_generate = trainer.generate
 
     def generate(prompts):
         r = orig_generate(prompts)
         lp, v = _full_forward(trainer, r)  # the policy has not been updated yet in this step
         captured.append((r.logprobs.clone(), lp, r.values.clone(), v, r.response_mask.clone()))
+        ref_lps.append(sampled_logprobs(trainer.ref, r)[0])
         return r
 
     trainer.generate = generate
@@ -350,8 +387,12 @@ def test_ppo_steps_on_tiny_model(tok):
     assert history[1]["kl_coef"] == pytest.approx(history[0]["kl_coef_next"])
     e = min(max((history[0]["kl"] - 6.0) / 6.0, -0.2), 0.2)
     assert history[0]["kl_coef_next"] == pytest.approx(0.1 * (1 + 0.1 * e))
-    # first step: the policy equals the reference, so the measured KL is zero
+    # first step: the policy equals the reference, so the measured KL is zero; later steps
+    # report sum_t log pi/rho over each response, batch mean, pi and rho computed independently
     assert history[0]["kl"] == pytest.approx(0.0, abs=1e-5)
+    for m, (_, lp, _, _, mask), lp_ref in zip(history, captured, ref_lps):
+        assert m["kl"] == pytest.approx(((lp - lp_ref) * mask).sum(1).mean().item(), abs=5e-4)
+    assert abs(history[2]["kl"]) > 1e-3, "the policy has moved: the KL check above must not be vacuous"
 
     # the KV-cache rollout's log-probs (and values) equal a fresh full forward pass
     for step, (r_lp, f_lp, r_v, f_v, mask) in enumerate(captured):
@@ -385,37 +426,54 @@ def test_logprobs_from_rollout_switch_changes_only_how(tok):
 def test_ppo_separate_value_model_and_ptx(tok):
     torch.manual_seed(0)
     target = tok(" a", add_special_tokens=False)["input_ids"][0]
-    blocks = pack_texts(tok, TEXTS, 16)
-    cfg = _cfg(value_model="separate", ptx_coef=0.5, ptx_batch_size=4, ppo_epochs=1)
-    trainer = PPOTrainer(_tiny_lm(tok), tok, _reward_fn(tok, target), cfg, ptx_blocks=blocks)
+    # one pre-training block, so whatever blocks a step draws, its PPO-ptx batch is that block
+    block = pack_texts(tok, TEXTS, 16)[:1]
+    cfg = _cfg(value_model="separate", ptx_coef=2.0, ptx_batch_size=4, ppo_epochs=1, mini_batch_size=8)
+    trainer = PPOTrainer(_tiny_lm(tok), tok, _reward_fn(tok, target), cfg, ptx_blocks=PretrainBlocks(block))
     critic0 = _state(trainer.critic)
     assert not hasattr(trainer.critic, "lm_head"), "the critic is a trunk: no LM head to run and discard"
-    m = trainer.step(PROMPTS)
-    m = trainer.step(PROMPTS)  # the value head starts at 0: the trunk gets gradients from the 2nd update on
-    assert METRIC_KEYS <= set(m)
-    assert math.isfinite(m["value_loss"]) and math.isfinite(m["policy_loss"])
-    # a randomly initialised LM on ~300 tokens: the pre-training NLL is about log(300)
-    assert 3.0 < m["ptx_loss"] < 8.0
+    assert not {id(p) for p in trainer.critic.parameters()} & {id(p) for p in trainer.policy.parameters()}
+
+    def nll(model):  # -log pi(block) per token, computed here
+        with torch.no_grad():
+            lp = torch.log_softmax(model(input_ids=block).logits[0, :-1].float(), -1)
+        return -lp.gather(-1, block[0, 1:, None]).mean().item()
+
+    before = nll(trainer.policy)
+    history = [trainer.step(PROMPTS) for _ in range(4)]
+    # one minibatch per step: the reported PPO-ptx loss is the block's NLL before that step's update
+    assert history[0]["ptx_loss"] == pytest.approx(before, rel=1e-4)
+    assert METRIC_KEYS <= set(history[-1])
+    assert math.isfinite(history[-1]["value_loss"]) and math.isfinite(history[-1]["policy_loss"])
+    # PPO-ptx maximises log pi(x) of pre-training text: the block's NLL falls step after step
+    after = nll(trainer.policy)
+    assert [h["ptx_loss"] for h in history] == sorted((h["ptx_loss"] for h in history), reverse=True)
+    assert after < before - 0.3, (before, after)
     assert any(not torch.equal(v, critic0[k]) for k, v in _state(trainer.critic).items())
 
 
 def test_ppo_argument_errors(tok):
     fn = _reward_fn(tok, 1)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="pre-training text"):
         PPOTrainer(_tiny_lm(tok), tok, fn, _cfg(ptx_coef=0.1))  # no ptx_blocks
     trainer = PPOTrainer(_tiny_lm(tok), tok, fn, _cfg())
     with pytest.raises(ValueError):
         trainer.step(PROMPTS[:3])
 
 
-def test_rollout_logprobs_match_full_forward_with_min_new_tokens(tok):
-    """PPO recomputes log-probs without the min_new_tokens EOS mask, so the rollout must not use it either."""
+def test_rollout_logprobs_reflect_min_new_tokens(tok):
+    """The rollout's log-probs are those of the distribution sampled from: while min_new_tokens
+    forbids EOS, each token's probability is renormalised over the other tokens."""
     torch.manual_seed(0)
     cfg = _cfg(sampling=SamplingParams(max_new_tokens=6, min_new_tokens=4), ppo_epochs=1)
     trainer = PPOTrainer(_tiny_lm(tok), tok, _reward_fn(tok, 1), cfg)
     r = trainer.generate(PROMPTS)
-    lp, _ = _full_forward(trainer, r)
+    lp, lp_all = sampled_logprobs(trainer.policy, r, 1.0, 4, tok.eos_token_id)
     assert torch.allclose(r.logprobs, lp, atol=1e-4), (r.logprobs - lp).abs().max()
+    plain, _ = _full_forward(trainer, r)
+    p_eos = lp_all[..., tok.eos_token_id].exp()
+    assert (r.logprobs[:, :4] > plain[:, :4]).all() and p_eos[:, :4].min() > 1e-4  # the EOS mass went elsewhere
+    assert torch.allclose(r.logprobs[:, 4:], plain[:, 4:], atol=1e-4)  # and from position 4 on, nothing changes
 
 
 def test_stop_tokens_and_missing_stop_penalty(tok):
@@ -423,16 +481,17 @@ def test_stop_tokens_and_missing_stop_penalty(tok):
     target = tok(" a", add_special_tokens=False)["input_ids"][0]
     fn = _reward_fn(tok, target)
     # every token is a stop token and responses need >= 2 tokens: each response is cut to exactly 2
-    cfg = _cfg(stop_token_ids=tuple(range(len(tok))), min_response_tokens=2, missing_stop_penalty=-3.0, ppo_epochs=1)
+    # (EOS cannot be sampled before token 3, so no row ends before the stop tokens cut it)
+    cfg = _cfg(stop_token_ids=tuple(range(len(tok))), min_response_tokens=2, missing_stop_penalty=-3.0, ppo_epochs=1,
+               sampling=SamplingParams(max_new_tokens=8, min_new_tokens=2))
     trainer = PPOTrainer(_tiny_lm(tok), tok, fn, cfg)
     seen = []
     orig = trainer.generate
     trainer.generate = lambda p: seen.append(orig(p)) or seen[-1]
     m = trainer.step(PROMPTS)
     r = seen[0]
-    if not (r.ended_with_eos & (r.response_mask.sum(1) < 2)).any():  # no row ended with EOS at token 1
-        assert m["response_length_tokens"] == 2.0
-        assert r.response_mask.sum(1).tolist() == [2] * 8
+    assert m["response_length_tokens"] == 2.0
+    assert r.response_mask.sum(1).tolist() == [2] * 8
     assert m["stopped_fraction"] == 1.0
     assert m["_scores"].tolist() == fn(PROMPTS, m["_responses"]).tolist()  # no penalty: every row stopped
 
@@ -501,3 +560,218 @@ def test_entropy_bonus_alone_moves_the_policy_towards_higher_entropy(tok):
     before, after, changed = results[1.0]
     assert changed, "the bonus must move the policy"
     assert after > before + 0.05, (before, after)
+
+
+# ----------------------------------------------------------------------------------------------
+# What PPO optimises: dropout off, the sampled distribution, behaviour log-probs, the horizon
+# ----------------------------------------------------------------------------------------------
+
+
+def _dropout_gpt2(tok, p=0.1):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                                      resid_pdrop=p, embd_pdrop=p, attn_pdrop=p, bos_token_id=0, eos_token_id=0))
+
+
+def test_dropout_is_off_in_every_model_ppo_holds(tok):
+    """A GPT-2 with dropout 0.1 (as Hugging Face checkpoints come): one PPO step at lr 0 must see
+    ratio 1 on every minibatch, though the update runs in train mode."""
+    policy = _dropout_gpt2(tok)
+    ids = tok(TEXTS[:4], return_tensors="pt", padding=True)["input_ids"]
+    policy.train()
+    with torch.no_grad():  # the model as loaded does drop out in train mode: this test can fail
+        assert not torch.allclose(policy(input_ids=ids).logits, policy(input_ids=ids).logits)
+    ref = _dropout_gpt2(tok)
+    cfg = _cfg(lr=0.0, value_lr=0.0, value_model="separate", ppo_epochs=2)
+    trainer = PPOTrainer(policy, tok, _reward_fn(tok, 5), cfg, ref_model=ref)
+    m = trainer.step(PROMPTS)
+    assert m["approx_kl"] < 1e-6 and m["clipfrac_ratio"] == 0.0
+    for model in (trainer.policy, trainer.ref, trainer.critic):
+        rates = [x.p for x in model.modules() if isinstance(x, torch.nn.Dropout)]
+        assert rates and set(rates) == {0.0}
+
+
+@pytest.mark.parametrize("temperature, min_new", [(0.7, 0), (0.7, 5), (1.4, 8)])
+def test_ppo_optimises_the_distribution_it_samples(tok, temperature, min_new):
+    """T != 1 and forced length (min_new_tokens = max_new_tokens when 8): at lr 0 the ratio is 1,
+    the rollout log-probs are those of the sampled distribution, and the reported KL is a
+    Monte-Carlo estimate of KL(pi_T || rho_T) on the same samples."""
+    torch.manual_seed(0)
+    policy = _tiny_lm(tok)
+    with torch.no_grad():  # a random tiny LM is near uniform: sharpen it so that T matters
+        policy.get_output_embeddings().weight.mul_(6.0)
+    ref = _perturbed(policy)
+    eos = tok.eos_token_id
+    cfg = _cfg(lr=0.0, value_lr=0.0, batch_size=64, mini_batch_size=16, ppo_epochs=1, kl_coef=0.1,
+               sampling=SamplingParams(max_new_tokens=8, temperature=temperature, min_new_tokens=min_new))
+    trainer = PPOTrainer(policy, tok, _reward_fn(tok, 5), cfg, ref_model=ref)
+    seen = []
+    orig = trainer.generate
+    trainer.generate = lambda p: seen.append(orig(p)) or seen[-1]
+    m = trainer.step(PROMPTS * 8)
+    r = seen[0]
+    assert m["approx_kl"] < 1e-6 and m["clipfrac_ratio"] == 0.0
+    lp_pi, all_pi = sampled_logprobs(policy, r, temperature, min_new, eos)
+    lp_rho, all_rho = sampled_logprobs(ref, r, temperature, min_new, eos)
+    assert torch.allclose(r.logprobs, lp_pi, atol=1e-4)
+    if min_new:
+        assert (r.response_mask.sum(1) >= min_new).all()
+    mask = r.response_mask.float()
+    per_row = ((lp_pi - lp_rho) * mask).sum(1)  # (B,) one sample of log pi_T(y)/rho_T(y) each
+    assert m["kl"] == pytest.approx(per_row.mean().item(), abs=5e-4)
+    # the exact KL(pi_T || rho_T) of each next-token distribution along the same prefixes: its sum
+    # has the same expectation as the single-sample estimate; they agree within Monte-Carlo error
+    blocked = (torch.arange(mask.shape[1]) < min_new)[None, :, None]  # (1, R, 1)
+    vocab_eos = torch.zeros(all_pi.shape[-1], dtype=torch.bool)
+    vocab_eos[eos] = True
+
+    def renorm(a):  # the distribution sampled from: EOS removed where blocked
+        a = torch.where(blocked & vocab_eos, torch.tensor(float("-inf")), a)
+        return torch.log_softmax(a, -1)
+
+    p_pi, p_rho = renorm(all_pi), renorm(all_rho)
+    token_kl = (p_pi.exp() * (p_pi - p_rho).nan_to_num(0.0, posinf=0.0, neginf=0.0)).sum(-1)  # (B, R)
+    exact = (token_kl * mask).sum(1)
+    err = (per_row - exact).std().item() / math.sqrt(len(exact))
+    assert exact.mean().item() > 0.2, "the policy and its reference must differ for this test to mean something"
+    assert abs(m["kl"] - exact.mean().item()) < 4 * err, (m["kl"], exact.mean().item(), err)
+
+
+@pytest.mark.parametrize("sampling, word", [({"top_k": 50}, "top_k"), ({"top_p": 0.9}, "top_p"),
+                                            ({"temperature": 0.0}, "temperature")])
+def test_ppo_refuses_sampling_it_cannot_optimise(sampling, word):
+    from rlhf.config import load_config
+    from rlhf.errors import ConfigError
+    from rlhf.train import PPOJob
+
+    with pytest.raises(ValueError, match=word):
+        PPOConfig(sampling=SamplingParams(max_new_tokens=4, **sampling))
+    key, value = next(iter(sampling.items()))
+    with pytest.raises(ConfigError, match=word):
+        load_config(PPOJob, overrides=[f"ppo.sampling.{key}={value}"])
+
+
+def _served_rollout(model, tok, sampling, seed=5):
+    """A rollout as a policy-server would return it: sampled elsewhere, with the log-probs of the
+    distribution sampled from."""
+    ids, mask = tokenize_prompts(tok, PROMPTS, 16, add_bos=True)
+    return sample(model, ids, mask, sampling, tok.eos_token_id, tok.pad_token_id,
+                  generator=torch.Generator().manual_seed(seed), logprobs="sampling")
+
+
+def _clone(r):
+    return Rollout(*(x.clone() if x is not None else None for x in (
+        r.prompt_ids, r.prompt_mask, r.response_ids, r.response_mask, r.logprobs, r.values, r.ended_with_eos)))
+
+
+def test_behaviour_logprobs_of_the_current_weights_agree_with_recomputed_ones(tok):
+    sampling = SamplingParams(max_new_tokens=6, temperature=0.8, min_new_tokens=2)
+    results = []
+    for behaviour in (False, True):
+        torch.manual_seed(0)
+        trainer = PPOTrainer(_tiny_lm(tok), tok, _reward_fn(tok, 5), _cfg(ppo_epochs=2, sampling=sampling))
+        r = _served_rollout(trainer.policy, tok, sampling)
+        results.append(trainer.step_on_rollout(PROMPTS, r, behaviour_logprobs=behaviour))
+    recomputed, behaviour = results
+    assert behaviour["behaviour_approx_kl"] < 1e-8
+    for k in ("kl", "reward", "policy_loss", "value_loss", "approx_kl", "clipfrac_ratio", "entropy"):
+        assert behaviour[k] == pytest.approx(recomputed[k], abs=1e-4), k
+
+
+def test_stale_rollouts_start_the_ratio_at_pi_over_behaviour(tok):
+    """A rollout of weights two updates old: the ratio is taken against its behaviour log-probs
+    (recomputing them would pretend it was fresh); the KL penalty uses the current weights."""
+    torch.manual_seed(0)
+    sampling = SamplingParams(max_new_tokens=6, temperature=0.8, min_new_tokens=2)
+    cfg = _cfg(ppo_epochs=1, mini_batch_size=8, lr=1e-2, sampling=sampling)
+    trainer = PPOTrainer(_tiny_lm(tok), tok, _reward_fn(tok, 5), cfg, ref_model=_tiny_lm(tok))
+    old = copy.deepcopy(trainer.policy)
+    trainer.step(PROMPTS)
+    trainer.step(PROMPTS)
+    for g in trainer.opt.param_groups:  # lr 0 from here: the ratio below is exactly pi_current / mu
+        g["lr"] = 0.0
+    r = _served_rollout(old, tok, sampling)
+    lp_now, _ = sampled_logprobs(trainer.policy, r, 0.8, 2, tok.eos_token_id)
+    mask = r.response_mask.float()
+    expected = masked_mean(0.5 * (lp_now - r.logprobs) ** 2, mask).item()
+    assert expected > 1e-4, "the two versions must differ for this test to mean something"
+    stale = trainer.step_on_rollout(PROMPTS, _clone(r), behaviour_logprobs=True)
+    fresh = trainer.step_on_rollout(PROMPTS, _clone(r), behaviour_logprobs=False)
+    assert stale["behaviour_approx_kl"] == pytest.approx(expected, rel=1e-3)
+    assert stale["approx_kl"] == pytest.approx(expected, rel=1e-3)  # one minibatch: the update saw pi / mu
+    assert fresh["approx_kl"] < 1e-8 and fresh["behaviour_approx_kl"] == 0.0
+    lp_ref, _ = sampled_logprobs(trainer.ref, r, 0.8, 2, tok.eos_token_id)
+    kl_now = ((lp_now - lp_ref) * mask).sum(1).mean().item()
+    assert stale["kl"] == pytest.approx(kl_now, abs=5e-4) and fresh["kl"] == pytest.approx(kl_now, abs=5e-4)
+
+
+def test_step_on_rollout_rejects_what_was_not_sampled_so(tok):
+    sampling = SamplingParams(max_new_tokens=6, min_new_tokens=3)
+    trainer = PPOTrainer(_tiny_lm(tok), tok, _reward_fn(tok, 5), _cfg(sampling=sampling))
+    r = _served_rollout(trainer.policy, tok, sampling)
+    bad = _clone(r)
+    bad.response_ids[1, 1] = tok.eos_token_id  # an EOS where min_new_tokens forbids it
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        trainer.step_on_rollout(PROMPTS, bad, behaviour_logprobs=True)
+    bad = _clone(r)
+    bad.logprobs[0, 0] = float("-inf")
+    with pytest.raises(ValueError, match="finite"):
+        trainer.step_on_rollout(PROMPTS, bad, behaviour_logprobs=True)
+
+
+def test_kl_horizon_moves_beta_by_the_episodes_of_the_step(tok):
+    policy = _tiny_lm(tok)
+    with torch.no_grad():
+        policy.get_output_embeddings().weight.mul_(6.0)
+    cfg = _cfg(kl_coef=0.2, kl_target=0.05, kl_horizon=100)
+    trainer = PPOTrainer(policy, tok, _reward_fn(tok, 5), cfg, ref_model=_perturbed(policy))
+    m = trainer.step(PROMPTS)
+    e = min(max((m["kl"] - 0.05) / 0.05, -0.2), 0.2)
+    assert e != 0.0
+    assert m["kl_coef_next"] == pytest.approx(0.2 * (1 + e * 8 / 100))  # 8 rollouts of a 100-episode horizon
+
+
+def test_step_metrics_are_what_they_say(tok):
+    """Every reported figure of two steps against an independent computation on the rollouts."""
+    torch.manual_seed(0)
+    sampling = SamplingParams(max_new_tokens=6, temperature=0.9, min_new_tokens=1)
+    policy = _tiny_lm(tok)
+    ref = _perturbed(policy)
+    fn = _reward_fn(tok, tok(" a", add_special_tokens=False)["input_ids"][0])
+    cfg = _cfg(lr=0.0, value_lr=0.0, mini_batch_size=8, ppo_epochs=1, kl_coef=0.25, sampling=sampling,
+               missing_stop_penalty=None)
+    trainer = PPOTrainer(policy, tok, lambda p, r: fn(p, r) + torch.arange(len(r)) * 0.5, cfg, ref_model=ref)
+    seen = []
+    orig = trainer.generate
+    trainer.generate = lambda p: seen.append(orig(p)) or seen[-1]
+    history = [trainer.step(PROMPTS) for _ in range(2)]
+    tokens = 0
+    for step, (m, r) in enumerate(zip(history, seen), start=1):
+        mask = r.response_mask.float()
+        scores = fn(PROMPTS, m["_responses"]) + torch.arange(8) * 0.5
+        lp, all_pi = sampled_logprobs(policy, r, 0.9, 1, tok.eos_token_id)
+        lp_ref, _ = sampled_logprobs(ref, r, 0.9, 1, tok.eos_token_id)
+        kl_rows = ((lp - lp_ref) * mask).sum(1)
+        tokens += int(mask.sum())
+        assert m["step"] == step and m["samples_total"] == 8 * step and m["tokens_total"] == tokens
+        assert m["_scores"].tolist() == scores.tolist()
+        assert m["reward"] == pytest.approx(scores.mean().item()) and m["reward_std"] == pytest.approx(scores.std().item())
+        assert m["kl"] == pytest.approx(kl_rows.mean().item(), abs=5e-4)
+        beta = 0.25 if step == 1 else history[0]["kl_coef_next"]
+        assert m["reward_total"] == pytest.approx((scores - beta * kl_rows).mean().item(), abs=5e-4)
+        assert m["response_length_tokens"] == pytest.approx(mask.sum(1).mean().item())
+        assert m["stopped_fraction"] == pytest.approx(r.ended_with_eos.float().mean().item())
+        blocked = torch.arange(6)[None, :, None] < 1
+        sampled = torch.log_softmax(torch.where(blocked & (torch.arange(len(tok)) == tok.eos_token_id), -torch.inf,
+                                                all_pi), -1)
+        ent = -(sampled.exp() * sampled.nan_to_num(0.0, neginf=0.0)).sum(-1)  # (B, R)
+        assert m["entropy"] == pytest.approx(((ent * mask).sum() / mask.sum()).item(), rel=1e-4)
+        assert m["approx_kl"] < 1e-8 and m["clipfrac_ratio"] == 0.0 and m["value_clipfrac_ratio"] == 0.0
+        assert m["kl_coef"] == beta and m["kl_coef_next"] == pytest.approx(
+            beta * (1 + 0.1 * min(max((m["kl"] - 6.0) / 6.0, -0.2), 0.2)))
+        assert abs(m["policy_loss"]) < 1e-5  # ratio 1: minus the mean whitened advantage, 0
+        assert m["time_generate_seconds"] >= 0 and m["step_duration_seconds"] >= m["time_update_seconds"] > 0
+        assert m["samples_per_second"] == pytest.approx(8 / m["step_duration_seconds"])
+        assert m["tokens_per_second"] == pytest.approx(mask.sum().item() / m["step_duration_seconds"])

@@ -373,3 +373,21 @@ def test_freeze_embeddings_keeps_token_embeddings_for_this_training_only(tok):
     moved = [n for n, p in rm.named_parameters() if not torch.equal(p, before[n])]
     assert moved and emb_name not in moved
     assert emb.requires_grad, "the embeddings' own requires_grad flag comes back after training"
+
+
+def test_reward_model_scores_at_the_length_it_was_trained_at(trained, tmp_path):
+    rm, _, _, held = trained
+    assert rm.config.max_length == 32  # set by train_reward_model from RMTrainConfig.max_length
+    rm.save(tmp_path / "rm32")
+    loaded = RewardModel.load(tmp_path / "rm32")
+    assert loaded.config.max_length == 32
+    long_prompt = " ".join(f"Tell me about {s}." for s in SUBJECTS)  # > 32 tokens on its own
+    prompts, responses = [long_prompt, "Tell me about rain."], [" It is good.", " It is odd."]
+    at_32 = loaded.encode(prompts, responses, max_length=32)
+    assert int(at_32["attention_mask"][0].sum()) == 32
+    with torch.no_grad():
+        want = (loaded.raw_scores(at_32["input_ids"], at_32["attention_mask"]) - loaded.config.bias) * loaded.config.gain
+    assert torch.allclose(loaded.score(prompts, responses), want, atol=1e-6)
+    at_512 = loaded.encode(prompts, responses, max_length=512)
+    assert int(at_512["attention_mask"][0].sum()) > 32  # the old default would have scored more context
+    assert pair_accuracy(loaded, held) == pair_accuracy(loaded, held, max_length=32)

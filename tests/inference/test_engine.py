@@ -262,3 +262,62 @@ def test_a_seeded_row_draws_the_same_token_whatever_runs_beside_it():
             tokens, _, _ = choose(logits.clone(), params(rows), None, 0,
                                   generator=torch.Generator().manual_seed(1))
             assert tokens[0] == alone[0], (seed, other)
+
+
+def test_choose_reports_the_log_probs_of_the_distribution_sampled_when_a_row_asks():
+    """logprobs_of="sampling": log-probs of what the token was drawn from (T, top-k/top-p, the
+    EOS block), computed here from the logits; other rows keep the model's own (T = 1)."""
+    from rlhf.inference.sampling import BatchParams, choose
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 50, generator=g) * 2
+    eos = 3
+    logits[:, eos] = 4.0  # EOS likely: blocking it must show in the log-probs
+    rows = [GenerationRequest(temperature=0.7, logprobs_of="sampling"),
+            GenerationRequest(temperature=0.7, top_k=5, logprobs_of="sampling"),
+            GenerationRequest(temperature=1.3, top_p=0.8, logprobs_of="sampling"),
+            GenerationRequest(temperature=0.0, logprobs_of="sampling"), GenerationRequest(temperature=0.7)]
+    block = torch.tensor([True, True, False, False, True])
+    for _ in range(5):
+        tokens, lps, _ = choose(logits.clone(), BatchParams(rows, [None] * 5, logits.device), block, eos, generator=g)
+        for i, (row, t) in enumerate(zip(rows, tokens.tolist())):
+            if row.logprobs_of == "model":
+                want = torch.log_softmax(logits[i], -1)[t]
+            elif row.temperature == 0:
+                want = torch.tensor(0.0)
+            else:
+                z = logits[i] / row.temperature
+                if block[i]:
+                    z[eos] = float("-inf")
+                keep = torch.ones(50, dtype=torch.bool)
+                if row.top_k:
+                    keep &= z >= torch.topk(z, row.top_k).values[-1]
+                if row.top_p < 1:
+                    p, order = torch.sort(z.softmax(-1), descending=True)
+                    kept = order[(p.cumsum(-1) - p) < row.top_p]
+                    keep &= torch.zeros(50, dtype=torch.bool).index_fill(0, kept, True)
+                want = z[t] - torch.logsumexp(z[keep], -1)
+            assert lps[i].item() == pytest.approx(want.item(), abs=1e-5), (i, row)
+
+
+def test_engine_returns_sampling_log_probs_as_policy_engine_does(policy):
+    req = GenerationRequest(max_new_tokens=8, temperature=0.7, min_new_tokens=4, seed=3, return_logprobs=True,
+                            logprobs_of="sampling")
+    expected = policy.generate([PROMPTS[2]], req)[0].samples[0]
+    own = policy.generate([PROMPTS[2]], GenerationRequest(**{**req.__dict__, "logprobs_of": "model"}))[0].samples[0]
+    assert own.token_ids == expected.token_ids and own.logprobs != pytest.approx(expected.logprobs, abs=1e-3)
+
+    async def go():
+        e = await _engine(policy)
+        out = await complete(e.submit(e.encode(PROMPTS[2]), req))
+        await e.close()
+        return out
+
+    (s,) = run(go())
+    assert s.token_ids == expected.token_ids
+    assert s.logprobs == pytest.approx(expected.logprobs, abs=1e-4)
+    from rlhf.inference.requests import InvalidFieldError, RequestLimits, build_request
+
+    assert build_request({"logprobs_of": "sampling"}, RequestLimits(), default_max_new_tokens=8).logprobs_of == "sampling"
+    with pytest.raises(InvalidFieldError, match="'logprobs_of' must be 'model' or 'sampling'"):
+        build_request({"logprobs_of": "tempered"}, RequestLimits(), default_max_new_tokens=8)
