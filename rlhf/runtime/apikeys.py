@@ -48,6 +48,7 @@ log = logging.getLogger("rlhf.runtime.apikeys")
 
 ANONYMOUS = "anonymous"  # the team of every request when no keys are configured
 UNAUTHENTICATED = "unauthenticated"  # the metrics label of a request without a valid key
+INTERNAL = "internal"  # the metrics label of the platform's own callers (services, operators): no team
 
 
 class AuthError(Exception):
@@ -216,10 +217,10 @@ class ApiKeys:
         return frozenset(self._teams)
 
     def label(self, team: str | None) -> str:
-        """``team`` as a metrics label: a configured team, "anonymous" or "unauthenticated"."""
+        """``team`` as a metrics label: a configured team, "anonymous", "internal" or "unauthenticated"."""
         if team is None:
             return UNAUTHENTICATED
-        return team if team in self._teams or team == ANONYMOUS else UNAUTHENTICATED
+        return team if team in self._teams or team in (ANONYMOUS, INTERNAL) else UNAUTHENTICATED
 
     def _load(self, initial: bool = False) -> None:
         keys: dict[str, str] = {}

@@ -17,16 +17,17 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import grpc
 from rlhf_client import policy_grpc, policy_pb2
 
-from rlhf.runtime.auth import ANYONE, OPERATOR, PRODUCT, SERVICE, Principal, make_authenticator
-from rlhf.errors import DataError, UnavailableError
+from rlhf.errors import DataError, ResourceExhaustedError, UnavailableError
 from rlhf.inference.engine import DeadlineExceededError, EngineConfig
 from rlhf.metrics import ServiceMetrics
 from rlhf.registry import ModelRegistry
-from rlhf.runtime.apikeys import ANONYMOUS, ApiKeys
+from rlhf.runtime.apikeys import ANONYMOUS, INTERNAL, ApiKeys, RateLimitedError
+from rlhf.runtime.auth import ANYONE, OPERATOR, PRODUCT, SERVICE, Principal, caller, make_authenticator
 from rlhf.runtime.bus import bus_for
 from rlhf.runtime.grpc_client import peer_credentials
 from rlhf.runtime.http import EmbeddedHttpServer
@@ -34,7 +35,7 @@ from rlhf.runtime.server import BaseServiceSettings
 from rlhf.inference.guided import Guide
 from rlhf.inference.requests import RequestLimits, build_request
 from rlhf.serving import GenerationRequest
-from services.policy_server.backends import LocalBackend, TGIBackend, complete, observe
+from services.policy_server.backends import LocalBackend, TGIBackend, complete, observe, used_tokens
 from services.policy_server.api.routes import HttpApi
 from services.policy_server.optin import PromptForwarder
 
@@ -70,7 +71,7 @@ class Settings(BaseServiceSettings):
     request_timeout_seconds: float = 120.0  # deadline of an HTTP request (header X-Request-Timeout may shorten it)
     stream_interval: int = 1  # tokens of each sample per write of a stream, after the first (more: fewer, larger writes)
     max_body_bytes: int = 4194304  # larger HTTP request bodies are 413
-    api_keys_file: str = ""  # JSON/YAML {key: {team, requests_per_minute}}, re-read on change; none: auth off
+    api_keys_file: str = ""  # JSON/YAML {teams: {name: limits}, keys: {key: team}}, re-read on change; none: auth off
     api_keys: str = ""  # the same JSON inline (e.g. a secret mounted as an environment variable)
     prompt_collector_addr: str = ""  # host:port of the prompt-collector for opted-in prompts; empty: none sent
     optin_queue_size: int = 1000  # opted-in prompts waiting to be sent; beyond: dropped (counted)
@@ -202,6 +203,27 @@ class PolicyServer(policy_grpc.PolicyServiceServicer):
             return Guide.choice(list(so.choice.options))
         raise DataError("sampling.structured_output needs one of json_schema, json_object, regex, choice.options")
 
+    def _caller(self) -> tuple[str, Callable[[int], object] | None, list]:
+        """The caller's team (its queue in the engine, its metrics label), and for a product team
+        the admission of a request against the team's limits (what it took lands in the list)."""
+        p = caller()
+        if not p.team:
+            return (ANONYMOUS if p.anonymous else INTERNAL), None, []
+        taken: list = []
+
+        def admit(tokens: int) -> None:
+            try:
+                taken.append(self.keys.admit(p.team, tokens))
+            except RateLimitedError as e:
+                raise ResourceExhaustedError(str(e)) from None
+
+        return p.team, admit, taken
+
+    def _done(self, team: str, runs: list, taken: list, t0: float) -> None:
+        for a in taken:
+            self.keys.settle(a, used_tokens(runs))
+        observe(self.metrics, "grpc", self.keys.label(team), runs, t0)
+
     @staticmethod
     def _deadline(context) -> float | None:
         remaining = context.time_remaining()
@@ -217,18 +239,19 @@ class PolicyServer(policy_grpc.PolicyServiceServicer):
             raise DataError(f"at most {self.s.max_prompts_per_request} prompts per request, got {len(prompts)}")
         req = self._request(request.sampling, request.n, request.return_logprobs, request.return_prompt_logprobs)
         deadline = self._deadline(context)
+        team, admit, taken = self._caller()
         runs = []
         try:
             # one version answers every prompt of the call
             runs = await self.backend.open(prompts, req, deadline, where=[f"prompts[{i}]" for i in range(len(prompts))],
-                                           team=ANONYMOUS)
+                                           team=team, admit=admit)
             results = await asyncio.gather(*(complete(r) for r in runs))
         except DeadlineExceededError:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
         finally:
             for r in runs:
                 r.cancel()
-        observe(self.metrics, "grpc", ANONYMOUS, runs, t0)
+            self._done(team, runs, taken, t0)
         resp = policy_pb2.GenerateResponse(policy_version=runs[0].version)
         for run, samples in zip(runs, results):
             pc = resp.results.add()
@@ -248,7 +271,8 @@ class PolicyServer(policy_grpc.PolicyServiceServicer):
         if not request.prompt:
             raise DataError("prompt is empty")
         req = self._request(request.sampling, 1, True)
-        (run,) = await self.backend.open([request.prompt], req, self._deadline(context), team=ANONYMOUS)
+        team, admit, taken = self._caller()
+        (run,) = await self.backend.open([request.prompt], req, self._deadline(context), team=team, admit=admit)
         events = run.events()
         try:
             async for ev in events:
@@ -262,7 +286,7 @@ class PolicyServer(policy_grpc.PolicyServiceServicer):
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
         finally:
             await events.aclose()  # a client that went away cancels the generation
-            observe(self.metrics, "grpc", ANONYMOUS, [run], t0)
+            self._done(team, [run], taken, t0)
 
     async def GetPolicyVersion(self, request, context) -> policy_pb2.GetPolicyVersionResponse:
         v = self.backend.version

@@ -13,33 +13,14 @@ import pytest
 import torch
 
 from rlhf.errors import DataError
-from rlhf.inference.engine import (ContextLengthError, EngineConfig, InferenceEngine, PromptTooLongError, complete)
+from rlhf.inference.engine import ContextLengthError, PromptTooLongError, complete
 from rlhf.inference.guided import Guide
 from rlhf.inference.queue import FairQueue
 from rlhf.inference.sampling import BatchParams, PenaltyState, apply_penalties, choose
-from rlhf.models import save_pretrained, train_tokenizer
 from rlhf.serving import GenerationRequest, PolicyEngine
-from tests.inference.test_engine import TEXTS, noisy_lm
+from tests.inference.test_engine import _engine, policy, run  # noqa: F401  (policy: a fixture)
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def policy(tmp_path_factory) -> PolicyEngine:
-    tok = train_tokenizer(TEXTS, vocab_size=300)
-    d = tmp_path_factory.mktemp("policy")
-    save_pretrained(noisy_lm(len(tok)), tok, d, manifest={"config": {"add_bos": True}})
-    return PolicyEngine(d, "v1", max_prompt_tokens=48)
-
-
-def run(coro):
-    return asyncio.run(coro)
-
-
-async def _engine(policy, **cfg) -> InferenceEngine:
-    e = InferenceEngine(policy, EngineConfig(**{"seed": 0, **cfg}))
-    e.start()
-    return e
 
 
 def reference_greedy(policy: PolicyEngine, ids: list[int], n: int, rep=1.0, freq=0.0, pres=0.0) -> list[int]:

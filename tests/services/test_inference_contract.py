@@ -79,7 +79,8 @@ def grpc_generate(s, prompt: str, **sampling):
         sp.structured_output.CopyFrom(so)
     with grpc.insecure_channel(s.grpc_target) as ch:
         r = policy_grpc.PolicyServiceStub(ch).Generate(policy_pb2.GenerateRequest(
-            prompts=[prompt], n=n, sampling=sp, return_logprobs=True, return_prompt_logprobs=prompt_lp), timeout=60)
+            prompts=[prompt], n=n, sampling=sp, return_logprobs=True, return_prompt_logprobs=prompt_lp), timeout=60,
+            metadata=[("authorization", f"Bearer {KEY}")])
     return r.results[0]
 
 

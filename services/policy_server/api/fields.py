@@ -59,8 +59,10 @@ _SAMPLING = [
     _f("bad_words", "array", "not supported", neutral=(None, [])),
 ]
 
+_MODEL = _f("model", "string", "rlhf-policy, rlhf-policy@VERSION or VERSION")
+
 COMPLETIONS = [
-    _f("model", "string", "rlhf-policy, rlhf-policy@VERSION or VERSION"),
+    _MODEL,
     _f("prompt", "string|array", "a string or a list of strings"),
     _f("max_tokens", "integer", "default 16", "max_new_tokens"),
     *_SAMPLING,
@@ -70,7 +72,7 @@ COMPLETIONS = [
 ]
 
 CHAT = [
-    _f("model", "string", "rlhf-policy, rlhf-policy@VERSION or VERSION"),
+    _MODEL,
     _f("messages", "array", "roles system/developer, user, assistant; text content or text parts"),
     _f("max_tokens", "integer", "default: the setting max_new_tokens_default", "max_new_tokens"),
     _f("max_completion_tokens", "integer", "the same as max_tokens", "max_new_tokens"),
@@ -120,7 +122,7 @@ TGI_PARAMETERS = [
 ]
 
 TOKENIZE = [
-    _f("model", "string", "as for generation"),
+    _MODEL,
     _f("prompt", "string", "the text (or messages)"),
     _f("messages", "array", "a chat, rendered with its template"),
     _f("add_special_tokens", "boolean", "the tokens the model adds (BOS); default true"),
@@ -128,7 +130,7 @@ TOKENIZE = [
 ]
 
 DETOKENIZE = [
-    _f("model", "string", "as for generation"),
+    _MODEL,
     _f("tokens", "array", "token ids"),
 ]
 
