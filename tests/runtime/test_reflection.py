@@ -7,6 +7,7 @@ import asyncio
 from google.protobuf import descriptor_pb2
 
 from rlhf.runtime import grpc_client
+from rlhf_client import channel as sdk_channel
 from rlhf.runtime.reflection import SERVICE_NAME, Request, Response
 from tests.runtime.echo_service import POLICY_SERVICE, REWARD_SERVICE
 from tests.runtime.test_server import running
@@ -16,7 +17,7 @@ def test_reflection_v1_lists_the_services_and_gives_their_files():
     async def main():
         async with running() as srv:
             await grpc_client.wait_ready(srv.target, timeout=10)
-            async with grpc_client.channel(srv.target) as ch:
+            async with sdk_channel.channel(srv.target) as ch:
                 call = ch.stream_stream(f"/{SERVICE_NAME}/ServerReflectionInfo",
                                         request_serializer=Request.SerializeToString,
                                         response_deserializer=Response.FromString)
