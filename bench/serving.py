@@ -1,7 +1,8 @@
 """Benchmarks of the inference engine and the policy-server's HTTP API (docs/benchmarks.md).
 
     .venv/bin/python bench/serving.py [--threads N] [--repeats N] [--stream-interval 1,4]
-                                      [--engine-process off,on] [--name NAME] [--only engine,server] [--quick]
+                                      [--engine-process off,on] [--sampler plain,penalties,json_schema]
+                                      [--name NAME] [--only engine,server] [--quick]
 
 On the demo-sized GPT-2 (4 layers, width 256, vocab 4096, random weights; the tokenizer is a
 4096-token BPE trained on the IMDB sample when it is there):
@@ -21,6 +22,12 @@ On the demo-sized GPT-2 (4 layers, width 256, vocab 4096, random weights; the to
    process of its own. Each run also records where the CPUs went: the cores used by the process's main thread
    (the event loop), by its other threads (the engine's worker and its OpenMP team), and by the
    client, from the kernel's per-thread CPU times.
+
+``--sampler plain,penalties,json_schema`` runs the engine and each server variant once per sampler
+setting, so the cost per token of the sampler's features is known: ``penalties`` sets
+repetition, frequency and presence penalties on every request; ``json_schema`` constrains every
+sample to a JSON schema (structured output; no ``min_tokens`` then, and a sample may end early:
+tokens per second counts the tokens generated).
 
 Writes bench/results/serving-<name>.json and .md.
 """
@@ -48,6 +55,32 @@ from common import machine_info, summary, thread_env, write_json  # noqa: E402
 SHAPE = dict(n_layer=4, n_embd=256, n_head=4, n_positions=128, vocab_size=4096)
 PROMPT_TOKENS, NEW_TOKENS, BATCH = 32, 48, 16
 CLIENTS = 64
+REVIEW_SCHEMA = {"type": "object", "properties": {"stars": {"type": "integer", "minimum": 1, "maximum": 5},
+                                                   "review": {"type": "string"}},
+                 "required": ["stars", "review"], "additionalProperties": False}
+# sampler settings: the fields of each request (OpenAI's names; GenerationRequest's in sampler_request)
+SAMPLERS = {
+    "plain": {},
+    "penalties": {"repetition_penalty": 1.1, "frequency_penalty": 0.5, "presence_penalty": 0.5},
+    "json_schema": {"response_format": {"type": "json_schema", "json_schema": {"name": "review",
+                                                                               "schema": REVIEW_SCHEMA}}},
+}
+
+
+def sampler_request(sampler: str):
+    """The engine's GenerationRequest of a benchmark request with ``sampler``'s settings."""
+    from rlhf.inference.guided import Guide
+    from rlhf.serving import GenerationRequest
+
+    if sampler == "json_schema":
+        return GenerationRequest(max_new_tokens=NEW_TOKENS, guide=Guide("json_schema", json.dumps(REVIEW_SCHEMA)))
+    return GenerationRequest(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, **SAMPLERS[sampler])
+
+
+def sampler_body(sampler: str) -> dict:
+    """The HTTP request's sampling fields with ``sampler``'s settings."""
+    base = {} if sampler == "json_schema" else {"min_tokens": NEW_TOKENS}
+    return {**base, **SAMPLERS[sampler]}
 
 
 # -- assets -----------------------------------------------------------------------------------------
@@ -97,7 +130,8 @@ def build_assets(quick: bool) -> tuple[Path, str, list[str]]:
 # -- worker: engine vs generate (one process) -------------------------------------------------------
 
 
-def engine_vs_generate(registry: Path, version: str, prompts: list[str], repeats: int, batches: int) -> dict:
+def engine_vs_generate(registry: Path, version: str, prompts: list[str], repeats: int, batches: int,
+                       samplers: list[str] = ("plain",)) -> dict:
     """Tokens per second of each side, ``repeats`` alternated turns of ``batches`` timed batches
     (after one untimed batch). Each turn's torch work runs on a thread of its own that ends with the
     turn (the engine's worker; a fresh thread for the others), so only one OpenMP thread team is alive
@@ -140,7 +174,9 @@ def engine_vs_generate(registry: Path, version: str, prompts: list[str], repeats
         t.join()
         return out[0]
 
-    def engine_turn(profile: bool = False):
+    def engine_turn(profile: bool = False, sampler: str = "plain"):
+        req = sampler_request(sampler)
+
         async def start():
             e = InferenceEngine(policy, EngineConfig(max_batch_size=64, seed=0))
             e.start()
@@ -174,6 +210,9 @@ def engine_vs_generate(registry: Path, version: str, prompts: list[str], repeats
 
     sides = {"engine": lambda: engine_turn()[0], "hf-generate": lambda: on_own_thread(hf),
              "generation.sample": lambda: on_own_thread(old)}
+    for sampler in samplers:
+        if sampler != "plain":
+            sides[f"engine+{sampler}"] = lambda sampler=sampler: engine_turn(sampler=sampler)[0]
     tps: dict[str, list[float]] = {k: [] for k in sides}
     for rep in range(repeats):
         order = list(sides) if rep % 2 == 0 else list(sides)[::-1]
@@ -301,13 +340,13 @@ def free_port() -> int:
     return port
 
 
-async def http_client(port: int, prompts: list[str], i: int, n: int, out: dict) -> None:
+async def http_client(port: int, prompts: list[str], i: int, n: int, out: dict, sampler: str = "plain") -> None:
     """One client on one keep-alive connection: ``n`` streaming completions, one after another."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         for k in range(n):
             body = json.dumps({"model": "rlhf-policy", "prompt": prompts[(i + k) % len(prompts)], "stream": True,
-                               "max_tokens": NEW_TOKENS, "min_tokens": NEW_TOKENS,
+                               "max_tokens": NEW_TOKENS, **sampler_body(sampler),
                                "stream_options": {"include_usage": True}}).encode()
             t0 = time.perf_counter()
             writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
@@ -338,7 +377,7 @@ async def http_client(port: int, prompts: list[str], i: int, n: int, out: dict) 
 
 
 def server_closed_loop(registry: Path, version: str, prompts: list[str], threads: int, requests_per_client: int,
-                       stream_interval: int = 1, engine_process: bool = False) -> dict:
+                       stream_interval: int = 1, engine_process: bool = False, sampler: str = "plain") -> dict:
     port = free_port()
     env = thread_env(threads)
     env.update(RLHF_POLICY_SERVER_REGISTRY_DIR=str(registry), RLHF_POLICY_SERVER_HTTP_PORT=str(port),
@@ -369,7 +408,7 @@ def server_closed_loop(registry: Path, version: str, prompts: list[str], threads
             out = {"tokens": 0, "ttft": [], "e2e": []}
             cpu0, client0 = thread_cpu(proc.pid), time.process_time()
             t0 = time.perf_counter()
-            await asyncio.gather(*(http_client(port, prompts, i, n, out) for i in range(n_clients)))
+            await asyncio.gather(*(http_client(port, prompts, i, n, out, sampler) for i in range(n_clients)))
             out["wall_seconds"] = wall = time.perf_counter() - t0
             out["cpu"] = {**cpu_split(proc.pid, cpu0, wall), "client_cores": (time.process_time() - client0) / wall}
             out["tokens_per_second"] = out["tokens"] / out["wall_seconds"]
@@ -436,6 +475,9 @@ def main() -> None:
                          "comma-separated list of them, each run in every round")
     ap.add_argument("--engine-process", default="off",
                     help="off, on, or off,on: the policy-server's engine in its own process (each run in every round)")
+    ap.add_argument("--sampler", default="plain",
+                    help="plain, penalties, json_schema, or a comma-separated list: the sampler settings of every "
+                         "request (each run in every round)")
     ap.add_argument("--quick", action="store_true", help="a tiny model and short runs (smoke test)")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -446,7 +488,7 @@ def main() -> None:
         prepare_process()  # as `rlhf serve` does: intra-op threads (OMP_NUM_THREADS) for the model thread only
         prompts = json.loads(Path(prompts_file).read_text())
         if kind == "engine":
-            res = engine_vs_generate(Path(registry), version, prompts, int(rest[0]), int(rest[1]))
+            res = engine_vs_generate(Path(registry), version, prompts, int(rest[0]), int(rest[1]), rest[2].split(","))
         else:
             res = raw_engine_closed_loop(Path(registry), version, prompts, int(rest[0]))
         print(json.dumps(res))
@@ -459,7 +501,10 @@ def main() -> None:
     modes = a.engine_process.split(",")
     if not modes or not set(modes) <= {"off", "on"}:
         ap.error("--engine-process: off, on, or off,on")
-    variants = [(si, m == "on") for m in modes for si in intervals]
+    samplers = a.sampler.split(",")
+    if not samplers or not set(samplers) <= set(SAMPLERS):
+        ap.error(f"--sampler: one or more of {', '.join(SAMPLERS)}")
+    variants = [(si, m == "on", sm) for sm in samplers for m in modes for si in intervals]
     repeats, batches, rpc = (1, 1, 1) if a.quick else (a.repeats, 4, a.requests_per_client)
     registry, version, prompts = build_assets(a.quick)
     pf = BENCH / ".cache" / "serving-prompts.json"
@@ -468,9 +513,11 @@ def main() -> None:
     res: dict = {"machine": machine_info("cpu", a.threads), "threads": a.threads, "shape": SHAPE,
                  "batch": BATCH, "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS, "clients": CLIENTS,
                  "requests_per_client": rpc, "stream_intervals": intervals, "engine_process": modes,
+                 "samplers": samplers,
                  "loadavg_start": loadavg()}
     if "engine" in only:
-        r = run_worker(["engine", str(registry), version, str(pf), str(repeats), str(batches)], a.threads)
+        r = run_worker(["engine", str(registry), version, str(pf), str(repeats), str(batches), ",".join(samplers)],
+                       a.threads)
         res["engine"] = {k: summary(v) for k, v in r["tokens_per_second"].items()}
         res["engine"]["runner"] = r["runner"]
         res["engine"]["profile"] = r["profile"]
@@ -483,16 +530,16 @@ def main() -> None:
         for rep in range(repeats):  # alternated: raw engine, then each server variant, raw engine, ...
             raws.append(run_worker(["closed", str(registry), version, str(pf), str(rpc)], a.threads))
             line = f"round {rep + 1}: raw engine {raws[-1]['tokens_per_second']:,.0f} tok/s"
-            for si, ep in variants:
-                servers[(si, ep)].append(server_closed_loop(registry, version, prompts, a.threads, rpc, si, ep))
-                line += f", server ({variant_label(si, ep)}) {servers[(si, ep)][-1]['tokens_per_second']:,.0f} tok/s"
+            for v in variants:
+                servers[v].append(server_closed_loop(registry, version, prompts, a.threads, rpc, *v))
+                line += f", server ({variant_label(*v)}) {servers[v][-1]['tokens_per_second']:,.0f} tok/s"
             print(line, flush=True)
         raw_tps = summary([r["tokens_per_second"] for r in raws])
         by_variant = []
-        for (si, ep), runs in servers.items():
+        for (si, ep, sm), runs in servers.items():
             tps = summary([r["tokens_per_second"] for r in runs])
             by_variant.append({
-                "stream_interval": si, "engine_process": ep,
+                "stream_interval": si, "engine_process": ep, "sampler": sm,
                 "server_tokens_per_second": tps, "ratio": tps["median"] / raw_tps["median"],
                 "server_latency": latency({k: [x for r in runs for x in r[k]] for k in ("ttft", "e2e")}),
                 "server_cpu": mean_cpu(runs)})
@@ -510,8 +557,9 @@ def main() -> None:
     print(out.with_suffix(".md").read_text())
 
 
-def variant_label(stream_interval: int, engine_process: bool) -> str:
-    return f"`stream_interval` {stream_interval}" + (", engine process" if engine_process else "")
+def variant_label(stream_interval: int, engine_process: bool, sampler: str = "plain") -> str:
+    return (f"`stream_interval` {stream_interval}" + (", engine process" if engine_process else "")
+            + (f", sampler {sampler}" if sampler != "plain" else ""))
 
 
 def render(r: dict, name: str) -> str:
@@ -528,9 +576,11 @@ def render(r: dict, name: str) -> str:
         L.append(f"## Batch {r['batch']}: new tokens per second (median, min–max)\n")
         L.append("| side | tokens/s | vs generate |\n|---|---|---|")
         g = e["hf-generate"]["median"]
+        engine_sides = [(k, f"`rlhf.inference` engine, sampler {k.split('+')[1]}") for k in e
+                        if k.startswith("engine+")]
         for k, label in (("hf-generate", "transformers `generate(do_sample=True)`"),
                          ("generation.sample", "`rlhf.generation.sample`"),
-                         ("engine", f"`rlhf.inference` engine ({e['runner']})")):
+                         ("engine", f"`rlhf.inference` engine ({e['runner']})"), *engine_sides):
             s = e[k]
             L.append(f"| {label} | {s['median']:,.0f} ({s['min']:,.0f}–{s['max']:,.0f}) | {s['median'] / g:.2f}x |")
         p = e["profile"]
@@ -548,7 +598,8 @@ def render(r: dict, name: str) -> str:
         raw = s["raw_engine_tokens_per_second"]
         rows = [("raw engine (in process, no HTTP)", raw, None, s["raw_engine_latency"])]
         for b in s["variants"]:
-            rows.append((f"policy-server, HTTP `/v1/completions` stream, {variant_label(b['stream_interval'], b['engine_process'])}",
+            label = variant_label(b["stream_interval"], b["engine_process"], b.get("sampler", "plain"))
+            rows.append((f"policy-server, HTTP `/v1/completions` stream, {label}",
                          b["server_tokens_per_second"], b["ratio"], b["server_latency"]))
         for label, tps, ratio, lat in rows:
             L.append(f"| {label} | {tps['median']:,.0f} ({tps['min']:,.0f}–{tps['max']:,.0f}) | "
@@ -571,7 +622,8 @@ def render(r: dict, name: str) -> str:
             for b in s["variants"]:
                 sc = b.get("server_cpu")
                 if sc:
-                    L.append(f"| policy-server, {variant_label(b['stream_interval'], b['engine_process'])} | "
+                    label = variant_label(b["stream_interval"], b["engine_process"], b.get("sampler", "plain"))
+                    L.append(f"| policy-server, {label} | "
                              f"{sc['main_thread_cores']:.2f} | "
                              f"{sc['other_threads_cores']:.2f} | {sc['other_threads_seconds_per_1k_tokens']:.2f} | "
                              f"{sc['client_cores']:.2f} |")

@@ -112,16 +112,34 @@ class ServiceMetrics:
             "rlhf_feedback_labeler_agreement_ratio",
             "share of candidate pairs two labelers order alike, over the rankings of the last 24 hours (NaN: no pairs)",
             registry=r)
-        # policy-server inference API (HTTP beside gRPC) and its engine
+        # policy-server inference API (HTTP beside gRPC) and its engine; ``team`` is a configured
+        # team, "anonymous" (no keys configured), "internal" (the platform's own gRPC callers) or
+        # "unauthenticated" (no valid key)
         self.http_requests_total = Counter(
-            "rlhf_http_requests_total", "HTTP requests answered, by route and status code",
-            ["service", "route", "code"], registry=r)
+            "rlhf_http_requests_total",
+            "HTTP requests answered, by route, status code (a stream: how it ended) and team",
+            ["service", "route", "code", "team"], registry=r)
         self.policy_time_to_first_token_seconds = Histogram(
             "rlhf_policy_time_to_first_token_seconds", "from a generation request's arrival to its first token",
-            ["api"], buckets=LATENCY_BUCKETS, registry=r)
+            ["api", "team"], buckets=LATENCY_BUCKETS, registry=r)
         self.policy_request_duration_seconds = Histogram(
             "rlhf_policy_request_duration_seconds", "from a generation request's arrival to its last token",
-            ["api"], buckets=LATENCY_BUCKETS, registry=r)
+            ["api", "team"], buckets=LATENCY_BUCKETS, registry=r)
+        self.policy_queue_time_seconds = Histogram(
+            "rlhf_policy_queue_time_seconds", "from a request's arrival in the engine's queue to its first row",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.policy_inter_token_latency_seconds = Histogram(
+            "rlhf_policy_inter_token_latency_seconds", "between two tokens of a request, as delivered to the server",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.policy_prompt_tokens_total = Counter(
+            "rlhf_policy_prompt_tokens_total", "prompt tokens of the generation requests queued", ["api", "team"],
+            registry=r)
+        self.policy_requests_running = Gauge(
+            "rlhf_policy_requests_running", "requests with rows in the engine's running batch", registry=r)
+        self.policy_request_failures_total = Counter(
+            "rlhf_policy_request_failures_total",
+            "generation requests that failed, by reason (validation, context_length, unauthenticated, "
+            "rate_limited, quota, queue_full, timeout, unavailable, internal)", ["api", "team", "reason"], registry=r)
         self.policy_queue_depth = Gauge(
             "rlhf_policy_queue_depth", "samples waiting for a row of the engine's running batch", registry=r)
         self.policy_batch_size = Histogram(

@@ -16,6 +16,7 @@ import torch
 
 from rlhf.errors import DataError
 from rlhf.generation import SamplingParams, sample, tokenize_prompts
+from rlhf.inference.guided import Guide
 from rlhf.models import RewardModel, load_causal_lm, load_tokenizer
 
 
@@ -42,6 +43,15 @@ class GenerationRequest:
     # from (temperature, top-k/top-p, min_new_tokens' EOS block; 0 when greedy) -- what PPO
     # needs as behaviour log-probs (rlhf.algos.ppo.PPOTrainer.step_on_rollout)
     logprobs_of: str = "model"
+    # rlhf.inference only (rlhf.inference.sampling says how each applies):
+    repetition_penalty: float = 1.0  # > 1 discourages every token of the prompt and the sample so far
+    frequency_penalty: float = 0.0  # subtracted from a token's logit per earlier occurrence in the sample
+    presence_penalty: float = 0.0  # subtracted from a token's logit once it occurred in the sample
+    min_p: float = 0.0  # drop tokens less likely than min_p times the likeliest one
+    stop_token_ids: tuple[int, ...] = ()  # these tokens end a sample (as end-of-sequence does)
+    ignore_eos: bool = False  # never choose the end-of-sequence token: run to max_new_tokens
+    guide: Guide | None = None  # structured output: what the sample must match
+    prompt_logprobs: bool = False  # also score the prompt: each token's log-prob given those before it
 
     def sampling_params(self) -> SamplingParams:
         return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,

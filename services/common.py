@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Awaitable, Callable, TypeVar
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from rlhf_client import TOPIC_MODELS, TOPIC_SERVING, common_pb2, models_pb2
@@ -65,7 +65,9 @@ class ModelWatcher:
     At start it loads the registry's latest version (if any); afterwards every
     ``ModelVersionPublishedEvent`` of its kind on rlhf.models.v1 triggers ``load(path, version)``
     and then ``swap(engine)``. Older or equal versions than the one served are ignored, so replays
-    and duplicates change nothing.
+    and duplicates change nothing. With :meth:`poll` it also looks at the registry every few
+    seconds, so a version written there without an event (by another process, or while the bus
+    was down) is served all the same; a version that fails to load is not tried again.
 
     Once :meth:`start_announcing` was called (after the service's bus started), the watcher says
     on rlhf.serving.v1 which version this instance serves, at once and after every switch: the
@@ -89,9 +91,37 @@ class ModelWatcher:
         self._announcing = False
         self._lock = asyncio.Lock()
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{kind}-loader")
+        self._poller: asyncio.Task | None = None
+        self._failed: set[str] = set()
 
     def close(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
         self._loader.shutdown(wait=False, cancel_futures=True)
+
+    def poll(self, seconds: float) -> None:
+        """Check the registry for a newer version every ``seconds`` (0: never; a pinned version
+        is never replaced)."""
+        if seconds > 0 and not self.pinned and self._poller is None:
+            self._poller = asyncio.create_task(self._poll(seconds), name=f"{self.kind}-registry-poll")
+
+    async def _poll(self, seconds: float) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            v = None
+            try:
+                v = await asyncio.to_thread(self.registry.latest, self.kind)
+                if v is not None and v not in self._failed and (self.version is None or v > self.version):
+                    log.info("newer model version found in the registry", extra={"fields": {"kind": self.kind,
+                                                                                              "version": v}})
+                    await self._switch(v)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - the next poll tries again; a broken version is skipped
+                if v is not None:
+                    self._failed.add(v)
+                log.error("loading a model version from the registry failed",
+                          extra={"fields": {"kind": self.kind, "version": v, "error": type(e).__name__}})
 
     async def load_initial(self) -> None:
         v = self.pinned or self.registry.latest(self.kind)
@@ -159,10 +189,12 @@ class ServedModel:
         self._closers: set[asyncio.Task] = set()
         self.watcher = ModelWatcher(registry, kind, load, self._swap, pinned_version=pinned_version or None)
 
-    async def start(self, bus, service: str) -> None:
-        """Load the newest (or pinned) version and follow rlhf.models.v1 (before ``bus.start()``)."""
+    async def start(self, bus, service: str, poll_seconds: float = 0.0) -> None:
+        """Load the newest (or pinned) version and follow rlhf.models.v1 (before ``bus.start()``),
+        and the registry itself every ``poll_seconds`` (0: only the events)."""
         await self.watcher.load_initial()
         self.watcher.subscribe(bus, group_id(service), service)
+        self.watcher.poll(poll_seconds)
 
     async def close(self) -> None:
         engines = [e for e in [self.current, *self._retired] if e is not None]
@@ -196,13 +228,13 @@ class ServedModel:
             raise UnavailableError(f"no {self.kind} version loaded yet; publish one to the registry")
         return self.current
 
-    def use(self, fn: Callable[[object], T]) -> T:
-        """``fn(engine)`` on the current engine; when a newer version retired that engine before
-        ``fn`` could queue its work there (EngineRetiredError), on the newer one."""
+    async def use(self, fn: Callable[[object], Awaitable[T]]) -> T:
+        """``await fn(engine)`` on the current engine; when a newer version replaced that engine
+        before ``fn`` could queue its work there (EngineRetiredError), on the newer one."""
         for _ in range(3):
             engine = self.get()
             try:
-                return fn(engine)
+                return await fn(engine)
             except EngineRetiredError:
                 if self.current is engine:
                     raise
@@ -273,11 +305,14 @@ class OutboxService:
 class ModelSettings(BaseServiceSettings):
     registry_dir: str = ""  # model registry root (required)
     device: str = "cpu"  # torch device of the model, e.g. cuda:0
+    registry_poll_seconds: float = 5.0  # also look in the registry for a newer version this often; 0: events only
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.registry_dir:
             raise ValueError("registry_dir is required (the model registry root)")
+        if self.registry_poll_seconds < 0:
+            raise ValueError("registry_poll_seconds must be >= 0 (0: events only)")
 
 
 class ModelService:
@@ -311,7 +346,7 @@ class ModelService:
     async def start(self) -> None:
         self.batcher = self._batcher()
         self.batcher.start()
-        await self.model.start(self.bus, self.name)
+        await self.model.start(self.bus, self.name, self.s.registry_poll_seconds)
         await self.bus.start()
         await self.model.watcher.start_announcing()
 

@@ -9,14 +9,20 @@ the event loop) repeats one *iteration*:
 2. prefill the admitted prompts (right-padded, one forward pass) and choose each new row's first
    token;
 3. one decode step for every running row (one token each, KV cache, each row with its own
-   temperature / top-k / top-p / seed / min_new_tokens), then retire the rows that ended (EOS,
-   ``max_new_tokens``, or the end of the row's cache).
+   sampling settings: temperature / top-k / top-p / min-p / penalties / structured output / seed /
+   min_new_tokens), then retire the rows that ended (EOS or a stop token, ``max_new_tokens``, or
+   the end of the row's cache).
 
 So a request joins the running batch at the next iteration instead of waiting for the batch to
 finish, and the batch stays full while requests come and go. Tokens go back to the callers once
 per iteration (one ``call_soon_threadsafe`` for all of them). The queue of waiting requests is
 bounded (beyond ``max_queue`` waiting samples :meth:`InferenceEngine.submit` raises
-ResourceExhaustedError at once); each request may carry a deadline.
+ResourceExhaustedError at once) and fair between teams (:mod:`rlhf.inference.queue`); each
+request may carry a deadline.
+
+Prompts are tokenized off the event loop when they are long (:meth:`EngineFront.encode_async`,
+on a thread, through the Rust tokenizer's call that releases the interpreter lock), after a
+bound on their bytes that refuses an oversized prompt without tokenizing it.
 
 An engine serves one model version. A new version gets a new engine; the old one is *retired*:
 it finishes what it runs and has queued, then its thread ends (requests that picked it finish
@@ -38,16 +44,25 @@ import torch
 
 from rlhf.errors import DataError, ResourceExhaustedError, UnavailableError
 from rlhf.inference.runners import make_runner
-from rlhf.inference.sampling import BatchParams, choose
+from rlhf.inference.guided import Grammars
+from rlhf.inference.queue import FairQueue
+from rlhf.inference.sampling import BatchParams, PenaltyState, choose
 from rlhf.inference.text import SampleText, fast_codec
 from rlhf.runtime.threads import use_model_threads
 from rlhf.serving import GenerationRequest, PolicyEngine
 
 log = logging.getLogger("rlhf.inference")
 
+LONG_PROMPT_CHARS = 2048  # longer prompts are tokenized on a thread, off the event loop
 
-class PromptTooLongError(DataError):
-    """The prompt alone exceeds the server's prompt limit (HTTP 413)."""
+
+class ContextLengthError(DataError):
+    """The prompt, or the prompt with the tokens asked for, does not fit the model's context or
+    the server's prompt limit (OpenAI's and vLLM's 400 ``context_length_exceeded``)."""
+
+
+class PromptTooLongError(ContextLengthError):
+    """The prompt alone exceeds the server's prompt limit."""
 
 
 class DeadlineExceededError(TimeoutError):
@@ -71,7 +86,8 @@ class EngineConfig:
 
 
 class TokenEvent(NamedTuple):
-    """One generated token of sample ``index``; ``finish`` is "eos" / "length" on its last token."""
+    """One generated token of sample ``index``; ``finish`` is "eos" / "stop_token" (one of the
+    request's ``stop_token_ids``) / "length" on its last token."""
 
     index: int
     token_id: int
@@ -92,16 +108,24 @@ class Generation:
     """
 
     def __init__(self, engine: "InferenceEngine", prompt_ids: list[int], req: GenerationRequest,
-                 deadline: float | None, loop: asyncio.AbstractEventLoop):
+                 deadline: float | None, loop: asyncio.AbstractEventLoop, team: str = "", grammar=None):
         self.engine = engine
         self.prompt_ids = prompt_ids
         self.req = req
+        self.team = team  # the queue is fair between teams
+        self.grammar = grammar  # the compiled guide of a structured-output request
+        # with req.prompt_logprobs: each prompt token's log-prob given those before it (None for
+        # the first), and its top alternatives; set before the first token's event
+        self.prompt_logprobs: list[float | None] | None = None
+        self.prompt_top: list[list[tuple[int, float]]] | None = None
+        self.generated = 0  # tokens delivered so far, over all samples
         self.n = max(1, req.n)
         self.deadline = deadline  # a time.monotonic() value
         self.cancelled = False
         self.stopped: set[int] = set()  # samples the caller ended (read by the worker thread)
         self.submitted = time.perf_counter()
         self.first_token_at: float | None = None
+        self._last_at = 0.0
         self._loop = loop
         self._events: deque[TokenEvent] = deque()
         self._finished: set[int] = set()
@@ -116,10 +140,14 @@ class Generation:
     def done(self) -> bool:
         return self._error is not None or len(self._finished | self.stopped) >= self.n
 
-    # called on the event loop (the engine's dispatch)
-    def _push(self, ev: TokenEvent) -> None:
+    # called on the event loop (the engine's dispatch); ``now``: time.perf_counter() of the dispatch
+    def _push(self, ev: TokenEvent, now: float) -> None:
         if self.first_token_at is None:
-            self.first_token_at = time.perf_counter()
+            self.first_token_at = now
+        elif now != self._last_at and self.engine.metrics is not None:
+            self.engine.metrics.policy_inter_token_latency_seconds.observe(now - self._last_at)
+        self._last_at = now
+        self.generated += 1
         self._events.append(ev)
         if ev.finish is not None:
             self._finished.add(ev.index)
@@ -179,6 +207,7 @@ class _Row:
     max_new: int
     min_new: int
     generator: torch.Generator | None  # a seeded sample's own random numbers
+    matcher: object = None  # a structured-output row's grammar state
     generated: int = 0
     last: int = 0  # the last token chosen (the next decode step's input)
 
@@ -212,13 +241,19 @@ class EngineFront:
     metrics: object
 
     def _init_front(self, tokenizer, *, add_bos: bool, dtype: str, device, max_len: int,
-                    max_prompt_tokens: int) -> None:
+                    max_prompt_tokens: int, vocab_size: int) -> None:
         """The model version's limits and codec, and the lifecycle state both engines start with."""
         self.tokenizer = tokenizer
         self.eos_id = tokenizer.eos_token_id
-        self._encode, self.decode = fast_codec(tokenizer)
+        self._encode, self.decode, self._encode_long = fast_codec(tokenizer)
         self.add_bos, self.dtype, self.device = add_bos, dtype, device
         self.max_len, self.max_prompt_tokens = max_len, max_prompt_tokens
+        self.vocab_size = vocab_size  # the width of the model's logits
+        self.grammars = Grammars(tokenizer, vocab_size, self.eos_id)
+        # a token covers at most this many bytes of text (x4: headroom for normalisers that map
+        # several bytes to one character), so a prompt of more bytes than this has too many tokens
+        longest = max((len(t.encode()) for t in tokenizer.get_vocab()), default=1)
+        self.bytes_per_token = 4 * max(1, longest)
         self._waiting_samples = 0
         self._retiring = False
         self._closed = False
@@ -236,9 +271,43 @@ class EngineFront:
 
     def encode(self, prompt: str) -> list[int]:
         """The prompt's token ids as the model sees them (BOS first when the model wants it)."""
-        ids = self._encode(prompt)
+        return self._bos() + self._encode(prompt)
+
+    def _bos(self) -> list[int]:
         bos = self.tokenizer.bos_token_id
-        return ([bos] if self.add_bos and bos is not None else []) + ids
+        return [bos] if self.add_bos and bos is not None else []
+
+    async def encode_async(self, prompt: str, where: str = "prompt", truncate: int | None = None,
+                           bounded: bool = True) -> list[int]:
+        """:meth:`encode` without stalling the event loop: a prompt of more bytes than the prompt
+        limit can hold is refused untokenized (ContextLengthError; not when ``bounded`` is false),
+        a long one is tokenized on a thread. ``truncate``: keep only the prompt's last that many
+        tokens (its head is cut before tokenizing when it is too long to matter)."""
+        n_bytes = len(prompt) if len(prompt) > LONG_PROMPT_CHARS * 64 else len(prompt.encode())
+        if truncate is not None:
+            keep = (truncate + 1) * self.bytes_per_token
+            if n_bytes > keep:
+                cut = prompt.encode()[-keep:].decode(errors="ignore")
+                prompt, n_bytes = cut, len(cut.encode())
+        elif bounded and n_bytes > self.max_prompt_tokens * self.bytes_per_token:
+            raise PromptTooLongError(
+                f"{where} has {n_bytes} bytes, so at least {n_bytes // self.bytes_per_token} tokens; the limit is "
+                f"{self.max_prompt_tokens} prompt tokens")
+        if len(prompt) > LONG_PROMPT_CHARS:
+            ids = self._bos() + await asyncio.to_thread(self._encode_long, prompt)
+        else:
+            ids = self.encode(prompt)
+        if truncate is not None and len(ids) > truncate:
+            bos = self._bos()
+            ids = bos + ids[len(ids) - truncate + len(bos):]
+        return ids
+
+    def prepare(self, req: GenerationRequest):
+        """The compiled grammar of a structured-output request (DataError for a bad one), else
+        None. Compiling can take milliseconds: call it off the event loop."""
+        if req.guide is None:
+            return None
+        return self.grammars.compile(req.guide)
 
     def _set_queue_gauge(self) -> None:
         if self.metrics is not None:
@@ -246,20 +315,27 @@ class EngineFront:
 
     def check(self, prompt_ids: list[int], req: GenerationRequest, where: str = "prompt") -> GenerationRequest:
         """``req`` if this engine can serve it for the prompt (with a defaulted ``max_new_tokens``
-        lowered to the room the prompt leaves in the context), else DataError."""
+        lowered to the room the prompt leaves in the context), else DataError (ContextLengthError
+        when it does not fit)."""
         n = len(prompt_ids)
         if n == 0:
             raise DataError(f"{where} is empty")
         if n > self.max_prompt_tokens:
-            raise PromptTooLongError(f"{where} has {n} tokens; the limit is {self.max_prompt_tokens}")
+            raise PromptTooLongError(f"{where} has {n} tokens; the limit is {self.max_prompt_tokens} prompt tokens "
+                                     f"(the model's context is {self.max_len} tokens)")
         if req.fit_to_context and n + req.max_new_tokens > self.max_len:
             req = replace(req, max_new_tokens=max(1, self.max_len - n),
                           min_new_tokens=min(req.min_new_tokens, max(1, self.max_len - n)))
         if n + req.max_new_tokens > self.max_len:
-            raise DataError(f"{where}: {n} prompt tokens + max_new_tokens={req.max_new_tokens} exceed the "
-                            f"model's context of {self.max_len} (at most {self.max_len - n} new tokens)")
+            raise ContextLengthError(
+                f"This model's maximum context length is {self.max_len} tokens. However, you requested "
+                f"{n + req.max_new_tokens} tokens ({n} in {where}, {req.max_new_tokens} in the completion); at most "
+                f"{self.max_len - n} new tokens fit after it.")
         if max(1, req.n) > self.cfg.max_batch_size:
             raise DataError(f"n={req.n} exceeds the batch of {self.cfg.max_batch_size} rows")
+        bad = [t for t in req.stop_token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise DataError(f"stop_token_ids: {bad[0]} is not a token id of this model (0..{self.vocab_size - 1})")
         return req
 
 
@@ -277,12 +353,14 @@ class InferenceEngine(EngineFront):
         self._init_front(policy.tokenizer, add_bos=policy.add_bos,
                          dtype=str(next(policy.model.parameters()).dtype).replace("torch.", ""),
                          device=policy.device, max_len=max_len,
-                         max_prompt_tokens=min(policy.max_prompt_tokens, max_len - 1))
+                         max_prompt_tokens=min(policy.max_prompt_tokens, max_len - 1),
+                         vocab_size=int(policy.model.config.vocab_size))
         self.stats = _Stats()
         self._gen = torch.Generator().manual_seed(self.cfg.seed) if self.cfg.seed is not None else None
         self._cond = threading.Condition()
-        self._waiting: deque[Generation] = deque()
+        self._waiting: FairQueue[Generation] = FairQueue(lambda g: g.team)
         self._rows: list[_Row] = []
+        self._penalties: PenaltyState | None = None  # allocated when the first penalised row comes
         self._params: BatchParams | None = None
         self._abort: BaseException | None = None
         self._thread: threading.Thread | None = None
@@ -326,12 +404,16 @@ class InferenceEngine(EngineFront):
 
     # -- requests (event loop) -------------------------------------------------------------------
 
-    def submit(self, prompt_ids: list[int], req: GenerationRequest, deadline: float | None = None) -> Generation:
-        """Queue one prompt for ``req.n`` samples (checked with :meth:`check` first)."""
+    def submit(self, prompt_ids: list[int], req: GenerationRequest, deadline: float | None = None, team: str = "",
+               grammar=None) -> Generation:
+        """Queue one prompt for ``req.n`` samples (checked with :meth:`check` first) in ``team``'s
+        queue; ``grammar``: :meth:`prepare`'s result (compiled here when not given)."""
         if self._loop is None:
             raise EngineRetiredError("the engine was not started")
         req = self.check(prompt_ids, req)
-        gen = Generation(self, prompt_ids, req, deadline, self._loop)
+        if grammar is None:
+            grammar = self.prepare(req)
+        gen = Generation(self, prompt_ids, req, deadline, self._loop, team, grammar)
         self._enqueue(gen)
         return gen
 
@@ -395,32 +477,30 @@ class InferenceEngine(EngineFront):
         self._params = None
 
     def _admit(self) -> list[Generation]:
-        """(under the lock) Waiting requests that fit into the free rows, first come first served;
-        cancelled ones and ones past their deadline leave the queue."""
+        """(under the lock) Waiting requests that fit into the free rows, the teams taking turns
+        (first come first served within a team); cancelled ones and ones past their deadline leave
+        the queue."""
         now = time.monotonic()
-        if any(g.cancelled or (g.deadline is not None and now >= g.deadline) for g in self._waiting):
-            keep: deque[Generation] = deque()
-            for g in self._waiting:
-                if g.cancelled:
-                    self._waiting_samples -= g.n
-                elif g.deadline is not None and now >= g.deadline:
-                    self._waiting_samples -= g.n
-                    self._deliver_error(g, DeadlineExceededError("deadline exceeded while queued"))
-                else:
-                    keep.append(g)
-            self._waiting = keep
+        gone = self._waiting.remove_if(lambda g: g.cancelled or (g.deadline is not None and now >= g.deadline))
+        for g in gone:
+            self._waiting_samples -= g.n
+            if not g.cancelled:
+                self._deliver_error(g, DeadlineExceededError("deadline exceeded while queued"))
         free = self.cfg.max_batch_size - len(self._rows)
         budget = self.cfg.max_prefill_tokens
         out: list[Generation] = []
+        t = time.perf_counter()
         while self._waiting:
-            g = self._waiting[0]
+            g = self._waiting.head()
             if g.n > free or (out and len(g.prompt_ids) > budget):
                 break
-            self._waiting.popleft()
+            self._waiting.pop()
             out.append(g)
             free -= g.n
             budget -= len(g.prompt_ids)
             self._waiting_samples -= g.n
+            if self.metrics is not None:
+                self.metrics.policy_queue_time_seconds.observe(t - g.submitted)
         self._set_queue_gauge()
         return out
 
@@ -434,6 +514,8 @@ class InferenceEngine(EngineFront):
             self._prefill(admitted, events)
         if self._rows:
             self._decode(events)
+        if self.metrics is not None:
+            self.metrics.policy_requests_running.set(len({id(r.gen) for r in self._rows}))
         if events:
             self._call_soon(self._dispatch, events)
         self.stats.iteration_seconds += time.perf_counter() - t0
@@ -466,6 +548,8 @@ class InferenceEngine(EngineFront):
         new = list(self._rows[:n])
         for hole, (src, r) in zip(holes, movers):
             self.runner.copy_slot(src, hole, r.pos)
+            if self._penalties is not None:
+                self._penalties.move(src, hole)
             new[hole] = r
         self._rows = new
         self._params = None
@@ -498,14 +582,25 @@ class InferenceEngine(EngineFront):
                 if j > 0:
                     self.runner.copy_slot(slot0 + bi, slot, P)
                     tail += 1
-                by_slot[slot] = (bi, _Row(g, j, P, g.req.max_new_tokens, g.req.min_new_tokens,
-                                          self._row_generator(g.req, j)))
+                min_new = g.req.max_new_tokens if g.req.ignore_eos else g.req.min_new_tokens
+                by_slot[slot] = (bi, _Row(g, j, P, g.req.max_new_tokens, min_new, self._row_generator(g.req, j)))
         slots = sorted(by_slot)
         src = [by_slot[s][0] for s in slots]
         rows = [by_slot[s][1] for s in slots]
         if src != list(range(b)):
             logits = logits[torch.tensor(src, device=logits.device)]  # one row of logits per sample
-        finished = self._choose(rows, logits, self._batch_params(rows, logits.device), events)
+        params = self._batch_params(rows, logits.device)
+        if params.any_penalty and self._penalties is None:
+            self._penalties = PenaltyState(self.runner.max_slots, logits.shape[1], logits.device)
+        for slot, r in zip(slots, rows):
+            if self._penalties is not None:
+                self._penalties.start(slot, r.gen.prompt_ids)
+            if r.gen.grammar is not None:
+                r.matcher = self.grammars.matcher(r.gen.grammar)
+        for g in admitted:
+            if g.req.prompt_logprobs:
+                self._score_prompt(g)
+        finished = self._choose(rows, logits, params, events, slot0)
         self._rows.extend(rows)
         self._params = None
         if finished:
@@ -528,17 +623,27 @@ class InferenceEngine(EngineFront):
         self.stats.max_rows = max(self.stats.max_rows, len(rows))
         if self.metrics is not None:
             self.metrics.policy_batch_size.observe(len(rows))
-        finished = self._choose(rows, logits, self._params, events)
+        finished = self._choose(rows, logits, self._params, events, 0)
         if finished:
             self._compact([r for r in rows if id(r) not in finished])
 
-    def _choose(self, rows: list[_Row], logits: torch.Tensor, params: BatchParams, events) -> set[int]:
-        """Choose each row's next token, queue the events; the ids of the rows that ended."""
+    def _choose(self, rows: list[_Row], logits: torch.Tensor, params: BatchParams, events, slot0: int) -> set[int]:
+        """Choose each row's next token, queue the events; the ids of the rows that ended.
+        ``rows`` are in slots ``slot0, slot0 + 1, ...``."""
         t0 = time.perf_counter()
         block = None
-        if any(r.generated < r.min_new for r in rows):
-            block = torch.tensor([r.generated < r.min_new for r in rows], device=logits.device)
-        tokens, lps, top = choose(logits, params, block, self.eos_id, self._gen)
+        # a structured-output row may end only where its grammar allows (its mask says so)
+        if any(r.generated < r.min_new and r.matcher is None for r in rows):
+            block = torch.tensor([r.generated < r.min_new and r.matcher is None for r in rows], device=logits.device)
+        pen = None
+        if params.any_penalty:
+            counts, seen = self._penalties.view(slot0 + len(rows))
+            pen = (counts[slot0:], seen[slot0:])
+        guided = [(i, r.matcher) for i, r in enumerate(rows) if r.matcher is not None]
+        tokens, lps, top = choose(logits, params, block, self.eos_id, self._gen, pen,
+                                  ([i for i, _ in guided], [m for _, m in guided]) if guided else None)
+        if self._penalties is not None:
+            self._penalties.add_at(slot0, tokens)
         tok_l, lp_l = tokens.tolist(), lps.tolist()
         top_v = top.values.tolist() if top is not None else None
         top_i = top.indices.tolist() if top is not None else None
@@ -548,8 +653,12 @@ class InferenceEngine(EngineFront):
             t = tok_l[i]
             r.generated += 1
             r.last = t
+            if r.matcher is not None and t != self.eos_id:
+                r.matcher.accept_token(t)
             if t == self.eos_id:
                 fin = "eos"
+            elif t in r.gen.req.stop_token_ids:
+                fin = "stop_token"
             elif r.generated >= r.max_new or r.pos >= self.max_len:  # r.pos: where t would be written
                 fin = "length"
             else:
@@ -568,9 +677,28 @@ class InferenceEngine(EngineFront):
 
     @staticmethod
     def _dispatch(events: list[tuple[Generation, TokenEvent]]) -> None:
+        now = time.perf_counter()
         for g, ev in events:
             if not g.cancelled and ev.index not in g.stopped:
-                g._push(ev)
+                g._push(ev, now)
+
+    def _score_prompt(self, g: Generation) -> None:
+        """(worker) The log-prob of each prompt token given the ones before it, and its top
+        alternatives when the request wants them: one forward pass of the model over the prompt."""
+        ids = torch.tensor([g.prompt_ids], device=self.runner.device)  # (1, P)
+        out = self.policy.model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        logp = torch.log_softmax(out.logits[0, :-1].float(), -1)  # (P - 1, V)
+        nxt = ids[0, 1:]
+        lps = [None] + logp.gather(-1, nxt[:, None]).squeeze(-1).tolist()
+        top = None
+        if g.req.top_logprobs:
+            v, i = torch.topk(logp, g.req.top_logprobs, dim=-1)
+            top = [[]] + [list(zip(a, b)) for a, b in zip(i.tolist(), v.tolist())]
+        self._prompt_scored(g, lps, top)
+
+    def _prompt_scored(self, g: Generation, lps: list, top: list | None) -> None:
+        # read on the event loop only after the first token's event, which is dispatched later
+        g.prompt_logprobs, g.prompt_top = lps, top
 
     def _deliver_error(self, g: Generation, exc: BaseException) -> None:
         self._call_soon(g._fail, exc)
@@ -590,7 +718,7 @@ class SampleResult:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] | None = None
-    finish_reason: str = "length"  # "eos" | "stop" (a stop string) | "length"
+    finish_reason: str = "length"  # "eos" | "stop" (a stop string or stop token) | "length"
 
 
 @dataclass
@@ -631,8 +759,9 @@ async def stream_batches(gen: Generation) -> AsyncIterator[list[StreamEvent]]:
                 if want_top:
                     tops[i].append(ev.top or [])
                 fin = ev.finish
-                if ev.token_id == eos and fin == "eos":
-                    delta = st.finish()
+                if fin == "stop_token" or (ev.token_id == eos and fin == "eos"):
+                    delta = st.finish()  # the token that ended the sample is not text
+                    fin = "stop" if fin == "stop_token" else fin
                 else:
                     delta = st.add(ev.token_id)
                     if st.stopped:

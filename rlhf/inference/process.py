@@ -25,6 +25,7 @@ import logging
 import multiprocessing as mp
 import pickle
 import threading
+import time
 from dataclasses import asdict, replace
 
 from rlhf.errors import ResourceExhaustedError, UnavailableError
@@ -48,23 +49,41 @@ def _picklable(exc: BaseException) -> BaseException:
 # -- the child ----------------------------------------------------------------------------------------
 
 
-class _RelayMetrics:
-    """Collects what the engine would record in the server's metrics; sent with the tokens."""
+class _Relay:
+    """One of the child's metrics: its observations (a gauge: its last value), sent to the parent."""
 
     def __init__(self) -> None:
-        self.batch_sizes: list[int] = []
-        self.policy_batch_size = self
-        self.policy_generated_tokens_total = self
-        self.policy_queue_depth = self
+        self.values: list[float] = []
 
     def observe(self, v) -> None:
-        self.batch_sizes.append(int(v))
+        self.values.append(float(v))
+
+    def set(self, v) -> None:
+        self.values = [float(v)]
 
     def inc(self, v=1) -> None:  # tokens: the parent counts them from the events
         pass
 
-    def set(self, v) -> None:  # queue depth: the parent keeps it
-        pass
+
+class _RelayMetrics:
+    """What the engine would record in the server's metrics, collected in the child and sent with
+    the tokens (the parent keeps the queue depth and counts the tokens itself)."""
+
+    RELAYED = ("policy_batch_size", "policy_queue_time_seconds", "policy_requests_running")
+
+    def __init__(self) -> None:
+        for name in self.RELAYED:
+            setattr(self, name, _Relay())
+        self.policy_generated_tokens_total = _Relay()
+        self.policy_queue_depth = _Relay()
+
+    def take(self) -> dict[str, list[float]]:
+        out = {}
+        for name in self.RELAYED:
+            r = getattr(self, name)
+            if r.values:
+                out[name], r.values = r.values, []
+        return out
 
 
 class _ChildEngine(InferenceEngine):
@@ -86,8 +105,14 @@ class _ChildEngine(InferenceEngine):
         self._thread = threading.Thread(target=run, name=f"engine-{self.version}", daemon=True)
         self._thread.start()
 
-    def submit_remote(self, rid: int, prompt_ids: list[int], req: GenerationRequest, deadline: float | None) -> None:
-        gen = Generation(self, prompt_ids, req, deadline, None)  # type: ignore[arg-type]
+    def submit_remote(self, rid: int, prompt_ids: list[int], req: GenerationRequest, deadline: float | None,
+                      team: str) -> None:
+        try:
+            grammar = self.prepare(req)  # compiled here, on the child's message thread, not its worker
+        except Exception as exc:  # noqa: BLE001 - the parent compiled it already: unexpected
+            self._send(("error", rid, _picklable(exc)))
+            return
+        gen = Generation(self, prompt_ids, req, deadline, None, team, grammar)  # type: ignore[arg-type]
         gen.rid = rid  # type: ignore[attr-defined]
         self.gens[rid] = gen
         try:
@@ -105,7 +130,7 @@ class _ChildEngine(InferenceEngine):
         self._sent = False
         super()._iteration(admitted)
         if not self._sent:  # rows left without a token (cancelled, stopped, late): the counts moved
-            self._send(("stats", tuple(asdict(self.stats).values()), len(self._rows)))
+            self._send(("stats", tuple(asdict(self.stats).values()), len(self._rows), self.relay.take()))
 
     def _dispatch(self, events) -> None:  # type: ignore[override]
         self._sent = True
@@ -117,8 +142,10 @@ class _ChildEngine(InferenceEngine):
                 out.append((g.rid, *ev))
             if g.done:
                 self.gens.pop(g.rid, None)
-        sizes, self.relay.batch_sizes = self.relay.batch_sizes, []
-        self._send(("tokens", out, sizes, tuple(asdict(self.stats).values()), len(self._rows)))
+        self._send(("tokens", out, self.relay.take(), tuple(asdict(self.stats).values()), len(self._rows)))
+
+    def _prompt_scored(self, g: Generation, lps: list, top: list | None) -> None:
+        self._send(("prompt_lp", g.rid, lps, top))  # before the tokens message of the same iteration
 
     def _deliver_error(self, g: Generation, exc: BaseException) -> None:
         self.gens.pop(getattr(g, "rid", None), None)
@@ -158,7 +185,8 @@ def _child_main(conn, path: str, version: str, max_prompt_tokens: int, device: s
         send(("failed", _picklable(exc)))
         return
     send(("ready", {"max_len": engine.max_len, "max_prompt_tokens": engine.max_prompt_tokens,
-                    "add_bos": engine.add_bos, "dtype": engine.dtype, "device": str(engine.device)}))
+                    "add_bos": engine.add_bos, "dtype": engine.dtype, "device": str(engine.device),
+                    "vocab_size": engine.vocab_size}))
     engine.start_thread()
     while True:
         try:
@@ -247,7 +275,7 @@ class EngineProcess(EngineFront):
         info = msg[1]
         self._init_front(load_tokenizer(path), add_bos=info["add_bos"], dtype=info["dtype"],
                          device=torch.device(info["device"]), max_len=info["max_len"],
-                         max_prompt_tokens=info["max_prompt_tokens"])
+                         max_prompt_tokens=info["max_prompt_tokens"], vocab_size=info["vocab_size"])
         self._gens: dict[int, _RemoteGeneration] = {}
         self._queued: set[int] = set()  # requests without a token yet: waiting for rows
         self._ids = itertools.count()
@@ -287,24 +315,28 @@ class EngineProcess(EngineFront):
 
     # -- requests (event loop) -------------------------------------------------------------------
 
-    def submit(self, prompt_ids: list[int], req: GenerationRequest, deadline: float | None = None) -> Generation:
-        """Queue one prompt for ``req.n`` samples on the child (checked here first)."""
+    def submit(self, prompt_ids: list[int], req: GenerationRequest, deadline: float | None = None, team: str = "",
+               grammar=None) -> Generation:
+        """Queue one prompt for ``req.n`` samples on the child (checked here first; a guide is
+        compiled here too, to answer a bad one at once, and again in the child)."""
         if self._loop is None:
             raise EngineRetiredError("the engine was not started")
         req = self.check(prompt_ids, req)
+        if grammar is None:
+            self.prepare(req)
         if self._closed or self._retiring:
             raise EngineRetiredError(f"the engine of version {self.version} is closed")
         n = max(1, req.n)
         if self._waiting_samples + n > self.cfg.max_queue:
             raise ResourceExhaustedError(f"queue full ({self._waiting_samples} samples waiting); retry later")
-        gen = _RemoteGeneration(self, prompt_ids, req, deadline, self._loop)  # type: ignore[arg-type]
+        gen = _RemoteGeneration(self, prompt_ids, req, deadline, self._loop, team)  # type: ignore[arg-type]
         gen.rid = next(self._ids)
         self._gens[gen.rid] = gen
         self._queued.add(gen.rid)
         self._waiting_samples += n
         self._set_queue_gauge()
         # time.monotonic() is one clock for every process of the machine: the deadline holds there
-        self._send(("submit", gen.rid, prompt_ids, req, deadline))
+        self._send(("submit", gen.rid, prompt_ids, req, deadline, team))
         return gen
 
     def _cancelled(self, gen: _RemoteGeneration) -> None:
@@ -344,10 +376,12 @@ class EngineProcess(EngineFront):
     def _handle(self, msg) -> None:
         kind = msg[0]
         if kind == "tokens":
-            _, events, sizes, stats, running = msg
+            _, events, relayed, stats, running = msg
             self.stats = _Stats(*stats)
             self.running = running
+            self._relayed(relayed)
             admitted = False
+            now = time.perf_counter()
             for rid, index, token_id, logprob, top, finish in events:
                 gen = self._gens.get(rid)
                 if gen is None:
@@ -357,18 +391,21 @@ class EngineProcess(EngineFront):
                     self._waiting_samples -= gen.n
                     admitted = True
                 if not gen.cancelled and index not in gen.stopped:
-                    gen._push(TokenEvent(index, token_id, logprob, top, finish))
+                    gen._push(TokenEvent(index, token_id, logprob, top, finish), now)
                 if gen.done:
                     self._gens.pop(rid, None)
             if admitted:
                 self._set_queue_gauge()
             if self.metrics is not None:
                 self.metrics.policy_generated_tokens_total.inc(len(events))
-                for b in sizes:
-                    self.metrics.policy_batch_size.observe(b)
         elif kind == "stats":
             self.stats = _Stats(*msg[1])
             self.running = msg[2]
+            self._relayed(msg[3])
+        elif kind == "prompt_lp":
+            gen = self._gens.get(msg[1])
+            if gen is not None:
+                gen.prompt_logprobs, gen.prompt_top = msg[2], msg[3]
         elif kind == "error":
             _, rid, exc = msg
             gen = self._gens.get(rid)
@@ -377,6 +414,18 @@ class EngineProcess(EngineFront):
                 gen._fail(exc)
         elif kind == "closed":
             self._shutdown(EngineRetiredError(f"the engine of version {self.version} stopped"))
+
+    def _relayed(self, relayed: dict[str, list[float]]) -> None:
+        """The child's observations into the server's metrics."""
+        if self.metrics is None:
+            return
+        for name, values in relayed.items():
+            m = getattr(self.metrics, name)
+            if name == "policy_requests_running":
+                m.set(values[-1])
+            else:
+                for v in values:
+                    m.observe(v)
 
     def _shutdown(self, exc: BaseException | None = None) -> None:
         """The child is done (or gone): fail what is left, stop reading, let the child exit."""

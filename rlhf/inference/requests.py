@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from rlhf.errors import DataError
+from rlhf.inference.guided import KINDS, Guide
 from rlhf.serving import GenerationRequest
 
 # Limits that are the same on every server (the rest are settings: RequestLimits).
@@ -25,6 +26,9 @@ MAX_TEMPERATURE = 2.0  # OpenAI's range, 0..2
 MAX_TOP_LOGPROBS = 20  # alternatives per token: OpenAI chat's top_logprobs
 MAX_TOP_N_TOKENS = 5  # alternatives per token: OpenAI completions' logprobs and TGI's top_n_tokens
 SEED_MODULUS = 2 ** 63  # seeds are taken modulo this (torch generators take 63 bits)
+MAX_PENALTY = 2.0  # OpenAI's range of frequency_penalty and presence_penalty, -2..2
+MAX_REPETITION_PENALTY = 10.0  # repetition_penalty in (0, 10]
+MAX_STOP_TOKEN_IDS = 16  # stop_token_ids per request
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,20 @@ RULES: dict[str, Rule] = {r.field: r for r in [
     Rule("stop", _stop_ok,
          lambda L: f"at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} characters"),
     Rule("logprobs_of", lambda v, L, _: v in ("model", "sampling"), lambda L: "'model' or 'sampling'"),
+    Rule("repetition_penalty", lambda v, L, _: _number(v) and 0 < v <= MAX_REPETITION_PENALTY,
+         lambda L: f"a number in (0, {MAX_REPETITION_PENALTY:g}] (1: none)"),
+    Rule("frequency_penalty", lambda v, L, _: _number(v) and abs(v) <= MAX_PENALTY,
+         lambda L: f"a number in -{MAX_PENALTY:g}..{MAX_PENALTY:g} (0: none)"),
+    Rule("presence_penalty", lambda v, L, _: _number(v) and abs(v) <= MAX_PENALTY,
+         lambda L: f"a number in -{MAX_PENALTY:g}..{MAX_PENALTY:g} (0: none)"),
+    Rule("min_p", lambda v, L, _: _number(v) and 0 <= v <= 1, lambda L: "a number in 0..1 (0: off)"),
+    Rule("stop_token_ids", lambda v, L, _: isinstance(v, (tuple, list)) and len(v) <= MAX_STOP_TOKEN_IDS
+         and all(_integer(t) and t >= 0 for t in v),
+         lambda L: f"a list of at most {MAX_STOP_TOKEN_IDS} token ids (integers >= 0)"),
+    Rule("ignore_eos", lambda v, L, vals: isinstance(v, bool) and not (v and vals.get("guide")),
+         lambda L: "a boolean, and not true with structured output"),
+    Rule("guide", lambda v, L, vals: isinstance(v, Guide) and v.kind in KINDS and not vals.get("min_new_tokens"),
+         lambda L: "one structured-output format, without a minimum of new tokens"),
 ]}
 
 
@@ -116,9 +134,11 @@ def build_request(values: Mapping[str, Any], limits: RequestLimits, *, default_m
         raise TypeError(f"not fields of a GenerationRequest: {sorted(unknown)}")
     if "stop" in vals:
         vals["stop"] = tuple(s for s in vals["stop"] if s)
+    if "stop_token_ids" in vals:
+        vals["stop_token_ids"] = tuple(vals["stop_token_ids"])
     if "seed" in vals:
         vals["seed"] = vals["seed"] % SEED_MODULUS
-    for k in ("temperature", "top_p"):
+    for k in ("temperature", "top_p", "repetition_penalty", "frequency_penalty", "presence_penalty", "min_p"):
         if k in vals:
             vals[k] = float(vals[k])
     return GenerationRequest(**vals, fit_to_context=defaulted)

@@ -13,19 +13,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rlhf.errors import DataError
+
 
 def fast_codec(tokenizer):
-    """(encode(text) -> ids, decode(ids) -> text without special tokens), straight on the Rust
-    tokenizer of a fast tokenizer when that gives the same result (~5x less per call than the
-    transformers wrapper, which runs for every token of every stream), else the wrapper's."""
+    """(encode(text) -> ids, decode(ids) -> text without special tokens, encode_long(text) -> ids),
+    straight on the Rust tokenizer of a fast tokenizer when that gives the same result (~5x less
+    per call than the transformers wrapper, which runs for every token of every stream), else the
+    wrapper's. ``encode_long`` is for a thread: the Rust tokenizer's batch call releases the
+    interpreter lock while it works (its single-text call does not), so the event loop runs on."""
     rust = getattr(tokenizer, "_tokenizer", None)
     plain = (rust is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", True)
              and getattr(rust, "truncation", None) is None and getattr(rust, "padding", None) is None)
     if plain:
         return (lambda text: rust.encode(text, add_special_tokens=False).ids,
-                lambda ids: rust.decode(ids, skip_special_tokens=True))
-    return (lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
-            lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
+                lambda ids: rust.decode(ids, skip_special_tokens=True),
+                lambda text: rust.encode_batch_fast([text], add_special_tokens=False)[0].ids)
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    return encode, lambda ids: tokenizer.decode(ids, skip_special_tokens=True), encode
 
 
 class SampleText:
@@ -124,15 +129,31 @@ class ChatMessage:
     content: str
 
 
-def render_chat(messages: list[ChatMessage], tokenizer=None) -> tuple[str, tuple[str, ...]]:
+def render_chat(messages: list[ChatMessage], tokenizer=None, *, template: str | None = None,
+                add_generation_prompt: bool = True, continue_final_message: bool = False
+                ) -> tuple[str, tuple[str, ...]]:
     """The prompt for ``messages`` and the stop strings the template implies.
 
-    Uses the tokenizer's own chat template when it has one, else the fallback above.
+    Uses ``template`` (a Jinja chat template) or else the tokenizer's own chat template when it
+    has one, else the fallback above. ``add_generation_prompt``: end with the assistant's turn;
+    ``continue_final_message``: end inside the last message (an assistant's), to continue it.
     """
-    template = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
-    if template:
-        prompt = tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in messages],
-                                               tokenize=False, add_generation_prompt=True)
+    if continue_final_message and (add_generation_prompt or messages[-1].role != "assistant"):
+        raise DataError("continue_final_message needs add_generation_prompt false and an assistant message last")
+    own = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
+    if template is not None and tokenizer is None:
+        raise DataError("chat_template needs a tokenizer (the local backend)")
+    if template or own:
+        from jinja2 import TemplateError
+
+        try:
+            prompt = tokenizer.apply_chat_template(
+                [{"role": m.role, "content": m.content} for m in messages], chat_template=template, tokenize=False,
+                add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message)
+        except (TemplateError, ValueError) as e:
+            raise DataError(f"the chat template failed: {e}") from None
         return prompt, ()
     lines = [f"{m.role.capitalize()}: {m.content}" for m in messages]
-    return "\n".join(lines + ["Assistant:"]), FALLBACK_STOP
+    if add_generation_prompt:
+        lines.append("Assistant:")
+    return "\n".join(lines), FALLBACK_STOP

@@ -1,33 +1,54 @@
-"""API keys per product team, with a request rate limit per key (a token bucket).
+"""Product teams: their API keys, and per team a request rate limit and token quotas.
 
-Keys come from a mounted secret file (JSON or YAML) or from an environment variable holding the
-same JSON; the file is read again when it changes (checked at most every ``reload_seconds``), so
-rotating a Kubernetes secret needs no restart::
+Keys and teams come from a mounted secret file (JSON or YAML) or from an environment variable
+holding the same JSON; the file is read again when it changes (checked at most every
+``reload_seconds``), so rotating a Kubernetes secret needs no restart::
 
-    {"sk-search-1f9c": {"team": "search", "requests_per_minute": 600},
-     "sk-ads-77aa":    {"team": "ads", "requests_per_minute": 60, "burst": 10}}
+    teams:
+      search: {requests_per_minute: 600, tokens_per_minute: 200000, tokens_per_day: 20000000}
+      ads:    {requests_per_minute: 60, burst: 10}
+    keys:
+      sk-search-1f9c0d27e4: search
+      sk-ads-77aa9e0b3c5f: ads
 
-``requests_per_minute`` 0 (or absent) means no limit; ``burst`` (default: one minute's worth) is
-how many requests may arrive at once after a quiet spell. With no keys configured at all,
-authentication is off and every request is accepted (team "anonymous"), as on a laptop.
+(The older form, one entry per key with its team and limits,
+``{"sk-search-1f9c": {"team": "search", "requests_per_minute": 600}}``, is read too; the limits
+are the team's, and two keys of one team may not give different ones.)
 
-Keys are held only as SHA-256 digests, and looked up by digest.
+Every limit is per team, whatever key the team uses, and 0 (or absent) means none:
+
+* ``requests_per_minute``: a token bucket refilled continuously, holding up to ``burst``
+  requests (default: one minute's worth);
+* ``tokens_per_minute`` and ``tokens_per_day``: prompt plus generated tokens. A request reserves
+  its prompt tokens and the most it may generate when it is admitted (:meth:`ApiKeys.admit`);
+  what it did not use is given back when it ends (:meth:`ApiKeys.settle`).
+
+A request is authenticated first (:meth:`ApiKeys.authenticate`) and admitted only once it is known
+to be valid, so a refused request spends nothing. With no keys configured at all, authentication
+is off and every request is accepted as team "anonymous", without limits, as on a laptop.
+
+Keys are held only as SHA-256 digests, looked up by digest, and never logged. Team names are
+configured, so they can label metrics (:meth:`ApiKeys.label`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
+import math
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from rlhf.errors import ConfigError
 
 log = logging.getLogger("rlhf.runtime.apikeys")
+
+ANONYMOUS = "anonymous"  # the team of every request when no keys are configured
+UNAUTHENTICATED = "unauthenticated"  # the metrics label of a request without a valid key
+INTERNAL = "internal"  # the metrics label of the platform's own callers (services, operators): no team
 
 
 class AuthError(Exception):
@@ -35,43 +56,89 @@ class AuthError(Exception):
 
 
 class RateLimitedError(Exception):
-    """The key's rate limit is used up (HTTP 429); ``retry_after`` seconds until the next request."""
+    """The team's request rate limit is used up (HTTP 429); ``retry_after`` seconds until the next
+    request may pass."""
 
     def __init__(self, message: str, retry_after: float):
         super().__init__(message)
         self.retry_after = retry_after
 
 
-@dataclass
-class KeyInfo:
-    team: str
+class QuotaExceededError(RateLimitedError):
+    """The team's token quota (per minute or per day) cannot hold the request now (HTTP 429)."""
+
+
+@dataclass(frozen=True)
+class TeamLimits:
     requests_per_minute: float = 0.0  # 0: unlimited
-    burst: float = 0.0  # bucket size; 0: requests_per_minute
+    burst: float = 0.0  # requests that may arrive at once after a quiet spell; 0: requests_per_minute
+    tokens_per_minute: float = 0.0  # prompt + generated tokens; 0: unlimited
+    tokens_per_day: float = 0.0  # prompt + generated tokens; 0: unlimited
+
+
+LIMIT_FIELDS = tuple(f.name for f in fields(TeamLimits))
 
 
 class TokenBucket:
-    """``rate`` tokens per second up to ``capacity``; a request takes one."""
+    """``rate`` tokens per second up to ``capacity``."""
 
     def __init__(self, rate: float, capacity: float, now: float):
         self.rate, self.capacity = rate, capacity
         self.tokens, self.t = capacity, now
 
-    def take(self, now: float) -> float:
-        """0 if a token was taken, else the seconds until one is available."""
+    def wait(self, now: float, amount: float = 1.0) -> float:
+        """0 if ``amount`` tokens are there now, else the seconds until they are (inf: never)."""
         self.tokens = min(self.capacity, self.tokens + (now - self.t) * self.rate)
         self.t = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
+        if self.tokens >= amount:
             return 0.0
-        return (1.0 - self.tokens) / self.rate
+        if amount > self.capacity:
+            return math.inf
+        return (amount - self.tokens) / self.rate
+
+    def take(self, now: float, amount: float = 1.0) -> float:
+        """Take ``amount`` and return 0, or return the seconds until they are there."""
+        wait = self.wait(now, amount)
+        if wait == 0.0:
+            self.tokens -= amount
+        return wait
+
+    def give(self, amount: float) -> None:
+        self.tokens = min(self.capacity, self.tokens + amount)
+
+
+@dataclass
+class Admission:
+    """What :meth:`ApiKeys.admit` took from a team's quotas (give it to :meth:`ApiKeys.settle`)."""
+
+    team: str
+    tokens: int
+
+
+class _Team:
+    def __init__(self, name: str, limits: TeamLimits, now: float):
+        self.name, self.limits = name, limits
+        lim = limits
+        self.requests = (TokenBucket(lim.requests_per_minute / 60.0, max(1.0, lim.burst or lim.requests_per_minute), now)
+                         if lim.requests_per_minute > 0 else None)
+        self.quotas = [(TokenBucket(per / seconds, per, now), f"{per:g} tokens per {unit}")
+                       for per, seconds, unit in ((lim.tokens_per_minute, 60.0, "minute"),
+                                                  (lim.tokens_per_day, 86400.0, "day")) if per > 0]
 
 
 def _digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def parse_keys(text: str, source: str) -> dict[str, KeyInfo]:
-    """``{key: {team, requests_per_minute, burst}}`` from JSON or YAML text, by key digest."""
+def _limits(v: dict, where: str) -> TeamLimits:
+    vals = {k: v.get(k, 0) or 0 for k in LIMIT_FIELDS}
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0 for x in vals.values()):
+        raise ConfigError(f"{where}: {', '.join(LIMIT_FIELDS)} must be numbers >= 0")
+    return TeamLimits(**{k: float(x) for k, x in vals.items()})
+
+
+def parse_keys(text: str, source: str) -> tuple[dict[str, str], dict[str, TeamLimits]]:
+    """(team by key digest, limits by team) from JSON or YAML text, in either form above."""
     import yaml
 
     try:
@@ -81,36 +148,61 @@ def parse_keys(text: str, source: str) -> dict[str, KeyInfo]:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: expected a mapping of key -> {{team, requests_per_minute}}")
-    out: dict[str, KeyInfo] = {}
-    for i, (key, v) in enumerate(raw.items()):
-        where = f"{source}: entry {i + 1}"  # never the key itself
+        raise ConfigError(f"{source}: expected a mapping of teams and keys")
+    if raw and set(raw) <= {"teams", "keys"}:
+        teams_raw, keys_raw = raw.get("teams") or {}, raw.get("keys") or {}
+        if not isinstance(teams_raw, dict) or not isinstance(keys_raw, dict):
+            raise ConfigError(f"{source}: 'teams' and 'keys' must be mappings")
+        limits: dict[str, TeamLimits] = {}
+        for name, v in teams_raw.items():
+            where = f"{source}: team {name!r}"
+            if not isinstance(name, str) or not name:
+                raise ConfigError(f"{source}: a team name must be a non-empty string")
+            v = v or {}
+            unknown = set(v) - set(LIMIT_FIELDS) if isinstance(v, dict) else {"?"}
+            if unknown:
+                raise ConfigError(f"{where}: unknown field(s) {', '.join(sorted(map(str, unknown)))}")
+            limits[name] = _limits(v, where)
+        entries = list(keys_raw.items())
+        allowed = {"team"}
+    else:
+        limits = {}
+        entries = list(raw.items())
+        allowed = {"team", *LIMIT_FIELDS}
+    teams: dict[str, str] = {}
+    for i, (key, v) in enumerate(entries):
+        where = f"{source}: key entry {i + 1}"  # never the key itself
         if not isinstance(key, str) or len(key) < 8:
             raise ConfigError(f"{where}: a key must be a string of at least 8 characters")
         if isinstance(v, str):
             v = {"team": v}
         if not isinstance(v, dict) or not isinstance(v.get("team"), str) or not v["team"]:
             raise ConfigError(f"{where}: needs a non-empty 'team'")
-        unknown = set(v) - {"team", "requests_per_minute", "burst"}
+        unknown = set(v) - allowed
         if unknown:
-            raise ConfigError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
-        rpm = v.get("requests_per_minute", 0) or 0
-        burst = v.get("burst", 0) or 0
-        if not isinstance(rpm, (int, float)) or rpm < 0 or not isinstance(burst, (int, float)) or burst < 0:
-            raise ConfigError(f"{where}: requests_per_minute and burst must be numbers >= 0")
-        out[_digest(key)] = KeyInfo(v["team"], float(rpm), float(burst))
-    return out
+            raise ConfigError(f"{where}: unknown field(s) {', '.join(sorted(map(str, unknown)))}")
+        team = v["team"]
+        if allowed == {"team"}:
+            if team not in limits:
+                raise ConfigError(f"{where}: team {team!r} is not among the configured teams")
+        else:
+            lim = _limits(v, where)
+            if limits.setdefault(team, lim) != lim:
+                raise ConfigError(f"{where}: team {team!r} is given other limits by another key")
+        teams[_digest(key)] = team
+    return teams, limits
 
 
 class ApiKeys:
-    """The configured keys; :meth:`check` authenticates a request and applies its key's limit."""
+    """The configured teams and keys: :meth:`authenticate` a request, :meth:`admit` it against
+    its team's limits once it is known to be valid, :meth:`settle` it when it ends."""
 
     def __init__(self, file: str | os.PathLike | None = None, inline: str = "", reload_seconds: float = 10.0):
         self.file = Path(file) if file else None
         self.inline = inline
         self.reload_seconds = reload_seconds
-        self._keys: dict[str, KeyInfo] = {}
-        self._buckets: dict[str, TokenBucket] = {}
+        self._keys: dict[str, str] = {}
+        self._teams: dict[str, _Team] = {}
         self._mtime: float | None = None
         self._checked = 0.0
         self._lock = threading.Lock()
@@ -120,10 +212,22 @@ class ApiKeys:
     def enabled(self) -> bool:
         return bool(self._keys)
 
+    @property
+    def teams(self) -> frozenset[str]:
+        return frozenset(self._teams)
+
+    def label(self, team: str | None) -> str:
+        """``team`` as a metrics label: a configured team, "anonymous", "internal" or "unauthenticated"."""
+        if team is None:
+            return UNAUTHENTICATED
+        return team if team in self._teams or team in (ANONYMOUS, INTERNAL) else UNAUTHENTICATED
+
     def _load(self, initial: bool = False) -> None:
-        keys: dict[str, KeyInfo] = {}
+        keys: dict[str, str] = {}
+        limits: dict[str, TeamLimits] = {}
+        sources = []
         if self.inline:
-            keys.update(parse_keys(self.inline, "api_keys"))
+            sources.append((self.inline, "api_keys"))
         if self.file is not None:
             try:
                 st = self.file.stat()
@@ -135,13 +239,20 @@ class ApiKeys:
                           extra={"fields": {"file": str(self.file)}})
                 return
             self._mtime = st.st_mtime
-            keys.update(parse_keys(text, f"api_keys_file {self.file}"))
+            sources.append((text, f"api_keys_file {self.file}"))
+        for text, source in sources:
+            k, lim = parse_keys(text, source)
+            for team, v in lim.items():
+                if limits.setdefault(team, v) != v:
+                    raise ConfigError(f"{source}: team {team!r} has other limits in another source")
+            keys.update(k)
+        now = time.monotonic()
+        # a team whose limits changed starts with fresh buckets
+        self._teams = {t: (self._teams[t] if t in self._teams and self._teams[t].limits == lim else _Team(t, lim, now))
+                       for t, lim in limits.items()}
         self._keys = keys
-        # a key whose limit changed starts a fresh bucket
-        self._buckets = {d: b for d, b in self._buckets.items()
-                         if d in keys and b.rate * 60 == keys[d].requests_per_minute}
         if not initial:
-            log.info("api keys reloaded", extra={"fields": {"keys": len(keys)}})
+            log.info("api keys reloaded", extra={"fields": {"keys": len(keys), "teams": len(limits)}})
 
     def _maybe_reload(self, now: float) -> None:
         if self.file is None or now - self._checked < self.reload_seconds:
@@ -158,34 +269,66 @@ class ApiKeys:
                 log.error("api keys file invalid; keeping the previous keys", extra={"fields": {"error": str(e)}})
 
     def team_of(self, key: str) -> str | None:
-        """The team of a key, without spending from its rate limit (None: not a key)."""
+        """The team of a key, without spending from its team's limits (None: not a key)."""
         with self._lock:
             self._maybe_reload(time.monotonic())
-            info = self._keys.get(_digest(key))
-        return info.team if info is not None else None
+            return self._keys.get(_digest(key))
 
-    def check(self, authorization: str | None) -> str:
-        """The team of the request's ``Authorization: Bearer <key>``; raises AuthError or
-        RateLimitedError. With no keys configured every request passes as "anonymous"."""
-        now = time.monotonic()
+    def authenticate(self, authorization: str | None) -> str:
+        """The team of the request's ``Authorization: Bearer <key>`` (AuthError without a valid
+        key); "anonymous" when no keys are configured. Spends nothing."""
         with self._lock:
-            self._maybe_reload(now)
+            self._maybe_reload(time.monotonic())
             if not self._keys:
-                return "anonymous"
+                return ANONYMOUS
             scheme, _, key = (authorization or "").partition(" ")
             if scheme.lower() != "bearer" or not key.strip():
                 raise AuthError("missing API key: send 'Authorization: Bearer <key>'")
-            d = _digest(key.strip())
-            info = self._keys.get(d)
-            if info is None:
+            team = self._keys.get(_digest(key.strip()))
+            if team is None:
                 raise AuthError("invalid API key")
-            if info.requests_per_minute > 0:
-                b = self._buckets.get(d)
-                if b is None:
-                    cap = info.burst or info.requests_per_minute
-                    b = self._buckets[d] = TokenBucket(info.requests_per_minute / 60.0, max(1.0, cap), now)
-                wait = b.take(now)
+            return team
+
+    def admit(self, team: str, tokens: int = 0) -> Admission:
+        """Take one request and ``tokens`` tokens from ``team``'s limits, or raise
+        RateLimitedError / QuotaExceededError (with the seconds until it would pass) and take
+        nothing."""
+        now = time.monotonic()
+        with self._lock:
+            t = self._teams.get(team)
+            if t is None:
+                return Admission(team, 0)
+            if t.requests is not None:
+                wait = t.requests.wait(now)
                 if wait > 0:
-                    raise RateLimitedError(f"rate limit of {info.requests_per_minute:g} requests per minute "
-                                           f"for team {info.team} reached; retry in {wait:.1f} s", wait)
-            return info.team
+                    raise RateLimitedError(f"rate limit of {t.limits.requests_per_minute:g} requests per minute "
+                                           f"for team {team} reached; retry in {wait:.1f} s", wait)
+            for bucket, what in t.quotas:
+                wait = bucket.wait(now, tokens)
+                if wait == math.inf:
+                    raise QuotaExceededError(f"the request needs {tokens} tokens (prompt and the most it may "
+                                             f"generate), more than team {team}'s quota of {what}", 60.0)
+                if wait > 0:
+                    raise QuotaExceededError(f"team {team}'s quota of {what} is used up; retry in {wait:.1f} s", wait)
+            if t.requests is not None:
+                t.requests.take(now)
+            for bucket, _ in t.quotas:
+                bucket.take(now, tokens)
+            return Admission(team, tokens)
+
+    def settle(self, admission: Admission | None, used_tokens: int) -> None:
+        """The request of ``admission`` ended having used ``used_tokens``: give back the rest."""
+        if admission is None or admission.tokens <= used_tokens:
+            return
+        with self._lock:
+            t = self._teams.get(admission.team)
+            if t is not None:
+                for bucket, _ in t.quotas:
+                    bucket.give(admission.tokens - used_tokens)
+            admission.tokens = used_tokens
+
+    def check(self, authorization: str | None) -> str:
+        """:meth:`authenticate`, then :meth:`admit` one request without tokens; the team."""
+        team = self.authenticate(authorization)
+        self.admit(team)
+        return team

@@ -131,6 +131,7 @@ class EventStreamResponse:
         self.headers = {"cache-control": "no-cache", "x-accel-buffering": "no", **(headers or {})}
         self.on_close = on_close
         self.status_code = 200
+        self.outcome = 200  # how the stream ended, as a status (the producer sets it: an error's, or 499)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         raw = [(b"content-type", b"text/event-stream; charset=utf-8")]

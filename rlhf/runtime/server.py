@@ -79,6 +79,8 @@ from rlhf import errors
 from rlhf.metrics import ServiceMetrics
 from rlhf.runtime.auth import (ANYONE, AuthError, Authenticator, check_roles, make_authenticator, reset_caller,
                                set_caller)
+from rlhf.runtime.reflection import SERVICE_NAME as REFLECTION_V1
+from rlhf.runtime.reflection import enable_reflection
 from rlhf.runtime.settings import BaseServiceSettings, load_settings  # noqa: F401  (re-exported)
 from rlhf.runtime.threads import use_model_threads
 
@@ -105,7 +107,6 @@ READY_CHECK_INTERVAL_S = 1.0  # how often a service's check_ready runs
 READY_CHECK_TIMEOUT_S = 5.0  # a check_ready that takes longer has failed
 
 # services whose calls skip admission control (they are cheap and must answer under load)
-REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 UNLIMITED_SERVICES = frozenset({grpc_health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1})
 LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 # services any caller may use without credentials (the orchestrator's health probes send none)
@@ -573,8 +574,7 @@ def build_server(service: Service, settings: BaseServiceSettings, metrics: Servi
     server = grpc.aio.server(interceptors=[interceptor], options=SERVER_OPTIONS)
     service.register(server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection(
-        [*service.service_names, grpc_health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    enable_reflection([*service.service_names, grpc_health.SERVICE_NAME], server)  # v1 and v1alpha
     return server
 
 

@@ -19,13 +19,14 @@ delta, and on each sample's last event the whole :class:`~rlhf.inference.engine.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import time
-from typing import AsyncIterator, Protocol
+from typing import AsyncIterator, Callable, Protocol
 
 from rlhf.errors import DataError, ResourceExhaustedError, UnavailableError
-from rlhf.inference.engine import (EngineConfig, Generation, InferenceEngine, PromptTooLongError,
+from rlhf.inference.engine import (ContextLengthError, EngineConfig, EngineRetiredError, Generation, InferenceEngine,
                                    SampleResult, StreamEvent, stream_batches, stream_samples)
 from rlhf.inference.process import EngineProcess
 from rlhf.inference.text import SampleText
@@ -38,6 +39,11 @@ class Run(Protocol):
     version: str
     prompt_token_ids: list[int] | None  # None when the backend does not tell
     first_token_at: float | None  # time.perf_counter() of the first token
+    generated: int  # tokens delivered so far, over all samples
+    # with GenerationRequest.prompt_logprobs, once the first token came: each prompt token's
+    # log-prob (None for the first) and its top alternatives (with top_logprobs)
+    prompt_logprobs: list[float | None] | None
+    prompt_top: list[list[tuple[int, float]]] | None
 
     def events(self) -> AsyncIterator[StreamEvent]: ...
 
@@ -55,13 +61,29 @@ class Run(Protocol):
     def full_text(self, sample: SampleResult) -> str: ...
 
 
-def observe(metrics, api: str, runs: list, t0: float) -> None:
-    """Time to first token and request duration of a request (its ``runs``, arrived at ``t0``,
-    a time.perf_counter() value) on ``api`` (openai, tgi or grpc)."""
+def observe(metrics, api: str, team: str, runs: list, t0: float) -> None:
+    """Time to first token, request duration and prompt tokens of a request (its ``runs``,
+    arrived at ``t0``, a time.perf_counter() value) on ``api`` (openai, tgi or grpc)."""
     firsts = [r.first_token_at for r in runs if r.first_token_at is not None]
     if firsts:
-        metrics.policy_time_to_first_token_seconds.labels(api).observe(min(firsts) - t0)
-    metrics.policy_request_duration_seconds.labels(api).observe(time.perf_counter() - t0)
+        metrics.policy_time_to_first_token_seconds.labels(api, team).observe(min(firsts) - t0)
+    metrics.policy_request_duration_seconds.labels(api, team).observe(time.perf_counter() - t0)
+    metrics.policy_prompt_tokens_total.labels(api, team).inc(sum(len(r.prompt_token_ids or []) for r in runs))
+
+
+def used_tokens(runs: list) -> int:
+    """Prompt and generated tokens of a request so far (a team's quota counts them)."""
+    return sum(len(r.prompt_token_ids or []) + r.generated for r in runs)
+
+
+def reserved_tokens(prompt_tokens: int, req: GenerationRequest) -> int:
+    """The most a prompt of ``prompt_tokens`` may use with ``req``."""
+    return prompt_tokens + req.max_new_tokens * max(1, req.n)
+
+
+def names(prompts: list, where: str) -> list[str]:
+    """How errors name each prompt: ``where`` alone for one prompt, else ``where[i]``."""
+    return [where] if len(prompts) == 1 else [f"{where}[{i}]" for i in range(len(prompts))]
 
 
 async def complete(run: Run) -> list[SampleResult]:
@@ -88,6 +110,18 @@ class LocalRun:
     @property
     def first_token_at(self) -> float | None:
         return self.gen.first_token_at
+
+    @property
+    def generated(self) -> int:
+        return self.gen.generated
+
+    @property
+    def prompt_logprobs(self) -> list[float | None] | None:
+        return self.gen.prompt_logprobs
+
+    @property
+    def prompt_top(self) -> list[list[tuple[int, float]]] | None:
+        return self.gen.prompt_top
 
     def events(self) -> AsyncIterator[StreamEvent]:
         return stream_samples(self.gen)
@@ -126,8 +160,8 @@ class LocalBackend:
         self.cfg = engine_config
         self.model = ServedModel(registry, "policy", self._load, metrics, pinned_version)
 
-    async def start(self, bus, service: str) -> None:
-        await self.model.start(bus, service)
+    async def start(self, bus, service: str, poll_seconds: float = 0.0) -> None:
+        await self.model.start(bus, service, poll_seconds)
 
     async def stop(self) -> None:
         await self.model.close()
@@ -166,23 +200,47 @@ class LocalBackend:
         e = self.current()
         return e.max_prompt_tokens, e.max_len
 
-    def count_tokens(self, prompt: str) -> int | None:
-        return len(self.current().encode(prompt))
+    async def open(self, prompts: list[str], req: GenerationRequest, deadline: float | None = None, *,
+                   where: list[str] | None = None, truncate: int | None = None, team: str = "",
+                   admit: Callable[[int], object] | None = None) -> list[LocalRun]:
+        """Tokenize (a long prompt off the event loop), check and queue each prompt, all on the
+        current version's engine, in ``team``'s queue. ``truncate``: keep only each prompt's last
+        that many tokens. ``admit(tokens)`` runs after the checks and before the queueing, with
+        the most the request may use (prompt + max_new_tokens per sample); it may refuse it by
+        raising. ``where``: how errors name each prompt."""
+        where = where or names(prompts, "prompt")
 
-    def open(self, prompt: str, req: GenerationRequest, deadline: float | None = None, where: str = "prompt",
-             truncate: int | None = None) -> LocalRun:
-        """Check and queue one prompt on the current version's engine (``truncate``: keep only
-        the prompt's last that many tokens)."""
+        async def on(engine) -> list[LocalRun]:
+            ids = [await engine.encode_async(p, w, truncate) for p, w in zip(prompts, where)]
+            grammar = await asyncio.to_thread(engine.prepare, req) if req.guide is not None else None
+            checked = [engine.check(x, req, w) for x, w in zip(ids, where)]
+            if engine is not self.engine:  # a new version came while tokenizing: start again on it
+                raise EngineRetiredError(f"version {engine.version} was replaced")
+            if admit is not None:
+                admit(sum(reserved_tokens(len(x), c) for x, c in zip(ids, checked)))
+            runs: list[LocalRun] = []
+            try:
+                for x, c in zip(ids, checked):  # no await in between: one version answers every prompt
+                    runs.append(LocalRun(engine, engine.submit(x, c, deadline, team, grammar)))
+            except BaseException:
+                for r in runs:
+                    r.cancel()
+                raise
+            return runs
 
-        def submit(engine) -> LocalRun:
-            ids = engine.encode(prompt)
-            if truncate is not None and len(ids) > truncate:
-                bos = ids[:1] if engine.add_bos else []
-                ids = bos + ids[len(ids) - truncate + len(bos):]
-            checked = engine.check(ids, req, where)
-            return LocalRun(engine, engine.submit(ids, checked, deadline))
+        return await self.model.use(on)
 
-        return self.model.use(submit)
+    async def tokenize(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
+        e = self.current()
+        ids = await e.encode_async(prompt, bounded=False)
+        return ids if add_special_tokens else ids[len(e._bos()):]
+
+    def detokenize(self, ids: list[int]) -> str:
+        e = self.current()
+        bad = [t for t in ids if not 0 <= t < e.vocab_size]
+        if bad:
+            raise DataError(f"tokens: {bad[0]} is not a token id of this model (0..{e.vocab_size - 1})")
+        return e.tokenizer.decode(ids)
 
     def info(self) -> dict:
         e = self.current()
@@ -193,7 +251,8 @@ class LocalBackend:
 # -- a remote TGI server ----------------------------------------------------------------------------
 
 _TGI_FINISH = {"eos_token": "eos", "stop_sequence": "stop", "length": "length"}
-_TOO_LONG = re.compile(r"(must have less than|the limit is|too long|exceeds? the)", re.I)
+_TOO_LONG = re.compile(r"(must have less than|must be <=|the limit is|too long|exceeds? the|maximum context length)",
+                       re.I)
 
 
 def _tgi_error(exc: BaseException) -> BaseException:
@@ -202,7 +261,7 @@ def _tgi_error(exc: BaseException) -> BaseException:
 
     msg = f"TGI backend: {exc}"
     if isinstance(exc, (te.ValidationError, te.BadRequestError)):
-        return PromptTooLongError(msg) if _TOO_LONG.search(str(exc)) else DataError(msg)
+        return ContextLengthError(msg) if _TOO_LONG.search(str(exc)) else DataError(msg)
     if isinstance(exc, (te.OverloadedError, te.RateLimitExceededError)):
         return ResourceExhaustedError(msg)
     if isinstance(exc, asyncio.TimeoutError):
@@ -223,6 +282,8 @@ class TGIRun:
         self.version = backend.version or "unknown"
         self.prompt_token_ids: list[int] | None = None
         self.first_token_at: float | None = None
+        self.generated = 0
+        self.prompt_logprobs = self.prompt_top = None  # the TGI backend refuses prompt_logprobs
         self._texts: dict[int, str] = {}
         self._special: set[int] = set()
         self._tasks: list[asyncio.Task] = []
@@ -237,6 +298,19 @@ class TGIRun:
         if sampling:
             p.update(temperature=r.temperature if r.temperature != 1.0 else None,
                      top_k=r.top_k or None, top_p=r.top_p if r.top_p < 1.0 else None)
+        if r.repetition_penalty != 1.0:
+            p["repetition_penalty"] = r.repetition_penalty
+        if r.frequency_penalty != 0.0:
+            p["frequency_penalty"] = r.frequency_penalty
+        if r.guide is not None:
+            from text_generation.types import Grammar, GrammarType
+
+            g = r.guide
+            if g.kind in ("json_schema", "json_object"):
+                schema = json.loads(g.spec) if g.spec else {"type": "object"}
+                p["grammar"] = Grammar(type=GrammarType.Json, value=schema)
+            else:
+                p["grammar"] = Grammar(type=GrammarType.Regex, value=g.regex())
         return p
 
     def _timeout(self) -> float | None:
@@ -291,6 +365,7 @@ class TGIRun:
                     continue
                 if self.first_token_at is None:
                     self.first_token_at = time.perf_counter()
+                self.generated += 1
                 tok = resp.token
                 self._texts.setdefault(tok.id, tok.text)
                 if tok.special:
@@ -377,7 +452,7 @@ class TGIBackend:
             except Exception as e:  # noqa: BLE001 - keep the last known answer
                 log.warning("TGI backend /info failed", extra={"fields": {"error": type(e).__name__}})
 
-    async def start(self, bus=None, service: str = "") -> None:
+    async def start(self, bus=None, service: str = "", poll_seconds: float = 0.0) -> None:
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -412,16 +487,32 @@ class TGIBackend:
         total = int(i.get("max_total_tokens") or 0)
         return int(i.get("max_input_tokens") or i.get("max_input_length") or 0), total
 
-    def count_tokens(self, prompt: str) -> int | None:
-        return None  # the remote counts
+    # what a TGI server does not do (GenerationRequest field -> its neutral value)
+    UNSUPPORTED = {"presence_penalty": 0.0, "min_p": 0.0, "stop_token_ids": (), "ignore_eos": False,
+                   "prompt_logprobs": False}
 
-    def open(self, prompt: str, req: GenerationRequest, deadline: float | None = None, where: str = "prompt",
-             truncate: int | None = None) -> TGIRun:
+    async def open(self, prompts: list[str], req: GenerationRequest, deadline: float | None = None, *,
+                   where: list[str] | None = None, truncate: int | None = None, team: str = "",
+                   admit: Callable[[int], object] | None = None) -> list[TGIRun]:
+        """As :meth:`LocalBackend.open`; the remote counts the prompt's tokens, so ``admit`` gets
+        an estimate of them (a token per 4 bytes)."""
         if self._info is None:
             raise UnavailableError("the TGI backend has not answered yet")
-        if not prompt:
-            raise DataError(f"{where} is empty")
-        return TGIRun(self, prompt, req, deadline, truncate)
+        for name, neutral in self.UNSUPPORTED.items():
+            if getattr(req, name) != neutral:
+                raise DataError(f"{name} is not available with the TGI backend")
+        for p, w in zip(prompts, where or names(prompts, "prompt")):
+            if not p:
+                raise DataError(f"{w} is empty")
+        if admit is not None:
+            admit(sum(reserved_tokens(len(p.encode()) // 4, req) for p in prompts))
+        return [TGIRun(self, p, req, deadline, truncate) for p in prompts]
+
+    async def tokenize(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
+        raise DataError("tokenizing is not available with the TGI backend")
+
+    def detokenize(self, ids: list[int]) -> str:
+        raise DataError("detokenizing is not available with the TGI backend")
 
     def info(self) -> dict:
         i = self._info or {}

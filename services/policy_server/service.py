@@ -13,26 +13,29 @@ flight finish within ``grace_seconds``.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import grpc
 from rlhf_client import policy_grpc, policy_pb2
 
-from rlhf.runtime.auth import ANYONE, OPERATOR, PRODUCT, SERVICE, Principal, make_authenticator
-from rlhf.errors import DataError, UnavailableError
+from rlhf.errors import DataError, ResourceExhaustedError, UnavailableError
 from rlhf.inference.engine import DeadlineExceededError, EngineConfig
 from rlhf.metrics import ServiceMetrics
 from rlhf.registry import ModelRegistry
-from rlhf.runtime.apikeys import ApiKeys
+from rlhf.runtime.apikeys import ANONYMOUS, INTERNAL, ApiKeys, RateLimitedError
+from rlhf.runtime.auth import ANYONE, OPERATOR, PRODUCT, SERVICE, Principal, caller, make_authenticator
 from rlhf.runtime.bus import bus_for
 from rlhf.runtime.grpc_client import peer_credentials
 from rlhf.runtime.http import EmbeddedHttpServer
 from rlhf.runtime.server import BaseServiceSettings
+from rlhf.inference.guided import Guide
 from rlhf.inference.requests import RequestLimits, build_request
 from rlhf.serving import GenerationRequest
-from services.policy_server.backends import LocalBackend, TGIBackend, complete, observe
+from services.policy_server.backends import LocalBackend, TGIBackend, complete, observe, used_tokens
 from services.policy_server.api.routes import HttpApi
 from services.policy_server.optin import PromptForwarder
 
@@ -42,12 +45,15 @@ FINISH = {"eos": policy_pb2.FINISH_REASON_STOP, "stop": policy_pb2.FINISH_REASON
 log = logging.getLogger("rlhf.services.policy")
 # the gRPC API's names for GenerationRequest's fields (in error messages)
 NAMES = {k: f"sampling.{k}" for k in ("max_new_tokens", "min_new_tokens", "temperature", "top_p", "top_k", "stop",
-                                      "seed")}
+                                      "seed", "repetition_penalty", "frequency_penalty", "presence_penalty", "min_p",
+                                      "stop_token_ids", "ignore_eos")}
+NAMES["guide"] = "sampling.structured_output"
 
 
 @dataclass
 class Settings(BaseServiceSettings):
     registry_dir: str = ""  # model registry root (required with backend=local)
+    registry_poll_seconds: float = 5.0  # also look in the registry for a newer version this often; 0: events only
     policy_version: str = ""  # pin a version; empty: the latest, then follow rlhf.models.v1
     max_batch_prompts: int = 64  # rows of the engine's running batch (samples decoded together)
     max_waiting_samples: int = 1024  # samples queued for a row; beyond: RESOURCE_EXHAUSTED / HTTP 429
@@ -65,7 +71,7 @@ class Settings(BaseServiceSettings):
     request_timeout_seconds: float = 120.0  # deadline of an HTTP request (header X-Request-Timeout may shorten it)
     stream_interval: int = 1  # tokens of each sample per write of a stream, after the first (more: fewer, larger writes)
     max_body_bytes: int = 4194304  # larger HTTP request bodies are 413
-    api_keys_file: str = ""  # JSON/YAML {key: {team, requests_per_minute}}, re-read on change; none: auth off
+    api_keys_file: str = ""  # JSON/YAML {teams: {name: limits}, keys: {key: team}}, re-read on change; none: auth off
     api_keys: str = ""  # the same JSON inline (e.g. a secret mounted as an environment variable)
     prompt_collector_addr: str = ""  # host:port of the prompt-collector for opted-in prompts; empty: none sent
     optin_queue_size: int = 1000  # opted-in prompts waiting to be sent; beyond: dropped (counted)
@@ -93,6 +99,8 @@ class Settings(BaseServiceSettings):
             raise ValueError(f"stream_interval must be >= 1, got {self.stream_interval}")
         if not self.request_timeout_seconds > 0:
             raise ValueError("request_timeout_seconds must be > 0")
+        if self.registry_poll_seconds < 0:
+            raise ValueError("registry_poll_seconds must be >= 0 (0: events only)")
 
 
 class PolicyServer(policy_grpc.PolicyServiceServicer):
@@ -135,7 +143,7 @@ class PolicyServer(policy_grpc.PolicyServiceServicer):
         policy_grpc.add_PolicyServiceServicer_to_server(self, server)
 
     async def start(self) -> None:
-        await self.backend.start(self.bus, NAME)
+        await self.backend.start(self.bus, NAME, self.s.registry_poll_seconds)
         await self.bus.start()
         if isinstance(self.backend, LocalBackend):
             await self.backend.model.watcher.start_announcing()
@@ -165,12 +173,56 @@ class PolicyServer(policy_grpc.PolicyServiceServicer):
         await self.bus.close()
 
     # -- helpers --------------------------------------------------------------------------------
-    def _request(self, sp: policy_pb2.SamplingParams, n: int, return_logprobs: bool) -> GenerationRequest:
+    def _request(self, sp: policy_pb2.SamplingParams, n: int, return_logprobs: bool,
+                 prompt_logprobs: bool = False) -> GenerationRequest:
         values = {"n": n or 1, "max_new_tokens": sp.max_new_tokens or None, "min_new_tokens": sp.min_new_tokens,
                   "temperature": sp.temperature if sp.HasField("temperature") else None,
                   "top_p": sp.top_p if sp.HasField("top_p") else None, "top_k": sp.top_k, "stop": list(sp.stop),
-                  "seed": sp.seed if sp.HasField("seed") else None, "return_logprobs": return_logprobs}
+                  "seed": sp.seed if sp.HasField("seed") else None, "return_logprobs": return_logprobs,
+                  "repetition_penalty": sp.repetition_penalty if sp.HasField("repetition_penalty") else None,
+                  "frequency_penalty": sp.frequency_penalty, "presence_penalty": sp.presence_penalty,
+                  "min_p": sp.min_p, "stop_token_ids": list(sp.stop_token_ids), "ignore_eos": sp.ignore_eos,
+                  "guide": self._guide(sp.structured_output) if sp.HasField("structured_output") else None,
+                  "prompt_logprobs": prompt_logprobs}
         return build_request(values, self.limits, default_max_new_tokens=self.s.max_new_tokens_default, names=NAMES)
+
+    @staticmethod
+    def _guide(so: policy_pb2.StructuredOutput) -> Guide:
+        kind = so.WhichOneof("format")
+        if kind == "json_schema":
+            try:
+                json.loads(so.json_schema)
+            except ValueError:
+                raise DataError("sampling.structured_output.json_schema is not valid JSON") from None
+            return Guide("json_schema", so.json_schema)
+        if kind == "json_object":
+            return Guide("json_object")
+        if kind == "regex":
+            return Guide("regex", so.regex)
+        if kind == "choice" and so.choice.options:
+            return Guide.choice(list(so.choice.options))
+        raise DataError("sampling.structured_output needs one of json_schema, json_object, regex, choice.options")
+
+    def _caller(self) -> tuple[str, Callable[[int], object] | None, list]:
+        """The caller's team (its queue in the engine, its metrics label), and for a product team
+        the admission of a request against the team's limits (what it took lands in the list)."""
+        p = caller()
+        if not p.team:
+            return (ANONYMOUS if p.anonymous else INTERNAL), None, []
+        taken: list = []
+
+        def admit(tokens: int) -> None:
+            try:
+                taken.append(self.keys.admit(p.team, tokens))
+            except RateLimitedError as e:
+                raise ResourceExhaustedError(str(e)) from None
+
+        return p.team, admit, taken
+
+    def _done(self, team: str, runs: list, taken: list, t0: float) -> None:
+        for a in taken:
+            self.keys.settle(a, used_tokens(runs))
+        observe(self.metrics, "grpc", self.keys.label(team), runs, t0)
 
     @staticmethod
     def _deadline(context) -> float | None:
@@ -185,25 +237,28 @@ class PolicyServer(policy_grpc.PolicyServiceServicer):
             raise DataError("prompts is empty")
         if len(prompts) > self.s.max_prompts_per_request:
             raise DataError(f"at most {self.s.max_prompts_per_request} prompts per request, got {len(prompts)}")
-        req = self._request(request.sampling, request.n, request.return_logprobs)
+        req = self._request(request.sampling, request.n, request.return_logprobs, request.return_prompt_logprobs)
         deadline = self._deadline(context)
+        team, admit, taken = self._caller()
         runs = []
         try:
-            # opened without awaiting in between: one version answers every prompt of the call
-            for i, p in enumerate(prompts):
-                runs.append(self.backend.open(p, req, deadline, f"prompts[{i}]"))
+            # one version answers every prompt of the call
+            runs = await self.backend.open(prompts, req, deadline, where=[f"prompts[{i}]" for i in range(len(prompts))],
+                                           team=team, admit=admit)
             results = await asyncio.gather(*(complete(r) for r in runs))
         except DeadlineExceededError:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
         finally:
             for r in runs:
                 r.cancel()
-        observe(self.metrics, "grpc", runs, t0)
+            self._done(team, runs, taken, t0)
         resp = policy_pb2.GenerateResponse(policy_version=runs[0].version)
         for run, samples in zip(runs, results):
             pc = resp.results.add()
-            if req.return_logprobs:
+            if req.return_logprobs or req.prompt_logprobs:
                 pc.prompt_token_ids.extend(run.prompt_token_ids or [])
+            if req.prompt_logprobs:
+                pc.prompt_logprobs.extend(0.0 if lp is None else lp for lp in run.prompt_logprobs or [])
             for s in samples:
                 c = pc.completions.add(text=s.text, finish_reason=FINISH[s.finish_reason])
                 if req.return_logprobs:
@@ -216,7 +271,8 @@ class PolicyServer(policy_grpc.PolicyServiceServicer):
         if not request.prompt:
             raise DataError("prompt is empty")
         req = self._request(request.sampling, 1, True)
-        run = self.backend.open(request.prompt, req, self._deadline(context))
+        team, admit, taken = self._caller()
+        (run,) = await self.backend.open([request.prompt], req, self._deadline(context), team=team, admit=admit)
         events = run.events()
         try:
             async for ev in events:
@@ -230,7 +286,7 @@ class PolicyServer(policy_grpc.PolicyServiceServicer):
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
         finally:
             await events.aclose()  # a client that went away cancels the generation
-            observe(self.metrics, "grpc", [run], t0)
+            self._done(team, [run], taken, t0)
 
     async def GetPolicyVersion(self, request, context) -> policy_pb2.GetPolicyVersionResponse:
         v = self.backend.version

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from rlhf.errors import ConfigError
-from rlhf.runtime.apikeys import ApiKeys, AuthError, RateLimitedError, TokenBucket
+from rlhf.runtime.apikeys import ApiKeys, AuthError, QuotaExceededError, RateLimitedError, TokenBucket
 
 
 def test_no_keys_means_auth_off():
@@ -64,3 +64,55 @@ def test_invalid_key_files_are_refused_at_start(tmp_path, text):
     with pytest.raises(ConfigError) as e:
         ApiKeys(f)
     assert "sk-long-enough" not in str(e.value)  # a key never appears in an error
+
+
+TEAMS = """
+teams:
+  search: {}
+  ads: {requests_per_minute: 120, burst: 1, tokens_per_minute: 100, tokens_per_day: 150}
+keys:
+  sk-search-000001: search
+  sk-ads-00000001: ads
+  sk-ads-00000002: {team: ads}
+"""
+
+
+def test_limits_belong_to_the_team_whatever_key_it_uses(tmp_path):
+    keys = ApiKeys(inline=json.dumps(__import__("yaml").safe_load(TEAMS)))
+    assert keys.teams == {"search", "ads"}
+    assert keys.authenticate("Bearer sk-ads-00000001") == keys.authenticate("Bearer sk-ads-00000002") == "ads"
+    keys.admit("ads")
+    with pytest.raises(RateLimitedError, match="team ads"):
+        keys.admit(keys.authenticate("Bearer sk-ads-00000002"))  # the team's other key: the same bucket
+    for _ in range(50):
+        keys.admit("search", 10_000)  # no limits
+    assert keys.label("ads") == "ads" and keys.label("nobody") == "unauthenticated" and keys.label(None) == \
+        "unauthenticated" and ApiKeys().label("anonymous") == "anonymous"
+
+
+def test_token_quotas_reserve_and_give_back_what_was_not_used():
+    keys = ApiKeys(inline=json.dumps({"teams": {"m": {"tokens_per_minute": 100}, "d": {"tokens_per_day": 50}},
+                                      "keys": {"sk-m-00000001": "m", "sk-d-00000001": "d"}}))
+    a = keys.admit("m", 80)
+    with pytest.raises(QuotaExceededError, match="100 tokens per minute") as e:
+        keys.admit("m", 30)
+    assert 0 < e.value.retry_after < 60
+    keys.settle(a, 20)  # it used 20 of its 80: 60 go back
+    keys.admit("m", 70)
+    with pytest.raises(QuotaExceededError, match="needs 101 tokens"):  # never fits in a minute
+        keys.admit("m", 101)
+    d = keys.admit("d", 40)
+    with pytest.raises(QuotaExceededError, match="50 tokens per day"):
+        keys.admit("d", 20)
+    keys.settle(d, 10)
+    keys.admit("d", 20)
+
+
+@pytest.mark.parametrize("text", ['{"teams": {"a": {"rpm": 1}}, "keys": {}}',
+                                  '{"teams": {}, "keys": {"sk-long-enough": "nobody"}}',
+                                  '{"sk-long-enough-1": {"team": "a", "requests_per_minute": 1}, '
+                                  '"sk-long-enough-2": {"team": "a", "requests_per_minute": 2}}'])
+def test_inconsistent_team_files_are_refused(text):
+    with pytest.raises(ConfigError) as e:
+        ApiKeys(inline=text)
+    assert "sk-long-enough" not in str(e.value)

@@ -44,9 +44,11 @@ class RunningServer:
 
 
 def start_server(**settings) -> RunningServer:
-    """Start a policy-server with ``Settings(**settings)`` (metrics on a free port, HTTP too)."""
+    """Start a policy-server with ``Settings(**settings)`` (metrics on a free port, HTTP too). The
+    tests announce new versions on the server's bus; looking at the registry is off unless asked
+    for, so that servers sharing a registry do not each load every version a test publishes."""
     s = Settings(**{"port": 0, "metrics_port": 0, "http_port": 0, "grace_seconds": 5.0, "allow_anonymous": True,
-                    **settings})
+                    "registry_poll_seconds": 0.0, **settings})
     metrics = ServiceMetrics("policy-server")
     loop = asyncio.new_event_loop()
     ready = threading.Event()

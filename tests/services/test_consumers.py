@@ -68,3 +68,39 @@ def test_model_watcher_loads_only_newer_versions_of_its_kind(tmp_path):
 
     asyncio.run(run())
     assert loads == [second] and served == [second] and w.version == second
+
+
+def test_model_watcher_finds_a_version_written_without_an_event(tmp_path):
+    """Polling the registry: a version another process wrote is served within a few polls; one
+    that fails to load is not tried again."""
+    reg = tiny_policy_registry(tmp_path)
+    loads = []
+
+    def load(path, version):
+        loads.append(version)
+        if (path / "broken").exists():
+            raise OSError("unreadable weights")
+        return version
+
+    w = ModelWatcher(ModelRegistry(tmp_path), "policy", load, lambda engine: None)
+
+    async def wait_for(cond) -> None:
+        for _ in range(200):
+            if cond():
+                return
+            await asyncio.sleep(0.02)
+
+    async def run():
+        await w.load_initial()
+        w.poll(0.05)
+        second = reg.publish("policy", lambda d: (d / "config.json").write_text("{}")).version
+        await wait_for(lambda: w.version == second)
+        assert w.version == second
+        third = reg.publish("policy", lambda d: (d / "broken").write_text("")).version
+        await wait_for(lambda: third in loads)
+        await asyncio.sleep(0.3)  # several more polls
+        w.close()
+        return second, third
+
+    second, third = asyncio.run(run())
+    assert loads.count(third) == 1 and w.version == second

@@ -324,15 +324,16 @@ def test_consented_prompts_reach_the_prompt_collector_and_others_do_not(srv, cli
 
 def test_openai_errors_have_their_status_and_shape(srv, client):
     cases = [
-        (openai.BadRequestError, 400, dict(prompt="x", temperature=5)),
-        (openai.BadRequestError, 400, dict(prompt="x", max_tokens=63)),  # prompt + max_tokens > context
-        (openai.NotFoundError, 404, dict(prompt="x", model="gpt-4")),
-        (openai.APIStatusError, 413, dict(prompt="film " * 80)),
+        (openai.BadRequestError, 400, "invalid_value", dict(prompt="x", temperature=5)),
+        # prompt + max_tokens > context
+        (openai.BadRequestError, 400, "context_length_exceeded", dict(prompt="x", max_tokens=63)),
+        (openai.NotFoundError, 404, "model_not_found", dict(prompt="x", model="gpt-4")),
+        (openai.BadRequestError, 400, "context_length_exceeded", dict(prompt="film " * 80)),
     ]
-    for exc, status, kw in cases:
+    for exc, status, code, kw in cases:
         with pytest.raises(exc) as e:
             client.completions.create(**{"model": "rlhf-policy", "max_tokens": 4, **kw})
-        assert e.value.status_code == status
+        assert e.value.status_code == status and e.value.body["code"] == code
         assert set(e.value.body) == {"message", "type", "param", "code"} and e.value.body["message"]
     with pytest.raises(openai.AuthenticationError) as e:
         openai.OpenAI(base_url=f"{srv.http_url}/v1", api_key="sk-wrong-key", max_retries=0).models.list()
@@ -353,9 +354,9 @@ def test_tgi_errors_have_their_status_and_shape(srv):
         return httpx.post(f"{srv.http_url}/generate", json=body, headers=headers, timeout=60)
 
     r = post({"inputs": "x", "parameters": {"temperature": -1}})
-    assert r.status_code == 400 and r.json()["error_type"] == "validation" and r.json()["error"]
+    assert r.status_code == 422 and r.json()["error_type"] == "validation" and r.json()["error"]
     r = post({"inputs": "film " * 80})
-    assert r.status_code == 413 and r.json()["error_type"] == "validation"
+    assert r.status_code == 422 and r.json()["error_type"] == "validation"
     r = post({"inputs": "x"}, headers={})
     assert r.status_code == 401 and set(r.json()) == {"error", "error_type"}
     with pytest.raises(tgi_errors.ValidationError):
@@ -481,9 +482,9 @@ def test_tgi_backend_serves_through_a_remote_tgi_server(srv):
                 prompts=["a film"], sampling=policy_pb2.SamplingParams(temperature=0, max_new_tokens=8),
                 return_logprobs=True))
         assert g.policy_version == version(srv) and g.results[0].completions[0].text == direct
-        with pytest.raises(openai.APIStatusError) as e:  # the remote's 413 comes back as 413
+        with pytest.raises(openai.BadRequestError) as e:  # the remote's 422 for a long prompt
             c.completions.create(model="rlhf-policy", prompt="film " * 80, max_tokens=4)
-        assert e.value.status_code == 413
+        assert e.value.status_code == 400 and e.value.body["code"] == "context_length_exceeded"
     finally:
         front.stop()
 
@@ -494,10 +495,11 @@ def test_metrics_count_requests_latency_tokens_and_batches(srv, client):
     httpx.post(f"{srv.http_url}/generate", json={"inputs": "x"})  # no key
     m = scrape(srv.metrics_port)
     assert metric_value(m, "rlhf_http_requests_total",
-                        'code="200",route="/v1/completions",service="policy-server"') >= 1
-    assert metric_value(m, "rlhf_http_requests_total", 'code="401",route="/generate",service="policy-server"') >= 1
-    assert metric_value(m, "rlhf_policy_time_to_first_token_seconds_count", 'api="openai"') >= 1
-    assert metric_value(m, "rlhf_policy_request_duration_seconds_count", 'api="tgi"') >= 1
+                        'code="200",route="/v1/completions",service="policy-server",team="search"') >= 1
+    assert metric_value(m, "rlhf_http_requests_total",
+                        'code="401",route="/generate",service="policy-server",team="unauthenticated"') >= 1
+    assert metric_value(m, "rlhf_policy_time_to_first_token_seconds_count", 'api="openai",team="search"') >= 1
+    assert metric_value(m, "rlhf_policy_request_duration_seconds_count", 'api="tgi",team="search"') >= 1
     assert metric_value(m, "rlhf_policy_generated_tokens_total") >= 6
     assert metric_value(m, "rlhf_policy_batch_size_count") >= 1
     assert metric_value(m, "rlhf_policy_queue_depth") == 0

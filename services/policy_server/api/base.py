@@ -1,9 +1,13 @@
-"""The plumbing both HTTP dialects share: authentication, draining, deadlines, request metrics,
-the request body, the model name, opt-in forwarding, and opening runs on the backend.
+"""The plumbing both HTTP dialects share: authentication and team limits, draining, deadlines,
+request metrics, the request body, the model name, opt-in forwarding, and opening runs on the
+backend.
 
 :class:`ApiServer` holds that state; :meth:`ApiServer.endpoint` wraps a dialect's handler so
-that every request is refused while draining (503), authenticated (401, 429), given a deadline,
-counted in ``rlhf_http_requests_total`` and answered in the dialect's error shape.
+that every request is refused while draining (503), authenticated (401), given a deadline,
+counted in ``rlhf_http_requests_total`` by its outcome and team (a stream by how it ended) and
+answered in the dialect's error shape. A generation is admitted against its team's limits
+(429) only once it is known to be valid (:meth:`ApiServer.open`), and its unused tokens go back
+to the team's quota when it ends.
 """
 
 from __future__ import annotations
@@ -13,18 +17,19 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from rlhf.inference.requests import MAX_TOP_N_TOKENS, RequestLimits
-from rlhf.runtime.apikeys import ApiKeys
+from rlhf.runtime.apikeys import ANONYMOUS, Admission, ApiKeys
 from rlhf.runtime.http import EventStreamResponse, until_disconnected
 from rlhf.serving import GenerationRequest
-from services.policy_server.backends import complete, observe
-from services.policy_server.api.errors import OPENAI, TGI, ApiError, as_api_error, error_body, json_response
+from services.policy_server.api import errors
+from services.policy_server.backends import complete, names, observe, used_tokens
+from services.policy_server.api.errors import OPENAI, TGI, ApiError, as_api_error, error_body, json_response, reason
 
 log = logging.getLogger("rlhf.services.policy.http")
 
@@ -39,6 +44,8 @@ class Ctx:
     t0: float  # time.perf_counter() at arrival
     deadline: float  # time.monotonic() by which it must be answered
     request: Request
+    admission: Admission | None = None  # what the team's limits gave the request
+    runs: list = field(default_factory=list)  # what it generates
 
 
 class ApiServer:
@@ -79,8 +86,11 @@ class ApiServer:
 
     # -- every request ------------------------------------------------------------------------------
 
-    def record(self, route: str, status: int) -> None:
-        self.metrics.http_requests_total.labels(self.metrics.service, route, str(status)).inc()
+    def record(self, route: str, status: int, team: str | None) -> None:
+        self.metrics.http_requests_total.labels(self.metrics.service, route, str(status), self.keys.label(team)).inc()
+
+    def failed(self, dialect: str, team: str | None, e: ApiError) -> None:
+        self.metrics.policy_request_failures_total.labels(dialect, self.keys.label(team), reason(e)).inc()
 
     @staticmethod
     def version_headers(version: str | None) -> dict:
@@ -90,21 +100,26 @@ class ApiServer:
         style = OPENAI if request.url.path.startswith("/v1/") else TGI
         msg = "no such route" if exc.status_code == 404 else (exc.detail or "error")
         e = ApiError(exc.status_code, f"{msg}: {request.method} {request.url.path}", "not_found")
-        self.record("other", exc.status_code)
+        self.record("other", exc.status_code, None)
         return json_response(error_body(style, e), exc.status_code)
 
-    def endpoint(self, handler, route: str, style: str, auth: bool = True, drains: bool = True):
+    def endpoint(self, handler, route: str, style: str, auth: bool = True, drains: bool = True, admit: bool = True):
+        """``handler`` behind the plumbing; ``admit``: count the request against its team's rate
+        limit on arrival (a generation is admitted by :meth:`open` instead, once it is valid)."""
         async def endpoint(request: Request) -> Response:
             t0 = time.perf_counter()
             self._enter()
             streaming = False
             status = 500
+            ctx = None
             try:
                 if drains and self.draining:
                     raise ApiError(503, "the server is shutting down; retry on another replica", "draining",
                                    retry_after=1.0)
-                team = self.keys.check(request.headers.get("authorization")) if auth else "anonymous"
+                team = self.keys.authenticate(request.headers.get("authorization")) if auth else ANONYMOUS
                 ctx = Ctx(team, t0, time.monotonic() + self._timeout(request), request)
+                if admit:
+                    ctx.admission = self.keys.admit(team)
                 resp = await handler(request, ctx)
                 status = resp.status_code
                 if isinstance(resp, EventStreamResponse):
@@ -114,7 +129,8 @@ class ApiServer:
                     def closed() -> None:
                         if inner is not None:
                             inner()
-                        self.record(route, 200)
+                        self._done(ctx)
+                        self.record(route, resp.outcome, ctx.team)
                         self._leave()
 
                     resp.on_close = closed
@@ -124,16 +140,25 @@ class ApiServer:
                 return Response(status_code=499)
             except Exception as exc:  # noqa: BLE001 - every error is answered in the API's shape
                 e = as_api_error(exc)
-                status = e.status
+                status = errors.status(style, e)
+                self.failed(style, ctx.team if ctx else None, e)
                 headers = {"Retry-After": str(max(1, math.ceil(e.retry_after)))} if e.retry_after else {}
                 headers.update(self.version_headers(self.backend.version))
-                return json_response(error_body(style, e), e.status, headers)
+                return json_response(error_body(style, e), status, headers)
             finally:
                 if not streaming:
-                    self.record(route, status)
+                    if ctx is not None:
+                        self._done(ctx)
+                    self.record(route, status, ctx.team if ctx else None)
                     self._leave()
 
         return endpoint
+
+    def _done(self, ctx: Ctx) -> None:
+        """The request ended: what its team reserved and it did not use goes back."""
+        for r in ctx.runs:
+            r.cancel()
+        self.keys.settle(ctx.admission, used_tokens(ctx.runs))
 
     def _timeout(self, request: Request) -> float:
         t = self.s.request_timeout_seconds
@@ -181,20 +206,20 @@ class ApiServer:
         if isinstance(user, str) and user:
             self.forwarder.offer(texts, user, f"api:{team}")
 
-    def open(self, prompts: list[str], req: GenerationRequest, ctx: Ctx, truncate: int | None = None) -> list:
-        runs = []
-        try:
-            for i, p in enumerate(prompts):
-                where = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
-                runs.append(self.backend.open(p, req, ctx.deadline, where, truncate))
-        except BaseException:
-            for r in runs:
-                r.cancel()
-            raise
-        return runs
+    async def open(self, prompts: list[str], req: GenerationRequest, ctx: Ctx, truncate: int | None = None,
+                   where: str = "prompt") -> list:
+        """Queue the prompts (one version answers them all), after the team's limits admitted the
+        request; the runs."""
 
-    def observe(self, api: str, runs: list, t0: float) -> None:
-        observe(self.metrics, api, runs, t0)
+        def admit(tokens: int) -> None:
+            ctx.admission = self.keys.admit(ctx.team, tokens)
+
+        ctx.runs = await self.backend.open(prompts, req, ctx.deadline, where=names(prompts, where),
+                                           truncate=truncate, team=ctx.team, admit=admit)
+        return ctx.runs
+
+    def observe(self, api: str, ctx: Ctx) -> None:
+        observe(self.metrics, api, self.keys.label(ctx.team), ctx.runs, ctx.t0)
 
     async def complete_all(self, runs: list, ctx: Ctx) -> list:
         """Every sample of every run (lists of SampleResults, per run); a client that goes away

@@ -1,7 +1,8 @@
 """``POST /v1/chat/completions``: OpenAI's chat completions, plain and streamed.
 
-A model whose tokenizer has a chat template is prompted with it; others with the fallback of
-:func:`rlhf.inference.text.render_chat` (whose stop strings are added to the request's).
+A model whose tokenizer has a chat template is prompted with it (or with the request's
+``chat_template``); others with the fallback of :func:`rlhf.inference.text.render_chat` (whose
+stop strings are added to the request's).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from rlhf.inference.engine import SampleResult, StreamEvent
 from rlhf.inference.text import ChatMessage, render_chat
 from services.policy_server.api.base import Ctx
 from services.policy_server.api.errors import OPENAI, ApiError, dumps, json_response
-from services.policy_server.api.fields import field, unsupported
+from services.policy_server.api.fields import field
 from services.policy_server.api.openai_common import OpenAIDialect
 from services.policy_server.api.streaming import event_stream
 
@@ -53,6 +54,13 @@ def messages(body: dict) -> list[ChatMessage]:
     return out
 
 
+def render(body: dict, msgs: list[ChatMessage], tokenizer) -> tuple[str, tuple[str, ...]]:
+    """The prompt of a chat request, with its template options."""
+    return render_chat(msgs, tokenizer, template=field(body, "chat_template", str, None),
+                       add_generation_prompt=field(body, "add_generation_prompt", bool, True),
+                       continue_final_message=field(body, "continue_final_message", bool, False))
+
+
 class Chat(OpenAIDialect):
     def logprobs(self, run, ids, lps, tops, k: int) -> dict:
         content = []
@@ -68,25 +76,20 @@ class Chat(OpenAIDialect):
         body = await api.body(request)
         api.check_model(body.get("model"))
         msgs = messages(body)
-        for name in ("tools", "functions", "tool_choice", "function_call"):
-            unsupported(body, name, neutral=(None, [], "none", "auto"))
-        if body.get("response_format") not in (None, {"type": "text"}):
-            raise ApiError(400, "only response_format {'type': 'text'} is supported", "unsupported_parameter",
-                           "response_format")
-        prompt, template_stop = render_chat(msgs, api.backend.tokenizer)
         req, k = self.sampling(body, chat=True)
+        prompt, template_stop = render(body, msgs, api.backend.tokenizer)
         if template_stop:
             req = replace(req, stop=tuple(dict.fromkeys(req.stop + template_stop)))
         stream, usage_chunk = self.stream_flags(body)
         user = field(body, "user", str, None)
-        runs = api.open([prompt], req, ctx)
+        runs = await api.open([prompt], req, ctx, where="the messages")
         api.opt_in(request, [m.content for m in msgs if m.role == "user"][-1:], user, ctx.team)
         run = runs[0]
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if stream:
             return await self._stream(run, req, k, usage_chunk, rid, ctx)
         (samples,) = await api.complete_all(runs, ctx)
-        api.observe(OPENAI, runs, ctx.t0)
+        api.observe(OPENAI, ctx)
         out = self.base("chat.completion", run.version, rid)
         out["choices"] = [{
             "index": s.index,

@@ -17,7 +17,7 @@ from rlhf.inference.requests import build_request
 from rlhf.serving import GenerationRequest
 from services.policy_server.api.base import ApiServer, Ctx
 from services.policy_server.api.errors import OPENAI, ApiError, dumps, error_body, json_response
-from services.policy_server.api.fields import field, stop_list
+from services.policy_server.api.fields import CHAT, COMPLETIONS, check_fields, field, openai_guide, stop_list
 
 # OpenAI's names for GenerationRequest's fields (in error messages)
 NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
@@ -28,16 +28,10 @@ class OpenAIDialect:
         self.api = api
         self.s = api.s
 
-    def sampling(self, body: dict, chat: bool) -> tuple[GenerationRequest, int]:
-        """The sampling settings of an OpenAI request, and how many top log-probs it wants (-1: no log-probs)."""
-        for name in ("presence_penalty", "frequency_penalty"):
-            if body.get(name) not in (None, 0, 0.0):
-                raise ApiError(400, f"'{name}' is not supported by this server (only 0)", "unsupported_parameter", name)
-        if body.get("logit_bias"):
-            raise ApiError(400, "'logit_bias' is not supported by this server", "unsupported_parameter", "logit_bias")
-        best_of = field(body, "best_of", int, None)
-        if best_of is not None and best_of != (body.get("n") or 1):
-            raise ApiError(400, "'best_of' other than n is not supported", "unsupported_parameter", "best_of")
+    def sampling(self, body: dict, chat: bool, prompt_logprobs: bool = False) -> tuple[GenerationRequest, int]:
+        """The sampling settings of an OpenAI request (its fields checked against the route's
+        table first), and how many top log-probs it wants (-1: no log-probs)."""
+        check_fields(body, CHAT if chat else COMPLETIONS)
         names = dict(NAMES)
         max_tokens = body.get("max_tokens")
         if chat and body.get("max_completion_tokens") is not None:
@@ -53,12 +47,18 @@ class OpenAIDialect:
         else:
             top = body.get("logprobs")
             names["top_logprobs"] = "logprobs"
+        guide, guide_field = openai_guide(body)
+        names["guide"] = guide_field or "response_format"
         top_k = body.get("top_k")
         values = {"n": body.get("n"), "max_new_tokens": max_tokens, "min_new_tokens": body.get("min_tokens"),
                   "temperature": body.get("temperature"), "top_p": body.get("top_p"),
                   "top_k": 0 if top_k == -1 else top_k,  # -1: off, as in vLLM
-                  "seed": body.get("seed"), "stop": stop_list(body.get("stop")),
-                  "top_logprobs": top, "return_logprobs": top is not None}
+                  "min_p": body.get("min_p"), "seed": body.get("seed"), "stop": stop_list(body.get("stop")),
+                  "stop_token_ids": body.get("stop_token_ids"), "ignore_eos": body.get("ignore_eos"),
+                  "repetition_penalty": body.get("repetition_penalty"),
+                  "frequency_penalty": body.get("frequency_penalty"), "presence_penalty": body.get("presence_penalty"),
+                  "guide": guide, "top_logprobs": top, "return_logprobs": top is not None,
+                  "prompt_logprobs": prompt_logprobs and top is not None}
         default = self.s.max_new_tokens_default if chat else 16  # OpenAI's legacy completions default to 16
         limits = self.api.limits if chat else self.api.limits_top_n
         req = build_request(values, limits, default_max_new_tokens=default, names=names)
@@ -67,8 +67,11 @@ class OpenAIDialect:
     @staticmethod
     def stream_flags(body: dict) -> tuple[bool, bool]:
         stream = field(body, "stream", bool, False)
-        opts = field(body, "stream_options", dict, {}) or {}
-        return stream, bool(stream and opts.get("include_usage"))
+        opts = field(body, "stream_options", dict, None)
+        if opts is not None and not stream:
+            raise ApiError(400, "Stream options can only be defined when `stream=True`.", "invalid_value",
+                           "stream_options")
+        return stream, bool(stream and (opts or {}).get("include_usage"))
 
     def base(self, kind: str, version: str, rid: str) -> dict:
         return {"id": rid, "object": kind, "created": int(time.time()), "model": f"{self.api.model_name}@{version}",
@@ -110,14 +113,25 @@ class OpenAIDialect:
     def stream_error(e: ApiError) -> bytes:
         return b"data: " + dumps(error_body(OPENAI, e)) + b"\n\n"
 
-    async def models(self, request: Request, ctx: Ctx) -> Response:
+    def _model_cards(self) -> list[dict]:
         v = self.api.backend.version
         if v is None:
             raise ApiError(503, "no policy version loaded yet", "unavailable")
         created = int(time.time())
-        name = self.api.model_name
-        data = [{"id": name, "object": "model", "created": created, "owned_by": "rlhf-platform", "version": v},
-                {"id": f"{name}@{v}", "object": "model", "created": created, "owned_by": "rlhf-platform",
-                 "version": v}]
-        return json_response({"object": "list", "data": data}, headers=self.api.version_headers(v))
+        return [{"id": i, "object": "model", "created": created, "owned_by": "rlhf-platform", "version": v,
+                 "max_model_len": self.api.backend.limits()[1]}
+                for i in (self.api.model_name, f"{self.api.model_name}@{v}")]
 
+    async def models(self, request: Request, ctx: Ctx) -> Response:
+        cards = self._model_cards()
+        return json_response({"object": "list", "data": cards}, headers=self.api.version_headers(cards[0]["version"]))
+
+    async def model(self, request: Request, ctx: Ctx) -> Response:
+        """``GET /v1/models/{id}``: one of the names the model answers to."""
+        cards = self._model_cards()
+        want = request.path_params["model_id"]
+        for c in cards:
+            if c["id"] == want:
+                return json_response(c, headers=self.api.version_headers(c["version"]))
+        self.api.check_model(want)  # the version alone is a name too
+        return json_response(cards[1], headers=self.api.version_headers(cards[1]["version"]))

@@ -4,7 +4,8 @@
 to the first token get their HTTP status), then writes one chunk per batch of events, or with
 the setting ``stream_interval`` N > 1 one per N tokens of each sample (fewer, larger writes:
 less CPU per token, coarser streaming). An error after the start is one error event in the
-dialect's shape.
+dialect's shape, and the response's ``outcome`` (what ``rlhf_http_requests_total`` counts) is
+that error's status: a stream that failed is not counted as a success.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import AsyncIterator, Callable
 from rlhf.inference.engine import StreamEvent
 from rlhf.runtime.http import EventStreamResponse, until_disconnected
 from services.policy_server.api.base import ApiServer, Ctx
+from services.policy_server.api import errors
 from services.policy_server.api.errors import ApiError, as_api_error
 
 
@@ -70,6 +72,7 @@ async def event_stream(api: ApiServer, runs: list, ctx: Ctx, dialect: str,
         await events.aclose()
         raise
     interval = api.s.stream_interval
+    resp: EventStreamResponse
 
     async def body() -> AsyncIterator[bytes]:
         held: list[bytes] = []  # events not yet written
@@ -95,11 +98,16 @@ async def event_stream(api: ApiServer, runs: list, ctx: Ctx, dialect: str,
             for chunk in tail():
                 yield chunk
         except (asyncio.CancelledError, GeneratorExit):
+            resp.outcome = 499  # the client went away
             raise
         except Exception as exc:  # noqa: BLE001 - mid-stream: an error event in the API's shape
-            yield b"".join(held) + error_fmt(as_api_error(exc))
+            e = as_api_error(exc)
+            resp.outcome = errors.status(dialect, e)
+            api.failed(dialect, ctx.team, e)
+            yield b"".join(held) + error_fmt(e)
         finally:
             await events.aclose()
-            api.observe(dialect, runs, ctx.t0)
+            api.observe(dialect, ctx)
 
-    return EventStreamResponse(body(), headers=api.version_headers(runs[0].version))
+    resp = EventStreamResponse(body(), headers=api.version_headers(runs[0].version))
+    return resp

@@ -4,6 +4,7 @@ route), ``GET /info`` and ``/health``, in Text Generation Inference's request an
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import replace
 
 from starlette.requests import Request
@@ -14,13 +15,15 @@ from rlhf.inference.requests import MAX_STOP_STRINGS, build_request
 from rlhf.serving import GenerationRequest
 from services.policy_server.api.base import ApiServer, Ctx
 from services.policy_server.api.errors import TGI, ApiError, dumps, error_body, json_response
-from services.policy_server.api.fields import field, stop_list
+from services.policy_server.api.fields import TGI as TGI_FIELDS
+from services.policy_server.api.fields import TGI_PARAMETERS, check_fields, field, stop_list, tgi_guide
 from services.policy_server.api.streaming import event_stream
 
 PRE = "parameters."
 # TGI's names for GenerationRequest's fields (in error messages)
-NAMES = {"max_new_tokens": PRE + "max_new_tokens", "temperature": PRE + "temperature", "top_k": PRE + "top_k",
-         "top_p": PRE + "top_p", "seed": PRE + "seed", "stop": PRE + "stop", "top_logprobs": PRE + "top_n_tokens"}
+NAMES = {k: PRE + k for k in ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "repetition_penalty",
+                               "frequency_penalty")}
+NAMES.update(top_logprobs=PRE + "top_n_tokens", guide=PRE + "grammar")
 FINISH = {"eos": "eos_token", "stop": "stop_sequence", "length": "length"}
 
 
@@ -29,36 +32,40 @@ class TGIDialect:
         self.api = api
         self.s = api.s
 
-    def request(self, body: dict) -> tuple[str, GenerationRequest, dict]:
+    def request(self, body: dict, stream: bool) -> tuple[str, GenerationRequest, dict]:
+        check_fields(body, TGI_FIELDS)
         inputs = body.get("inputs")
         if not isinstance(inputs, str) or not inputs:
             raise ApiError(400, "`inputs` must be a non-empty string", "invalid_value", "inputs")
         p = body.get("parameters") or {}
         if not isinstance(p, dict):
             raise ApiError(400, "`parameters` must be an object", "invalid_value", "parameters")
-        best_of = field(p, "best_of", int, None, prefix=PRE)
-        if best_of not in (None, 1):
-            raise ApiError(400, "`best_of` > 1 is not supported", "unsupported_parameter", "best_of")
-        if p.get("repetition_penalty") not in (None, 1, 1.0) or p.get("frequency_penalty") not in (None, 0, 0.0):
-            raise ApiError(400, "repetition and frequency penalties are not supported", "unsupported_parameter")
-        if p.get("typical_p") not in (None, 1, 1.0) or p.get("watermark") or p.get("grammar") or p.get("adapter_id"):
-            raise ApiError(400, "typical_p, watermark, grammar and adapters are not supported", "unsupported_parameter")
+        check_fields(p, TGI_PARAMETERS, PRE)
+        decoder_input_details = field(p, "decoder_input_details", bool, False, prefix=PRE)
+        if stream and decoder_input_details:
+            raise ApiError(400, "`decoder_input_details` == true is not supported when streaming tokens",
+                           "invalid_value", PRE + "decoder_input_details")
         temperature, top_k, top_p = p.get("temperature"), p.get("top_k"), p.get("top_p")
         do_sample = field(p, "do_sample", bool, False, prefix=PRE)
         # TGI samples when asked to, or when any warper is set
         sampling = do_sample or (temperature not in (None, 1.0)) or bool(top_k) or (top_p not in (None, 1.0))
+        seed = p.get("seed")
+        if sampling and seed is None:
+            seed = secrets.randbits(63)  # as TGI: a sampled answer reports the seed it used
         values = {"max_new_tokens": p.get("max_new_tokens"),
                   "temperature": temperature if temperature is not None else 1.0,
-                  "top_k": top_k, "top_p": top_p, "seed": p.get("seed"), "stop": stop_list(p.get("stop")),
-                  "top_logprobs": p.get("top_n_tokens"), "return_logprobs": True}
+                  "top_k": top_k, "top_p": top_p, "seed": seed, "stop": stop_list(p.get("stop")),
+                  "repetition_penalty": p.get("repetition_penalty"), "frequency_penalty": p.get("frequency_penalty"),
+                  "guide": tgi_guide(p), "top_logprobs": p.get("top_n_tokens"), "return_logprobs": True,
+                  "prompt_logprobs": decoder_input_details}
         req = build_request(values, self.api.limits_top_n, default_max_new_tokens=self.s.max_new_tokens_default,
                             names=NAMES)
         if not sampling:
-            req = replace(req, temperature=0.0)
+            req = replace(req, temperature=0.0, seed=None)
         flags = {"details": field(p, "details", bool, False, prefix=PRE),
-                 "decoder_input_details": field(p, "decoder_input_details", bool, False, prefix=PRE),
+                 "decoder_input_details": decoder_input_details,
                  "return_full_text": field(p, "return_full_text", bool, False, prefix=PRE),
-                 "seed": req.seed if p.get("seed") is not None else None,
+                 "seed": req.seed,
                  "truncate": field(p, "truncate", int, None, check=lambda v: v > 0, must="an integer > 0", prefix=PRE),
                  "top_n": req.top_logprobs}
         return inputs, req, flags
@@ -73,7 +80,9 @@ class TGIDialect:
         if f["details"] or f["decoder_input_details"]:
             prefill = []
             if f["decoder_input_details"]:
-                prefill = [{"id": t, "text": run.token_text(t), "logprob": None} for t in (run.prompt_token_ids or [])]
+                lps = run.prompt_logprobs or []
+                prefill = [{"id": t, "text": run.token_text(t), "logprob": lps[j] if j < len(lps) else None}
+                           for j, t in enumerate(run.prompt_token_ids or [])]
             d = {"finish_reason": FINISH[s.finish_reason], "generated_tokens": len(s.token_ids),
                  "seed": f["seed"], "prefill": prefill,
                  "tokens": [self.token(run, t, lp) for t, lp in zip(s.token_ids, s.logprobs)]}
@@ -82,22 +91,22 @@ class TGIDialect:
             out["details"] = d
         return out
 
-    async def _one(self, request: Request, ctx: Ctx, body: dict | None = None):
+    async def _one(self, request: Request, ctx: Ctx, body: dict | None, stream: bool):
         body = body if body is not None else await self.api.body(request)
-        inputs, req, flags = self.request(body)
-        (run,) = self.api.open([inputs], req, ctx, flags["truncate"])
+        inputs, req, flags = self.request(body, stream)
+        (run,) = await self.api.open([inputs], req, ctx, flags["truncate"], where="inputs")
         self.api.opt_in(request, [inputs], None, ctx.team)
         return inputs, run, flags
 
     async def generate(self, request: Request, ctx: Ctx, body: dict | None = None, as_list: bool = False) -> Response:
-        inputs, run, flags = await self._one(request, ctx, body)
+        inputs, run, flags = await self._one(request, ctx, body, stream=False)
         ((s,),) = await self.api.complete_all([run], ctx)
-        self.api.observe(TGI, [run], ctx.t0)
+        self.api.observe(TGI, ctx)
         out = self.response(run, s, inputs, flags)
         return json_response([out] if as_list else out, headers=self.api.version_headers(run.version))
 
     async def generate_stream(self, request: Request, ctx: Ctx, body: dict | None = None) -> Response:
-        inputs, run, flags = await self._one(request, ctx, body)
+        inputs, run, flags = await self._one(request, ctx, body, stream=True)
         count = [0]
 
         def fmt(_: int, ev: StreamEvent) -> bytes:
