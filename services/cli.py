@@ -23,7 +23,7 @@ def cmd_demo_loop(args) -> int:
     with progress_display() as progress:
         s = run_loop_demo(out, quick=args.quick, data_dir=Path(args.data) if args.data else None,
                           base_port=args.base_port, progress=progress, base_metrics_port=args.base_metrics_port,
-                          http_port=args.http_port, linger_seconds=args.linger)
+                          http_port=args.http_port, linger_seconds=args.linger, model=args.model)
     print(f"online loop through the services: {s['iterations']} iteration(s), {s['comparisons_stored']} comparisons "
           f"stored (labelers agree on {s['labeler_agreement']:.3f} of pairs), {len(s['versions_published'])} versions published")
     print(f"policy {s['policy_version_first']} -> {s['policy_version_last']} (served: {s['policy_version_served']})")
@@ -74,6 +74,8 @@ def add_commands(sub) -> None:
     dl.add_argument("--http-port", type=int, default=0, help="the policy-server's HTTP API; 0: a free port, -1: none")
     dl.add_argument("--linger", type=float, default=0.0, metavar="SECONDS",
                     help="keep the services up this long after the loop (Ctrl-C ends the wait)")
+    dl.add_argument("--model", default="tiny",
+                    help="tiny (the demo's GPT-2) or a real model as rlhf import-model takes it, e.g. smollm2")
     dl.set_defaults(func=cmd_demo_loop)
 
     sv = sub.add_parser("serve", help="run one service (settings from RLHF_<SERVICE>_* environment variables)")

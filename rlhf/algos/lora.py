@@ -8,6 +8,7 @@ runs the same module with the adapters switched off, so rho costs no second copy
 
 from __future__ import annotations
 
+import copy
 import inspect
 
 import torch.nn as nn
@@ -49,6 +50,12 @@ def merged(model) -> nn.Module:
     """A plain Hugging Face model with the adapters folded into its weights (for saving and
     serving); a model without adapters is returned as it is. The LoRA model is consumed."""
     return model.merge_and_unload() if is_lora(model) else model
+
+
+def merged_copy(model) -> nn.Module:
+    """A plain Hugging Face model with the adapters folded in, leaving ``model`` training on
+    (a copy of the weights); a model without adapters is returned as it is."""
+    return copy.deepcopy(model).merge_and_unload() if is_lora(model) else model
 
 
 class AdapterOffReference:
