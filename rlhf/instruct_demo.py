@@ -38,6 +38,7 @@ from rlhf.algos.rm import RMTrainConfig, accuracy_of_scores, comparison_scores, 
 from rlhf.config import to_dict
 from rlhf.constraints import DEFAULT_KINDS, ConstraintJudge, Task, attach_constraints, load_instructions, split_tasks
 from rlhf.data import Comparison, write_jsonl
+from rlhf.errors import DataError
 from rlhf.demo import _oracle_accuracy, _ranking_agreement, cache_root
 from rlhf.evaluate import distinct_n, mean_length, repetition_rate, win_rate
 from rlhf.generation import Rollout, SamplingParams, decode_responses, sample, tokenize_prompts
@@ -275,7 +276,10 @@ def run_instruct_demo(out_dir: Path, cfg: InstructDemoConfig, data_dir: Path | N
     label_prompts = [label_tasks[i].prompt for i in keep]
     grouped = [out["texts"][i] for i in keep]
     gold_groups = [judge.score([p] * cfg.k, g) for p, g in zip(label_prompts, grouped)]
-    temperature = SimulatedLabeler.calibrate_temperature(gold_groups, 0.73)
+    try:
+        temperature = SimulatedLabeler.calibrate_temperature(gold_groups, 0.73)
+    except ValueError as e:  # every answer scores the same: nothing for a labeler (or an RM) to learn
+        raise DataError(f"{cfg.model}: its answers cannot be ranked ({e}); the model cannot do the task") from None
     rankings = SimulatedLabeler(judge, temperature, seed=cfg.seed).rank_many(label_prompts, grouped)
     rankings2 = SimulatedLabeler(judge, temperature, seed=cfg.seed + 1000).rank_many(label_prompts, grouped)
     comparisons = [Comparison(prompt=p, responses=tuple(g), kind="ranking", ranking=tuple((i,) for i in r))

@@ -146,3 +146,4 @@ def smollm2_registry(tmp_path_factory) -> Path:
         import_model("smollm2", root)
         _IMPORTED["smollm2"] = root
     return _IMPORTED["smollm2"]
+
