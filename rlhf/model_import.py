@@ -124,8 +124,7 @@ def source_sha256(src: ModelSource) -> str:
 def _gguf_metadata(path: Path) -> dict:
     """The GGUF file's scalar ``tokenizer.ggml.*`` fields (ids and flags), without reading tensors."""
     try:
-        import gguf  # noqa: F401 - the loader transformers needs too
-        from gguf import GGUFReader
+        from gguf import GGUFReader  # the package transformers' GGUF loader needs too
     except ImportError as e:
         raise ModelNotFoundError(f"reading a GGUF file needs the gguf package; {EXTRA_HINT}") from e
     out = {}
