@@ -71,10 +71,10 @@ class InstructDemoConfig:
     label_prompts: int = 256  # train prompts the simulated labeler ranks K answers of
     heldout_fraction: float = 0.15  # comparisons kept out of RM training, for RM accuracy
     rm: RMTrainConfig = field(default_factory=lambda: RMTrainConfig(
-        loss="ranking", epochs=2, batch_size=8, lr=1e-4, warmup_steps=10, min_lr_ratio=0.1, max_length=256,
+        loss="ranking", epochs=2, batch_size=8, lr=1e-4, warmup_steps=6, min_lr_ratio=0.1, max_length=256,
         bf16=True, normalize_unit_variance=True, group_by_length=True, freeze_embeddings=True))
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(
-        batch_size=16, mini_batch_size=8, ppo_epochs=2, lr=1e-4, value_lr=1e-3, kl_coef=0.05, kl_target=4.0,
+        batch_size=16, mini_batch_size=8, ppo_epochs=2, lr=2e-4, value_lr=1e-3, kl_coef=0.05, kl_target=4.0,
         vf_coef=0.1, entropy_coef=0.0, max_prompt_tokens=192, add_bos=False, bf16=True,
         finetune="lora", lora_rank=16, lora_alpha=32.0))
     ppo_steps: int = 40  # PPO steps under the adaptive KL controller
@@ -277,7 +277,8 @@ def run_instruct_demo(out_dir: Path, cfg: InstructDemoConfig, data_dir: Path | N
     grouped = [out["texts"][i] for i in keep]
     gold_groups = [judge.score([p] * cfg.k, g) for p, g in zip(label_prompts, grouped)]
     try:
-        temperature = SimulatedLabeler.calibrate_temperature(gold_groups, 0.73)
+        # answers that meet no constraint all score 0: agreement is calibrated on the pairs that differ
+        temperature = SimulatedLabeler.calibrate_temperature(gold_groups, 0.73, ignore_ties=True)
     except ValueError as e:  # every answer scores the same: nothing for a labeler (or an RM) to learn
         raise DataError(f"{cfg.model}: its answers cannot be ranked ({e}); the model cannot do the task") from None
     rankings = SimulatedLabeler(judge, temperature, seed=cfg.seed).rank_many(label_prompts, grouped)
