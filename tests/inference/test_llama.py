@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rlhf.inference.engine import EngineConfig, InferenceEngine, complete
-from rlhf.inference.runners import HFRunner, make_runner
+from rlhf.inference.runners import HFRunner, LlamaRunner, make_runner
 from rlhf.inference.text import ChatMessage, render_chat
 from rlhf.serving import GenerationRequest, PolicyEngine
 from tests.llama_helpers import llama_dir
@@ -27,16 +27,19 @@ def policy(tmp_path_factory) -> PolicyEngine:
     return PolicyEngine(d, "v1", max_prompt_tokens=96)
 
 
-def test_a_llama_gets_a_runner_whose_cache_has_the_key_value_heads(policy):
+def test_a_llama_gets_the_llama_runner_whose_cache_has_the_key_value_heads(policy):
     r = make_runner(policy.model, 4, 64, policy.tokenizer.pad_token_id)
-    assert isinstance(r, HFRunner)
-    r.prefill([[5, 9, 17]], 0)
-    assert r.K[0].shape == (4, 2, 64, 8)  # slots, 2 key/value heads (of 4 query heads), positions, head dim
+    assert isinstance(r, LlamaRunner)
+    assert r.K.shape == (2, 4, 2, 64, 8)  # layers, slots, 2 key/value heads (of 4 query heads), positions, head dim
+    h = make_runner(policy.model, 4, 64, policy.tokenizer.pad_token_id, kind="hf")
+    h.prefill([[5, 9, 17]], 0)
+    assert isinstance(h, HFRunner) and h.K[0].shape == (4, 2, 64, 8)
 
 
-def test_llama_runner_logits_equal_the_models_own_forward(policy):
+@pytest.mark.parametrize("kind", ["llama", "hf"])
+def test_llama_runner_logits_equal_the_models_own_forward(policy, kind):
     m = policy.model
-    r = make_runner(m, 4, 64, policy.tokenizer.pad_token_id)
+    r = make_runner(m, 4, 64, policy.tokenizer.pad_token_id, kind=kind)
     seqs = [[5, 9, 17, 3, 44], [33, 2], [12, 80, 7]]
     logits = r.prefill(seqs, 0)
 
@@ -59,13 +62,14 @@ def test_llama_runner_logits_equal_the_models_own_forward(policy):
             logits = logits[[0, 2]]
 
 
-def test_the_engine_on_chat_prompts_gives_what_generate_gives(policy):
+@pytest.mark.parametrize("runner", ["auto", "hf"])
+def test_the_engine_on_chat_prompts_gives_what_generate_gives(policy, runner):
     prompts = [render_chat([ChatMessage("user", q)], policy.tokenizer)[0] for q in QUESTIONS]
     req = GenerationRequest(max_new_tokens=10, temperature=0.0, return_logprobs=True)
     expected = policy.generate(prompts, req)
 
     async def go():
-        e = InferenceEngine(policy, EngineConfig(max_batch_size=2, seed=0))  # rows join mid-flight
+        e = InferenceEngine(policy, EngineConfig(max_batch_size=2, seed=0, runner=runner))  # rows join mid-flight
         e.start()
         out = await asyncio.gather(*(complete(e.submit(e.encode(p), req)) for p in prompts))
         await e.close()
