@@ -162,7 +162,9 @@ def load_gguf(path: Path, dtype=None):
         if importlib.util.find_spec(mod) is None:
             raise ModelNotFoundError(f"loading a GGUF file needs the {mod} package; {EXTRA_HINT}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a per-tensor bar; the caller reports progress
     with _LOAD_LOCK:
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True,
