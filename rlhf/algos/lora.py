@@ -37,8 +37,11 @@ def add_lora(model: nn.Module, rank: int, alpha: float, targets: tuple[str, ...]
         raise ConfigError("finetune=lora needs the peft package (`pip install rlhf-platform[smollm2]`)") from e
     if rank < 1:
         raise ValueError(f"lora_rank must be >= 1, got {rank}")
-    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none",
-                     target_modules=list(targets) or default_targets(model), task_type="CAUSAL_LM")
+    targets = list(targets) or default_targets(model)
+    # GPT-2's Conv1D stores its weight as (in, out)
+    conv1d = any(type(m).__name__ == "Conv1D" for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in targets)
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none", target_modules=targets,
+                     fan_in_fan_out=conv1d, task_type="CAUSAL_LM")
     return get_peft_model(model, cfg)
 
 
