@@ -13,6 +13,7 @@ from rlhf.inference.engine import EngineConfig, InferenceEngine, complete
 from rlhf.inference.runners import HFRunner, LlamaRunner, make_runner
 from rlhf.inference.text import ChatMessage, render_chat
 from rlhf.serving import GenerationRequest, PolicyEngine
+from tests.inference.runner_checks import assert_runner_matches_forward
 from tests.llama_helpers import llama_dir
 
 torch.set_num_threads(1)
@@ -38,28 +39,7 @@ def test_a_llama_gets_the_llama_runner_whose_cache_has_the_key_value_heads(polic
 
 @pytest.mark.parametrize("kind", ["llama", "hf"])
 def test_llama_runner_logits_equal_the_models_own_forward(policy, kind):
-    m = policy.model
-    r = make_runner(m, 4, 64, policy.tokenizer.pad_token_id, kind=kind)
-    seqs = [[5, 9, 17, 3, 44], [33, 2], [12, 80, 7]]
-    logits = r.prefill(seqs, 0)
-
-    def ref():
-        with torch.no_grad():
-            return torch.stack([m(torch.tensor([s])).logits[0, -1] for s in seqs])
-
-    assert torch.allclose(logits, ref(), atol=1e-4)
-    pos = [len(s) for s in seqs]
-    for step in range(6):
-        nxt = logits.argmax(-1).tolist()
-        for s, t in zip(seqs, nxt):
-            s.append(t)
-        logits = r.decode(torch.tensor(nxt), torch.tensor(pos))
-        pos = [p + 1 for p in pos]
-        assert torch.allclose(logits, ref(), atol=1e-4), step  # RoPE at each row's own position
-        if step == 2:  # the middle row leaves: the last row moves into its slot
-            r.copy_slot(2, 1, pos[2])
-            seqs, pos = [seqs[0], seqs[2]], [pos[0], pos[2]]
-            logits = logits[[0, 2]]
+    assert_runner_matches_forward(make_runner(policy.model, 4, 64, policy.tokenizer.pad_token_id, kind=kind), policy.model)
 
 
 @pytest.mark.parametrize("runner", ["auto", "hf"])
