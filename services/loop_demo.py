@@ -241,5 +241,7 @@ def _real_setup(registry: ModelRegistry, cfg: LoopDemoConfig, model: str, data_d
         return sample_answers(m, tk, ps, n, icfg, seed)["texts"]
 
     grouped = chat(load_causal_lm(path), tok, prompts[:32], cfg.k, 1)
-    temperature = SimulatedLabeler.calibrate_temperature([judge.score([p] * cfg.k, g) for p, g in zip(prompts, grouped)], 0.73)
+    # answers meeting none of their constraints all score 0: calibrate on the pairs that differ
+    temperature = SimulatedLabeler.calibrate_temperature([judge.score([p] * cfg.k, g) for p, g in zip(prompts, grouped)],
+                                                         0.73, ignore_ties=True)
     return first, judge, prompts, eval_prompts, temperature, chat
