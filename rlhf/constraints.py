@@ -312,6 +312,7 @@ class ConstraintJudge:
     rel_bad: float
     tasks: dict[str, Task] = field(default_factory=dict)
     min_words: int = 12
+    _by_words: dict[str, Task] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_data(cls, data_dir: Path | None = None, tasks: Sequence[Task] = (), seed: int = 0) -> "ConstraintJudge":
@@ -376,7 +377,13 @@ class ConstraintJudge:
         self.tasks.update({t.prompt: t for t in tasks})
 
     def task(self, prompt: str) -> Task:
+        """The task of ``prompt``; prompts that differ only in white space are the same (a service
+        on the way may strip a template's trailing newline)."""
         t = self.tasks.get(prompt)
+        if t is None:
+            if len(self._by_words) != len(self.tasks):
+                self._by_words = {" ".join(k.split()): v for k, v in self.tasks.items()}
+            t = self._by_words.get(" ".join(prompt.split()))
         if t is None:
             raise DataError("the judge knows no task with this prompt (add_tasks first)")
         return t

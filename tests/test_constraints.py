@@ -133,6 +133,8 @@ def test_gaming_attempts_score_low(judge, name):
 def test_judge_refuses_unknown_prompts_and_mismatched_lengths(judge):
     with pytest.raises(DataError, match="no task"):
         judge.score(["not a prompt of the task"], ["answer"])
+    # white space aside, a prompt is the same prompt (a template's trailing newline stripped on the way)
+    assert judge.score([TASK.prompt.strip() + "  "], [GOOD])[0] == judge.score([TASK.prompt], [GOOD])[0]
     with pytest.raises(ValueError):
         judge.score([TASK.prompt], [])
     assert np.all(judge.score([TASK.prompt] * 2, [GOOD, ""]) >= 0)
