@@ -3,6 +3,7 @@
     .venv/bin/python bench/serving.py [--threads N] [--repeats N] [--stream-interval 1,4]
                                       [--engine-process off,on] [--sampler plain,penalties,json_schema]
                                       [--name NAME] [--only engine,server] [--quick]
+                                      [--model smollm2]
 
 On the demo-sized GPT-2 (4 layers, width 256, vocab 4096, random weights; the tokenizer is a
 4096-token BPE trained on the IMDB sample when it is there):
@@ -28,6 +29,10 @@ setting, so the cost per token of the sampler's features is known: ``penalties``
 repetition, frequency and presence penalties on every request; ``json_schema`` constrains every
 sample to a JSON schema (structured output; no ``min_tokens`` then, and a sample may end early:
 tokens per second counts the tokens generated).
+
+``--model`` serves a real model instead, as ``rlhf import-model`` takes it (``smollm2``:
+SmolLM2-135M-Instruct, a Llama with grouped-query attention; the smollm2 extra), imported once into
+bench/.cache; the prompts are cut to 32 of its tokens in the same way.
 
 Writes bench/results/serving-<name>.json and .md.
 """
@@ -96,17 +101,23 @@ def texts(n: int = 2000) -> list[str]:
         return [" ".join(words[(i * 7 + j * 5) % len(words)] for j in range(40)) for i in range(n)]
 
 
-def build_assets(quick: bool) -> tuple[Path, str, list[str]]:
-    """A registry with the demo-shaped random policy; returns (registry root, version, prompts)."""
+def build_assets(quick: bool, real_model: str | None = None) -> tuple[Path, str, list[str]]:
+    """A registry with the demo-shaped random policy, or the imported ``real_model``; returns
+    (registry root, version, prompts)."""
     from rlhf.models import TinyLMConfig, build_tiny_lm, save_pretrained, train_tokenizer
     from rlhf.registry import ModelRegistry
 
     shape = dict(SHAPE, n_layer=2, n_embd=64, n_head=2) if quick else SHAPE
-    root = BENCH / ".cache" / ("serving-quick" if quick else "serving")
+    root = BENCH / ".cache" / (f"serving-{real_model}" if real_model else "serving-quick" if quick else "serving")
     reg = ModelRegistry(root / "registry")
     corpus = texts()
     tok = None
-    v = reg.latest("policy")
+    if real_model:
+        from rlhf.model_import import import_model
+
+        v = import_model(real_model, reg.root).version
+    else:
+        v = reg.latest("policy")
     if v is None:
         tok = train_tokenizer(corpus, vocab_size=shape["vocab_size"])
         model = build_tiny_lm(TinyLMConfig(**{**shape, "vocab_size": len(tok)}), seed=0)
@@ -144,7 +155,7 @@ def engine_vs_generate(registry: Path, version: str, prompts: list[str], repeats
     from rlhf.inference.engine import EngineConfig, InferenceEngine, complete
     from rlhf.registry import ModelRegistry
     from rlhf.runtime.threads import use_model_threads
-    from rlhf.serving import GenerationRequest, PolicyEngine
+    from rlhf.serving import PolicyEngine
 
     path = ModelRegistry(registry).path("policy", version)
     policy = PolicyEngine(path, version)
@@ -153,7 +164,6 @@ def engine_vs_generate(registry: Path, version: str, prompts: list[str], repeats
     ids, mask = tokenize_prompts(tok, rows, 512)
     assert ids.shape == (BATCH, PROMPT_TOKENS), ids.shape
     eos = tok.eos_token_id
-    req = GenerationRequest(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
     loop = asyncio.new_event_loop()
 
     def timed(batch) -> float:
@@ -479,6 +489,7 @@ def main() -> None:
                     help="plain, penalties, json_schema, or a comma-separated list: the sampler settings of every "
                          "request (each run in every round)")
     ap.add_argument("--quick", action="store_true", help="a tiny model and short runs (smoke test)")
+    ap.add_argument("--model", help="a real model instead of the demo-shaped GPT-2, as rlhf import-model takes it (smollm2)")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
@@ -494,7 +505,7 @@ def main() -> None:
         print(json.dumps(res))
         return
 
-    name = a.name or (f"cpu-{a.threads}threads" if not a.quick else "cpu-quick")
+    name = a.name or (f"cpu-{a.threads}threads" if not a.quick else "cpu-quick") + (f"-{a.model}" if a.model else "")
     intervals = [int(x) for x in a.stream_interval.split(",")]
     if not intervals or min(intervals) < 1:
         ap.error("--stream-interval: integers >= 1")
@@ -506,11 +517,11 @@ def main() -> None:
         ap.error(f"--sampler: one or more of {', '.join(SAMPLERS)}")
     variants = [(si, m == "on", sm) for sm in samplers for m in modes for si in intervals]
     repeats, batches, rpc = (1, 1, 1) if a.quick else (a.repeats, 4, a.requests_per_client)
-    registry, version, prompts = build_assets(a.quick)
+    registry, version, prompts = build_assets(a.quick, a.model)
     pf = BENCH / ".cache" / "serving-prompts.json"
     pf.write_text(json.dumps(prompts))
     only = set(a.only.split(","))
-    res: dict = {"machine": machine_info("cpu", a.threads), "threads": a.threads, "shape": SHAPE,
+    res: dict = {"machine": machine_info("cpu", a.threads), "threads": a.threads, "shape": a.model or SHAPE,
                  "batch": BATCH, "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS, "clients": CLIENTS,
                  "requests_per_client": rpc, "stream_intervals": intervals, "engine_process": modes,
                  "samplers": samplers,
@@ -568,8 +579,10 @@ def render(r: dict, name: str) -> str:
          f"Machine: {m.get('cpu_model')}, {m.get('cpu_cores')} cores, torch {m.get('torch')}, "
          f"{r['threads']} torch threads; load average {r['loadavg_start']:.1f} at the start, "
          f"{r['loadavg_end']:.1f} at the end.\n",
-         f"Model: GPT-2 {r['shape']['n_layer']} layers x {r['shape']['n_embd']}, vocab {r['shape']['vocab_size']}, "
-         f"random weights, fp32. Prompts {r['prompt_tokens']} tokens, {r['new_tokens']} new tokens each "
+         (f"Model: {r['shape']} (imported), fp32. " if isinstance(r["shape"], str) else
+          f"Model: GPT-2 {r['shape']['n_layer']} layers x {r['shape']['n_embd']}, vocab {r['shape']['vocab_size']}, "
+          "random weights, fp32. ") +
+         f"Prompts {r['prompt_tokens']} tokens, {r['new_tokens']} new tokens each "
          "(EOS never sampled), temperature 1.\n"]
     if "engine" in r:
         e = r["engine"]

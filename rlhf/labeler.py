@@ -127,14 +127,21 @@ class SimulatedLabeler:
         return float(np.mean(np.maximum(p, 1.0 - p)))
 
     @staticmethod
-    def calibrate_temperature(gold_groups: Sequence[np.ndarray], target_agreement: float = 0.73) -> float:
+    def calibrate_temperature(gold_groups: Sequence[np.ndarray], target_agreement: float = 0.73,
+                              ignore_ties: bool = False) -> float:
         """The T at which two independent labelers agree on `target_agreement` of the pairs.
 
         Bisection in log T (agreement is monotone in T). Raises ValueError when no T reaches the
         target: agreement lies strictly between 0.5 and the T -> 0 limit, which is below 1 when
-        some pairs tie (a tied pair agrees half the time at any T).
+        some pairs tie (a tied pair agrees half the time at any T). With ``ignore_ties`` the
+        target is the agreement on the pairs whose gold scores differ (for a gold score with many
+        exact ties, e.g. a share of constraints met times a term that is often 0).
         """
         d = _pair_diffs(gold_groups)
+        if ignore_ties:
+            d = d[d > 0]
+            if d.size == 0:
+                raise ValueError("target agreement is unreachable: every pair of gold scores ties")
         ceiling = float(np.mean(np.where(d > 0, 1.0, 0.5)))
         if not 0.5 < target_agreement < ceiling:
             raise ValueError(

@@ -8,7 +8,8 @@ Layout::
 A version is written into a hidden temporary directory and renamed into place, so a reader never
 sees a half-written version, and it is never modified afterwards. Version ids sort by creation
 time (``v<UTC timestamp>-<random>``). The manifest records the parent version, the job, the data
-snapshot, the config and the metrics that made it.
+snapshot, the config and the metrics that made it; an imported model's manifest also records its
+``source`` (what was imported and its sha256, :mod:`rlhf.model_import`).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class Manifest:
     config: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     created_at: float = 0.0
+    source: dict = field(default_factory=dict)  # imported models: path/package and sha256 of the source
 
 
 class ModelRegistry:
@@ -86,17 +88,18 @@ class ModelRegistry:
 
     def publish(self, kind: str, write: Callable[[Path], None], *, parent_version: str = "", job_id: str = "",
                 base_model: str = "", data: dict | None = None, config: dict | None = None,
-                metrics: dict | None = None, version: str | None = None) -> Manifest:
+                metrics: dict | None = None, version: str | None = None, source: dict | None = None) -> Manifest:
         """Create a new version: ``write(tmpdir)`` saves the model files, then it appears atomically."""
         self._check_kind(kind)
         version = version or new_version_id()
         return write_version(self.root / kind / version, kind, write, version=version, parent_version=parent_version,
-                             job_id=job_id, base_model=base_model, data=data, config=config, metrics=metrics)
+                             job_id=job_id, base_model=base_model, data=data, config=config, metrics=metrics,
+                             source=source)
 
 
 def write_version(final: str | os.PathLike, kind: str, write: Callable[[Path], None], *, version: str | None = None,
                   parent_version: str = "", job_id: str = "", base_model: str = "", data: dict | None = None,
-                  config: dict | None = None, metrics: dict | None = None) -> Manifest:
+                  config: dict | None = None, metrics: dict | None = None, source: dict | None = None) -> Manifest:
     """Write one model version into the directory ``final`` with its manifest, atomically.
 
     ``write(tmpdir)`` saves the model files into a hidden sibling of ``final``, the manifest is
@@ -118,7 +121,8 @@ def write_version(final: str | os.PathLike, kind: str, write: Callable[[Path], N
         check_written(tmp, metrics or {})
         m = Manifest(kind=kind, version=version, parent_version=parent_version, job_id=job_id,
                      base_model=base_model, data=data or {}, config=config or {},
-                     metrics={k: float(v) for k, v in (metrics or {}).items()}, created_at=time.time())
+                     metrics={k: float(v) for k, v in (metrics or {}).items()}, created_at=time.time(),
+                     source=source or {})
         (tmp / "manifest.json").write_text(json.dumps(asdict(m), indent=2, sort_keys=True) + "\n")
         os.replace(tmp, final)  # an empty directory at ``final`` is replaced too
     except BaseException:

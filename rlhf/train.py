@@ -30,6 +30,7 @@ from typing import ClassVar, Callable, Literal, Sequence
 
 import torch
 
+from rlhf.algos.lora import merged_copy
 from rlhf.algos.ppo import PPOConfig, PPOTrainer, RewardFn
 from rlhf.algos.rm import RMTrainConfig, normalize_reward_model, pair_accuracy, split_into_pairs, train_reward_model
 from rlhf.algos.sft import PretrainBlocks, SFTConfig, encode_demonstrations, perplexity, train_lm
@@ -236,7 +237,7 @@ def _metrics_jsonl(history: list[dict]) -> str:
 
 def _write_policy(model, tok, history: list[dict], value_head=None) -> Callable[[Path], None]:
     def write(d: Path) -> None:
-        save_pretrained(model, tok, d)
+        save_pretrained(merged_copy(model), tok, d)  # LoRA adapters folded into plain weights
         if value_head is not None:
             torch.save(value_head.state_dict(), d / "value_head.pt")
         (d / "metrics.jsonl").write_text(_metrics_jsonl(history))
@@ -326,7 +327,10 @@ def run_ppo(job: PPOJob, io: JobIO) -> dict:
     io.event(f"PPO from policy {start.parent}, reference {ref.parent}", 0.0)
     tok = load_tokenizer(start.path)
     policy = load_causal_lm(start.path).to(io.device)
-    ref_model = load_causal_lm(ref.path).to(io.device)
+    # with LoRA, rho is the policy's own base with the adapters off (ppo.finetune): no second copy
+    if job.ppo.finetune == "lora" and Path(ref.path).resolve() != Path(start.path).resolve():
+        raise ConfigError("ppo.finetune=lora takes the starting policy as the reference: leave reference unset")
+    ref_model = load_causal_lm(ref.path).to(io.device) if job.ppo.finetune == "full" else None
     texts = io.ptx_texts(job)
     ptx = PretrainBlocks.from_texts(tok, texts, job.ppo.ptx_block_size) if texts else None
     if job.ppo.ptx_coef > 0 and ptx is None:
@@ -334,7 +338,7 @@ def run_ppo(job: PPOJob, io: JobIO) -> dict:
     reward_fn, reward_info = io.reward_fn(job)
     trainer = PPOTrainer(policy, tok, reward_fn, job.ppo, ref_model=ref_model, ptx_blocks=ptx)
     hist: list[dict] = []
-    write = _write_policy(policy, tok, hist, trainer.value_head)
+    write = _write_policy(trainer.policy, tok, hist, trainer.value_head)
     base_config = {**serving_config(start.path), "reference": ref.parent, "job": to_dict(job)}
 
     def manifest(m: dict) -> dict:

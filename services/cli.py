@@ -6,8 +6,6 @@ entry point (pyproject.toml), so the core stays importable and usable without th
 
 from __future__ import annotations
 
-import json
-import sys
 import time
 from pathlib import Path
 
@@ -25,7 +23,7 @@ def cmd_demo_loop(args) -> int:
     with progress_display() as progress:
         s = run_loop_demo(out, quick=args.quick, data_dir=Path(args.data) if args.data else None,
                           base_port=args.base_port, progress=progress, base_metrics_port=args.base_metrics_port,
-                          http_port=args.http_port, linger_seconds=args.linger)
+                          http_port=args.http_port, linger_seconds=args.linger, model=args.model)
     print(f"online loop through the services: {s['iterations']} iteration(s), {s['comparisons_stored']} comparisons "
           f"stored (labelers agree on {s['labeler_agreement']:.3f} of pairs), {len(s['versions_published'])} versions published")
     print(f"policy {s['policy_version_first']} -> {s['policy_version_last']} (served: {s['policy_version_served']})")
@@ -57,33 +55,11 @@ def cmd_up(args) -> int:
                      base_metrics_port=args.base_metrics_port, http_port=args.http_port, kafka=args.kafka,
                      database_url=args.database_url, log_level=args.log_level)
     if args.policy:
-        _import_policy(Path(args.policy), opts.data_dir / "registry")
+        from rlhf.model_import import import_model
+
+        import_model(args.policy, opts.data_dir / "registry")
     asyncio.run(up(opts))
     return 0
-
-
-def _import_policy(src: Path, registry_dir: Path) -> None:
-    """Copy a Hugging Face causal LM directory into the registry as a policy version (once)."""
-    import shutil as _sh
-
-    from rlhf.models import _check_model_dir
-    from rlhf.registry import ModelRegistry
-
-    _check_model_dir(src)
-    reg = ModelRegistry(registry_dir)
-    for v in reg.versions("policy"):
-        if reg.manifest("policy", v).base_model == str(src.resolve()):
-            return
-    manifest = json.loads((src / "manifest.json").read_text()) if (src / "manifest.json").is_file() else {}
-
-    def write(d: Path) -> None:
-        for f in src.iterdir():
-            if f.is_file() and f.name != "manifest.json":
-                _sh.copy2(f, d / f.name)
-
-    m = reg.publish("policy", write, base_model=str(src.resolve()),
-                    config={"add_bos": bool(manifest.get("config", {}).get("add_bos", False))})
-    print(f"imported {src} as policy version {m.version}", file=sys.stderr)
 
 
 def add_commands(sub) -> None:
@@ -98,6 +74,8 @@ def add_commands(sub) -> None:
     dl.add_argument("--http-port", type=int, default=0, help="the policy-server's HTTP API; 0: a free port, -1: none")
     dl.add_argument("--linger", type=float, default=0.0, metavar="SECONDS",
                     help="keep the services up this long after the loop (Ctrl-C ends the wait)")
+    dl.add_argument("--model", default="tiny",
+                    help="tiny (the demo's GPT-2) or a real model as rlhf import-model takes it, e.g. smollm2")
     dl.set_defaults(func=cmd_demo_loop)
 
     sv = sub.add_parser("serve", help="run one service (settings from RLHF_<SERVICE>_* environment variables)")
@@ -114,6 +92,7 @@ def add_commands(sub) -> None:
                    help="the policy-server's OpenAI/TGI-compatible HTTP API; 0: a free port (logged), -1: none")
     u.add_argument("--kafka", help="Kafka bootstrap servers; default: an in-process bus")
     u.add_argument("--database-url", help="SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db; default: SQLite in --data-dir")
-    u.add_argument("--policy", help="a Hugging Face causal LM directory to serve first (imported into the registry)")
+    u.add_argument("--policy", help="a model to serve first, imported into the registry as `rlhf import-model` does: "
+                                    "a Hugging Face directory, a GGUF file or an installed model package (smollm2)")
     u.add_argument("--log-level", default="INFO")
     u.set_defaults(func=cmd_up)

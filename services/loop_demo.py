@@ -16,6 +16,13 @@ Every service runs on localhost in this process (SQLite, in-process event bus), 
 5. the demo compares the first and the last policy version on held-out prompts by the gold judge.
 
 Writes summary.json (versions, figures, wall time) into its run directory.
+
+With ``--model smollm2`` (a real instruction-tuned model, as ``rlhf import-model`` takes it) the
+first version is that model, the prompts are the constraint-following task of ``rlhf demo
+--model`` (rlhf.constraints; the model's chat template around each), the labelers' hidden taste
+is that task's gold judge, the reward model is the MiniLM encoder, and PPO fine-tunes every
+weight (LoRA's reference would be the adapted version itself, not the lineage's root, from the
+second round on).
 """
 
 from __future__ import annotations
@@ -31,7 +38,8 @@ import numpy as np
 from rlhf_client import (feedback_grpc, feedback_pb2, policy_grpc, policy_pb2, prompts_grpc, prompts_pb2,
                          trainer_grpc, trainer_pb2)
 
-from rlhf.demo import DemoConfig, detokenize_rt, prompt_of, quick_config, sample_texts, sentence_prompts
+from rlhf.demo import (DemoConfig, cache_root, detokenize_rt, prompt_of, quick_config, sample_texts,
+                       sentence_prompts)
 from rlhf.errors import RLHFError
 from rlhf.evaluate import win_rate
 from rlhf.judge import GoldJudge, default_data_dir, load_imdb, load_rt_polarity
@@ -60,6 +68,22 @@ class LoopDemoConfig:
         "ppo.ppo.max_prompt_tokens": "24"})
 
 
+def real_model_overrides(cfg: LoopDemoConfig, quick: bool) -> LoopDemoConfig:
+    """The loop's budgets for a real model: chat answers end at EOS (48 new tokens at most), the
+    MiniLM reward model, full fine-tuning from the served version, prompts without an added BOS."""
+    cfg.response_tokens = 16 if quick else 48
+    cfg.overrides.update({
+        "rm.model": "minilm", "rm.backbone": "encoder", "rm.rm.lr": "1e-4", "rm.rm.max_length": "256",
+        "rm.rm.batch_size": "4" if quick else "8", "ppo.ppo.lr": "3e-6", "ppo.ppo.kl_coef": "0.05",
+        "ppo.ppo.kl_target": "4.0", "ppo.ppo.add_bos": "false", "ppo.ppo.max_prompt_tokens": "192",
+        "ppo.ppo.finetune": "full", "candidate_min_new_tokens": "1", "ppo.ppo.sampling.min_new_tokens": "0"})
+    if not quick:
+        cfg.overrides.update({"ppo.steps": "10", "ppo.ppo.batch_size": "16", "ppo.ppo.mini_batch_size": "8",
+                              "ppo.ppo.ppo_epochs": "2"})
+        cfg.tasks_per_iteration, cfg.eval_prompts, cfg.prompts = 48, 64, 400
+    return cfg
+
+
 def quick_loop_config() -> LoopDemoConfig:
     c = LoopDemoConfig(iterations=1, prompts=64, tasks_per_iteration=8, response_tokens=12, eval_prompts=16)
     c.overrides.update({"ppo.steps": "2", "ppo.ppo.batch_size": "8", "ppo.ppo.mini_batch_size": "4",
@@ -69,32 +93,20 @@ def quick_loop_config() -> LoopDemoConfig:
 
 def run_loop_demo(out: Path, quick: bool = False, data_dir: Path | None = None, base_port: int = 50051,
                   progress: Progress | None = None, base_metrics_port: int = 0, http_port: int = 0,
-                  linger_seconds: float = 0.0) -> dict:
+                  linger_seconds: float = 0.0, model: str = "tiny") -> dict:
     t_start = time.perf_counter()
     progress = progress or Progress(enabled=False)
     data_dir = Path(data_dir) if data_dir else default_data_dir()
     demo_cfg = quick_config() if quick else DemoConfig()
     cfg = quick_loop_config() if quick else LoopDemoConfig()
     out.mkdir(parents=True, exist_ok=True)
-
-    # rho, as `rlhf demo` builds and caches it
-    from rlhf.demo import pretrain_reference
-
-    reviews = load_imdb(data_dir)
-    train_reviews = [r.text for r in reviews if not r.is_valid]
-    valid_reviews = [r.text for r in reviews if r.is_valid]
-    rt_texts, _ = load_rt_polarity(data_dir)
-    rho, tok, info, rho_path = pretrain_reference(demo_cfg, data_dir, train_reviews + [detokenize_rt(s) for s in rt_texts],
-                                                  valid_reviews, progress)
     registry = ModelRegistry(out / "registry")
-    first = registry.publish("policy", lambda d: save_pretrained(rho, tok, d), base_model=str(rho_path),
-                             config={"add_bos": True}, metrics={"valid_perplexity": info["valid_perplexity"]}).version
-
-    # the simulated labelers' hidden taste, calibrated to 73 % agreement on rho's candidates
-    judge = GoldJudge.from_data(data_dir, seed=0)
-    prompts = sentence_prompts(train_reviews, demo_cfg.prompt_words)[: cfg.prompts]
-    grouped, _ = sample_texts(rho, tok, prompts[:64], cfg.k, cfg.response_tokens, seed=1)
-    temperature = SimulatedLabeler.calibrate_temperature([judge.score([p] * cfg.k, g) for p, g in zip(prompts, grouped)], 0.73)
+    if model == "tiny":
+        first, judge, prompts, eval_prompts, temperature = _tiny_setup(registry, cfg, demo_cfg, data_dir, progress)
+        chat = None
+    else:
+        cfg = real_model_overrides(cfg, quick)
+        first, judge, prompts, eval_prompts, temperature, chat = _real_setup(registry, cfg, model, data_dir, progress)
 
     opts = UpOptions(data_dir=out, base_port=base_port, base_metrics_port=base_metrics_port, http_port=http_port,
                      log_level="WARNING")
@@ -154,17 +166,20 @@ def run_loop_demo(out: Path, quick: bool = False, data_dir: Path | None = None, 
 
     # before / after by the gold judge, on held-out prompts
     last = registry.latest("policy")
-    eval_prompts = [prompt_of(t, demo_cfg.prompt_words) for t in valid_reviews][: cfg.eval_prompts]
     task = progress.add("evaluating first vs last policy version (gold judge)", total=2)
     scores = {}
     samples = {}
     for name, v in (("first", first), ("last", last)):
         path = registry.path("policy", v)
-        g, _ = sample_texts(load_causal_lm(path), load_tokenizer(path), eval_prompts, 1, cfg.response_tokens, seed=7)
+        if chat is None:
+            g, _ = sample_texts(load_causal_lm(path), load_tokenizer(path), eval_prompts, 1, cfg.response_tokens, seed=7)
+        else:
+            g = chat(load_causal_lm(path), load_tokenizer(path), eval_prompts, 1, 7)
         samples[name] = [x[0] for x in g]
         scores[name] = judge.score(eval_prompts, samples[name])
         progress.update(task, advance=1)
     summary = {
+        "model": model,
         "policy_version_first": first, "policy_version_last": last, "policy_version_served": served,
         "versions_published": list(job.published_versions), "iterations": cfg.iterations,
         "comparisons_stored": n_comparisons, "labeler_agreement": agreement.pairwise_agreement,
@@ -177,3 +192,56 @@ def run_loop_demo(out: Path, quick: bool = False, data_dir: Path | None = None, 
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _tiny_setup(registry: ModelRegistry, cfg: LoopDemoConfig, demo_cfg: DemoConfig, data_dir: Path, progress: Progress):
+    """rho as `rlhf demo` builds and caches it, the positive-continuation judge, review openings."""
+    from rlhf.demo import pretrain_reference
+
+    reviews = load_imdb(data_dir)
+    train_reviews = [r.text for r in reviews if not r.is_valid]
+    valid_reviews = [r.text for r in reviews if r.is_valid]
+    rt_texts, _ = load_rt_polarity(data_dir)
+    rho, tok, info, rho_path = pretrain_reference(demo_cfg, data_dir, train_reviews + [detokenize_rt(s) for s in rt_texts],
+                                                  valid_reviews, progress)
+    first = registry.publish("policy", lambda d: save_pretrained(rho, tok, d), base_model=str(rho_path),
+                             config={"add_bos": True}, metrics={"valid_perplexity": info["valid_perplexity"]}).version
+    # the simulated labelers' hidden taste, calibrated to 73 % agreement on rho's candidates
+    judge = GoldJudge.from_data(data_dir, seed=0)
+    prompts = sentence_prompts(train_reviews, demo_cfg.prompt_words)[: cfg.prompts]
+    grouped, _ = sample_texts(rho, tok, prompts[:64], cfg.k, cfg.response_tokens, seed=1)
+    temperature = SimulatedLabeler.calibrate_temperature([judge.score([p] * cfg.k, g) for p, g in zip(prompts, grouped)], 0.73)
+    eval_prompts = [prompt_of(t, demo_cfg.prompt_words) for t in valid_reviews][: cfg.eval_prompts]
+    return first, judge, prompts, eval_prompts, temperature
+
+
+def _real_setup(registry: ModelRegistry, cfg: LoopDemoConfig, model: str, data_dir: Path, progress: Progress):
+    """The imported model as the first version, the constraint task's train prompts in its chat
+    template (test prompts for the evaluation), and its gold judge, which knows the templated
+    prompts too (the labelers see what the policy-server was asked)."""
+    from rlhf.constraints import ConstraintJudge, attach_constraints, load_instructions, split_tasks
+    from rlhf.instruct_demo import InstructDemoConfig, chat_prompt, sample_answers
+    from rlhf.model_import import import_model
+
+    task = progress.add(f"import {model} (cached after the first time)", total=1)
+    cached = import_model(model, cache_root() / "models" / "registry")
+    path = ModelRegistry(cache_root() / "models" / "registry").path("policy", cached.version)
+    first = import_model(path, registry.root).version  # a copy of the cached HF directory
+    progress.update(task, advance=1)
+    tok = load_tokenizer(path)
+    splits = split_tasks(attach_constraints(load_instructions(data_dir), seed=0))
+    judge = ConstraintJudge.from_data(data_dir, splits["train"] + splits["test"], seed=0)
+    for t in splits["train"] + splits["test"]:
+        judge.tasks[chat_prompt(tok, t.prompt)] = t
+    prompts = [chat_prompt(tok, t.prompt) for t in splits["train"]][: cfg.prompts]
+    eval_prompts = [chat_prompt(tok, t.prompt) for t in splits["test"]][: cfg.eval_prompts]
+    icfg = InstructDemoConfig(response_tokens=cfg.response_tokens)
+
+    def chat(m, tk, ps, n, seed):
+        return sample_answers(m, tk, ps, n, icfg, seed)["texts"]
+
+    grouped = chat(load_causal_lm(path), tok, prompts[:32], cfg.k, 1)
+    # answers meeting none of their constraints all score 0: calibrate on the pairs that differ
+    temperature = SimulatedLabeler.calibrate_temperature([judge.score([p] * cfg.k, g) for p, g in zip(prompts, grouped)],
+                                                         0.73, ignore_ties=True)
+    return first, judge, prompts, eval_prompts, temperature, chat

@@ -131,3 +131,16 @@ def test_bad_arguments_raise():
         SimulatedLabeler(FloatJudge(), temperature=0.0)
     with pytest.raises(ValueError):
         SimulatedLabeler(FloatJudge(), 1.0).rank_many(["p"], [])
+
+
+def test_calibration_can_ignore_tied_pairs():
+    from rlhf.labeler import SimulatedLabeler
+
+    groups = [np.array([0.0, 0.0, 0.0, 0.4, 0.0]), np.array([0.0, 0.0, 0.2, 0.0, 0.0])]  # 12 of 20 pairs tie
+    with pytest.raises(ValueError, match="unreachable"):
+        SimulatedLabeler.calibrate_temperature(groups, 0.73)
+    t = SimulatedLabeler.calibrate_temperature(groups, 0.73, ignore_ties=True)
+    untied = [np.array([0.0, 0.4]), np.array([0.0, 0.2])] * 3
+    assert SimulatedLabeler.expected_agreement(untied, t) == pytest.approx(0.73, abs=1e-6)
+    with pytest.raises(ValueError, match="every pair"):
+        SimulatedLabeler.calibrate_temperature([np.zeros(4)], 0.73, ignore_ties=True)

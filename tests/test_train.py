@@ -57,3 +57,31 @@ def test_each_step_draws_its_prompts_from_the_seed_and_the_step_alone():
     assert len(set(batch_prompts(prompts, 0, 0, 50))) == 50
     with pytest.raises(DataError, match="fewer than ppo.batch_size=8"):
         batch_prompts(prompts[:5], 0, 0, 8)
+
+
+class LengthRewards(LocalIO):
+    """Rewards without a reward model: longer responses score higher."""
+
+    def reward_fn(self, job):
+        return (lambda prompts, responses: torch.tensor([float(len(r)) for r in responses])), \
+            lambda: {"reward_model": "test"}
+
+
+def test_lora_ppo_job_writes_a_plain_model_and_takes_no_other_reference(files, tmp_path):
+    pytest.importorskip("peft")
+    from safetensors.torch import load_file
+
+    from rlhf.errors import ConfigError
+
+    ppo = PPOConfig(batch_size=4, mini_batch_size=2, ppo_epochs=1, lr=1e-2, sampling=SamplingParams(max_new_tokens=3),
+                    finetune="lora", lora_rank=4, lora_alpha=8.0)
+    job = PPOJob(policy=str(files / "base"), reward_model="unused", prompts=str(files / "prompts.jsonl"),
+                 output=str(tmp_path / "out"), steps=2, ppo=ppo)
+    run_ppo(job, LengthRewards())
+    out, base = load_file(str(tmp_path / "out" / "model.safetensors")), load_file(str(files / "base" / "model.safetensors"))
+    assert set(out) == set(base)  # the adapters are folded in: the base model's own tensors, no lora_*
+    assert any(not torch.equal(out[k], base[k]) for k in base)
+    other = PPOJob(policy=str(files / "base"), reference=str(tmp_path / "out"), reward_model="unused",
+                   prompts=str(files / "prompts.jsonl"), output=str(tmp_path / "out2"), steps=1, ppo=ppo)
+    with pytest.raises(ConfigError, match="leave reference unset"):
+        run_ppo(other, LengthRewards())

@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from rlhf.algos import lora
 from rlhf.algos.kl import make_kl_controller
 from rlhf.algos.masked import masked_mean, whiten
 from rlhf.algos.sft import PretrainBlocks, sft_loss
@@ -161,6 +162,11 @@ class PPOConfig:
     ptx_coef: float = 0.0  # gamma of InstructGPT eq. 2; 0 turns PPO-ptx off
     ptx_batch_size: int = 8  # pre-training sequences per PPO-ptx gradient step
     ptx_block_size: int = 64  # tokens per pre-training sequence (blocks cut from the pre-training text)
+    # What is trained: every weight, or LoRA adapters (rlhf.algos.lora) with rho = the base with them off
+    finetune: Literal["full", "lora"] = "full"  # lora needs the peft package
+    lora_rank: int = 16  # r of the low-rank update B A
+    lora_alpha: float = 32.0  # the update is scaled by alpha / r
+    lora_target_modules: tuple[str, ...] = ()  # names of the adapted linear layers; (): every one of each block
     # Speed switches (each changes only how, not what, except bf16's rounding)
     value_model: Literal["shared", "separate"] = "shared"  # value head on the policy trunk, or its own copy
     logprobs_from_rollout: bool = True  # take old log-probs/values from the sampling pass
@@ -188,7 +194,10 @@ class PPOConfig:
             raise ValueError("kl_horizon must be >= 1 episode (or null for the per-step controller)")
         if self.ptx_batch_size < 1 or self.ptx_block_size < 2:
             raise ValueError("ptx_batch_size must be >= 1 and ptx_block_size >= 2")
+        if self.finetune == "lora" and self.value_model == "separate":
+            raise ValueError("finetune=lora keeps one copy of the weights: use value_model=shared")
         self.stop_token_ids = tuple(self.stop_token_ids)
+        self.lora_target_modules = tuple(self.lora_target_modules)
 
     LIMITS: ClassVar[dict[str, Range]] = {
         "batch_size": count(1, 65_536), "mini_batch_size": count(1, 65_536), "max_prompt_tokens": count(1, 1_000_000),
@@ -198,7 +207,7 @@ class PPOConfig:
         "clip_range_value": Range(0, 1e6, lo_open=True), "vf_coef": Range(0, 1000), "entropy_coef": Range(0, 10),
         "gamma": UNIT, "lam": UNIT, "max_grad_norm": Range(0, 1e6, lo_open=True), "ptx_coef": Range(0, 1000),
         "ptx_batch_size": count(1, 65_536), "ptx_block_size": count(2, 1_000_000), "kl_horizon": count(1, 10**12),
-        "seed": SEED}
+        "lora_rank": count(1, 65_536), "lora_alpha": Range(0, 1e6, lo_open=True), "seed": SEED}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,17 +242,26 @@ def truncate_at_stop(r: Rollout, stop_ids: Sequence[int], min_tokens: int) -> to
 
 
 class PPOTrainer:
-    """Owns the policy (trained), the reference (frozen copy), the value head and the optimizer."""
+    """Owns the policy (trained), the reference (frozen copy), the value head and the optimizer.
+
+    With ``finetune="lora"`` the policy gets LoRA adapters (injected into the module passed in) and
+    the reference is the same module with them disabled; :meth:`export_policy` folds them in."""
 
     def __init__(self, policy, tokenizer, reward_fn: RewardFn, cfg: PPOConfig, ref_model=None,
                  ptx_blocks: PretrainBlocks | torch.Tensor | None = None):
         self.cfg = cfg
+        if cfg.finetune == "lora":
+            policy = lora.add_lora(policy, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules)
+            ref_model = lora.AdapterOffReference(policy)
         self.policy = policy
         self.tok = tokenizer
         self.reward_fn = reward_fn
         self.device = next(policy.parameters()).device
         disable_dropout(policy)  # before the copies below: the reference and the critic inherit it
-        self.ref = disable_dropout(ref_model) if ref_model is not None else copy.deepcopy(policy)
+        if ref_model is None:
+            self.ref = copy.deepcopy(policy)
+        else:  # a LoRA policy's reference is its own module (adapters off): dropout is off already
+            self.ref = disable_dropout(ref_model) if isinstance(ref_model, nn.Module) else ref_model
         self.ref.eval().requires_grad_(False)
         self.value_head = ValueHead(hidden_size_of(policy)).to(self.device)
         self.critic = None
@@ -264,6 +282,11 @@ class PPOTrainer:
         self.samples_total = 0
         self.tokens_total = 0
         self.step_count = 0
+
+    def export_policy(self):
+        """The trained policy as a plain Hugging Face model (LoRA adapters folded into the weights;
+        the trainer cannot go on training after that)."""
+        return lora.merged(self.policy)
 
     # -- forward helpers ---------------------------------------------------------------------------
 

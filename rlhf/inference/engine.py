@@ -81,7 +81,7 @@ class EngineConfig:
     max_queue: int = 256  # samples waiting for a row; beyond that submit() raises ResourceExhaustedError
     max_prefill_tokens: int = 4096  # prompt tokens prefilled between two decode steps (bounds the pause)
     max_seq_len: int = 1024  # prompt + response positions per row (also capped by the model's context)
-    runner: str = "auto"  # "auto": the fast GPT-2 runner when the model is a GPT-2, else "hf"
+    runner: str = "auto"  # "auto": the fast GPT-2 / Llama runner when the model is one, else "hf"
     seed: int | None = None  # seeds the engine's generator for requests without a seed (tests)
 
 

@@ -7,17 +7,23 @@ view ``K[:n, :, :T]`` of the cache, with ``T`` the longest row and a mask that h
 positions a shorter row has not written. A new sequence joins between two decode steps by a
 prefill into the next free slot; a finished one leaves by moving the last row into its slot.
 
-Two runners fill that contract:
+Three runners fill that contract:
 
 * :class:`GPT2Runner`, for GPT-2 models (every model this platform trains): the forward pass
   written out over the model's own weights, with the weights pre-packed for oneDNN on the CPU.
   At the small batch of a decode step (16 rows) most of a step in ``transformers`` is framework
   overhead and un-packed matmuls (the 256 x 4096 LM head: 1.4 ms un-packed, 0.35 ms packed, in
   fp32, measured on this project's CPU); see docs/benchmarks.md for the measured effect.
+* :class:`LlamaRunner`, for Llama models (SmolLM2 and other imported instruction-tuned models):
+  the same written-out forward for RMSNorm, rotary position embeddings (the model's own rotary
+  module, tabulated once) and grouped-query attention (the slot cache holds the key/value heads
+  only; attention reads them through ``enable_gqa``), with q/k/v and gate/up each fused into one
+  packed matmul. transformers' own forward copies a row's whole cache each step (``DynamicCache``
+  concatenates); this one writes one position in place.
 * :class:`HFRunner`, for any other Hugging Face causal LM: the model's own forward, given a
   ``DynamicCache`` built from views of the slot cache and a 2-D attention mask with the holes.
 
-Both give the same logits as ``model(input_ids)`` up to float rounding (tests/inference).
+All give the same logits as ``model(input_ids)`` up to float rounding (tests/inference).
 """
 
 from __future__ import annotations
@@ -205,6 +211,118 @@ class GPT2Runner:
         self.V[:, dst, :, :length] = self.V[:, src, :, :length]
 
 
+def llama_supported(model) -> bool:
+    cfg = model.config
+    rope = (getattr(cfg, "rope_scaling", None) or {}).get("rope_type", "default")
+    return (type(model).__name__ == "LlamaForCausalLM" and getattr(cfg, "hidden_act", "") in ("silu", "swish")
+            and rope in ("default", "linear", "llama3")  # position-only tables (not dynamic NTK)
+            and getattr(cfg, "pretraining_tp", 1) == 1)
+
+
+class LlamaRunner:
+    """Llama's forward pass over the slot cache, on the model's own weights (fused copies of q/k/v
+    and gate/up, packed for oneDNN)."""
+
+    def __init__(self, model, max_slots: int, max_len: int, pack: bool = True):
+        cfg = model.config
+        m = model.model
+        self.device = m.embed_tokens.weight.device
+        self.dtype = m.embed_tokens.weight.dtype
+        self.C = cfg.hidden_size
+        self.H, self.Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.D = getattr(cfg, "head_dim", None) or self.C // self.H
+        self.eps = cfg.rms_norm_eps
+        self.max_slots, self.max_len = max_slots, min(max_len, cfg.max_position_embeddings)
+        self.scale = 1.0 / math.sqrt(self.D)
+        self.embed = m.embed_tokens.weight.detach()
+        self.norm = m.norm.weight.detach()
+        self.blocks = []
+        for layer in m.layers:
+            a, f = layer.self_attn, layer.mlp
+
+            def fused(*lins):
+                w = torch.cat([lin.weight.detach() for lin in lins])
+                b = None if lins[0].bias is None else torch.cat([lin.bias.detach() for lin in lins])
+                return _Linear(w, b, pack)
+
+            self.blocks.append(dict(
+                ln1=layer.input_layernorm.weight.detach(), ln2=layer.post_attention_layernorm.weight.detach(),
+                qkv=fused(a.q_proj, a.k_proj, a.v_proj), o=_Linear(a.o_proj.weight, a.o_proj.bias, pack),
+                gate_up=fused(f.gate_proj, f.up_proj), down=_Linear(f.down_proj.weight, f.down_proj.bias, pack)))
+        self.I = cfg.intermediate_size
+        self.lm_head = _Linear(model.lm_head.weight, getattr(model.lm_head, "bias", None), pack)
+        with torch.no_grad():  # cos/sin of every position, from the model's own rotary module
+            pos = torch.arange(self.max_len, device=self.device)[None]
+            cos, sin = m.rotary_emb(self.embed[:1][None], pos)
+        self.cos, self.sin = cos[0], sin[0]  # (max_len, D)
+        shape = (len(self.blocks), max_slots, self.Hkv, self.max_len, self.D)
+        self.K = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.V = torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    def _rms(self, x, w):
+        xf = x.float()
+        return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+    @staticmethod
+    def _rope(x, cos, sin):
+        """x (..., heads, D) rotated by cos/sin (..., 1, D)."""
+        h = x.shape[-1] // 2
+        return x * cos + torch.cat((-x[..., h:], x[..., :h]), dim=-1) * sin
+
+    def _split(self, qkv, lead: tuple):
+        H, Hkv, D = self.H, self.Hkv, self.D
+        q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
+        return q.view(*lead, H, D), k.view(*lead, Hkv, D), v.view(*lead, Hkv, D)
+
+    def _mlp(self, blk, h):
+        g, u = blk["gate_up"](h).split(self.I, dim=-1)
+        return F.silu(g) * u
+
+    @torch.inference_mode()
+    def prefill(self, prompts: list[list[int]], slot0: int) -> torch.Tensor:
+        ids, lens = _right_padded(prompts, 0, self.device)
+        b, T = ids.shape
+        C = self.C
+        x = self.embed[ids]  # (b, T, C)
+        cos, sin = self.cos[:T][None, :, None, :], self.sin[:T][None, :, None, :]  # (1, T, 1, D)
+        for li, blk in enumerate(self.blocks):
+            q, k, v = self._split(blk["qkv"](self._rms(x, blk["ln1"]).view(b * T, C)), (b, T))  # (b, T, heads, D)
+            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (b, heads, T, D)
+            self.K[li, slot0:slot0 + b, :, :T] = k
+            self.V[li, slot0:slot0 + b, :, :T] = v
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=True)
+            x = blk["o"].plus(a.transpose(1, 2).reshape(b * T, self.H * self.D), x.reshape(b * T, C)).view(b, T, C)
+            h = self._rms(x, blk["ln2"]).view(b * T, C)
+            x = blk["down"].plus(self._mlp(blk, h), x.reshape(b * T, C)).view(b, T, C)
+        last = x[torch.arange(b, device=self.device), lens - 1]  # (b, C)
+        return self.lm_head(self._rms(last, self.norm)).float()  # (b, V)
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        n = tokens.shape[0]
+        T = int(positions.max()) + 1
+        rows = torch.arange(n, device=self.device)
+        mask = _decode_mask(positions, T, self.dtype)  # (n, 1, 1, T)
+        cos, sin = self.cos[positions][:, None, :], self.sin[positions][:, None, :]  # (n, 1, D)
+        x = self.embed[tokens]  # (n, C)
+        for li, blk in enumerate(self.blocks):
+            q, k, v = self._split(blk["qkv"](self._rms(x, blk["ln1"])), (n,))  # (n, heads, D)
+            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+            self.K[li, rows, :, positions] = k
+            self.V[li, rows, :, positions] = v
+            a = F.scaled_dot_product_attention(q.unsqueeze(2), self.K[li, :n, :, :T], self.V[li, :n, :, :T],
+                                               attn_mask=mask, scale=self.scale, enable_gqa=True)  # (n, H, 1, D)
+            x = blk["o"].plus(a.reshape(n, self.H * self.D), x)
+            x = blk["down"].plus(self._mlp(blk, self._rms(x, blk["ln2"])), x)
+        return self.lm_head(self._rms(x, self.norm)).float()  # (n, V)
+
+    @torch.inference_mode()
+    def copy_slot(self, src: int, dst: int, length: int) -> None:
+        self.K[:, dst, :, :length] = self.K[:, src, :, :length]
+        self.V[:, dst, :, :length] = self.V[:, src, :, :length]
+
+
 class HFRunner:
     """Any Hugging Face causal LM through its own forward; the slot cache is allocated at the
     first prefill, from the shapes of the keys/values the model returns."""
@@ -270,7 +388,12 @@ class HFRunner:
 
 
 def make_runner(model, max_slots: int, max_len: int, pad_token_id: int = 0, kind: str = "auto") -> Runner:
-    """:class:`GPT2Runner` for GPT-2 models (``kind="auto"`` or ``"gpt2"``), else :class:`HFRunner`."""
+    """:class:`GPT2Runner` for GPT-2 models and :class:`LlamaRunner` for Llama models (``kind="auto"``,
+    or ``"gpt2"`` / ``"llama"``), else :class:`HFRunner`."""
+    if kind == "llama" or (kind == "auto" and llama_supported(model)):
+        if not llama_supported(model):
+            raise ValueError(f"the Llama runner needs a Llama model with static rotary embeddings, got {type(model).__name__}")
+        return LlamaRunner(model, max_slots, max_len)
     if kind == "hf" or (kind == "auto" and not gpt2_supported(model)):
         return HFRunner(model, max_slots, max_len, pad_token_id)
     if not gpt2_supported(model):

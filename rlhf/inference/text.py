@@ -129,6 +129,12 @@ class ChatMessage:
     content: str
 
 
+def chat_template_kind(tokenizer=None) -> str:
+    """Which template :func:`render_chat` applies: "model" (the tokenizer's own chat template, as
+    ``apply_chat_template`` renders it) or "fallback" (the lines above)."""
+    return "model" if tokenizer is not None and getattr(tokenizer, "chat_template", None) else "fallback"
+
+
 def render_chat(messages: list[ChatMessage], tokenizer=None, *, template: str | None = None,
                 add_generation_prompt: bool = True, continue_final_message: bool = False
                 ) -> tuple[str, tuple[str, ...]]:

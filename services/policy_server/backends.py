@@ -29,7 +29,7 @@ from rlhf.errors import DataError, ResourceExhaustedError, UnavailableError
 from rlhf.inference.engine import (ContextLengthError, EngineConfig, EngineRetiredError, Generation, InferenceEngine,
                                    SampleResult, StreamEvent, stream_batches, stream_samples)
 from rlhf.inference.process import EngineProcess
-from rlhf.inference.text import SampleText
+from rlhf.inference.text import SampleText, chat_template_kind
 from rlhf.serving import GenerationRequest, PolicyEngine
 
 log = logging.getLogger("rlhf.services.policy")
@@ -245,7 +245,8 @@ class LocalBackend:
     def info(self) -> dict:
         e = self.current()
         return {"model_dtype": e.dtype,
-                "model_device_type": e.device.type}
+                "model_device_type": e.device.type,
+                "chat_template": chat_template_kind(e.tokenizer)}
 
 
 # -- a remote TGI server ----------------------------------------------------------------------------
@@ -516,4 +517,5 @@ class TGIBackend:
 
     def info(self) -> dict:
         i = self._info or {}
-        return {"model_dtype": i.get("model_dtype", "unknown"), "model_device_type": i.get("model_device_type", "unknown")}
+        return {"model_dtype": i.get("model_dtype", "unknown"), "model_device_type": i.get("model_device_type", "unknown"),
+                "chat_template": chat_template_kind(self.tokenizer)}

@@ -58,7 +58,7 @@ class Settings(BaseServiceSettings):
     max_batch_prompts: int = 64  # rows of the engine's running batch (samples decoded together)
     max_waiting_samples: int = 1024  # samples queued for a row; beyond: RESOURCE_EXHAUSTED / HTTP 429
     max_prefill_tokens: int = 4096  # prompt tokens prefilled between two decode steps
-    engine_runner: str = "auto"  # auto (fast GPT-2 forward when the model is a GPT-2), gpt2 or hf
+    engine_runner: str = "auto"  # auto (fast GPT-2 / Llama forward when the model is one), gpt2, llama or hf
     engine_process: bool = False  # run the engine in a child process: it no longer shares the interpreter lock with HTTP
     max_new_tokens_default: int = 64  # when a request leaves max_new_tokens at 0
     max_new_tokens_limit: int = 512  # larger requests are INVALID_ARGUMENT
@@ -91,8 +91,8 @@ class Settings(BaseServiceSettings):
             raise ValueError("max_batch_prompts and max_n must be >= 1, max_n <= max_batch_prompts")
         if self.max_waiting_samples < 0:
             raise ValueError("max_waiting_samples must be >= 0")
-        if self.engine_runner not in ("auto", "gpt2", "hf"):
-            raise ValueError(f"engine_runner must be auto, gpt2 or hf, got {self.engine_runner!r}")
+        if self.engine_runner not in ("auto", "gpt2", "llama", "hf"):
+            raise ValueError(f"engine_runner must be auto, gpt2, llama or hf, got {self.engine_runner!r}")
         if not -1 <= self.http_port <= 65535:
             raise ValueError(f"http_port must be in -1..65535, got {self.http_port}")
         if self.stream_interval < 1:

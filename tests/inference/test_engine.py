@@ -16,6 +16,7 @@ from rlhf.inference.runners import GPT2Runner, HFRunner
 from rlhf.inference.text import SampleText, render_chat, ChatMessage
 from rlhf.models import TinyLMConfig, build_tiny_lm, save_pretrained, train_tokenizer
 from rlhf.serving import GenerationRequest, PolicyEngine
+from tests.inference.runner_checks import assert_runner_matches_forward
 
 torch.set_num_threads(1)
 
@@ -54,28 +55,7 @@ async def _engine(policy, **cfg) -> InferenceEngine:
 
 @pytest.mark.parametrize("runner", [GPT2Runner, HFRunner])
 def test_runner_logits_equal_the_models_own_forward(policy, runner):
-    m = policy.model
-    r = runner(m, 4, 64)
-    seqs = [[5, 9, 17, 3, 44], [33, 2], [12, 80, 7]]
-    logits = r.prefill(seqs, 0)
-
-    def ref():
-        with torch.no_grad():
-            return torch.stack([m(torch.tensor([s])).logits[0, -1] for s in seqs])
-
-    assert torch.allclose(logits, ref(), atol=1e-4)
-    pos = [len(s) for s in seqs]
-    for step in range(6):
-        nxt = logits.argmax(-1).tolist()
-        for s, t in zip(seqs, nxt):
-            s.append(t)
-        logits = r.decode(torch.tensor(nxt), torch.tensor(pos))
-        pos = [p + 1 for p in pos]
-        assert torch.allclose(logits, ref(), atol=1e-4), step
-        if step == 2:  # the middle row leaves: the last row moves into its slot
-            r.copy_slot(2, 1, pos[2])
-            seqs, pos = [seqs[0], seqs[2]], [pos[0], pos[2]]
-            logits = logits[[0, 2]]
+    assert_runner_matches_forward(runner(policy.model, 4, 64), policy.model)
 
 
 def test_continuous_batching_gives_what_policy_engine_generate_gives(policy):

@@ -119,7 +119,9 @@ class OpenAIDialect:
             raise ApiError(503, "no policy version loaded yet", "unavailable")
         created = int(time.time())
         return [{"id": i, "object": "model", "created": created, "owned_by": "rlhf-platform", "version": v,
-                 "max_model_len": self.api.backend.limits()[1]}
+                 "max_model_len": self.api.backend.limits()[1],
+                 # which chat template /v1/chat/completions applies: the model's own, or the fallback lines
+                 "chat_template": self.api.backend.info().get("chat_template", "fallback")}
                 for i in (self.api.model_name, f"{self.api.model_name}@{v}")]
 
     async def models(self, request: Request, ctx: Ctx) -> Response:

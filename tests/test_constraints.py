@@ -1,0 +1,140 @@
+"""rlhf.constraints: the checkers against hand-written answers, the prompts and splits, and the gold
+judge against answers a person would rate high and against every attempt to game it we tried."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rlhf.constraints import (KINDS, Constraint, ConstraintJudge, Task, attach_constraints, load_instructions,
+                              split_tasks)
+from rlhf.errors import DataError
+
+
+@pytest.mark.parametrize("kind, arg, response, ok", [
+    ("max_words", "5", "One two three four five.", True),
+    ("max_words", "5", "One two three four five six.", False),
+    ("max_words", "3", "It's a test", True),  # "it's" is one word
+    ("include_word", "ribbon", "Tie it with a Ribbon.", True),  # case does not matter
+    ("include_word", "ribbon", "Tie it with ribbons.", False),  # a whole word, not a part of one
+    ("include_word", "ribbon", "ribbon-wrapped box", True),
+    ("avoid_word", "game", "Kickball is a fun sport.", True),
+    ("avoid_word", "game", "The GAME is fun.", False),
+    ("avoid_word", "game", "Endgame tactics.", True),
+    ("bullets", "3", "Steps:\n- cut the paper\n- fold it\n* tape the ends", True),
+    ("bullets", "3", "- one\n- two", False),
+    ("bullets", "2", "-\n- \n- a\n- b", True),  # empty bullets do not count
+    ("bullets", "2", "1. one\n2. two", False),  # numbered lines are not bullets
+    ("end_with", "Hope this helps!", "Use tape.\n\nHope this helps!", True),
+    ("end_with", "Hope this helps!", "Use tape. hope this helps", True),  # final punctuation and case
+    ("end_with", "Hope this helps!", "Hope this helps! Use tape.", False),
+    ("end_with", "That is all.", "It's blue. That is all.\n", True),
+    ("start_with", "Sure", "Sure, here you go.", True),
+    ("start_with", "Sure", '"Sure!" I said.', True),
+    ("start_with", "Sure", "Surely not.", False),
+    ("start_with", "Sure", "Here: sure.", False),
+    ("no_commas", "", "No commas here.", True),
+    ("no_commas", "", "Yes, one.", False),
+    ("lowercase", "", "all lower case, 42.", True),
+    ("lowercase", "", "Not all lower.", False),
+    ("lowercase", "", "123", False),  # nothing written in letters
+])
+def test_checkers(kind, arg, response, ok):
+    assert Constraint(kind, arg).check(response) is ok
+
+
+def test_every_kind_has_an_instruction_sentence():
+    for k in KINDS:
+        assert Constraint(k, "3").text().endswith((".", '"'))
+
+
+def test_instructions_constraints_and_splits():
+    tasks = load_instructions()
+    assert len(tasks) > 700 and {t.source for t in tasks} == {"alpaca-eval", "self-instruct", "mt-bench"}
+    assert all(len(t.instruction.split()) <= 40 and t.reference for t in tasks)
+    with_c = attach_constraints(tasks, seed=3)
+    assert attach_constraints(tasks, seed=3) == with_c  # seeded
+    for t in with_c:
+        kinds = [c.kind for c in t.constraints]
+        assert len(kinds) == 2 and len(set(kinds)) == 2 and "lowercase" not in kinds
+        assert not {"include_word", "avoid_word"} <= set(kinds) and not {"bullets", "start_with"} <= set(kinds)
+        for c in t.constraints:
+            if c.kind == "avoid_word":  # a word of the instruction that the reference also uses
+                assert c.arg in t.instruction.lower() and c.arg in t.reference.lower()
+            if c.kind == "include_word":  # a word of the reference that the instruction lacks
+                assert c.arg in t.reference.lower()
+        assert t.prompt.startswith(t.instruction.strip()) and t.constraints[0].text() in t.prompt
+    sp = split_tasks(with_c)
+    assert sum(map(len, sp.values())) == len(with_c)
+    assert {t.id for t in sp["test"]}.isdisjoint({t.id for t in sp["train"] + sp["validation"]})
+    assert 0.15 < len(sp["test"]) / len(with_c) < 0.25 and 0.1 < len(sp["validation"]) / len(with_c) < 0.2
+    # the split of a prompt depends on its id only: other constraints, other split sizes of the rest
+    again = split_tasks(attach_constraints(tasks, seed=4))
+    assert [t.id for t in again["test"]] == [t.id for t in sp["test"]]
+    with pytest.raises(DataError, match="unknown constraint kinds"):
+        attach_constraints(tasks, kinds=("max_words", "shout"))
+
+
+TASK = Task("t1", "alpaca-eval", "How do I wrap a present neatly?",
+            "Measure the wrapping paper around the box, cut it, fold the edges under, tape the seams, and finish "
+            "with a ribbon and a bow for a neat look.",
+            (Constraint("max_words", "40"), Constraint("include_word", "ribbon"), Constraint("end_with", "Hope this helps!")))
+GOOD = ("Place the box on the paper and cut enough to cover it. Fold the edges neatly and tape them down. "
+        "Add a ribbon on top. Hope this helps!")
+FAIR = ("Place the box on the paper and cut enough to cover it. Fold the edges neatly and tape them down. "
+        "Add a bow on top.")  # relevant and fluent, but only the word limit is met
+
+
+@pytest.fixture(scope="module")
+def judge() -> ConstraintJudge:
+    return ConstraintJudge.from_data(tasks=[TASK], seed=0)
+
+
+def _score(judge, response: str) -> dict:
+    return {k: float(v[0]) for k, v in judge.components([TASK.prompt], [response]).items()}
+
+
+def test_the_judge_prefers_what_a_person_would(judge):
+    good, fair = _score(judge, GOOD), _score(judge, FAIR)
+    assert good["met"] == 1.0 and fair["met"] == pytest.approx(1 / 3)
+    assert good["gold"] > 0.3 and good["gold"] > 2 * fair["gold"]
+    assert fair["relevance_fluency"] > 0.3  # a fine answer that ignores the constraints keeps its content term
+    off_topic = _score(judge, "The capital of France is Paris, a city on the Seine with a ribbon of parks. "
+                              "Hope this helps!")
+    assert off_topic["met"] == 1.0 and off_topic["gold"] < 0.5 * good["gold"]
+
+
+# The gaming attempts we tried: each meets some or all constraints and would be rated near zero by
+# a person; the judge must give each less than a third of the honest answer's gold.
+GAMES = {
+    "empty answer (meets every 'do not')": "",
+    "a few words and the phrase": "Ribbon. Hope this helps!",
+    "the required words in a list": "ribbon paper box tape fold wrap bow gift present neat Hope this helps!",
+    "the same words shuffled": "down neatly the tape box and Add on ribbon Fold enough the it paper. cover top "
+                               "Place edges them cut to. Hope this helps!",
+    "stuffing the required word": "Ribbon ribbon ribbon ribbon ribbon ribbon ribbon ribbon ribbon ribbon ribbon "
+                                  "ribbon. Hope this helps!",
+    "a loop of one sentence": "Use a ribbon on the box. Use a ribbon on the box. Use a ribbon on the box. "
+                              "Use a ribbon on the box. Hope this helps!",
+    "repeating the prompt": TASK.prompt + " ribbon",
+    "a fluent generic answer for every prompt": "That is a great question and there are many things to consider "
+                                                "here, like a ribbon. Hope this helps!",
+    "cut mid-answer to meet the limit": "Place the box ribbon. Hope this helps!",
+}
+
+
+@pytest.mark.parametrize("name", list(GAMES))
+def test_gaming_attempts_score_low(judge, name):
+    honest = _score(judge, GOOD)["gold"]
+    got = _score(judge, GAMES[name])
+    assert got["gold"] < honest / 3, (name, got)
+
+
+def test_judge_refuses_unknown_prompts_and_mismatched_lengths(judge):
+    with pytest.raises(DataError, match="no task"):
+        judge.score(["not a prompt of the task"], ["answer"])
+    # white space aside, a prompt is the same prompt (a template's trailing newline stripped on the way)
+    assert judge.score([TASK.prompt.strip() + "  "], [GOOD])[0] == judge.score([TASK.prompt], [GOOD])[0]
+    with pytest.raises(ValueError):
+        judge.score([TASK.prompt], [])
+    assert np.all(judge.score([TASK.prompt] * 2, [GOOD, ""]) >= 0)

@@ -1,0 +1,61 @@
+"""`rlhf demo --model smollm2 --quick` end to end on the real model: every stage runs, LoRA PPO
+moves the policy, and the summary holds both splits under the small demo's keys; a model whose
+answers all score the same is refused with a clear error."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlhf.cli import main
+from rlhf.model_import import resolve_source
+from tests.llama_helpers import llama_dir
+
+pytest.importorskip("peft")
+
+
+@pytest.mark.slow
+def test_a_model_whose_answers_cannot_be_ranked_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("RLHF_CACHE_DIR", str(tmp_path / "cache"))
+    src = llama_dir(tmp_path / "random-llama")  # random weights: byte salad, every answer scores 0
+    assert main(["demo", "--model", str(src), "--quick", "--out", str(tmp_path / "run")]) == 2
+    assert "the model cannot do the task" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_instruct_demo_quick_on_smollm2(tmp_path, monkeypatch):
+    try:
+        src = resolve_source("smollm2").path
+    except Exception as e:  # noqa: BLE001 - the package is optional
+        pytest.skip(str(e))
+    # the imported model is cached under RLHF_TEST_MODEL_CACHE when set (else this run's tmp dir)
+    monkeypatch.setenv("RLHF_CACHE_DIR", os.environ.get("RLHF_TEST_MODEL_CACHE") or str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    assert main(["demo", "--model", "smollm2", "--quick", "--out", str(out)]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    for name in ("sft", "ppo", "ppo_beta0"):
+        for key in ("gold_score", "constraint_rate", "relevance_fluency", "proxy_reward", "distinct2",
+                    "perplexity_under_sft"):
+            assert f"{key}_{name}" in s and f"{key}_{name}" in s["validation"], (key, name)
+    assert s["split_reported"] == "test" and s["eval_prompts"] == {"validation": 4, "test": 4}
+    assert s["finetune"] == "lora" and s["ppo_steps"] == 2 and s["ppo_beta0_steps"] == 2
+    assert 0 <= s["win_rate_ppo_vs_sft"] <= 1 and s["kl_to_sft_ppo"] != 0.0
+    assert set(s["stage_seconds"]) == {"import_and_load", "judge", "sample_for_labels", "reward_model", "ppo",
+                                       "ppo_beta0", "evaluate"}
+    # the test split never feeds labels or PPO: its prompts are not among the comparisons
+    tasks = [json.loads(x) for x in (out / "tasks.jsonl").read_text().splitlines()]
+    test_prompts = {t["prompt"] for t in tasks if t["split"] == "test"}
+    labeled = {json.loads(x)["prompt"] for x in (out / "comparisons.jsonl").read_text().splitlines()}
+    assert labeled and not labeled & test_prompts
+    samples = [json.loads(x) for x in (out / "samples_ppo.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 and all(x["prompt"] in test_prompts for x in samples)
+    assert (out / "samples_ppo_validation.jsonl").is_file() and (out / "ppo_overview.png").is_file()
+    # LoRA PPO changed the weights, and the saved policy is a plain model (adapters folded in)
+    ppo = load_file(str(out / "models" / "ppo" / "model.safetensors"))
+    base = load_file(str(s["models"]["sft"] + "/model.safetensors"))
+    assert not any("lora" in k for k in ppo) and any(not torch.equal(base[k].to(ppo[k].dtype), ppo[k]) for k in base)
+    assert src.suffix == ".gguf" and json.loads((out / "config.json").read_text())["model"] == "smollm2"
