@@ -11,8 +11,11 @@ from sqlalchemy import select
 
 from rlhf.errors import ConflictError, DataError, NotFoundError
 from rlhf.storage import feedback as feedback_mod
-from rlhf.storage.feedback import EVENT_TYPE, TOPIC, FeedbackStore, TaskIn, pair_agreement
+from rlhf.storage.feedback import FeedbackStore, TaskIn, pair_agreement
 from rlhf.storage.schema import outbox
+from services.feedback_store.messages import EVENT_TYPE, announce, comparison_proto, demonstration_proto, task_proto
+
+TOPIC = "rlhf.feedback.v1"
 
 TRAIN, TEST = common_pb2.SPLIT_TRAIN, common_pb2.SPLIT_TEST
 RANKING, BEST_OF_K = feedback_pb2.COMPARISON_KIND_RANKING, feedback_pb2.COMPARISON_KIND_BEST_OF_K
@@ -25,7 +28,7 @@ def task_in(k=4, prompt="Explain KL divergence.", split=TRAIN, prompt_id="p1", v
 
 @pytest.fixture
 def store(engine):
-    return FeedbackStore(engine)
+    return FeedbackStore(engine, announce)
 
 
 @pytest.fixture
@@ -48,7 +51,7 @@ def test_create_get_task(store):
     got = store.get_task(rows[1].task_id)
     assert got == rows[1]
     assert got.split == TEST and got.prompt_id == "" and got.candidates[15] == "answer 15"
-    msg = got.to_proto()
+    msg = task_proto(got)
     assert msg.task_id == got.task_id and list(msg.candidates) == got.candidates
     assert msg.create_time.ToDatetime(tzinfo=timezone.utc) == got.created_at
     with pytest.raises(NotFoundError, match="not found"):
@@ -170,7 +173,7 @@ def test_ranking_event_carries_the_full_comparison(store, task, engine):
     assert list(c.candidates) == task.candidates
     assert [list(g.indices) for g in c.ranking] == [[2], [0, 3], [1]]
     assert c.create_time == event.event_time and c.create_time.seconds > 0
-    assert [*store.export_comparisons()] == [c]
+    assert [comparison_proto(r) for r in store.export_comparisons()] == [c]
 
 
 def test_one_answer_per_labeler_per_task(store, task, count):
@@ -194,7 +197,7 @@ def test_best_of_k_and_demonstration_events(store, task, engine):
     d = e2.demonstration
     assert (d.submission_id, d.prompt, d.prompt_id, d.split, d.labeler_id, d.response) == \
         (sid2, "Write a haiku.", "p9", TEST, "carol", "Old pond...")
-    assert [*store.export_demonstrations()] == [d]
+    assert [demonstration_proto(r) for r in store.export_demonstrations()] == [d]
 
 
 def test_idempotent_replay_stores_and_announces_once(store, task, count):
@@ -288,7 +291,7 @@ def test_export_filters(store, count, monkeypatch):
     assert [c.submission_id for c in everything] == order  # oldest first, across chunks
     assert store.count_comparisons() == 8 and count("submissions") == 15
     assert [c.submission_id for c in store.export_comparisons(split=TRAIN)] == order[0::2]
-    assert all(c.kind == RANKING and c.split == TRAIN for c in store.export_comparisons(split=TRAIN))
+    assert all(c.kind == "ranking" and c.task.split == TRAIN for c in store.export_comparisons(split=TRAIN))
     assert [c.submission_id for c in store.export_comparisons(split=TEST)] == order[1::2]
     assert [c.submission_id for c in store.export_comparisons(labeler_id="lab1")] == \
         [s for j, s in enumerate(order) if (j // 2) % 2 == 1]
@@ -296,7 +299,7 @@ def test_export_filters(store, count, monkeypatch):
         [order[1], order[5]]
     assert list(store.export_comparisons(labeler_id="nobody")) == []
     # since: at or after a stored submission's time
-    since = everything[5].create_time.ToDatetime(tzinfo=timezone.utc)
+    since = everything[5].created_at
     assert [c.submission_id for c in store.export_comparisons(since=since)] == order[5:]
     assert store.count_comparisons(since=since) == 3
     assert list(store.export_comparisons(since=datetime.now(timezone.utc) + timedelta(hours=1))) == []
@@ -306,7 +309,7 @@ def test_export_filters(store, count, monkeypatch):
     assert [d.submission_id for d in store.export_demonstrations()] == demos
     assert [d.submission_id for d in store.export_demonstrations(split=TEST)] == demos[1::2]
     assert [d.submission_id for d in store.export_demonstrations(labeler_id="lab0")] == demos[0::2]
-    d_since = list(store.export_demonstrations())[4].create_time.ToDatetime(tzinfo=timezone.utc)
+    d_since = list(store.export_demonstrations())[4].created_at
     assert [d.submission_id for d in store.export_demonstrations(since=d_since, split=TRAIN)] == [demos[4], demos[6]]
 
 
@@ -345,8 +348,8 @@ def test_agreement_over_the_store(store):
     assert store.agreement() == (pytest.approx(3 / 6), 2, 6)
     assert store.agreement(since=datetime.now(timezone.utc) + timedelta(hours=1)) == (0.0, 0, 0)
     # since leaves out A's ranking of t1: t1 no longer has two labelers
-    b1_time = next(c.create_time for c in store.export_comparisons() if c.labeler_id == "B" and c.task_id == t1)
-    assert store.agreement(since=b1_time.ToDatetime(tzinfo=timezone.utc)) == (pytest.approx(1 / 3), 1, 3)
+    b1_time = next(c.created_at for c in store.export_comparisons() if c.labeler_id == "B" and c.task.task_id == t1)
+    assert store.agreement(since=b1_time) == (pytest.approx(1 / 3), 1, 3)
 
 
 def test_open_tasks_are_those_without_a_comparison(store):
