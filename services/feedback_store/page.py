@@ -14,7 +14,8 @@ Safety:
 * every state-changing request (the JSON POSTs, sign-out) needs the ``X-CSRF-Token`` header, an
   HMAC of the session token that the page reads from ``/api/session``, and a same-origin
   ``Origin`` when the browser sends one; JSON bodies must say ``application/json``;
-* a Content-Security-Policy without inline script or style, ``nosniff``, no framing, no referrer;
+* a Content-Security-Policy without inline script or style, ``nosniff``, no framing, no referrer
+  to other sites;
   the script renders prompts and responses with ``textContent`` only, so a response holding HTML
   shows as text;
 * logs name routes, status codes, labelers and task ids, never prompt or response text.
@@ -55,7 +56,9 @@ MAX_BODY_BYTES = 2 * 1024 * 1024  # a response of 100,000 characters fits with r
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
 SECURITY_HEADERS = [(b"content-security-policy", CSP.encode()), (b"x-content-type-options", b"nosniff"),
-                    (b"x-frame-options", b"DENY"), (b"referrer-policy", b"no-referrer"),
+                    (b"x-frame-options", b"DENY"),
+                    # not no-referrer: with it, browsers send "Origin: null" on the page's own POSTs
+                    (b"referrer-policy", b"same-origin"),
                     (b"cross-origin-opener-policy", b"same-origin")]
 STATIC_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8"}
 REASON_WORDS = {"unclear_prompt": "The prompt is unclear", "needs_expertise": "It needs expertise I do not have",

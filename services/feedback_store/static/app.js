@@ -99,8 +99,8 @@
       if (state.seconds === null) state.seconds = Math.round((Date.now() - state.started) / 100) / 10;
       payload.idempotency_key = state.key;
       payload.seconds_spent = state.seconds;
-      state.busy = true;
-      button.disabled = true;
+      state.busy = true;  // a second press while this one is on its way does nothing
+      button.setAttribute("aria-disabled", "true");  // (not disabled: that would take the focus away)
       form.setAttribute("aria-busy", "true");
       say(error, "");
       say(status, "Sending…");
@@ -118,8 +118,8 @@
         else if (e.status === 403 || e.status === 404) text += " This task is not yours to answer.";
         else text += " Everything you entered is kept; press the button again to retry.";
         say(error, text);
-        button.disabled = false;
       } finally {
+        button.removeAttribute("aria-disabled");
         state.busy = false;
         form.removeAttribute("aria-busy");
       }
@@ -391,7 +391,7 @@
       el("h2", { text: "Labelers" }), labelers,
       el("h2", { text: "Agreement on doubly-assigned tasks" }),
       el("p", { id: "agreement" }, "Pairwise agreement: " + pct(a.ratio) + " over " + a.pairs + " candidate pairs of " + a.tasks +
-        " tasks (two labelers agree on a pair when both rank the same response higher, or both tie them)."),
+        (a.tasks === 1 ? " task" : " tasks") + " (two labelers agree on a pair when both rank the same response higher, or both tie them)."),
       pairs,
       el("h2", { text: "Skip reasons" }), reasons);
   }
