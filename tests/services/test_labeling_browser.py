@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 import uuid
 
 import grpc
@@ -248,3 +249,85 @@ def test_the_admin_view_shows_counts_skips_and_agreement(browser, lab):
     assert "ann" in text and "ben" in text and "It needs expertise I do not have" in text
     assert "Pairwise agreement:" in browser.driver.find_element("id", "agreement").text
     browser.screenshot("admin-view.png")
+
+
+# -- the online loop with the page in it -------------------------------------------------------------
+
+
+def test_online_loop_with_two_browser_labelers(browser, tmp_path, monkeypatch):
+    """The trainer's online-loop job writes K candidates per prompt with the policy; two labelers
+    rank them in the browser (the simulated labelers' choices, typed through the page); the RM
+    version the job then trains is trained on exactly those comparisons and is served."""
+    from rlhf_client import feedback_grpc, reward_grpc, reward_pb2, trainer_grpc, trainer_pb2
+
+    from rlhf.label_client import WordListJudge
+    from rlhf.labeler import SimulatedLabeler
+    from rlhf.registry import ModelRegistry
+    from rlhf.storage.db import make_engine
+    from tests.services import scenario
+    from tests.services.helpers import free_ports, tiny_policy_registry, up_on_free_ports
+
+    # every task to both labelers, so 4 prompts give the job's 8 comparisons (and an agreement)
+    monkeypatch.setenv("RLHF_FEEDBACK_STORE_OVERLAP_SHARE", "1.0")
+    tiny_policy_registry(tmp_path / "registry")
+    port = free_ports(1)[0]
+    close, addrs, _, _ = up_on_free_ports(tmp_path, labeling_port=port)
+    url = f"http://127.0.0.1:{port}"
+    typed: dict[str, list] = {}
+    try:
+        with scenario.channel(addrs["feedback-store"]) as ch:  # rlhf up on loopback: the operator needs no token
+            stub = feedback_grpc.FeedbackServiceStub(ch)
+            tokens = {n: stub.CreateLabeler(feedback_pb2.CreateLabelerRequest(name=n), timeout=30).token
+                      for n in ("lab-a", "lab-b")}
+        scenario.submit_prompts(addrs["prompt-collector"])
+        with scenario.channel(addrs["trainer"]) as ch:
+            job = trainer_grpc.TrainerServiceStub(ch).StartJob(trainer_pb2.StartJobRequest(
+                kind=trainer_pb2.JOB_KIND_ONLINE_LOOP,
+                overrides={**scenario.LOOP_OVERRIDES, "wait_timeout_seconds": "600"}), timeout=30).job
+        for seed, name in enumerate(("lab-a", "lab-b")):
+            labeler = SimulatedLabeler(WordListJudge(), 0.05, seed=seed)
+            browser.sign_in(url, tokens[name])
+            # the job's tasks appear once the policy has written the candidates
+            deadline = time.monotonic() + 300
+            while len(browser.fetch("GET", "/api/tasks")["body"]["tasks"]) < 4:
+                assert time.monotonic() < deadline, "the online loop's labeling tasks did not appear"
+                time.sleep(1)
+            while True:
+                listed = browser.fetch("GET", "/api/tasks")["body"]["tasks"]
+                if not listed:
+                    break
+                browser.driver.get(f"{url}/tasks/{listed[0]['task_id']}")
+                browser.wait("document.getElementById('submit') !== null")
+                task = browser.fetch("GET", f"/api/tasks/{listed[0]['task_id']}")["body"]
+                order = labeler.rank(task["prompt"], task["candidates"])
+                rank_with_keyboard(browser, list(order))
+                submit_with_keyboard(browser)
+                browser.wait("document.getElementById('submit-status').textContent.startsWith('Stored')")
+                typed[f"{name}/{task['task_id']}"] = [[i] for i in order]
+        with scenario.channel(addrs["trainer"]) as ch:
+            t = trainer_grpc.TrainerServiceStub(ch)
+            for _ in t.WatchJob(trainer_pb2.WatchJobRequest(job_id=job.job_id), timeout=900):
+                pass
+            job = t.GetJob(trainer_pb2.GetJobRequest(job_id=job.job_id), timeout=30).job
+        assert job.status == trainer_pb2.JOB_STATUS_SUCCEEDED, job.message
+
+        # every comparison in the store is one the browser labelers typed, exactly once
+        eng = make_engine(f"sqlite:///{tmp_path / 'rlhf.db'}")
+        with eng.connect() as c:
+            rows = c.exec_driver_sql("select labeler_id, task_id, ranking from submissions").all()
+            assert c.exec_driver_sql("select count(*) from outbox where published_at is null").scalar() == 0
+        eng.dispose()
+        assert len(typed) == 8 and {f"{l}/{t}": json.loads(r) for l, t, r in rows} == typed
+        # the RM version of this job was trained on exactly those comparisons, and it is served
+        reg = ModelRegistry(tmp_path / "registry")
+        [rm] = reg.versions("reward")
+        data = reg.manifest("reward", rm).data
+        assert rm in job.published_versions and data["comparisons"] + data["heldout_comparisons"] == 8
+        with scenario.channel(addrs["reward-scorer"]) as ch:
+            served = reward_grpc.RewardServiceStub(ch).GetRewardModelVersion(
+                reward_pb2.GetRewardModelVersionRequest(), timeout=30).reward_model_version
+        assert served == rm
+        v, gen_v = scenario.served_version(addrs["policy-server"])
+        assert v == gen_v == job.published_versions[-1]
+    finally:
+        close()
