@@ -1,8 +1,9 @@
 """Headless Chromium for the browser tests: Debian's ``chromium`` and ``chromium-driver`` driven by
 Selenium, with the flags that keep it off the network, a fresh profile per browser, and keyboard
 helpers. ``scripts/test.sh`` installs the packages (and axe-core, from npm, into a cache keyed by
-its version). Without them the browser tests are skipped, unless RLHF_TEST_REQUIRE_BROWSER=1 (set
-by scripts/test.sh), which makes a missing browser a failure.
+its version) through ``scripts/browser-deps.sh``. Without them the browser tests are skipped, unless RLHF_TEST_REQUIRE_BROWSER=1 (set
+by scripts/test.sh), which makes a missing browser a failure. ``scripts/browser-deps.sh`` installs
+what is missing.
 
 Screenshots go to ``$RLHF_TEST_ARTIFACTS/labeling`` (default ``.cache/test-artifacts/labeling``);
 the test run prints the directory at its end.
@@ -21,9 +22,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = os.environ.get("RLHF_TEST_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("RLHF_TEST_CHROMEDRIVER", "/usr/bin/chromedriver")
-AXE_VERSION = "4.14.1"  # scripts/test.sh installs this version
-AXE_JS = Path(os.environ.get("RLHF_AXE_JS") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-              / "rlhf" / f"axe-core-{AXE_VERSION}" / "axe.min.js")
+_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rlhf"
+# scripts/browser-deps.sh installs axe-core (its version is set there) and scripts/test.sh passes the path
+AXE_JS = Path(os.environ.get("RLHF_AXE_JS") or max(
+    _CACHE.glob("axe-core-*/axe.min.js"), default=_CACHE / "axe-core",
+    key=lambda p: [int(x) for x in p.parent.name.rpartition("-")[2].split(".") if x.isdigit()]))
 # the machine's Chromium otherwise tries to reach the network (updates, sync, field trials, QUIC probes)
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -60,8 +63,8 @@ def require_browser() -> None:
 def axe_source() -> str:
     if not AXE_JS.is_file():
         if REQUIRED:
-            pytest.fail(f"axe-core {AXE_VERSION} is not at {AXE_JS}; scripts/test.sh installs it from npm")
-        pytest.skip(f"needs axe-core {AXE_VERSION} at {AXE_JS} (scripts/test.sh installs it)")
+            pytest.fail(f"axe-core is not at {AXE_JS}; scripts/browser-deps.sh installs it from npm")
+        pytest.skip(f"needs axe-core at {AXE_JS} (scripts/browser-deps.sh installs it)")
     return AXE_JS.read_text()
 
 
