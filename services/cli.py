@@ -67,37 +67,43 @@ def cmd_labelers(args) -> int:
     """Labeler accounts on a running feedback-store (its operator RPCs)."""
     import os
 
-    from rlhf_client import feedback_grpc, feedback_pb2
+    import grpc
+    from rlhf_client.channel import Credentials
+    from rlhf_client.client import FeedbackClient
 
     from rlhf.runtime.auth import read_secret
-    from rlhf.runtime.grpc_client import PeerCredentials, blocking_channel
 
+    if args.action != "list" and not args.name:
+        raise RLHFError(f"rlhf labelers {args.action} needs the labeler's name")
     token = read_secret(args.token_file) if args.token_file else os.environ.get("RLHF_TOKEN", "")
     ca = Path(args.tls_ca).read_bytes() if args.tls_ca else None
-    with blocking_channel(args.addr, creds=PeerCredentials(token=token, ca=ca)) as ch:
-        stub = feedback_grpc.FeedbackServiceStub(ch)
+    try:
+        return _labelers(args, FeedbackClient(args.addr, Credentials(token=token, ca=ca), timeout=30))
+    except grpc.RpcError as e:
+        raise RLHFError(f"the feedback-store at {args.addr} answered {e.code().name}: {e.details()}") from None
+
+
+def _labelers(args, client) -> int:
+    with client as fb:
         if args.action == "create":
-            r = stub.CreateLabeler(feedback_pb2.CreateLabelerRequest(name=args.name, admin=args.admin), timeout=30)
+            r = fb.create_labeler(args.name, admin=args.admin)
             print(f"{'admin' if args.admin else 'labeler'} {r.labeler.name} created; sign-in token (shown once, "
                   f"keep it secret):", file=sys.stderr)
             print(r.token)
         elif args.action == "token":
-            r = stub.IssueLabelerToken(feedback_pb2.IssueLabelerTokenRequest(name=args.name), timeout=30)
+            token = fb.issue_labeler_token(args.name)
             print(f"new sign-in token for {args.name} (their previous one no longer works):", file=sys.stderr)
-            print(r.token)
+            print(token)
         elif args.action == "revoke":
-            r = stub.RevokeLabeler(feedback_pb2.RevokeLabelerRequest(name=args.name), timeout=30)
-            print(f"{args.name} revoked; {r.tasks_reassigned} open task(s) moved to other labelers")
+            print(f"{args.name} revoked; {fb.revoke_labeler(args.name)} open task(s) moved to other labelers")
         elif args.action == "reassign":
-            r = stub.ReassignLabelerTasks(feedback_pb2.ReassignLabelerTasksRequest(name=args.name), timeout=30)
-            print(f"{r.tasks_reassigned} open task(s) of {args.name} moved to other labelers")
+            print(f"{fb.reassign_labeler_tasks(args.name)} open task(s) of {args.name} moved to other labelers")
         else:
-            r = stub.ListLabelers(feedback_pb2.ListLabelersRequest(), timeout=30)
-            print(f"{'name':24} {'role':8} {'state':10} {'rankings':>8} {'best-of-K':>9} {'demos':>6} {'skips':>6} "
+            print(f"{'name':24} {'role':8} {'state':12} {'rankings':>8} {'best-of-K':>9} {'demos':>6} {'skips':>6} "
                   f"{'open':>5} {'median s':>8}")
-            for x in r.labelers:
+            for x in fb.labelers():
                 state = ("active" if x.active else "revoked") if x.registered else "unregistered"
-                print(f"{x.name:24} {'admin' if x.admin else 'labeler':8} {state:10} {x.rankings:>8} {x.best_of_k:>9} "
+                print(f"{x.name:24} {'admin' if x.admin else 'labeler':8} {state:12} {x.rankings:>8} {x.best_of_k:>9} "
                       f"{x.demonstrations:>6} {x.skips:>6} {x.open_tasks:>5} {x.median_seconds_per_task:>8.1f}")
     return 0
 

@@ -78,17 +78,20 @@ class LabelerTokens:
     async def refresh(self) -> None:
         self._by_digest = await asyncio.to_thread(self.store.active_token_digests)
 
-    async def run(self, stop: asyncio.Event, interval: float) -> None:
-        while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=interval)
-                return
-            except asyncio.TimeoutError:
-                pass
-            try:
-                await self.refresh()
-            except Exception as e:  # noqa: BLE001 - keep the last known tokens; retry next round
-                log.warning("could not re-read labeler tokens", extra={"fields": {"error": type(e).__name__}})
+
+async def every(interval: float, stop: asyncio.Event, fn, what: str) -> None:
+    """``await fn()`` every ``interval`` seconds until ``stop``; a failure is logged (by its type:
+    a database error's text could quote a statement) and the last values stay."""
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=interval)
+            return
+        except asyncio.TimeoutError:
+            pass
+        try:
+            await fn()
+        except Exception as e:  # noqa: BLE001 - a database hiccup must not end the loop
+            log.warning(f"could not {what}", extra={"fields": {"error": type(e).__name__}})
 
 
 def reads_everything(p: Principal) -> bool:
@@ -147,7 +150,8 @@ class FeedbackService(OutboxService, feedback_grpc.FeedbackServiceServicer):
     async def start(self) -> None:
         await super().start()
         await self.tokens.refresh()
-        self._loops = [asyncio.create_task(self.tokens.run(self._stop, self.s.labeler_refresh_seconds))]
+        self._loops = [asyncio.create_task(every(self.s.labeler_refresh_seconds, self._stop, self.tokens.refresh,
+                                                 "re-read the labelers' tokens"))]
         if self.s.http_port >= 0:
             self.http_server = EmbeddedHttpServer(self.page.app, self.s.host, self.s.http_port,
                                                   graceful_seconds=min(5.0, self.s.grace_seconds))

@@ -91,7 +91,7 @@ def start_labeling(tmp: Path, **settings) -> Labeling:
         {"name": n, "roles": r, "token_sha256": token_sha256(tokens[n])} for n, r in CALLERS.items()]}))
     s = Settings(**{"port": 0, "metrics_port": 0, "http_port": 0, "grace_seconds": 2.0, "credentials_file": str(creds),
                     "database_url": f"sqlite:///{tmp / 'feedback.db'}", "labeler_refresh_seconds": 0.5,
-                    "stats_interval_seconds": 0.5, **settings})
+                    **settings})
     events: list = []
 
     def collect(bus):
