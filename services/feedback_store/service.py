@@ -135,7 +135,7 @@ class FeedbackService(OutboxService, feedback_grpc.FeedbackServiceServicer):
         self.page = LabelingPage(self, settings, metrics)
         self.http_server: EmbeddedHttpServer | None = None
         self.http_port: int | None = None
-        self._loops: list[asyncio.Task] = []
+        self._refresher: asyncio.Task | None = None
         set_at_scrape(metrics.feedback_open_tasks, self.store.count_open_tasks)
         set_at_scrape(metrics.feedback_labeler_agreement_ratio, self._agreement_last_day, max_age_s=60.0)
 
@@ -150,8 +150,8 @@ class FeedbackService(OutboxService, feedback_grpc.FeedbackServiceServicer):
     async def start(self) -> None:
         await super().start()
         await self.tokens.refresh()
-        self._loops = [asyncio.create_task(every(self.s.labeler_refresh_seconds, self._stop, self.tokens.refresh,
-                                                 "re-read the labelers' tokens"))]
+        self._refresher = asyncio.create_task(every(self.s.labeler_refresh_seconds, self._stop, self.tokens.refresh,
+                                                    "re-read the labelers' tokens"))
         if self.s.http_port >= 0:
             self.http_server = EmbeddedHttpServer(self.page.app, self.s.host, self.s.http_port,
                                                   graceful_seconds=min(5.0, self.s.grace_seconds))
@@ -167,8 +167,8 @@ class FeedbackService(OutboxService, feedback_grpc.FeedbackServiceServicer):
         if self.http_server is not None:
             await self.http_server.stop()
         self._stop.set()
-        for t in self._loops:
-            await t
+        if self._refresher is not None:
+            await self._refresher
         await super().stop()
 
     # -- what the page and the RPCs share: one path per operation ---------------------------------

@@ -85,7 +85,7 @@ def test_nothing_configured_refuses_to_start_unless_anonymous_is_asked_for():
 def test_an_optional_resolver_identifies_without_turning_authentication_on(tmp_path):
     alice = Principal("alice", frozenset({"labeler"}), labeler_id="alice")
     known = {"alice-token-" + LONG: alice}
-    dev = Authenticator(Credentials(), allow_anonymous=True)
+    dev = Authenticator(CredentialsFile(), allow_anonymous=True)
     dev.add_resolver(known.get, required=False)
     assert not dev.enabled  # anonymous callers are still trusted ...
     assert dev.authenticate([]) is ANONYMOUS
@@ -95,7 +95,7 @@ def test_an_optional_resolver_identifies_without_turning_authentication_on(tmp_p
     assert dev.authenticate([("authorization", "Bearer alice-token-" + LONG)]) is alice
     assert dev.from_token("alice-token-" + LONG) is alice
     # with credentials configured, the optional resolver's tokens work beside the file's
-    prod = Authenticator(Credentials(_file(tmp_path, [{"name": "ops", "roles": ["operator"], "token": "ops-" + LONG}])))
+    prod = Authenticator(CredentialsFile(_file(tmp_path, [{"name": "ops", "roles": ["operator"], "token": "ops-" + LONG}])))
     prod.add_resolver(known.get, required=False)
     assert prod.authenticate([("authorization", "Bearer alice-token-" + LONG)]) is alice
     assert prod.authenticate([("authorization", "Bearer ops-" + LONG)]).name == "ops"

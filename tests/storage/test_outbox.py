@@ -92,8 +92,8 @@ def test_topics_filter(engine):
 
 
 def test_backlog_counts_the_relay_topics_unpublished_rows(engine):
-    PromptStore(engine).submit(prompt_texts(3))
-    fb = FeedbackStore(engine)
+    PromptStore(engine, announce_prompt).submit(prompt_texts(3))
+    fb = FeedbackStore(engine, announce_feedback)
     task = fb.create_tasks([TaskIn("q", "p", 1, ["a", "b"], "v1")])[0]
     fb.submit_best_of_k("k", task.task_id, "alice", 1)
     prompts = OutboxRelay(engine, FakeBus(), batch_size=2, topics=["rlhf.prompts.v1"])
