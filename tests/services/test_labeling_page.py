@@ -275,3 +275,27 @@ def test_the_labelers_command(lab, tmp_path, capsys):
     assert main(["labelers", "create", "zed", "--addr", lab.target]) == 2  # no operator token
     assert "UNAUTHENTICATED" in capsys.readouterr().err
     assert main(["labelers", "token", *base]) == 2 and "needs the labeler's name" in capsys.readouterr().err
+
+
+def test_the_sdk_client_speaks_the_labeling_rpcs(lab):
+    from rlhf_client.channel import Credentials
+    from rlhf_client.client import FeedbackClient
+
+    with FeedbackClient(lab.target, Credentials(token=lab.tokens["operator"])) as ops:
+        token = ops.issue_labeler_token("ann")  # ann's old token stops working
+    assert grpc_code(lambda: lab.stub("ann").ListLabelingTasks(feedback_pb2.ListLabelingTasksRequest())) == \
+        grpc.StatusCode.UNAUTHENTICATED
+    rank, skip = _task_for(lab, "ann"), _task_for(lab, "ann")
+    demo = _task_for(lab, "ann", candidates=(), mode=feedback_pb2.TASK_MODE_DEMONSTRATION)
+    with FeedbackClient(lab.target, Credentials(token=token)) as ann:
+        assert {t.task_id for t in ann.pending_tasks()} >= {rank.task_id, skip.task_id, demo.task_id}
+        r = ann.submit_ranking(rank.task_id, [[1], [0, 2], [3]], seconds_spent=9.5,
+                               labels=[{"index": 3, "flags": [feedback_pb2.RESPONSE_FLAG_HARMFUL_ADVICE], "quality": 1}])
+        ann.skip_task(skip.task_id, feedback_pb2.SKIP_REASON_BROKEN_CANDIDATES, comment="all four identical")
+        ann.submit_demonstration("", "Written by ann.", task_id=demo.task_id)
+    [c] = [c for c in lab.stub("trainer").ExportComparisons(feedback_pb2.ExportComparisonsRequest(
+        task_ids=[rank.task_id])) if c.comparison.labeler_id == "ann"]
+    assert c.comparison.submission_id == r.submission_id and c.comparison.seconds_spent == 9.5
+    assert [(x.index, x.quality) for x in c.comparison.labels] == [(3, 1)]
+    row = lab.sql("select skip_reason, comment from submissions where task_id = :t", t=skip.task_id)
+    assert row == [("broken_candidates", "all four identical")]
