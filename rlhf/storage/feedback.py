@@ -56,7 +56,7 @@ _EXPORT_CHUNK = 500  # rows per query while exporting
 _RETRIES = 5
 COMPARISON_KINDS = ("ranking", "best_of_k")
 _SPLITS = (SPLIT_UNSPECIFIED, SPLIT_TRAIN, SPLIT_VALID, SPLIT_TEST)
-# InstructGPT's metadata on a response (Ouyang et al., 2022, appendix B.2); rlhf.feedback.v1.ResponseFlag
+# InstructGPT's metadata on a response (Ouyang et al., 2022); rlhf.feedback.v1.ResponseFlag
 FLAGS = ("fails_instruction", "hallucination", "inappropriate_for_assistant", "sexual_or_violent",
          "expresses_opinion", "harmful_advice")
 QUALITY_MIN, QUALITY_MAX = 1, 7  # InstructGPT's Likert scale of overall quality; 0: not rated
