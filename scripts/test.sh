@@ -9,8 +9,9 @@
 # (scripts/k8s.sh builds them once, then starts the cluster under .cache/k8s/ and stops it on exit
 # in the same way). The labeling page's browser tests need Chromium, its driver and axe-core
 # (scripts/browser-deps.sh installs them). RLHF_TEST_INFRA=none installs and starts nothing; the
-# integration tests are then skipped unless RLHF_TEST_KAFKA_BOOTSTRAP / RLHF_TEST_DATABASE_URL point at servers of your own, and the
-# deployment tests unless the programs are already built and installed.
+# integration tests are then skipped unless RLHF_TEST_KAFKA_BOOTSTRAP / RLHF_TEST_DATABASE_URL
+# point at servers of your own, the deployment tests unless the programs are already built and
+# installed, and the browser tests unless Chromium is installed.
 #
 # The fault tests (marker faults, docs/reliability.md) start a broker and a durable PostgreSQL of
 # their own and crash them; their table (tried, held, lost, duplicated) is printed at the end and
