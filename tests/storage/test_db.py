@@ -19,6 +19,7 @@ from rlhf.storage.db import (MIGRATIONS_DIR, decode_page_token, encode_page_toke
 from rlhf.storage.feedback import FeedbackStore
 from rlhf.storage.prompts import PromptIn, PromptStore
 from rlhf.storage.schema import Base, outbox, submissions
+from services.feedback_store.messages import announce as announce_feedback
 from services.prompt_collector.service import announce
 
 
@@ -172,7 +173,7 @@ def test_an_unreachable_postgresql_is_unavailable_not_a_driver_error(caplog):
         ping(engine)
     # what the stores do through transaction(): the same error, so a service answers UNAVAILABLE
     with pytest.raises(UnavailableError):
-        FeedbackStore(engine).submit_ranking("k1", "t1", "labeler", [[0], [1]])
+        FeedbackStore(engine, announce_feedback).submit_ranking("k1", "t1", "labeler", [[0], [1]])
     engine.dispose()
 
 
