@@ -21,6 +21,11 @@ class NotFoundError(RLHFError, LookupError):
     """A named thing (task, job, model version, prompt) does not exist. Services answer NOT_FOUND."""
 
 
+class PermissionDeniedError(RLHFError):
+    """The caller may not touch this thing (another labeler's task, say). Services answer
+    PERMISSION_DENIED (HTTP 403)."""
+
+
 class ResourceExhaustedError(RLHFError):
     """A queue or limit is full; the caller should retry later. Services answer RESOURCE_EXHAUSTED."""
 

@@ -84,6 +84,13 @@ class ServiceMetrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self.feedback_comparisons_total = Counter(
             "rlhf_feedback_comparisons_total", "comparisons stored by the feedback-store", ["kind"], registry=r)
+        # feedback-store: labeling (through the labeling page and the gRPC API alike)
+        self.feedback_submissions_total = Counter(
+            "rlhf_feedback_submissions_total",
+            "answers stored by the feedback-store, by kind (ranking, best_of_k, demonstration, skip)", ["kind"],
+            registry=r)
+        self.feedback_skips_total = Counter(
+            "rlhf_feedback_skips_total", "labeling tasks skipped, by reason", ["reason"], registry=r)
         self.prompts_collected_total = Counter(
             "rlhf_prompts_collected_total", "prompts stored by the prompt-collector (duplicates excluded)",
             registry=r)
@@ -107,14 +114,16 @@ class ServiceMetrics:
             "rlhf_db_errors_total", "database statements and connections that failed (constraint violations excluded)",
             registry=r)
         self.feedback_open_tasks = Gauge(
-            "rlhf_feedback_open_tasks", "labeling tasks without any ranking or best-of-K choice yet", registry=r)
+            "rlhf_feedback_open_tasks",
+            "labeling tasks waiting for an answer (assigned: an assignee has not answered; unassigned: nobody has)",
+            registry=r)
         self.feedback_labeler_agreement_ratio = Gauge(
             "rlhf_feedback_labeler_agreement_ratio",
             "share of candidate pairs two labelers order alike, over the rankings of the last 24 hours (NaN: no pairs)",
             registry=r)
         # policy-server inference API (HTTP beside gRPC) and its engine; ``team`` is a configured
         # team, "anonymous" (no keys configured), "internal" (the platform's own gRPC callers) or
-        # "unauthenticated" (no valid key)
+        # "unauthenticated" (no valid key); on the feedback-store's labeling page it is "labelers"
         self.http_requests_total = Counter(
             "rlhf_http_requests_total",
             "HTTP requests answered, by route, status code (a stream: how it ended) and team",

@@ -7,9 +7,11 @@
 # (then they are left for whoever started them). The deployment tests need Prometheus
 # (scripts/prometheus.sh installs Debian's package) and helm with a Kubernetes control plane
 # (scripts/k8s.sh builds them once, then starts the cluster under .cache/k8s/ and stops it on exit
-# in the same way). RLHF_TEST_INFRA=none starts nothing; the integration tests are then skipped
-# unless RLHF_TEST_KAFKA_BOOTSTRAP / RLHF_TEST_DATABASE_URL point at servers of your own, and the
-# deployment tests unless the programs are already built and installed.
+# in the same way). The labeling page's browser tests need Chromium, its driver and axe-core
+# (scripts/browser-deps.sh installs them). RLHF_TEST_INFRA=none installs and starts nothing; the
+# integration tests are then skipped unless RLHF_TEST_KAFKA_BOOTSTRAP / RLHF_TEST_DATABASE_URL
+# point at servers of your own, the deployment tests unless the programs are already built and
+# installed, and the browser tests unless Chromium is installed.
 #
 # The fault tests (marker faults, docs/reliability.md) start a broker and a durable PostgreSQL of
 # their own and crash them; their table (tried, held, lost, duplicated) is printed at the end and
@@ -17,10 +19,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+export RLHF_TEST_ARTIFACTS="${RLHF_TEST_ARTIFACTS:-$PWD/.cache/test-artifacts}"
+echo "[test] screenshots and other test artifacts go to $RLHF_TEST_ARTIFACTS" >&2
 
 stop_on_exit=()  # the scripts whose servers this run started: stopped again on exit
 trap 'for s in "${stop_on_exit[@]}"; do scripts/$s stop || true; done' EXIT
 if [ "${RLHF_TEST_INFRA:-}" != "none" ]; then
+  # the labeling page's browser tests: Debian's chromium and chromium-driver, axe-core from npm
+  RLHF_AXE_JS="$(scripts/browser-deps.sh)"
+  export RLHF_AXE_JS RLHF_TEST_REQUIRE_BROWSER=1  # a missing browser fails them instead of skipping
   # the deployment checks (tests/deploy): Debian's Prometheus, and helm with a Kubernetes control
   # plane built from the Go module proxy (the first time only: cached in ~/.cache/rlhf/k8s)
   scripts/prometheus.sh install

@@ -14,6 +14,7 @@ import logging
 import os
 import secrets
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -68,9 +69,11 @@ class UpOptions:
     base_port: int = 50051  # prompt-collector, policy-server, reward-scorer, feedback-store, trainer: +0..+4
     base_metrics_port: int = 9101
     http_port: int = 0  # the policy-server's HTTP API; 0: a free port (logged), -1: none
+    labeling_port: int = 0  # the feedback-store's labeling page; 0: a free port (logged), -1: none
     kafka: str | None = None
     database_url: str | None = None
     log_level: str = "INFO"
+    announce: bool = False  # print the HTTP addresses (labeling page, inference API) to stderr once up
 
 
 PORT_OFFSET = {"prompt-collector": 0, "policy-server": 1, "reward-scorer": 2, "feedback-store": 3, "trainer": 4}
@@ -105,7 +108,7 @@ def up_settings(opts: UpOptions, environ=os.environ) -> dict:
     addr = {n: f"{opts.host}:{opts.base_port + o}" for n, o in PORT_OFFSET.items()}
     extra = {
         "prompt-collector": {"database_url": db, "migrate_on_start": False},
-        "feedback-store": {"database_url": db, "migrate_on_start": False},
+        "feedback-store": {"database_url": db, "migrate_on_start": False, "http_port": opts.labeling_port},
         # prompts of requests that opt in (user and consent) go on to the prompt-collector
         "policy-server": {"registry_dir": registry, "prompt_collector_addr": addr["prompt-collector"],
                           "http_port": opts.http_port},
@@ -154,10 +157,10 @@ async def up(opts: UpOptions, stop_event: asyncio.Event | None = None, ready=Non
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):  # not the main thread
             pass
-    tasks, ports = [], {}
+    tasks, ports, built = [], {}, {}
     for name in ORDER:
         s = settings[name]
-        svc = module_of(name).build(s, metrics[name], _SharedBus(shared) if shared is not None else None)
+        svc = built[name] = module_of(name).build(s, metrics[name], _SharedBus(shared) if shared is not None else None)
         svc.auth = authenticator_for(svc, s)
         if svc.auth.enabled:  # the other services of this `rlhf up` call with the internal token
             svc.auth.add_resolver(shared_secret_resolver(token, Principal("rlhf-up", frozenset({SERVICE}))))
@@ -175,7 +178,15 @@ async def up(opts: UpOptions, stop_event: asyncio.Event | None = None, ready=Non
             tasks[-1].result()  # re-raise why it failed
     if ready is not None:
         ready(ports)
-    log.info("all services up", extra={"fields": {n: {"grpc": g, "metrics": m} for n, (g, m) in ports.items()}})
+    host = f"[{opts.host}]" if ":" in opts.host else opts.host
+    urls = {what: f"http://{host}:{port}/" for what, port in (
+        ("labeling page", getattr(built["feedback-store"], "http_port", None)),
+        ("inference API", getattr(built["policy-server"], "http_port", None))) if port}
+    log.info("all services up", extra={"fields": {**{n: {"grpc": g, "metrics": m} for n, (g, m) in ports.items()},
+                                                  **urls}})
+    if opts.announce:
+        for what, url in urls.items():
+            print(f"{what}: {url}", file=sys.stderr, flush=True)
     try:
         await asyncio.gather(*tasks)
     finally:

@@ -33,7 +33,10 @@ tokens rotate without a restart)::
         cert_common_name: trainer  # a client certificate with this CN (mutual TLS)
 
 Services may add resolvers of their own (the policy-server's API keys, the feedback-store's
-labeler tokens): a function from a token to a principal, or None.
+labeler tokens): a function from a token to a principal, or None. A resolver added with
+``required=False`` (the feedback-store's labeler tokens, which admins create while it runs) only
+identifies the callers who present one of its tokens: it does not turn authentication on, so a
+development setup that allows anonymous callers keeps allowing them.
 """
 
 from __future__ import annotations
@@ -258,6 +261,8 @@ class Authenticator:
     credentials: CredentialsFile = field(default_factory=CredentialsFile)
     allow_anonymous: bool = False
     resolvers: list[Callable[[str], Principal | None]] = field(default_factory=list)
+    # resolvers that identify the callers presenting their tokens but do not require credentials
+    optional_resolvers: list[Callable[[str], Principal | None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.allow_anonymous and not self.credentials.configured and not self.resolvers:
@@ -268,14 +273,16 @@ class Authenticator:
     def enabled(self) -> bool:
         return not (self.allow_anonymous and not self.credentials.configured and not self.resolvers)
 
-    def add_resolver(self, fn: Callable[[str], Principal | None]) -> None:
-        self.resolvers.append(fn)
+    def add_resolver(self, fn: Callable[[str], Principal | None], required: bool = True) -> None:
+        """Another source of tokens; ``required=False``: it identifies the callers who present one
+        of its tokens without turning authentication on (see the module docstring)."""
+        (self.resolvers if required else self.optional_resolvers).append(fn)
 
     def from_token(self, token: str) -> Principal | None:
         if len(token) > MAX_TOKEN_CHARS:
             return None
         p = self.credentials.by_token(token)
-        for r in self.resolvers:
+        for r in (*self.resolvers, *self.optional_resolvers):
             if p is not None:
                 break
             p = r(token)
@@ -283,7 +290,14 @@ class Authenticator:
 
     def authenticate(self, metadata, cert_common_names: Iterable[str] = ()) -> Principal:
         if not self.enabled:
-            return ANONYMOUS  # authentication is off: whatever a caller sends, it is trusted
+            # authentication is off: whatever a caller sends, it is trusted; a token an optional
+            # resolver knows still says who the caller is
+            try:
+                token = bearer_token(metadata)
+            except AuthError:
+                token = None
+            p = self.from_token(token) if token and self.optional_resolvers else None
+            return p if p is not None else ANONYMOUS
         token = bearer_token(metadata)
         if token is not None:
             p = self.from_token(token)

@@ -17,6 +17,7 @@ Every RPC passes through :class:`ServiceInterceptor` (unary and streaming alike)
   "server busy: N calls in flight, retry later" (health and reflection calls are not limited);
 * exceptions raised by handlers become status codes: DataError, ConflictError and other
   ValueErrors -> INVALID_ARGUMENT, NotFoundError and ModelNotFoundError -> NOT_FOUND,
+  PermissionDeniedError -> PERMISSION_DENIED,
   ResourceExhaustedError -> RESOURCE_EXHAUSTED, UnavailableError (where rlhf.errors has it) ->
   UNAVAILABLE, NotImplementedError -> UNIMPLEMENTED, anything else -> INTERNAL "internal error"
   (logged with its traceback; never with the request);
@@ -183,6 +184,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         msg = msg[:MAX_STATUS_CHARS] + f"... ({len(msg)} characters, cut)"
     if isinstance(exc, AuthError):
         return (grpc.StatusCode.PERMISSION_DENIED if exc.denied else grpc.StatusCode.UNAUTHENTICATED), msg
+    if isinstance(exc, errors.PermissionDeniedError):
+        return grpc.StatusCode.PERMISSION_DENIED, msg
     if isinstance(exc, (errors.NotFoundError, errors.ModelNotFoundError)):
         return grpc.StatusCode.NOT_FOUND, msg
     if isinstance(exc, errors.ResourceExhaustedError):

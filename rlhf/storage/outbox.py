@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Protocol, Sequence
 
 from sqlalchemy import func, select, update
@@ -29,6 +31,26 @@ from rlhf.storage.schema import outbox
 log = logging.getLogger(__name__)
 
 _MAX_BACKOFF_S = 10.0
+
+
+@dataclass(frozen=True)
+class OutboxEvent:
+    """An event a store writes to the outbox beside what it stores.
+
+    The service builds it from the stored row (its topic, the message's protobuf full name and
+    bytes, the partition key) and hands the store that function, so the storage layer knows no
+    wire format.
+    """
+
+    topic: str
+    message_type: str
+    payload: bytes
+    key: str | None = None
+
+    def row(self, created_at: datetime) -> dict:
+        """The ``outbox`` row of this event, unpublished."""
+        return dict(topic=self.topic, message_type=self.message_type, payload=self.payload, key=self.key,
+                    created_at=created_at, published_at=None)
 
 
 class RawPublisher(Protocol):
@@ -205,4 +227,4 @@ class OutboxRelay:
                 pass
 
 
-__all__ = ["OutboxRelay", "RawPublisher"]
+__all__ = ["OutboxEvent", "OutboxRelay", "RawPublisher"]

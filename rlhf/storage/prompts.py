@@ -1,7 +1,9 @@
 """prompt-collector's storage: validation, PII scrubbing, de-duplication and the split by user.
 
-A prompt is stored once per distinct scrubbed text; every newly stored prompt gets an outbox row
-(a ``PromptCollectedEvent`` for topic ``rlhf.prompts.v1``) in the same transaction.
+A prompt is stored once per distinct scrubbed text; every newly stored prompt gets an outbox row in
+the same transaction, built by the ``announce`` function the service hands the store (the
+service owns the wire format: a ``PromptCollectedEvent`` on ``rlhf.prompts.v1``). The store
+returns rows (:class:`PromptRow`); the service builds the protobuf messages.
 """
 
 from __future__ import annotations
@@ -13,24 +15,21 @@ import unicodedata
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Sequence
+from typing import Callable, Sequence
 
-from google.protobuf.timestamp_pb2 import Timestamp
-from rlhf_client import TOPIC_PROMPTS, common_pb2, prompts_pb2
 from sqlalchemy import and_, func, insert, or_, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from rlhf.errors import ConfigError, DataError, NotFoundError
 from rlhf.storage.db import check_page_size, decode_page_token, encode_page_token, is_transient, transaction, utcnow
-from rlhf.storage.schema import outbox, prompts
+from rlhf.storage.outbox import OutboxEvent
+from rlhf.storage.schema import SPLIT_TEST, SPLIT_TRAIN, SPLIT_UNSPECIFIED, SPLIT_VALID, outbox, prompts
 
-TOPIC = TOPIC_PROMPTS
-EVENT_TYPE = prompts_pb2.PromptCollectedEvent.DESCRIPTOR.full_name  # rlhf.prompts.v1.PromptCollectedEvent
 MAX_BATCH = 1000
 MAX_SAMPLE = 10000
 MAX_SOURCE_CHARS = 200
-_SPLITS = (common_pb2.SPLIT_TRAIN, common_pb2.SPLIT_VALID, common_pb2.SPLIT_TEST)
+_SPLITS = (SPLIT_TRAIN, SPLIT_VALID, SPLIT_TEST)
 _IN_CHUNK = 500  # ids per IN (...) query
 _RETRIES = 5  # transactions retried after losing a race on the unique text hash
 
@@ -157,10 +156,10 @@ def split_for_user(user_id: str, fractions: Sequence[float] = (0.8, 0.1, 0.1)) -
     digest = hashlib.sha256(user_id.encode("utf-8", "surrogatepass")).digest()
     u = int.from_bytes(digest[:8], "big") / 2.0**64  # uniform in [0, 1)
     if u < train:
-        return common_pb2.SPLIT_TRAIN
+        return SPLIT_TRAIN
     if u < train + valid:
-        return common_pb2.SPLIT_VALID
-    return common_pb2.SPLIT_TEST
+        return SPLIT_VALID
+    return SPLIT_TEST
 
 
 # -- records --------------------------------------------------------------------------------------
@@ -188,20 +187,6 @@ class PromptRow:
     source: str
     created_at: datetime
 
-    def to_proto(self) -> prompts_pb2.Prompt:
-        return to_proto(self)
-
-
-def _ts(dt: datetime) -> Timestamp:
-    t = Timestamp()
-    t.FromDatetime(dt)
-    return t
-
-
-def to_proto(row: PromptRow) -> prompts_pb2.Prompt:
-    return prompts_pb2.Prompt(prompt_id=row.prompt_id, text=row.text, split=row.split, source=row.source,
-                              create_time=_ts(row.created_at))
-
 
 def _row(r) -> PromptRow:
     return PromptRow(prompt_id=r.id, text=r.text, split=r.split, source=r.source, created_at=r.created_at)
@@ -217,17 +202,18 @@ class _Clean:
 
 
 def _check_split(split: int) -> int:
-    if isinstance(split, bool) or not isinstance(split, int) or split not in (common_pb2.SPLIT_UNSPECIFIED, *_SPLITS):
+    if isinstance(split, bool) or not isinstance(split, int) or split not in (SPLIT_UNSPECIFIED, *_SPLITS):
         raise DataError(f"split: must be one of 0 (every split), 1 (train), 2 (valid), 3 (test), got {split!r}")
     return split
 
 
 class PromptStore:
-    """Stores, lists and samples prompts. Thread-safe; every call is one short transaction."""
+    """Stores, lists and samples prompts. Thread-safe; every call is one short transaction.
 
-    to_proto = staticmethod(to_proto)
+    ``announce(row)`` builds the outbox event of a newly stored prompt.
+    """
 
-    def __init__(self, engine: Engine, *, max_prompt_chars: int = 4000,
+    def __init__(self, engine: Engine, announce: Callable[[PromptRow], OutboxEvent], *, max_prompt_chars: int = 4000,
                  split_fractions: Sequence[float] = (0.8, 0.1, 0.1)):
         if isinstance(max_prompt_chars, bool) or not isinstance(max_prompt_chars, int) or max_prompt_chars < 1:
             raise ConfigError(f"max_prompt_chars: must be an integer >= 1, got {max_prompt_chars!r}")
@@ -236,6 +222,7 @@ class PromptStore:
         except DataError as e:
             raise ConfigError(str(e)) from None
         self.engine = engine
+        self.announce = announce
         self.max_prompt_chars = max_prompt_chars
 
     # -- submit -----------------------------------------------------------------------------------
@@ -329,13 +316,8 @@ class PromptStore:
             known[c.sha256] = (pid, c.split)
             new_prompts.append(dict(id=pid, text=c.text, text_sha256=c.sha256, user_hash=c.user_hash, split=c.split,
                                     source=c.source, created_at=created))
-            event = prompts_pb2.PromptCollectedEvent(
-                event_id=pid,
-                prompt=prompts_pb2.Prompt(prompt_id=pid, text=c.text, split=c.split, source=c.source,
-                                          create_time=_ts(created)),
-                event_time=_ts(created))
-            events.append(dict(topic=TOPIC, message_type=EVENT_TYPE, payload=event.SerializeToString(), key=pid,
-                               created_at=created, published_at=None))
+            row = PromptRow(prompt_id=pid, text=c.text, split=c.split, source=c.source, created_at=created)
+            events.append(self.announce(row).row(created))
             results.append(PromptOut(prompt_id=pid, duplicate=False, split=c.split))
         if new_prompts:
             # in hash order: concurrent batches then lock the unique index in one order (no deadlock)

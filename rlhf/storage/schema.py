@@ -1,8 +1,9 @@
 """The services' tables (SQLAlchemy 2 declarative). The migrations in ``migrations/versions`` build
 exactly this schema; ``tests/storage/test_db.py`` checks that they agree.
 
-prompt-collector owns ``prompts``; feedback-store owns ``labeling_tasks`` and ``submissions``;
-both write ``outbox`` (events waiting to be published on Kafka by :class:`~rlhf.storage.outbox.OutboxRelay`).
+prompt-collector owns ``prompts``; feedback-store owns ``labeling_tasks``, ``submissions``,
+``labelers`` and ``task_assignments``; both write ``outbox`` (events waiting to be published on
+Kafka by :class:`~rlhf.storage.outbox.OutboxRelay`).
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import (JSON, BigInteger, CheckConstraint, DateTime, ForeignKey, Index, Integer, LargeBinary,
-                        MetaData, SmallInteger, String, Text, text)
+from sqlalchemy import (JSON, BigInteger, Boolean, CheckConstraint, DateTime, Float, ForeignKey, Index, Integer,
+                        LargeBinary, MetaData, SmallInteger, String, Text, text)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -23,7 +24,10 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
-SUBMISSION_KINDS = ("ranking", "best_of_k", "demonstration")
+SUBMISSION_KINDS = ("ranking", "best_of_k", "demonstration", "skip")
+TASK_MODES = ("ranking", "best_of_k", "demonstration")
+# the numbers of rlhf.common.v1.Split (tests/storage/test_db.py checks they agree)
+SPLIT_UNSPECIFIED, SPLIT_TRAIN, SPLIT_VALID, SPLIT_TEST = 0, 1, 2, 3
 # BIGINT on PostgreSQL; INTEGER on SQLite, where only an INTEGER PRIMARY KEY autoincrements.
 BigIntId = BigInteger().with_variant(Integer(), "sqlite")
 
@@ -79,6 +83,8 @@ class LabelingTask(Base):
     k: Mapped[int] = mapped_column(Integer, nullable=False)
     policy_version: Mapped[str] = mapped_column(String(200), nullable=False)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    # TASK_MODES (migration 0003; older tasks are rankings)
+    mode: Mapped[str] = mapped_column(String(16), nullable=False, server_default="ranking")
 
     __table_args__ = (Index("ix_labeling_tasks_created_at_id", "created_at", "id"),)
 
@@ -101,16 +107,49 @@ class Submission(Base):
     split: Mapped[int | None] = mapped_column(SmallInteger, nullable=True)
     response: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    # migration 0003: per-candidate flags and quality ([{"index", "flags", "quality"}]), the
+    # seconds the labeler reported, and a skip's reason and comment
+    labels: Mapped[list | None] = mapped_column(JSON, nullable=True)
+    seconds_spent: Mapped[float | None] = mapped_column(Float, nullable=True)
+    skip_reason: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    comment: Mapped[str | None] = mapped_column(Text, nullable=True)
 
     __table_args__ = (
-        CheckConstraint("kind IN ('ranking', 'best_of_k', 'demonstration')", name="kind"),
+        CheckConstraint("kind IN ('ranking', 'best_of_k', 'demonstration', 'skip')", name="kind"),
         Index("ix_submissions_created_at", "created_at"),
         Index("ix_submissions_task_id_labeler_id", "task_id", "labeler_id"),
-        # one answer (ranking or best-of-K choice) per labeler per task (migration 0002)
+        Index("ix_submissions_labeler_id_created_at", "labeler_id", "created_at"),
+        # one answer (ranking, best-of-K choice, demonstration of a task, skip) per labeler per task
+        # (migration 0002 for rankings and choices, 0003 for every answer to a task)
         Index("uq_submissions_answer", "task_id", "labeler_id", unique=True,
-              postgresql_where=text("kind IN ('ranking', 'best_of_k')"),
-              sqlite_where=text("kind IN ('ranking', 'best_of_k')")),
+              postgresql_where=text("task_id IS NOT NULL"), sqlite_where=text("task_id IS NOT NULL")),
     )
+
+
+class Labeler(Base):
+    """A registered labeler (or admin) and the SHA-256 of their sign-in token (migration 0003)."""
+
+    __tablename__ = "labelers"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    admin: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    active: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    token_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True, unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    token_issued_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class TaskAssignment(Base):
+    """A task assigned to a labeler; ``released_at`` once it was reassigned away (migration 0003)."""
+
+    __tablename__ = "task_assignments"
+
+    task_id: Mapped[str] = mapped_column(String(32), ForeignKey("labeling_tasks.id"), primary_key=True)
+    labeler_id: Mapped[str] = mapped_column(String(64), ForeignKey("labelers.name"), primary_key=True)
+    assigned_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    released_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+    __table_args__ = (Index("ix_task_assignments_labeler_id_released_at", "labeler_id", "released_at"),)
 
 
 class OutboxMessage(Base):
@@ -131,3 +170,5 @@ prompts = Prompt.__table__
 labeling_tasks = LabelingTask.__table__
 submissions = Submission.__table__
 outbox = OutboxMessage.__table__
+labelers = Labeler.__table__
+task_assignments = TaskAssignment.__table__

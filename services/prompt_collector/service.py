@@ -1,7 +1,7 @@
 """prompt-collector: proto <-> rlhf.storage.prompts.PromptStore, behind the shared bootstrap.
 
 Stored prompts are announced on rlhf.prompts.v1 by the outbox relay (written in the same
-transaction as the prompt, published after commit).
+transaction as the prompt, published after commit; :func:`announce` builds the event).
 """
 
 from __future__ import annotations
@@ -10,14 +10,31 @@ import asyncio
 from dataclasses import dataclass
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 from rlhf_client import TOPIC_PROMPTS, prompts_grpc, prompts_pb2
 
 from rlhf.runtime.auth import OPERATOR, PRODUCT, SERVICE, TRAINER
 from rlhf.metrics import ServiceMetrics
-from rlhf.storage.prompts import PromptIn, PromptStore, to_proto
+from rlhf.storage.outbox import OutboxEvent
+from rlhf.storage.prompts import PromptIn, PromptRow, PromptStore
 from services.common import DatabaseSettings, OutboxService
 
 NAME = "prompt-collector"
+EVENT_TYPE = prompts_pb2.PromptCollectedEvent.DESCRIPTOR.full_name  # rlhf.prompts.v1.PromptCollectedEvent
+
+
+def to_proto(row: PromptRow) -> prompts_pb2.Prompt:
+    t = Timestamp()
+    t.FromDatetime(row.created_at)
+    return prompts_pb2.Prompt(prompt_id=row.prompt_id, text=row.text, split=row.split, source=row.source,
+                              create_time=t)
+
+
+def announce(row: PromptRow) -> OutboxEvent:
+    """The outbox event of a newly stored prompt: a PromptCollectedEvent on rlhf.prompts.v1."""
+    p = to_proto(row)
+    event = prompts_pb2.PromptCollectedEvent(event_id=row.prompt_id, prompt=p, event_time=p.create_time)
+    return OutboxEvent(TOPIC_PROMPTS, EVENT_TYPE, event.SerializeToString(), row.prompt_id)
 
 
 @dataclass
@@ -37,7 +54,7 @@ class PromptCollector(OutboxService, prompts_grpc.PromptCollectorServiceServicer
 
     def __init__(self, settings: Settings, metrics: ServiceMetrics, bus=None):
         super().__init__(settings, metrics, bus)
-        self.store = PromptStore(self.engine, max_prompt_chars=settings.max_prompt_chars)
+        self.store = PromptStore(self.engine, announce, max_prompt_chars=settings.max_prompt_chars)
 
     def register(self, server: grpc.aio.Server) -> None:
         prompts_grpc.add_PromptCollectorServiceServicer_to_server(self, server)

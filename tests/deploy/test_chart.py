@@ -27,7 +27,7 @@ CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
 # RLHF_<SERVICE>_* variables, so the chart sets the Kafka ones only for an authenticated Kafka).
 # When a service learns one, it leaves this list (the test below says so).
 PLANNED: set[str] = set()  # settings the chart wires before any service reads them
-PLANNED_PER_SERVICE = {"feedback-store": {"HTTP_PORT"}}  # the labeling page
+PLANNED_PER_SERVICE: dict[str, set[str]] = {}
 
 
 @pytest.mark.parametrize("values", list(VALUES), ids=list(VALUES))

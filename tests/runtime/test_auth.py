@@ -82,6 +82,27 @@ def test_nothing_configured_refuses_to_start_unless_anonymous_is_asked_for():
     assert a.authenticate([("authorization", "Bearer whatever-" + LONG)]) is ANONYMOUS  # off: all trusted
 
 
+def test_an_optional_resolver_identifies_without_turning_authentication_on(tmp_path):
+    alice = Principal("alice", frozenset({"labeler"}), labeler_id="alice")
+    known = {"alice-token-" + LONG: alice}
+    dev = Authenticator(CredentialsFile(), allow_anonymous=True)
+    dev.add_resolver(known.get, required=False)
+    assert not dev.enabled  # anonymous callers are still trusted ...
+    assert dev.authenticate([]) is ANONYMOUS
+    assert dev.authenticate([("authorization", "Bearer unknown-" + LONG)]) is ANONYMOUS
+    assert dev.authenticate([("authorization", "garbage")]) is ANONYMOUS
+    # ... and a caller presenting a token the resolver knows is that caller
+    assert dev.authenticate([("authorization", "Bearer alice-token-" + LONG)]) is alice
+    assert dev.from_token("alice-token-" + LONG) is alice
+    # with credentials configured, the optional resolver's tokens work beside the file's
+    prod = Authenticator(CredentialsFile(_file(tmp_path, [{"name": "ops", "roles": ["operator"], "token": "ops-" + LONG}])))
+    prod.add_resolver(known.get, required=False)
+    assert prod.authenticate([("authorization", "Bearer alice-token-" + LONG)]) is alice
+    assert prod.authenticate([("authorization", "Bearer ops-" + LONG)]).name == "ops"
+    with pytest.raises(AuthError, match="not valid"):
+        prod.authenticate([("authorization", "Bearer unknown-" + LONG)])
+
+
 def test_a_labeler_id_comes_from_the_credential():
     alice = Principal("alice", frozenset({"labeler"}), labeler_id="alice")
     assert labeler_of(alice, "") == labeler_of(alice, "alice") == "alice"

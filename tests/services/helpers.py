@@ -88,9 +88,11 @@ def fresh_database(server_url: str, prefix: str = "rlhf_it") -> str:
     return url
 
 
-def up_on_free_ports(data_dir: Path, metrics: bool = False, http: bool = False, attempts: int = 5):
+def up_on_free_ports(data_dir: Path, metrics: bool = False, http: bool = False, attempts: int = 5,
+                     labeling_port: int = -1):
     """`rlhf up` in a thread on five consecutive free gRPC ports (ten with metrics) in a range the OS
-    rarely hands out; another base is tried when a port was taken meanwhile.
+    rarely hands out; another base is tried when a port was taken meanwhile. ``labeling_port``: the
+    labeling page's (-1: none).
     Returns (close, addrs by service name, metrics base port or None, http port or None)."""
     from services.launch import PORT_OFFSET, UpOptions, up_in_thread
 
@@ -99,7 +101,8 @@ def up_on_free_ports(data_dir: Path, metrics: bool = False, http: bool = False, 
         http_port = free_ports(1)[0] if http else -1
         try:
             close = up_in_thread(UpOptions(data_dir=data_dir, base_port=base,
-                                           base_metrics_port=base + 10 if metrics else 0, http_port=http_port))
+                                           base_metrics_port=base + 10 if metrics else 0, http_port=http_port,
+                                           labeling_port=labeling_port))
         except RuntimeError as e:  # grpc: "Failed to bind to address ..."
             if "bind" not in str(e) or attempt == attempts - 1:
                 raise

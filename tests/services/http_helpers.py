@@ -1,4 +1,5 @@
-"""A policy-server (gRPC + HTTP) running in a background thread of the test process."""
+"""A service with an HTTP side (the policy-server, the feedback-store) running in a background
+thread of the test process."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from services.policy_server.service import PolicyServer, Settings
 
 @dataclass
 class RunningServer:
-    service: PolicyServer
-    settings: Settings
+    service: object
+    settings: object
     metrics: ServiceMetrics
     loop: asyncio.AbstractEventLoop
     stop_event: asyncio.Event
@@ -49,7 +50,12 @@ def start_server(**settings) -> RunningServer:
     for, so that servers sharing a registry do not each load every version a test publishes."""
     s = Settings(**{"port": 0, "metrics_port": 0, "http_port": 0, "grace_seconds": 5.0, "allow_anonymous": True,
                     "registry_poll_seconds": 0.0, **settings})
-    metrics = ServiceMetrics("policy-server")
+    return start_in_thread(PolicyServer, s, ServiceMetrics("policy-server"))
+
+
+def start_in_thread(cls, s, metrics: ServiceMetrics, on_bus=None) -> RunningServer:
+    """Serve ``cls(s, metrics, bus)`` through the bootstrap on an event loop of its own thread, with
+    an in-process bus (``on_bus(bus)`` may subscribe to it before the service starts)."""
     loop = asyncio.new_event_loop()
     ready = threading.Event()
     holder: dict = {}
@@ -58,7 +64,9 @@ def start_server(**settings) -> RunningServer:
         asyncio.set_event_loop(loop)
         stop = asyncio.Event()
         bus = make_bus(None, metrics)
-        svc = PolicyServer(s, metrics, bus)
+        if on_bus is not None:
+            on_bus(bus)
+        svc = cls(s, metrics, bus)
         holder.update(service=svc, stop=stop, bus=bus)
 
         def on_ready(g, m):
@@ -73,9 +81,9 @@ def start_server(**settings) -> RunningServer:
         finally:
             loop.close()
 
-    t = threading.Thread(target=run, daemon=True, name="policy-server-under-test")
+    t = threading.Thread(target=run, daemon=True, name=f"{cls.name}-under-test")
     t.start()
-    assert ready.wait(120), "policy-server did not start"
+    assert ready.wait(120), f"{cls.name} did not start"
     if holder.get("failure"):
         raise holder["failure"][0]
     return RunningServer(holder["service"], s, metrics, loop, holder["stop"], t, holder["grpc"], holder["metrics"],

@@ -23,3 +23,30 @@ def test_up_takes_service_variables_and_refuses_ones_for_its_wiring(tmp_path):
     assert "RLHF_POLICY_SERVER_PORT: set by the caller" in msg
     assert "RLHF_TRAINER_REGISTRY_DIR: set by the caller" in msg
     assert "RLHF_FEEDBACK_STORE_NOPE: unknown variable" in msg
+
+
+def test_up_serves_the_labeling_page_on_its_own_port(tmp_path):
+    internal_token(tmp_path)
+    s = up_settings(UpOptions(data_dir=tmp_path, labeling_port=8123),
+                    environ={"RLHF_FEEDBACK_STORE_OVERLAP_SHARE": "0.25"})
+    assert s["feedback-store"].http_port == 8123 and s["feedback-store"].overlap_share == 0.25
+    with pytest.raises(ConfigError, match="RLHF_FEEDBACK_STORE_HTTP_PORT: set by the caller"):
+        up_settings(UpOptions(data_dir=tmp_path), environ={"RLHF_FEEDBACK_STORE_HTTP_PORT": "9"})
+    with pytest.raises(ConfigError, match="overlap_share must be in 0..1"):
+        up_settings(UpOptions(data_dir=tmp_path), environ={"RLHF_FEEDBACK_STORE_OVERLAP_SHARE": "1.5"})
+
+
+@pytest.mark.slow
+def test_rlhf_up_prints_the_page_address(tmp_path, capsys):
+    from services.launch import up_in_thread
+    from tests.services.helpers import free_ports, tiny_policy_registry
+
+    tiny_policy_registry(tmp_path / "registry")
+    port = free_ports(1)[0]
+    opts = UpOptions(data_dir=tmp_path, base_port=free_ports(1)[0] % 20000 + 30000, base_metrics_port=0,
+                     http_port=-1, labeling_port=port, announce=True)
+    close = up_in_thread(opts)
+    try:
+        assert f"labeling page: http://127.0.0.1:{port}/" in capsys.readouterr().err
+    finally:
+        close()

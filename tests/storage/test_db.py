@@ -19,6 +19,8 @@ from rlhf.storage.db import (MIGRATIONS_DIR, decode_page_token, encode_page_toke
 from rlhf.storage.feedback import FeedbackStore
 from rlhf.storage.prompts import PromptIn, PromptStore
 from rlhf.storage.schema import Base, outbox, submissions
+from services.feedback_store.messages import announce as announce_feedback
+from services.prompt_collector.service import announce
 
 
 def _diffs(engine, metadata=Base.metadata):
@@ -41,9 +43,10 @@ def test_migrated_schema_matches_metadata(db_url):
         migrate(engine)  # idempotent
         assert _diffs(engine) == []
         with engine.connect() as conn:
-            assert MigrationContext.configure(conn).get_current_revision() == _head() == "0002"
+            assert MigrationContext.configure(conn).get_current_revision() == _head() == "0003"
         names = set(inspect(engine).get_table_names())
-        assert {"prompts", "labeling_tasks", "submissions", "outbox", "alembic_version"} <= names
+        assert {"prompts", "labeling_tasks", "submissions", "outbox", "labelers", "task_assignments",
+                "alembic_version"} <= names
     finally:
         engine.dispose()
 
@@ -99,7 +102,7 @@ def test_foreign_keys_enforced(engine):
 def test_in_memory_database_is_shared_by_threads():
     engine = make_engine("sqlite://")
     migrate(engine)
-    store = PromptStore(engine)
+    store = PromptStore(engine, announce)
     errors = []
 
     def work(n):
@@ -170,7 +173,7 @@ def test_an_unreachable_postgresql_is_unavailable_not_a_driver_error(caplog):
         ping(engine)
     # what the stores do through transaction(): the same error, so a service answers UNAVAILABLE
     with pytest.raises(UnavailableError):
-        FeedbackStore(engine).submit_ranking("k1", "t1", "labeler", [[0], [1]])
+        FeedbackStore(engine, announce_feedback).submit_ranking("k1", "t1", "labeler", [[0], [1]])
     engine.dispose()
 
 
@@ -204,3 +207,12 @@ def test_page_tokens():
     for bad in ["!!", "x" * 300, encode_page_token(at, "ab")[:-3], "YWJj"]:
         with pytest.raises(DataError, match="page_token: malformed"):
             decode_page_token(bad)
+
+
+def test_split_numbers_are_the_protos():
+    from rlhf_client import common_pb2
+
+    from rlhf.storage import schema
+
+    assert (schema.SPLIT_UNSPECIFIED, schema.SPLIT_TRAIN, schema.SPLIT_VALID, schema.SPLIT_TEST) == \
+        (common_pb2.SPLIT_UNSPECIFIED, common_pb2.SPLIT_TRAIN, common_pb2.SPLIT_VALID, common_pb2.SPLIT_TEST)

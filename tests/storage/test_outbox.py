@@ -12,6 +12,8 @@ from rlhf.storage.feedback import FeedbackStore, TaskIn
 from rlhf.storage.outbox import OutboxRelay
 from rlhf.storage.prompts import PromptIn, PromptStore
 from rlhf.storage.schema import outbox
+from services.feedback_store.messages import announce as announce_feedback
+from services.prompt_collector.service import announce as announce_prompt
 
 
 class FakeBus:
@@ -52,7 +54,7 @@ def rows(engine):
 
 
 def test_drain_publishes_in_id_order_and_marks(engine):
-    out = PromptStore(engine).submit(prompt_texts(5))
+    out = PromptStore(engine, announce_prompt).submit(prompt_texts(5))
     bus = FakeBus()
     relay = OutboxRelay(engine, bus, batch_size=2)
     assert [asyncio.run(relay.drain_once()) for _ in range(4)] == [2, 2, 1, 0]
@@ -65,11 +67,11 @@ def test_drain_publishes_in_id_order_and_marks(engine):
 
 
 def test_both_services_events_in_one_outbox(engine):
-    PromptStore(engine).submit(prompt_texts(2))
-    fb = FeedbackStore(engine)
+    PromptStore(engine, announce_prompt).submit(prompt_texts(2))
+    fb = FeedbackStore(engine, announce_feedback)
     task = fb.create_tasks([TaskIn("q", "p", 1, ["a", "b"], "v1")])[0]
     sid, _ = fb.submit_best_of_k("k", task.task_id, "alice", 1)
-    PromptStore(engine).submit(prompt_texts(1, prefix="later"))
+    PromptStore(engine, announce_prompt).submit(prompt_texts(1, prefix="later"))
     bus = FakeBus()
     assert asyncio.run(OutboxRelay(engine, bus).drain_once()) == 4
     assert [t for t, *_ in bus.calls] == ["rlhf.prompts.v1"] * 2 + ["rlhf.feedback.v1", "rlhf.prompts.v1"]
@@ -79,8 +81,8 @@ def test_both_services_events_in_one_outbox(engine):
 
 
 def test_topics_filter(engine):
-    PromptStore(engine).submit(prompt_texts(2))
-    fb = FeedbackStore(engine)
+    PromptStore(engine, announce_prompt).submit(prompt_texts(2))
+    fb = FeedbackStore(engine, announce_feedback)
     task = fb.create_tasks([TaskIn("q", "p", 1, ["a", "b"], "v1")])[0]
     fb.submit_best_of_k("k", task.task_id, "alice", 1)
     bus = FakeBus()
@@ -90,8 +92,8 @@ def test_topics_filter(engine):
 
 
 def test_backlog_counts_the_relay_topics_unpublished_rows(engine):
-    PromptStore(engine).submit(prompt_texts(3))
-    fb = FeedbackStore(engine)
+    PromptStore(engine, announce_prompt).submit(prompt_texts(3))
+    fb = FeedbackStore(engine, announce_feedback)
     task = fb.create_tasks([TaskIn("q", "p", 1, ["a", "b"], "v1")])[0]
     fb.submit_best_of_k("k", task.task_id, "alice", 1)
     prompts = OutboxRelay(engine, FakeBus(), batch_size=2, topics=["rlhf.prompts.v1"])
@@ -101,7 +103,7 @@ def test_backlog_counts_the_relay_topics_unpublished_rows(engine):
 
 
 def test_failed_publish_leaves_rows_for_the_next_round(engine, caplog):
-    PromptStore(engine).submit(prompt_texts(5))
+    PromptStore(engine, announce_prompt).submit(prompt_texts(5))
     ids = [r.id for r in rows(engine)]
     bus = FailingBus(fail_on={3})
     relay = OutboxRelay(engine, bus)
@@ -140,7 +142,7 @@ class CountingBus(FakeBus):
 
 
 def test_a_batch_is_published_without_waiting_row_by_row(engine):
-    PromptStore(engine).submit(prompt_texts(20))
+    PromptStore(engine, announce_prompt).submit(prompt_texts(20))
     bus = CountingBus()
     assert asyncio.run(OutboxRelay(engine, bus).drain_once()) == 20
     assert bus.most_in_flight == 19  # the first row alone (it may create the topic), then the rest together
@@ -149,7 +151,7 @@ def test_a_batch_is_published_without_waiting_row_by_row(engine):
 
 
 def test_bus_down_publishes_nothing(engine):
-    PromptStore(engine).submit(prompt_texts(3))
+    PromptStore(engine, announce_prompt).submit(prompt_texts(3))
     relay = OutboxRelay(engine, FailingBus())
     assert asyncio.run(relay.drain_once()) == 0
     assert asyncio.run(relay.drain_once()) == 0
@@ -157,7 +159,7 @@ def test_bus_down_publishes_nothing(engine):
 
 
 def test_run_until_stopped(engine):
-    store = PromptStore(engine)
+    store = PromptStore(engine, announce_prompt)
     bus = FakeBus()
     relay = OutboxRelay(engine, bus, batch_size=3, poll_interval=0.01)
 
@@ -183,7 +185,7 @@ def test_run_until_stopped(engine):
 
 
 def test_run_survives_failures_and_stops(engine):
-    PromptStore(engine).submit(prompt_texts(2))
+    PromptStore(engine, announce_prompt).submit(prompt_texts(2))
     bus = FailingBus(fail_on={1, 2, 3})
     relay = OutboxRelay(engine, bus, poll_interval=0.01)
 
@@ -204,7 +206,7 @@ def test_run_survives_failures_and_stops(engine):
 
 def test_event_loop_not_blocked(engine):
     """While a drain waits on the bus, other coroutines run (database calls are in threads)."""
-    PromptStore(engine).submit(prompt_texts(3))
+    PromptStore(engine, announce_prompt).submit(prompt_texts(3))
     relay = OutboxRelay(engine, FakeBus(delay=0.05))
     ticks = []
 
@@ -223,7 +225,7 @@ def test_event_loop_not_blocked(engine):
 def test_two_relays_never_publish_a_row_twice(engine):
     """PostgreSQL: FOR UPDATE SKIP LOCKED gives concurrent relays disjoint rows."""
     assert engine.dialect.name == "postgresql"
-    PromptStore(engine).submit(prompt_texts(40))
+    PromptStore(engine, announce_prompt).submit(prompt_texts(40))
     bus_a, bus_b = FakeBus(delay=0.002), FakeBus(delay=0.002)
     relay_a = OutboxRelay(engine, bus_a, batch_size=5)
     relay_b = OutboxRelay(engine, bus_b, batch_size=5)

@@ -10,8 +10,11 @@ from rlhf_client import common_pb2, prompts_pb2
 from sqlalchemy import func, select
 
 from rlhf.errors import ConfigError, DataError, NotFoundError
-from rlhf.storage.prompts import EVENT_TYPE, TOPIC, PromptIn, PromptStore, split_for_user, to_proto
+from rlhf.storage.prompts import PromptIn, PromptStore, split_for_user
 from rlhf.storage.schema import outbox, prompts
+from services.prompt_collector.service import EVENT_TYPE, announce, to_proto
+
+TOPIC = "rlhf.prompts.v1"
 
 TRAIN, VALID, TEST = common_pb2.SPLIT_TRAIN, common_pb2.SPLIT_VALID, common_pb2.SPLIT_TEST
 
@@ -23,7 +26,7 @@ def p(text, user="u1", source="api", consent=True) -> PromptIn:
 
 @pytest.fixture
 def store(engine):
-    return PromptStore(engine)
+    return PromptStore(engine, announce)
 
 
 def outbox_events(engine) -> list[prompts_pb2.PromptCollectedEvent]:
@@ -63,7 +66,6 @@ def test_to_proto(store):
     msg = to_proto(row)
     assert msg.prompt_id == row.prompt_id and msg.text == "hello" and msg.split == row.split
     assert msg.create_time.ToDatetime(tzinfo=timezone.utc) == row.created_at
-    assert row.to_proto() == msg == PromptStore.to_proto(row)
 
 
 GOOD = p("fine")
@@ -82,7 +84,7 @@ GOOD = p("fine")
     ([p("x", source="s" * 201)], r"^prompts\[0\]: source must be at most 200"),
 ])
 def test_validation_rejects_whole_batch(engine, count, items, match):
-    store = PromptStore(engine, max_prompt_chars=64)
+    store = PromptStore(engine, announce, max_prompt_chars=64)
     with pytest.raises(DataError, match=match) as err:
         store.submit(items)
     assert "secret" not in str(err.value)
@@ -90,7 +92,7 @@ def test_validation_rejects_whole_batch(engine, count, items, match):
 
 
 def test_length_counts_characters_not_bytes(engine):
-    store = PromptStore(engine, max_prompt_chars=10)
+    store = PromptStore(engine, announce, max_prompt_chars=10)
     assert not store.submit([p("é" * 10)])[0].duplicate  # 20 bytes, 10 characters
     with pytest.raises(DataError, match=r"prompts\[0\]: text is 11 characters long"):
         store.submit([p("é" * 11)])
@@ -118,10 +120,10 @@ def test_dedupe_after_scrubbing_and_normalisation(store, count):
 
 
 def test_duplicate_answers_with_the_stored_split(engine):
-    store = PromptStore(engine, split_fractions=(1, 0, 0))
+    store = PromptStore(engine, announce, split_fractions=(1, 0, 0))
     first = store.submit([p("shared text", user="x")])[0]
     assert first.split == TRAIN
-    later = PromptStore(engine, split_fractions=(0, 0, 1)).submit([p("shared text", user="y")])[0]
+    later = PromptStore(engine, announce, split_fractions=(0, 0, 1)).submit([p("shared text", user="y")])[0]
     assert later.duplicate and later.prompt_id == first.prompt_id and later.split == TRAIN
 
 
@@ -138,7 +140,7 @@ def test_one_user_never_spans_two_splits(store, engine):
 
 
 def test_list_pages_oldest_first(engine):
-    store = PromptStore(engine, split_fractions=(1, 0, 0))
+    store = PromptStore(engine, announce, split_fractions=(1, 0, 0))
     ids = [o.prompt_id for o in store.submit([p(f"prompt {i}") for i in range(13)])]
     ids += [o.prompt_id for o in store.submit([p(f"later {i}") for i in range(12)])]
     seen, token, pages = [], "", 0
@@ -156,10 +158,10 @@ def test_list_pages_oldest_first(engine):
 
 
 def test_list_filters_by_split(engine):
-    PromptStore(engine, split_fractions=(1, 0, 0)).submit([p("t1"), p("t2")])
-    PromptStore(engine, split_fractions=(0, 0, 1)).submit([p("x1")])
-    assert [r.text for r in PromptStore(engine).list(TRAIN)[0]] == ["t1", "t2"]
-    assert [r.text for r in PromptStore(engine).list(TEST)[0]] == ["x1"]
+    PromptStore(engine, announce, split_fractions=(1, 0, 0)).submit([p("t1"), p("t2")])
+    PromptStore(engine, announce, split_fractions=(0, 0, 1)).submit([p("x1")])
+    assert [r.text for r in PromptStore(engine, announce).list(TRAIN)[0]] == ["t1", "t2"]
+    assert [r.text for r in PromptStore(engine, announce).list(TEST)[0]] == ["x1"]
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -176,7 +178,7 @@ def test_list_rejects_bad_arguments(store, kwargs, match):
 
 
 def test_sample_is_deterministic_and_without_replacement(engine):
-    store = PromptStore(engine, split_fractions=(1, 0, 0))
+    store = PromptStore(engine, announce, split_fractions=(1, 0, 0))
     store.submit([p(f"prompt {i}") for i in range(60)])
     a = [r.prompt_id for r in store.sample(TRAIN, 10, seed=7)]
     assert a == [r.prompt_id for r in store.sample(TRAIN, 10, seed=7)]
@@ -193,7 +195,7 @@ def test_sample_is_deterministic_and_without_replacement(engine):
 
 
 def test_sample_is_roughly_uniform(engine):
-    store = PromptStore(engine, split_fractions=(1, 0, 0))
+    store = PromptStore(engine, announce, split_fractions=(1, 0, 0))
     ids = [o.prompt_id for o in store.submit([p(f"prompt {i}") for i in range(20)])]
     hits = dict.fromkeys(ids, 0)
     for seed in range(400):
@@ -242,9 +244,9 @@ def test_concurrent_identical_submits_store_once(store, engine, count):
 
 def test_constructor_validates(engine):
     with pytest.raises(ConfigError, match="split_fractions"):
-        PromptStore(engine, split_fractions=(0.5, 0.5, 0.5))
+        PromptStore(engine, announce, split_fractions=(0.5, 0.5, 0.5))
     with pytest.raises(ConfigError, match="max_prompt_chars"):
-        PromptStore(engine, max_prompt_chars=0)
+        PromptStore(engine, announce, max_prompt_chars=0)
 
 
 def test_lost_race_on_the_unique_hash_is_retried(store, count, monkeypatch):

@@ -135,8 +135,17 @@ class RewardClient(_Client):
                                                timeout=self._t(timeout)).reward_model_version
 
 
+def _labels(labels: Iterable[feedback_pb2.CandidateLabel | dict]) -> list[feedback_pb2.CandidateLabel]:
+    return [feedback_pb2.CandidateLabel(**x) if isinstance(x, dict) else x for x in labels]
+
+
 class FeedbackClient(_Client):
-    """The feedback-store: labeling tasks, rankings, best-of-K choices, demonstrations, exports."""
+    """The feedback-store: labeling tasks, rankings, best-of-K choices, demonstrations, skips,
+    exports, and (operators) labeler accounts.
+
+    ``labels``: per-candidate flags and 1-7 quality, ``CandidateLabel`` messages or dicts such as
+    ``{"index": 2, "flags": [feedback_pb2.RESPONSE_FLAG_HALLUCINATION], "quality": 3}``.
+    """
 
     stub_class = feedback_grpc.FeedbackServiceStub
 
@@ -164,26 +173,65 @@ class FeedbackClient(_Client):
                 return
 
     def submit_ranking(self, task_id: str, ranking: Sequence[Sequence[int]], labeler_id: str = "",
-                       idempotency_key: str | None = None,
+                       idempotency_key: str | None = None, labels: Iterable = (), seconds_spent: float = 0.0,
                        timeout: float | None = None) -> feedback_pb2.SubmitRankingResponse:
         """``ranking``: groups of candidate indices, best first; a group of several is a tie."""
         return self.stub.SubmitRanking(feedback_pb2.SubmitRankingRequest(
             idempotency_key=_key(idempotency_key), task_id=task_id, labeler_id=labeler_id,
-            ranking=[feedback_pb2.RankGroup(indices=list(g)) for g in ranking]), timeout=self._t(timeout))
+            ranking=[feedback_pb2.RankGroup(indices=list(g)) for g in ranking], labels=_labels(labels),
+            seconds_spent=seconds_spent), timeout=self._t(timeout))
 
     def submit_best_of_k(self, task_id: str, best_index: int, labeler_id: str = "",
-                         idempotency_key: str | None = None,
+                         idempotency_key: str | None = None, labels: Iterable = (), seconds_spent: float = 0.0,
                          timeout: float | None = None) -> feedback_pb2.SubmitBestOfKResponse:
         return self.stub.SubmitBestOfK(feedback_pb2.SubmitBestOfKRequest(
-            idempotency_key=_key(idempotency_key), task_id=task_id, labeler_id=labeler_id, best_index=best_index),
-            timeout=self._t(timeout))
+            idempotency_key=_key(idempotency_key), task_id=task_id, labeler_id=labeler_id, best_index=best_index,
+            labels=_labels(labels), seconds_spent=seconds_spent), timeout=self._t(timeout))
 
     def submit_demonstration(self, prompt: str, response: str, prompt_id: str = "", split: int = 0,
-                             labeler_id: str = "", idempotency_key: str | None = None,
+                             labeler_id: str = "", idempotency_key: str | None = None, task_id: str = "",
+                             seconds_spent: float = 0.0,
                              timeout: float | None = None) -> feedback_pb2.SubmitDemonstrationResponse:
+        """A free-standing demonstration, or (``task_id``) the answer to a demonstration task,
+        whose prompt is then the task's (leave ``prompt`` empty)."""
         return self.stub.SubmitDemonstration(feedback_pb2.SubmitDemonstrationRequest(
             idempotency_key=_key(idempotency_key), prompt=prompt, prompt_id=prompt_id, split=split,
-            labeler_id=labeler_id, response=response), timeout=self._t(timeout))
+            labeler_id=labeler_id, response=response, task_id=task_id, seconds_spent=seconds_spent),
+            timeout=self._t(timeout))
+
+    def skip_task(self, task_id: str, reason: int, comment: str = "", labeler_id: str = "",
+                  idempotency_key: str | None = None, seconds_spent: float = 0.0,
+                  timeout: float | None = None) -> feedback_pb2.SkipLabelingTaskResponse:
+        """``reason``: a ``feedback_pb2.SKIP_REASON_*`` value."""
+        return self.stub.SkipLabelingTask(feedback_pb2.SkipLabelingTaskRequest(
+            idempotency_key=_key(idempotency_key), task_id=task_id, labeler_id=labeler_id, reason=reason,
+            comment=comment, seconds_spent=seconds_spent), timeout=self._t(timeout))
+
+    # -- labeler accounts (operators) ----------------------------------------------------------
+    def create_labeler(self, name: str, admin: bool = False,
+                       timeout: float | None = None) -> feedback_pb2.CreateLabelerResponse:
+        """Register a labeler (``admin``: an account for the labeling page's admin view); the
+        answer holds their sign-in token, which is not shown again."""
+        return self.stub.CreateLabeler(feedback_pb2.CreateLabelerRequest(name=name, admin=admin),
+                                       timeout=self._t(timeout))
+
+    def issue_labeler_token(self, name: str, timeout: float | None = None) -> str:
+        return self.stub.IssueLabelerToken(feedback_pb2.IssueLabelerTokenRequest(name=name),
+                                           timeout=self._t(timeout)).token
+
+    def revoke_labeler(self, name: str, timeout: float | None = None) -> int:
+        """Disable a labeler; returns how many of their open tasks moved to other labelers."""
+        return self.stub.RevokeLabeler(feedback_pb2.RevokeLabelerRequest(name=name),
+                                       timeout=self._t(timeout)).tasks_reassigned
+
+    def reassign_labeler_tasks(self, name: str, timeout: float | None = None) -> int:
+        return self.stub.ReassignLabelerTasks(feedback_pb2.ReassignLabelerTasksRequest(name=name),
+                                              timeout=self._t(timeout)).tasks_reassigned
+
+    def labelers(self, timeout: float | None = None, **filters) -> list[feedback_pb2.Labeler]:
+        """Every labeler with their counts (``since``: only submissions from then on)."""
+        return list(self.stub.ListLabelers(feedback_pb2.ListLabelersRequest(**filters),
+                                           timeout=self._t(timeout)).labelers)
 
     def export_comparisons(self, timeout: float | None = None, **filters) -> Iterator[feedback_pb2.Comparison]:
         """``filters``: the fields of ``ExportComparisonsRequest`` (since, split, labeler_id, task_ids)."""

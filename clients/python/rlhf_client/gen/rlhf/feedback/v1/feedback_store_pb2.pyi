@@ -12,31 +12,86 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class TaskMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TASK_MODE_UNSPECIFIED: _ClassVar[TaskMode]
+    TASK_MODE_RANKING: _ClassVar[TaskMode]
+    TASK_MODE_BEST_OF_K: _ClassVar[TaskMode]
+    TASK_MODE_DEMONSTRATION: _ClassVar[TaskMode]
+
+class ResponseFlag(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RESPONSE_FLAG_UNSPECIFIED: _ClassVar[ResponseFlag]
+    RESPONSE_FLAG_FAILS_INSTRUCTION: _ClassVar[ResponseFlag]
+    RESPONSE_FLAG_HALLUCINATION: _ClassVar[ResponseFlag]
+    RESPONSE_FLAG_INAPPROPRIATE_FOR_ASSISTANT: _ClassVar[ResponseFlag]
+    RESPONSE_FLAG_SEXUAL_OR_VIOLENT: _ClassVar[ResponseFlag]
+    RESPONSE_FLAG_EXPRESSES_OPINION: _ClassVar[ResponseFlag]
+    RESPONSE_FLAG_HARMFUL_ADVICE: _ClassVar[ResponseFlag]
+
+class SkipReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SKIP_REASON_UNSPECIFIED: _ClassVar[SkipReason]
+    SKIP_REASON_UNCLEAR_PROMPT: _ClassVar[SkipReason]
+    SKIP_REASON_NEEDS_EXPERTISE: _ClassVar[SkipReason]
+    SKIP_REASON_OFFENSIVE_CONTENT: _ClassVar[SkipReason]
+    SKIP_REASON_BROKEN_CANDIDATES: _ClassVar[SkipReason]
+    SKIP_REASON_OTHER: _ClassVar[SkipReason]
+
 class ComparisonKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     COMPARISON_KIND_UNSPECIFIED: _ClassVar[ComparisonKind]
     COMPARISON_KIND_RANKING: _ClassVar[ComparisonKind]
     COMPARISON_KIND_BEST_OF_K: _ClassVar[ComparisonKind]
+TASK_MODE_UNSPECIFIED: TaskMode
+TASK_MODE_RANKING: TaskMode
+TASK_MODE_BEST_OF_K: TaskMode
+TASK_MODE_DEMONSTRATION: TaskMode
+RESPONSE_FLAG_UNSPECIFIED: ResponseFlag
+RESPONSE_FLAG_FAILS_INSTRUCTION: ResponseFlag
+RESPONSE_FLAG_HALLUCINATION: ResponseFlag
+RESPONSE_FLAG_INAPPROPRIATE_FOR_ASSISTANT: ResponseFlag
+RESPONSE_FLAG_SEXUAL_OR_VIOLENT: ResponseFlag
+RESPONSE_FLAG_EXPRESSES_OPINION: ResponseFlag
+RESPONSE_FLAG_HARMFUL_ADVICE: ResponseFlag
+SKIP_REASON_UNSPECIFIED: SkipReason
+SKIP_REASON_UNCLEAR_PROMPT: SkipReason
+SKIP_REASON_NEEDS_EXPERTISE: SkipReason
+SKIP_REASON_OFFENSIVE_CONTENT: SkipReason
+SKIP_REASON_BROKEN_CANDIDATES: SkipReason
+SKIP_REASON_OTHER: SkipReason
 COMPARISON_KIND_UNSPECIFIED: ComparisonKind
 COMPARISON_KIND_RANKING: ComparisonKind
 COMPARISON_KIND_BEST_OF_K: ComparisonKind
 
+class CandidateLabel(_message.Message):
+    __slots__ = ("index", "flags", "quality")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    FLAGS_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    flags: _containers.RepeatedScalarFieldContainer[ResponseFlag]
+    quality: int
+    def __init__(self, index: _Optional[int] = ..., flags: _Optional[_Iterable[_Union[ResponseFlag, str]]] = ..., quality: _Optional[int] = ...) -> None: ...
+
 class LabelingTaskInput(_message.Message):
-    __slots__ = ("prompt", "prompt_id", "split", "candidates", "policy_version")
+    __slots__ = ("prompt", "prompt_id", "split", "candidates", "policy_version", "mode")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_ID_FIELD_NUMBER: _ClassVar[int]
     SPLIT_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     prompt_id: str
     split: _common_pb2.Split
     candidates: _containers.RepeatedScalarFieldContainer[str]
     policy_version: str
-    def __init__(self, prompt: _Optional[str] = ..., prompt_id: _Optional[str] = ..., split: _Optional[_Union[_common_pb2.Split, str]] = ..., candidates: _Optional[_Iterable[str]] = ..., policy_version: _Optional[str] = ...) -> None: ...
+    mode: TaskMode
+    def __init__(self, prompt: _Optional[str] = ..., prompt_id: _Optional[str] = ..., split: _Optional[_Union[_common_pb2.Split, str]] = ..., candidates: _Optional[_Iterable[str]] = ..., policy_version: _Optional[str] = ..., mode: _Optional[_Union[TaskMode, str]] = ...) -> None: ...
 
 class LabelingTask(_message.Message):
-    __slots__ = ("task_id", "prompt", "prompt_id", "split", "candidates", "policy_version", "create_time")
+    __slots__ = ("task_id", "prompt", "prompt_id", "split", "candidates", "policy_version", "create_time", "mode", "assigned_to")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +99,8 @@ class LabelingTask(_message.Message):
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNED_TO_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     prompt: str
     prompt_id: str
@@ -51,7 +108,9 @@ class LabelingTask(_message.Message):
     candidates: _containers.RepeatedScalarFieldContainer[str]
     policy_version: str
     create_time: _timestamp_pb2.Timestamp
-    def __init__(self, task_id: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_id: _Optional[str] = ..., split: _Optional[_Union[_common_pb2.Split, str]] = ..., candidates: _Optional[_Iterable[str]] = ..., policy_version: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    mode: TaskMode
+    assigned_to: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, task_id: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_id: _Optional[str] = ..., split: _Optional[_Union[_common_pb2.Split, str]] = ..., candidates: _Optional[_Iterable[str]] = ..., policy_version: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., mode: _Optional[_Union[TaskMode, str]] = ..., assigned_to: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CreateLabelingTasksRequest(_message.Message):
     __slots__ = ("tasks",)
@@ -102,16 +161,20 @@ class RankGroup(_message.Message):
     def __init__(self, indices: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SubmitRankingRequest(_message.Message):
-    __slots__ = ("idempotency_key", "task_id", "labeler_id", "ranking")
+    __slots__ = ("idempotency_key", "task_id", "labeler_id", "ranking", "labels", "seconds_spent")
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     LABELER_ID_FIELD_NUMBER: _ClassVar[int]
     RANKING_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_SPENT_FIELD_NUMBER: _ClassVar[int]
     idempotency_key: str
     task_id: str
     labeler_id: str
     ranking: _containers.RepeatedCompositeFieldContainer[RankGroup]
-    def __init__(self, idempotency_key: _Optional[str] = ..., task_id: _Optional[str] = ..., labeler_id: _Optional[str] = ..., ranking: _Optional[_Iterable[_Union[RankGroup, _Mapping]]] = ...) -> None: ...
+    labels: _containers.RepeatedCompositeFieldContainer[CandidateLabel]
+    seconds_spent: float
+    def __init__(self, idempotency_key: _Optional[str] = ..., task_id: _Optional[str] = ..., labeler_id: _Optional[str] = ..., ranking: _Optional[_Iterable[_Union[RankGroup, _Mapping]]] = ..., labels: _Optional[_Iterable[_Union[CandidateLabel, _Mapping]]] = ..., seconds_spent: _Optional[float] = ...) -> None: ...
 
 class SubmitRankingResponse(_message.Message):
     __slots__ = ("submission_id", "duplicate")
@@ -122,16 +185,20 @@ class SubmitRankingResponse(_message.Message):
     def __init__(self, submission_id: _Optional[str] = ..., duplicate: _Optional[bool] = ...) -> None: ...
 
 class SubmitBestOfKRequest(_message.Message):
-    __slots__ = ("idempotency_key", "task_id", "labeler_id", "best_index")
+    __slots__ = ("idempotency_key", "task_id", "labeler_id", "best_index", "labels", "seconds_spent")
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     LABELER_ID_FIELD_NUMBER: _ClassVar[int]
     BEST_INDEX_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_SPENT_FIELD_NUMBER: _ClassVar[int]
     idempotency_key: str
     task_id: str
     labeler_id: str
     best_index: int
-    def __init__(self, idempotency_key: _Optional[str] = ..., task_id: _Optional[str] = ..., labeler_id: _Optional[str] = ..., best_index: _Optional[int] = ...) -> None: ...
+    labels: _containers.RepeatedCompositeFieldContainer[CandidateLabel]
+    seconds_spent: float
+    def __init__(self, idempotency_key: _Optional[str] = ..., task_id: _Optional[str] = ..., labeler_id: _Optional[str] = ..., best_index: _Optional[int] = ..., labels: _Optional[_Iterable[_Union[CandidateLabel, _Mapping]]] = ..., seconds_spent: _Optional[float] = ...) -> None: ...
 
 class SubmitBestOfKResponse(_message.Message):
     __slots__ = ("submission_id", "duplicate")
@@ -142,20 +209,24 @@ class SubmitBestOfKResponse(_message.Message):
     def __init__(self, submission_id: _Optional[str] = ..., duplicate: _Optional[bool] = ...) -> None: ...
 
 class SubmitDemonstrationRequest(_message.Message):
-    __slots__ = ("idempotency_key", "prompt", "prompt_id", "split", "labeler_id", "response")
+    __slots__ = ("idempotency_key", "prompt", "prompt_id", "split", "labeler_id", "response", "task_id", "seconds_spent")
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_ID_FIELD_NUMBER: _ClassVar[int]
     SPLIT_FIELD_NUMBER: _ClassVar[int]
     LABELER_ID_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_SPENT_FIELD_NUMBER: _ClassVar[int]
     idempotency_key: str
     prompt: str
     prompt_id: str
     split: _common_pb2.Split
     labeler_id: str
     response: str
-    def __init__(self, idempotency_key: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_id: _Optional[str] = ..., split: _Optional[_Union[_common_pb2.Split, str]] = ..., labeler_id: _Optional[str] = ..., response: _Optional[str] = ...) -> None: ...
+    task_id: str
+    seconds_spent: float
+    def __init__(self, idempotency_key: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_id: _Optional[str] = ..., split: _Optional[_Union[_common_pb2.Split, str]] = ..., labeler_id: _Optional[str] = ..., response: _Optional[str] = ..., task_id: _Optional[str] = ..., seconds_spent: _Optional[float] = ...) -> None: ...
 
 class SubmitDemonstrationResponse(_message.Message):
     __slots__ = ("submission_id", "duplicate")
@@ -166,7 +237,7 @@ class SubmitDemonstrationResponse(_message.Message):
     def __init__(self, submission_id: _Optional[str] = ..., duplicate: _Optional[bool] = ...) -> None: ...
 
 class Comparison(_message.Message):
-    __slots__ = ("submission_id", "task_id", "prompt", "prompt_id", "split", "candidates", "policy_version", "labeler_id", "kind", "ranking", "best_index", "create_time")
+    __slots__ = ("submission_id", "task_id", "prompt", "prompt_id", "split", "candidates", "policy_version", "labeler_id", "kind", "ranking", "best_index", "create_time", "labels", "seconds_spent")
     SUBMISSION_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -179,6 +250,8 @@ class Comparison(_message.Message):
     RANKING_FIELD_NUMBER: _ClassVar[int]
     BEST_INDEX_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_SPENT_FIELD_NUMBER: _ClassVar[int]
     submission_id: str
     task_id: str
     prompt: str
@@ -191,10 +264,12 @@ class Comparison(_message.Message):
     ranking: _containers.RepeatedCompositeFieldContainer[RankGroup]
     best_index: int
     create_time: _timestamp_pb2.Timestamp
-    def __init__(self, submission_id: _Optional[str] = ..., task_id: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_id: _Optional[str] = ..., split: _Optional[_Union[_common_pb2.Split, str]] = ..., candidates: _Optional[_Iterable[str]] = ..., policy_version: _Optional[str] = ..., labeler_id: _Optional[str] = ..., kind: _Optional[_Union[ComparisonKind, str]] = ..., ranking: _Optional[_Iterable[_Union[RankGroup, _Mapping]]] = ..., best_index: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    labels: _containers.RepeatedCompositeFieldContainer[CandidateLabel]
+    seconds_spent: float
+    def __init__(self, submission_id: _Optional[str] = ..., task_id: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_id: _Optional[str] = ..., split: _Optional[_Union[_common_pb2.Split, str]] = ..., candidates: _Optional[_Iterable[str]] = ..., policy_version: _Optional[str] = ..., labeler_id: _Optional[str] = ..., kind: _Optional[_Union[ComparisonKind, str]] = ..., ranking: _Optional[_Iterable[_Union[RankGroup, _Mapping]]] = ..., best_index: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., labels: _Optional[_Iterable[_Union[CandidateLabel, _Mapping]]] = ..., seconds_spent: _Optional[float] = ...) -> None: ...
 
 class Demonstration(_message.Message):
-    __slots__ = ("submission_id", "prompt", "prompt_id", "split", "labeler_id", "response", "create_time")
+    __slots__ = ("submission_id", "prompt", "prompt_id", "split", "labeler_id", "response", "create_time", "task_id", "seconds_spent")
     SUBMISSION_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -202,6 +277,8 @@ class Demonstration(_message.Message):
     LABELER_ID_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_SPENT_FIELD_NUMBER: _ClassVar[int]
     submission_id: str
     prompt: str
     prompt_id: str
@@ -209,7 +286,27 @@ class Demonstration(_message.Message):
     labeler_id: str
     response: str
     create_time: _timestamp_pb2.Timestamp
-    def __init__(self, submission_id: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_id: _Optional[str] = ..., split: _Optional[_Union[_common_pb2.Split, str]] = ..., labeler_id: _Optional[str] = ..., response: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    task_id: str
+    seconds_spent: float
+    def __init__(self, submission_id: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_id: _Optional[str] = ..., split: _Optional[_Union[_common_pb2.Split, str]] = ..., labeler_id: _Optional[str] = ..., response: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., task_id: _Optional[str] = ..., seconds_spent: _Optional[float] = ...) -> None: ...
+
+class Skip(_message.Message):
+    __slots__ = ("submission_id", "task_id", "labeler_id", "reason", "comment", "seconds_spent", "create_time")
+    SUBMISSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    LABELER_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    COMMENT_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_SPENT_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    submission_id: str
+    task_id: str
+    labeler_id: str
+    reason: SkipReason
+    comment: str
+    seconds_spent: float
+    create_time: _timestamp_pb2.Timestamp
+    def __init__(self, submission_id: _Optional[str] = ..., task_id: _Optional[str] = ..., labeler_id: _Optional[str] = ..., reason: _Optional[_Union[SkipReason, str]] = ..., comment: _Optional[str] = ..., seconds_spent: _Optional[float] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ExportComparisonsRequest(_message.Message):
     __slots__ = ("since", "split", "labeler_id", "task_ids")
@@ -252,23 +349,164 @@ class GetAgreementRequest(_message.Message):
     def __init__(self, since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class GetAgreementResponse(_message.Message):
-    __slots__ = ("pairwise_agreement", "tasks", "pairs")
+    __slots__ = ("pairwise_agreement", "tasks", "pairs", "labeler_pairs")
     PAIRWISE_AGREEMENT_FIELD_NUMBER: _ClassVar[int]
     TASKS_FIELD_NUMBER: _ClassVar[int]
     PAIRS_FIELD_NUMBER: _ClassVar[int]
+    LABELER_PAIRS_FIELD_NUMBER: _ClassVar[int]
     pairwise_agreement: float
     tasks: int
     pairs: int
-    def __init__(self, pairwise_agreement: _Optional[float] = ..., tasks: _Optional[int] = ..., pairs: _Optional[int] = ...) -> None: ...
+    labeler_pairs: _containers.RepeatedCompositeFieldContainer[LabelerPairAgreement]
+    def __init__(self, pairwise_agreement: _Optional[float] = ..., tasks: _Optional[int] = ..., pairs: _Optional[int] = ..., labeler_pairs: _Optional[_Iterable[_Union[LabelerPairAgreement, _Mapping]]] = ...) -> None: ...
+
+class LabelerPairAgreement(_message.Message):
+    __slots__ = ("labeler_a", "labeler_b", "pairwise_agreement", "tasks", "pairs")
+    LABELER_A_FIELD_NUMBER: _ClassVar[int]
+    LABELER_B_FIELD_NUMBER: _ClassVar[int]
+    PAIRWISE_AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    PAIRS_FIELD_NUMBER: _ClassVar[int]
+    labeler_a: str
+    labeler_b: str
+    pairwise_agreement: float
+    tasks: int
+    pairs: int
+    def __init__(self, labeler_a: _Optional[str] = ..., labeler_b: _Optional[str] = ..., pairwise_agreement: _Optional[float] = ..., tasks: _Optional[int] = ..., pairs: _Optional[int] = ...) -> None: ...
+
+class SkipLabelingTaskRequest(_message.Message):
+    __slots__ = ("idempotency_key", "task_id", "labeler_id", "reason", "comment", "seconds_spent")
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    LABELER_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    COMMENT_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_SPENT_FIELD_NUMBER: _ClassVar[int]
+    idempotency_key: str
+    task_id: str
+    labeler_id: str
+    reason: SkipReason
+    comment: str
+    seconds_spent: float
+    def __init__(self, idempotency_key: _Optional[str] = ..., task_id: _Optional[str] = ..., labeler_id: _Optional[str] = ..., reason: _Optional[_Union[SkipReason, str]] = ..., comment: _Optional[str] = ..., seconds_spent: _Optional[float] = ...) -> None: ...
+
+class SkipLabelingTaskResponse(_message.Message):
+    __slots__ = ("submission_id", "duplicate")
+    SUBMISSION_ID_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    submission_id: str
+    duplicate: bool
+    def __init__(self, submission_id: _Optional[str] = ..., duplicate: _Optional[bool] = ...) -> None: ...
+
+class Labeler(_message.Message):
+    __slots__ = ("name", "admin", "active", "registered", "create_time", "rankings", "best_of_k", "demonstrations", "skips", "open_tasks", "median_seconds_per_task", "skips_by_reason")
+    class SkipsByReasonEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ADMIN_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    REGISTERED_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    RANKINGS_FIELD_NUMBER: _ClassVar[int]
+    BEST_OF_K_FIELD_NUMBER: _ClassVar[int]
+    DEMONSTRATIONS_FIELD_NUMBER: _ClassVar[int]
+    SKIPS_FIELD_NUMBER: _ClassVar[int]
+    OPEN_TASKS_FIELD_NUMBER: _ClassVar[int]
+    MEDIAN_SECONDS_PER_TASK_FIELD_NUMBER: _ClassVar[int]
+    SKIPS_BY_REASON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    admin: bool
+    active: bool
+    registered: bool
+    create_time: _timestamp_pb2.Timestamp
+    rankings: int
+    best_of_k: int
+    demonstrations: int
+    skips: int
+    open_tasks: int
+    median_seconds_per_task: float
+    skips_by_reason: _containers.ScalarMap[str, int]
+    def __init__(self, name: _Optional[str] = ..., admin: _Optional[bool] = ..., active: _Optional[bool] = ..., registered: _Optional[bool] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., rankings: _Optional[int] = ..., best_of_k: _Optional[int] = ..., demonstrations: _Optional[int] = ..., skips: _Optional[int] = ..., open_tasks: _Optional[int] = ..., median_seconds_per_task: _Optional[float] = ..., skips_by_reason: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class CreateLabelerRequest(_message.Message):
+    __slots__ = ("name", "admin")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ADMIN_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    admin: bool
+    def __init__(self, name: _Optional[str] = ..., admin: _Optional[bool] = ...) -> None: ...
+
+class CreateLabelerResponse(_message.Message):
+    __slots__ = ("labeler", "token")
+    LABELER_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    labeler: Labeler
+    token: str
+    def __init__(self, labeler: _Optional[_Union[Labeler, _Mapping]] = ..., token: _Optional[str] = ...) -> None: ...
+
+class IssueLabelerTokenRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class IssueLabelerTokenResponse(_message.Message):
+    __slots__ = ("token",)
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    def __init__(self, token: _Optional[str] = ...) -> None: ...
+
+class RevokeLabelerRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class RevokeLabelerResponse(_message.Message):
+    __slots__ = ("tasks_reassigned",)
+    TASKS_REASSIGNED_FIELD_NUMBER: _ClassVar[int]
+    tasks_reassigned: int
+    def __init__(self, tasks_reassigned: _Optional[int] = ...) -> None: ...
+
+class ReassignLabelerTasksRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ReassignLabelerTasksResponse(_message.Message):
+    __slots__ = ("tasks_reassigned",)
+    TASKS_REASSIGNED_FIELD_NUMBER: _ClassVar[int]
+    tasks_reassigned: int
+    def __init__(self, tasks_reassigned: _Optional[int] = ...) -> None: ...
+
+class ListLabelersRequest(_message.Message):
+    __slots__ = ("since",)
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    since: _timestamp_pb2.Timestamp
+    def __init__(self, since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ListLabelersResponse(_message.Message):
+    __slots__ = ("labelers",)
+    LABELERS_FIELD_NUMBER: _ClassVar[int]
+    labelers: _containers.RepeatedCompositeFieldContainer[Labeler]
+    def __init__(self, labelers: _Optional[_Iterable[_Union[Labeler, _Mapping]]] = ...) -> None: ...
 
 class FeedbackEvent(_message.Message):
-    __slots__ = ("event_id", "comparison", "demonstration", "event_time")
+    __slots__ = ("event_id", "comparison", "demonstration", "skip", "event_time")
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     COMPARISON_FIELD_NUMBER: _ClassVar[int]
     DEMONSTRATION_FIELD_NUMBER: _ClassVar[int]
+    SKIP_FIELD_NUMBER: _ClassVar[int]
     EVENT_TIME_FIELD_NUMBER: _ClassVar[int]
     event_id: str
     comparison: Comparison
     demonstration: Demonstration
+    skip: Skip
     event_time: _timestamp_pb2.Timestamp
-    def __init__(self, event_id: _Optional[str] = ..., comparison: _Optional[_Union[Comparison, _Mapping]] = ..., demonstration: _Optional[_Union[Demonstration, _Mapping]] = ..., event_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    def __init__(self, event_id: _Optional[str] = ..., comparison: _Optional[_Union[Comparison, _Mapping]] = ..., demonstration: _Optional[_Union[Demonstration, _Mapping]] = ..., skip: _Optional[_Union[Skip, _Mapping]] = ..., event_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...

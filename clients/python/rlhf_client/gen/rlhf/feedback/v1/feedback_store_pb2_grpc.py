@@ -27,10 +27,15 @@ if _version_not_supported:
 
 
 class FeedbackServiceStub:
-    """Comparison storage: labeling tasks, rankings, best-of-K choices and demonstrations. Every stored
-    submission is announced once on rlhf.feedback.v1 as a FeedbackEvent (written to the database
-    first, in the same transaction as an outbox row). Submissions are idempotent: the same
+    """Comparison storage: labeling tasks, rankings, best-of-K choices, demonstrations and skips. Every
+    stored submission is announced once on rlhf.feedback.v1 as a FeedbackEvent (written to the
+    database first, in the same transaction as an outbox row). Submissions are idempotent: the same
     idempotency_key twice stores once and answers with the first submission.
+
+    Labelers: once an admin has registered labelers (CreateLabeler), each new task is assigned to one
+    of them (a configurable share to two, for agreement), and a labeler lists, reads and answers only
+    the tasks assigned to them. A labeler's id always comes from their credential. One answer
+    (ranking, best-of-K choice, demonstration or skip) per labeler per task.
     """
 
     def __init__(self, channel):
@@ -84,13 +89,48 @@ class FeedbackServiceStub:
                 request_serializer=rlhf_dot_feedback_dot_v1_dot_feedback__store__pb2.GetAgreementRequest.SerializeToString,
                 response_deserializer=rlhf_dot_feedback_dot_v1_dot_feedback__store__pb2.GetAgreementResponse.FromString,
                 _registered_method=True)
+        self.SkipLabelingTask = channel.unary_unary(
+                '/rlhf.feedback.v1.FeedbackService/SkipLabelingTask',
+                request_serializer=rlhf_dot_feedback_dot_v1_dot_feedback__store__pb2.SkipLabelingTaskRequest.SerializeToString,
+                response_deserializer=rlhf_dot_feedback_dot_v1_dot_feedback__store__pb2.SkipLabelingTaskResponse.FromString,
+                _registered_method=True)
+        self.CreateLabeler = channel.unary_unary(
+                '/rlhf.feedback.v1.FeedbackService/CreateLabeler',
+                request_serializer=rlhf_dot_feedback_dot_v1_dot_feedback__store__pb2.CreateLabelerRequest.SerializeToString,
+                response_deserializer=rlhf_dot_feedback_dot_v1_dot_feedback__store__pb2.CreateLabelerResponse.FromString,
+                _registered_method=True)
+        self.IssueLabelerToken = channel.unary_unary(
+                '/rlhf.feedback.v1.FeedbackService/IssueLabelerToken',
+                request_serializer=rlhf_dot_feedback_dot_v1_dot_feedback__store__pb2.IssueLabelerTokenRequest.SerializeToString,
+                response_deserializer=rlhf_dot_feedback_dot_v1_dot_feedback__store__pb2.IssueLabelerTokenResponse.FromString,
+                _registered_method=True)
+        self.RevokeLabeler = channel.unary_unary(
+                '/rlhf.feedback.v1.FeedbackService/RevokeLabeler',
+                request_serializer=rlhf_dot_feedback_dot_v1_dot_feedback__store__pb2.RevokeLabelerRequest.SerializeToString,
+                response_deserializer=rlhf_dot_feedback_dot_v1_dot_feedback__store__pb2.RevokeLabelerResponse.FromString,
+                _registered_method=True)
+        self.ReassignLabelerTasks = channel.unary_unary(
+                '/rlhf.feedback.v1.FeedbackService/ReassignLabelerTasks',
+                request_serializer=rlhf_dot_feedback_dot_v1_dot_feedback__store__pb2.ReassignLabelerTasksRequest.SerializeToString,
+                response_deserializer=rlhf_dot_feedback_dot_v1_dot_feedback__store__pb2.ReassignLabelerTasksResponse.FromString,
+                _registered_method=True)
+        self.ListLabelers = channel.unary_unary(
+                '/rlhf.feedback.v1.FeedbackService/ListLabelers',
+                request_serializer=rlhf_dot_feedback_dot_v1_dot_feedback__store__pb2.ListLabelersRequest.SerializeToString,
+                response_deserializer=rlhf_dot_feedback_dot_v1_dot_feedback__store__pb2.ListLabelersResponse.FromString,
+                _registered_method=True)
 
 
 class FeedbackServiceServicer:
-    """Comparison storage: labeling tasks, rankings, best-of-K choices and demonstrations. Every stored
-    submission is announced once on rlhf.feedback.v1 as a FeedbackEvent (written to the database
-    first, in the same transaction as an outbox row). Submissions are idempotent: the same
+    """Comparison storage: labeling tasks, rankings, best-of-K choices, demonstrations and skips. Every
+    stored submission is announced once on rlhf.feedback.v1 as a FeedbackEvent (written to the
+    database first, in the same transaction as an outbox row). Submissions are idempotent: the same
     idempotency_key twice stores once and answers with the first submission.
+
+    Labelers: once an admin has registered labelers (CreateLabeler), each new task is assigned to one
+    of them (a configurable share to two, for agreement), and a labeler lists, reads and answers only
+    the tasks assigned to them. A labeler's id always comes from their credential. One answer
+    (ranking, best-of-K choice, demonstration or skip) per labeler per task.
     """
 
     def CreateLabelingTasks(self, request, context):
@@ -107,7 +147,7 @@ class FeedbackServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListLabelingTasks(self, request, context):
-        """Tasks the labeler has not answered yet, oldest first.
+        """Tasks the labeler may answer and has not answered yet, oldest first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -146,6 +186,48 @@ class FeedbackServiceServicer:
 
     def GetAgreement(self, request, context):
         """How often two labelers who ranked the same task order a pair of its candidates alike.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SkipLabelingTask(self, request, context):
+        """Declines a task with a reason; it leaves the labeler's list.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateLabeler(self, request, context):
+        """Labeler accounts (operators): register one and issue their first sign-in token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def IssueLabelerToken(self, request, context):
+        """A new sign-in token for a labeler; their previous one stops working.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeLabeler(self, request, context):
+        """Disables a labeler (their token stops working) and moves their open tasks to other labelers.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReassignLabelerTasks(self, request, context):
+        """Moves a labeler's open tasks to other labelers (the labeler stays active).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListLabelers(self, request, context):
+        """Every labeler (registered, or who has submitted) with their counts.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -199,6 +281,36 @@ def add_FeedbackServiceServicer_to_server(servicer, server):
                     request_deserializer=rlhf_dot_feedback_dot_v1_dot_feedback__store__pb2.GetAgreementRequest.FromString,
                     response_serializer=rlhf_dot_feedback_dot_v1_dot_feedback__store__pb2.GetAgreementResponse.SerializeToString,
             ),
+            'SkipLabelingTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.SkipLabelingTask,
+                    request_deserializer=rlhf_dot_feedback_dot_v1_dot_feedback__store__pb2.SkipLabelingTaskRequest.FromString,
+                    response_serializer=rlhf_dot_feedback_dot_v1_dot_feedback__store__pb2.SkipLabelingTaskResponse.SerializeToString,
+            ),
+            'CreateLabeler': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateLabeler,
+                    request_deserializer=rlhf_dot_feedback_dot_v1_dot_feedback__store__pb2.CreateLabelerRequest.FromString,
+                    response_serializer=rlhf_dot_feedback_dot_v1_dot_feedback__store__pb2.CreateLabelerResponse.SerializeToString,
+            ),
+            'IssueLabelerToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.IssueLabelerToken,
+                    request_deserializer=rlhf_dot_feedback_dot_v1_dot_feedback__store__pb2.IssueLabelerTokenRequest.FromString,
+                    response_serializer=rlhf_dot_feedback_dot_v1_dot_feedback__store__pb2.IssueLabelerTokenResponse.SerializeToString,
+            ),
+            'RevokeLabeler': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeLabeler,
+                    request_deserializer=rlhf_dot_feedback_dot_v1_dot_feedback__store__pb2.RevokeLabelerRequest.FromString,
+                    response_serializer=rlhf_dot_feedback_dot_v1_dot_feedback__store__pb2.RevokeLabelerResponse.SerializeToString,
+            ),
+            'ReassignLabelerTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReassignLabelerTasks,
+                    request_deserializer=rlhf_dot_feedback_dot_v1_dot_feedback__store__pb2.ReassignLabelerTasksRequest.FromString,
+                    response_serializer=rlhf_dot_feedback_dot_v1_dot_feedback__store__pb2.ReassignLabelerTasksResponse.SerializeToString,
+            ),
+            'ListLabelers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListLabelers,
+                    request_deserializer=rlhf_dot_feedback_dot_v1_dot_feedback__store__pb2.ListLabelersRequest.FromString,
+                    response_serializer=rlhf_dot_feedback_dot_v1_dot_feedback__store__pb2.ListLabelersResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'rlhf.feedback.v1.FeedbackService', rpc_method_handlers)
@@ -208,10 +320,15 @@ def add_FeedbackServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class FeedbackService:
-    """Comparison storage: labeling tasks, rankings, best-of-K choices and demonstrations. Every stored
-    submission is announced once on rlhf.feedback.v1 as a FeedbackEvent (written to the database
-    first, in the same transaction as an outbox row). Submissions are idempotent: the same
+    """Comparison storage: labeling tasks, rankings, best-of-K choices, demonstrations and skips. Every
+    stored submission is announced once on rlhf.feedback.v1 as a FeedbackEvent (written to the
+    database first, in the same transaction as an outbox row). Submissions are idempotent: the same
     idempotency_key twice stores once and answers with the first submission.
+
+    Labelers: once an admin has registered labelers (CreateLabeler), each new task is assigned to one
+    of them (a configurable share to two, for agreement), and a labeler lists, reads and answers only
+    the tasks assigned to them. A labeler's id always comes from their credential. One answer
+    (ranking, best-of-K choice, demonstration or skip) per labeler per task.
     """
 
     @staticmethod
@@ -447,6 +564,168 @@ class FeedbackService:
             '/rlhf.feedback.v1.FeedbackService/GetAgreement',
             rlhf_dot_feedback_dot_v1_dot_feedback__store__pb2.GetAgreementRequest.SerializeToString,
             rlhf_dot_feedback_dot_v1_dot_feedback__store__pb2.GetAgreementResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SkipLabelingTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlhf.feedback.v1.FeedbackService/SkipLabelingTask',
+            rlhf_dot_feedback_dot_v1_dot_feedback__store__pb2.SkipLabelingTaskRequest.SerializeToString,
+            rlhf_dot_feedback_dot_v1_dot_feedback__store__pb2.SkipLabelingTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateLabeler(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlhf.feedback.v1.FeedbackService/CreateLabeler',
+            rlhf_dot_feedback_dot_v1_dot_feedback__store__pb2.CreateLabelerRequest.SerializeToString,
+            rlhf_dot_feedback_dot_v1_dot_feedback__store__pb2.CreateLabelerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IssueLabelerToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlhf.feedback.v1.FeedbackService/IssueLabelerToken',
+            rlhf_dot_feedback_dot_v1_dot_feedback__store__pb2.IssueLabelerTokenRequest.SerializeToString,
+            rlhf_dot_feedback_dot_v1_dot_feedback__store__pb2.IssueLabelerTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeLabeler(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlhf.feedback.v1.FeedbackService/RevokeLabeler',
+            rlhf_dot_feedback_dot_v1_dot_feedback__store__pb2.RevokeLabelerRequest.SerializeToString,
+            rlhf_dot_feedback_dot_v1_dot_feedback__store__pb2.RevokeLabelerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReassignLabelerTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlhf.feedback.v1.FeedbackService/ReassignLabelerTasks',
+            rlhf_dot_feedback_dot_v1_dot_feedback__store__pb2.ReassignLabelerTasksRequest.SerializeToString,
+            rlhf_dot_feedback_dot_v1_dot_feedback__store__pb2.ReassignLabelerTasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListLabelers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlhf.feedback.v1.FeedbackService/ListLabelers',
+            rlhf_dot_feedback_dot_v1_dot_feedback__store__pb2.ListLabelersRequest.SerializeToString,
+            rlhf_dot_feedback_dot_v1_dot_feedback__store__pb2.ListLabelersResponse.FromString,
             options,
             channel_credentials,
             insecure,
