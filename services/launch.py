@@ -110,7 +110,8 @@ def up_settings(opts: UpOptions, environ=os.environ) -> dict:
         "policy-server": {"registry_dir": registry, "prompt_collector_addr": addr["prompt-collector"],
                           "http_port": opts.http_port},
         "reward-scorer": {"registry_dir": registry},
-        "trainer": {"registry_dir": registry, "prompt_collector_addr": addr["prompt-collector"],
+        "trainer": {"registry_dir": registry, "database_url": db, "migrate_on_start": False,
+                    "prompt_collector_addr": addr["prompt-collector"],
                     "policy_server_addr": addr["policy-server"], "reward_scorer_addr": addr["reward-scorer"],
                     "feedback_store_addr": addr["feedback-store"]},
     }
@@ -140,7 +141,7 @@ async def up(opts: UpOptions, stop_event: asyncio.Event | None = None, ready=Non
     token = internal_token(opts.data_dir)
     settings = up_settings(opts)
     engine = make_engine(settings["feedback-store"].database_url)
-    await asyncio.to_thread(migrate, engine)  # once, before the two services that share the database
+    await asyncio.to_thread(migrate, engine)  # once, before the three services that share the database
     engine.dispose()
     metrics = {name: ServiceMetrics(name) for name in ORDER}
     # the one in-process bus of all five reports its lag and throughput on the trainer's /metrics
