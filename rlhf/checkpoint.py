@@ -160,6 +160,11 @@ class Checkpoints:
         p = self.latest()
         return json.loads((p / META).read_text()) if p else None
 
+    def forget_inputs(self) -> None:
+        """Remove the inputs a run pinned (:meth:`Checkpointing.pinned`) before it wrote any checkpoint."""
+        for f in self.directory.glob("inputs-*.pt"):
+            f.unlink()
+
     def save(self, step: int, modules: nn.Module, optimizer: torch.optim.Optimizer | None, shared: dict,
              local: dict, meta: dict) -> Path:
         """Write the checkpoint of ``step`` (a collective: every rank calls it)."""
@@ -237,6 +242,22 @@ class Checkpointing:
         self.store, self.every, self.meta, self.check = store, every, meta, check
         self.world = world or (store.world if store is not None else World())
         self.resumed_from: Loaded | None = None
+
+    def pinned(self, name: str, fetch: Callable[[], Any]) -> Any:
+        """The job's input ``name`` (its data, the model versions it starts from): ``fetch()`` on
+        rank 0 the first time, shared with every rank, and kept in the checkpoint directory, so
+        that a resumed run trains on what the interrupted one did (a service's export, or the
+        registry's latest version, may have changed since)."""
+        f = self.store.directory / f"inputs-{name}.pt" if self.store is not None else None
+        if f is not None and f.is_file():
+            return torch.load(f, map_location="cpu", weights_only=False)
+        value = self.world.broadcast(fetch() if self.world.main else None)
+        if f is not None and self.world.main:
+            f.parent.mkdir(parents=True, exist_ok=True)
+            tmp = f.with_name(f".{f.name}.tmp")
+            _save(value, tmp)
+            os.replace(tmp, f)
+        return value
 
     def restore(self, modules: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict | None:
         """The loop's state at the newest checkpoint (its model, optimizer and RNGs loaded), or

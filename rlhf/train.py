@@ -294,10 +294,11 @@ def sharded_state(world: World, model, strategy: str) -> dict | None:
 def run_sft(job: SFTJob, io: JobIO) -> dict:
     world = setup(io.device)
     torch.manual_seed(job.sft.seed)  # dropout: the same job gives the same weights, whichever way it runs
-    demos, evals = on_main(world, lambda: io.demonstrations(job))
+    ckpt = checkpointing(io, job, "sft", world)
+    demos, evals = ckpt.pinned("data", lambda: io.demonstrations(job))
     if len(demos) < job.min_demonstrations:
         raise DataError(f"{len(demos)} demonstrations; the job needs at least {job.min_demonstrations} (min_demonstrations)")
-    src = on_main(world, lambda: io.policy(job.model, "model"))
+    src = ckpt.pinned("model", lambda: io.policy(job.model, "model"))
     tok, model = load_tokenizer(src.path), load_causal_lm(src.path).to(world.device)
     ids, attn, lm = encode_demonstrations(tok, demos, job.sft.max_length)
     total = job.sft.max_steps or max(1, int(job.sft.epochs * -(-len(demos) // job.sft.batch_size)))
@@ -311,7 +312,7 @@ def run_sft(job: SFTJob, io: JobIO) -> dict:
             io.step("SFT", m.get("step", 0), total, {"sft_loss": m["loss"]})
 
     net = world.wrap(model, job.distributed.strategy)
-    hist = train_lm(net, ids, attn, lm, job.sft, on_step, world=world, checkpointing=checkpointing(io, job, "sft", world))
+    hist = train_lm(net, ids, attn, lm, job.sft, on_step, world=world, checkpointing=ckpt)
     metrics = {"sft_loss": hist[-1]["loss"], "sft_steps": float(len(hist)), "sft_demonstrations": float(len(demos)),
                "seconds": time.perf_counter() - t0}
     if evals:
@@ -326,7 +327,8 @@ def run_sft(job: SFTJob, io: JobIO) -> dict:
 def run_rm(job: RMJob, io: JobIO) -> dict:
     world = setup(io.device)
     torch.manual_seed(job.rm.seed)
-    train, held = on_main(world, lambda: io.comparisons(job))
+    ckpt = checkpointing(io, job, "rm", world)
+    train, held = ckpt.pinned("data", lambda: io.comparisons(job))
     train, held = usable_comparisons(train, job.rm.loss), usable_comparisons(held, job.rm.loss)
     if len(train) < job.min_comparisons:
         raise DataError(f"{len(train)} comparisons for the RM's loss {job.rm.loss!r}; the job needs at least "
@@ -347,8 +349,7 @@ def run_rm(job: RMJob, io: JobIO) -> dict:
             io.step("RM", m.get("step", 0), total, {"rm_loss": m["loss"]})
 
     strategy = job.distributed.strategy
-    hist = train_reward_model(rm, train, job.rm, on_step, world=world, strategy=strategy,
-                              checkpointing=checkpointing(io, job, "rm", world))
+    hist = train_reward_model(rm, train, job.rm, on_step, world=world, strategy=strategy, checkpointing=ckpt)
     metrics = {"rm_loss": hist[-1]["loss"], "rm_steps": float(len(hist)), "rm_comparisons": float(len(train)),
                "seconds": time.perf_counter() - t0}
     if held:
@@ -375,9 +376,10 @@ def run_ppo(job: PPOJob, io: JobIO) -> dict:
         raise ConfigError("PPO trains with strategy ddp (each process samples with the whole policy); "
                           "fsdp is for SFT and reward models")
     torch.manual_seed(job.ppo.seed)
-    start = on_main(world, lambda: io.policy(job.policy, "policy"))
-    ref = on_main(world, lambda: io.reference(job, start))
-    all_prompts = on_main(world, lambda: io.prompts(job))
+    ckpt = checkpointing(io, job, "ppo", world)
+    start = ckpt.pinned("policy", lambda: io.policy(job.policy, "policy"))
+    ref = ckpt.pinned("reference", lambda: io.reference(job, start))
+    all_prompts = ckpt.pinned("prompts", lambda: io.prompts(job))
     if len(all_prompts) < job.ppo.batch_size:
         raise DataError(f"{len(all_prompts)} prompts are fewer than ppo.batch_size={job.ppo.batch_size}")
     if world.main:
@@ -404,7 +406,7 @@ def run_ppo(job: PPOJob, io: JobIO) -> dict:
     source = io.rollouts(job, start, trainer,
                          lambda s: world.share(batch_prompts(all_prompts, s, job.ppo.seed, job.ppo.batch_size)),
                          write, manifest)
-    ckpt, modules = checkpointing(io, job, "ppo", world), trainer.modules()
+    modules = trainer.modules()
     resumed = ckpt.restore(modules, trainer.opt)
     if resumed is not None:
         trainer.load_loop_state(resumed["trainer"] | resumed["trainer_rank"])
@@ -431,9 +433,9 @@ def run_ppo(job: PPOJob, io: JobIO) -> dict:
             m["step_duration_seconds"] = dt = time.perf_counter() - t_step  # the whole step, as a caller sees it
             m["samples_per_second"] = job.ppo.batch_size / dt
             m["tokens_per_second"] = m["response_length_tokens"] * job.ppo.batch_size / dt
+            ckpt.after_step(step + 1, modules, trainer.opt, state)  # before the step is reported: a reported step is kept
             if world.main:
                 io.step("PPO", step + 1, job.steps, m)
-            ckpt.after_step(step + 1, modules, trainer.opt, state)
         published = source.finish()
     finally:
         source.close()
@@ -518,9 +520,13 @@ class LocalIO(JobIO):
         rm = RewardModel.load(job.reward_model).requires_grad_(False).to(self.device)
         return (lambda ps, rs: rm.score(ps, rs)), (lambda: {"reward_model": job.reward_model})
 
+    REQUIRED = {SFTJob: ("model", "data", "output"), RMJob: ("model", "data", "output"),
+                PPOJob: ("policy", "reward_model", "prompts", "output")}
+
     def checkpoint_dir(self, job) -> Path:
         """``checkpoint.directory``, or OUTPUT.checkpoints beside the output. Without ``resume`` it
         must hold no checkpoint (one of an earlier run would be continued by accident)."""
+        self._required(job, *self.REQUIRED[type(job)])
         d = Path(job.checkpoint.directory or f"{Path(job.output)}.checkpoints")
         found = Checkpoints(d).latest()
         if self.resume and found is None:
@@ -528,6 +534,8 @@ class LocalIO(JobIO):
         if not self.resume and found is not None:
             raise ConfigError(f"{d} holds a checkpoint of an earlier run ({found.name}): continue it with "
                               f"--resume {d}, or remove it")
+        if not self.resume and d.is_dir():
+            Checkpoints(d).forget_inputs()  # of a run that stopped before its first checkpoint
         return d
 
     def publish(self, kind, write, job, *, parent, metrics, config, data) -> str:

@@ -109,7 +109,8 @@ def test_a_resume_refuses_what_would_not_be_exact(files, tmp_path):
     torch.set_num_threads(1)
     run_local("sft", from_dict(JOBS["sft"], {**cfg, "output": str(tmp_path / "out")}))
     ckpt = tmp_path / "out.checkpoints"
-    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step-00000002", "step-00000004"]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["inputs-data.pt", "inputs-model.pt", "latest", "step-00000002",
+                                                      "step-00000004"]
     # a new run must not continue an old one by accident
     with pytest.raises(ConfigError, match="holds a checkpoint of an earlier run.*--resume"):
         run_local("sft", from_dict(JOBS["sft"], {**cfg, "output": str(tmp_path / "out2"),
