@@ -183,11 +183,11 @@ class KubernetesLauncher:
         from kubernetes import client, config
 
         if api_client is None:
-            if os.environ.get("KUBERNETES_SERVICE_HOST"):
+            if os.environ.get("KUBERNETES_SERVICE_HOST"):  # in a pod: its service account
                 config.load_incluster_config()
-            else:
-                config.load_kube_config()
-            api_client = client.ApiClient()
+                api_client = client.ApiClient()
+            else:  # outside: $KUBECONFIG, else ~/.kube/config
+                api_client = config.new_client_from_config(config_file=os.environ.get("KUBECONFIG"))
         self.batch, self.core = client.BatchV1Api(api_client), client.CoreV1Api(api_client)
         self.namespace = namespace or _own_namespace()
         self.template = _read_template(pod_template)

@@ -109,3 +109,43 @@ def up_on_free_ports(data_dir: Path, metrics: bool = False, http: bool = False, 
             wait_serving(a)
         return close, addrs, (base + 10 if metrics else None), (http_port if http else None)
     raise AssertionError("unreachable")
+
+
+def serve_in_thread(name: str, settings, timeout: float = 120.0):
+    """One service (``rlhf serve NAME`` with these settings) on an event loop in a thread.
+    Returns (its gRPC address, close()); close() stops it and re-raises what made it fail."""
+    import asyncio
+    import threading
+
+    from rlhf.metrics import ServiceMetrics
+    from rlhf.runtime.server import serve
+    from services.launch import module_of
+
+    loop, stop, ready, failure, port = asyncio.new_event_loop(), None, threading.Event(), [], []
+
+    def run() -> None:
+        nonlocal stop
+        asyncio.set_event_loop(loop)
+        stop = asyncio.Event()
+        metrics = ServiceMetrics(name)
+        try:
+            loop.run_until_complete(serve(module_of(name).build(settings, metrics), settings, metrics,
+                                          ready=lambda g, m: (port.append(g), ready.set()), stop_event=stop))
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            failure.append(e)
+            ready.set()
+
+    t = threading.Thread(target=run, name=name, daemon=True)
+    t.start()
+    if not ready.wait(timeout):
+        raise TimeoutError(f"{name} did not start within {timeout:.0f} s")
+    if failure:
+        raise failure[0]
+
+    def close() -> None:
+        loop.call_soon_threadsafe(stop.set)
+        t.join(120)
+        if failure:
+            raise failure[0]
+
+    return f"127.0.0.1:{port[0]}", close
