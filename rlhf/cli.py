@@ -1,7 +1,7 @@
 """`rlhf` command line: the demo, training jobs on your own data, and evaluation.
 
     rlhf demo [--quick] [--out DIR] [--data DIR] [--set key=value ...]
-    rlhf train sft|rm|ppo --config FILE.yaml|.toml [--set key=value ...]   (also under torchrun)
+    rlhf train sft|rm|ppo --config FILE.yaml|.toml [--set key=value ...] [--device cuda]   (also under torchrun)
     rlhf train sft|rm|ppo --resume CHECKPOINT_DIR
     rlhf eval rm --model DIR --data comparisons.jsonl
     rlhf eval winrate --a samples_a.jsonl --b samples_b.jsonl [--judge gold|DIR]
@@ -102,9 +102,9 @@ def cmd_train(args) -> int:
     try:
         if main:
             with progress_display() as progress:
-                result = run_local(args.stage, job, progress, resume=bool(args.resume))
+                result = run_local(args.stage, job, progress, resume=bool(args.resume), device=args.device)
         else:
-            result = run_local(args.stage, job, resume=bool(args.resume))
+            result = run_local(args.stage, job, resume=bool(args.resume), device=args.device)
     except Interrupted as e:
         if main:
             print(f"rlhf: {e}; continue with: rlhf train {args.stage} --resume {e.directory}", file=sys.stderr)
@@ -207,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. rm.lr=1e-5")
     t.add_argument("--resume", metavar="DIR", help="continue an interrupted job from the newest checkpoint in DIR "
                    "(its checkpoint directory; the config comes from there)")
+    t.add_argument("--device", default="cpu", help="cpu, or cuda (under torchrun each process takes the GPU of its "
+                   "LOCAL_RANK, and the processes talk over NCCL)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="RM accuracy, or the win rate of two sample files")

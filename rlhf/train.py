@@ -543,10 +543,10 @@ class LocalIO(JobIO):
         return str(job.output)
 
 
-def run_local(stage: str, job, progress: Progress | None = None, resume: bool = False) -> dict:
+def run_local(stage: str, job, progress: Progress | None = None, resume: bool = False, device: str = "cpu") -> dict:
     """``rlhf train STAGE``: run the job on files and directories (``resume``: from the newest
     checkpoint in its checkpoint directory)."""
-    io = LocalIO(progress, resume=resume)
+    io = LocalIO(progress, device=device, resume=resume)
     return RECIPES[stage](job, io)
 
 

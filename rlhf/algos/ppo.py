@@ -280,8 +280,10 @@ class PPOTrainer:
     def step(self, prompts: list[str]) -> dict:
         """Roll out on ``prompts``, score, and run ppo_epochs x minibatches of updates."""
         cfg = self.cfg
-        if len(prompts) != cfg.batch_size:
-            raise ValueError(f"a PPO step takes batch_size={cfg.batch_size} prompts, got {len(prompts)}")
+        share = cfg.batch_size // self.world.size  # this rank's share of the step's prompts
+        if len(prompts) != share:
+            raise ValueError(f"a PPO step takes batch_size={cfg.batch_size} prompts"
+                             + (f" ({share} per process)" if self.world.distributed else "") + f", got {len(prompts)}")
         t_start = time.perf_counter()
         timings = {}
 
