@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(f"{NAME}-job", settings.log_level)
     use_model_threads(threads)
     install_preemption_handler()
-    engine = make_engine(settings.database_url)
+    engine = make_engine(settings.database_url, statement_timeout_s=settings.statement_timeout_seconds)
     try:
         world = distributed.setup(settings.device)
         return run(JobStore(engine), job_id, settings, world.main)
