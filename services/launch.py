@@ -189,6 +189,14 @@ async def up(opts: UpOptions, stop_event: asyncio.Event | None = None, ready=Non
 def up_in_thread(opts: UpOptions, timeout: float = 180.0):
     """Start :func:`up` on its own event loop in a thread; returns ``close()``, which stops the
     services and re-raises whatever made them fail. Raises at once if they do not start."""
+    return run_in_thread(lambda stop, ready: up(opts, stop_event=stop, ready=lambda ports: ready()), "the services",
+                         timeout)
+
+
+def run_in_thread(main, what: str, timeout: float = 180.0):
+    """``main(stop_event, ready)`` (a coroutine that calls ``ready()`` once it serves and returns
+    once ``stop_event`` is set) on an event loop of its own in a thread. Returns ``close()``, which
+    sets the event, waits, and re-raises what made it fail; raises at once if it does not start."""
     loop = asyncio.new_event_loop()
     stop = asyncio.Event()
     ready = threading.Event()
@@ -197,7 +205,7 @@ def up_in_thread(opts: UpOptions, timeout: float = 180.0):
     def run() -> None:
         asyncio.set_event_loop(loop)
         try:
-            loop.run_until_complete(up(opts, stop_event=stop, ready=lambda ports: ready.set()))
+            loop.run_until_complete(main(stop, ready.set))
         except BaseException as e:  # noqa: BLE001 - handed to the caller
             failure.append(e)
             ready.set()
@@ -205,7 +213,7 @@ def up_in_thread(opts: UpOptions, timeout: float = 180.0):
     t = threading.Thread(target=run, name="services", daemon=True)
     t.start()
     if not ready.wait(timeout):
-        raise TimeoutError(f"the services did not start within {timeout:.0f} s")
+        raise TimeoutError(f"{what} did not start within {timeout:.0f} s")
     if failure:
         raise failure[0]
 

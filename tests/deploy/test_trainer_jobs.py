@@ -7,7 +7,6 @@ job's result, which is what the trainer is then seen to handle."""
 
 from __future__ import annotations
 
-import time
 import uuid
 
 import pytest
@@ -16,21 +15,13 @@ from rlhf_client import trainer_grpc, trainer_pb2
 
 from services.trainer.launchers import JOB_LABEL, OWNER_LABEL, RENDEZVOUS_PORT
 from services.trainer.service import Settings
-from tests.deploy.helpers import VALUES_DEV, by_kind
+from tests.deploy.helpers import VALUES_DEV, by_kind, registry_volume
 from tests.services import scenario
-from tests.services.helpers import serve_in_thread, tiny_policy_registry
+from tests.services.helpers import serve_in_thread, tiny_policy_registry, wait_for
 
 pytestmark = [pytest.mark.deploy, pytest.mark.integration]
 
 TOKEN = f"alice-{uuid.uuid4().hex}"
-
-
-def wait_for(what: str, predicate, timeout: float = 120.0):
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.3)
-    return value
 
 
 @pytest.fixture
@@ -42,11 +33,7 @@ def namespace(kube):
     core = client.CoreV1Api(kube)
     ns = f"rlhf-jobs-{uuid.uuid4().hex[:8]}"
     core.create_namespace({"metadata": {"name": ns}})
-    pv = f"{ns}-registry"
-    core.create_persistent_volume({
-        "metadata": {"name": pv},
-        "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteMany"], "hostPath": {"path": f"/tmp/{pv}"},
-                 "persistentVolumeReclaimPolicy": "Retain", "claimRef": {"namespace": ns, "name": "rlhf-registry"}}})
+    pv = registry_volume(kube, ns)
     core.create_namespaced_persistent_volume_claim(ns, {
         "metadata": {"name": "rlhf-registry"},
         "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}, "volumeName": pv,

@@ -114,38 +114,37 @@ def up_on_free_ports(data_dir: Path, metrics: bool = False, http: bool = False, 
 def serve_in_thread(name: str, settings, timeout: float = 120.0):
     """One service (``rlhf serve NAME`` with these settings) on an event loop in a thread.
     Returns (its gRPC address, close()); close() stops it and re-raises what made it fail."""
-    import asyncio
-    import threading
-
     from rlhf.metrics import ServiceMetrics
     from rlhf.runtime.server import serve
-    from services.launch import module_of
+    from services.launch import module_of, run_in_thread
 
-    loop, stop, ready, failure, port = asyncio.new_event_loop(), None, threading.Event(), [], []
+    port: list[int] = []
 
-    def run() -> None:
-        nonlocal stop
-        asyncio.set_event_loop(loop)
-        stop = asyncio.Event()
+    def main(stop, ready):
         metrics = ServiceMetrics(name)
-        try:
-            loop.run_until_complete(serve(module_of(name).build(settings, metrics), settings, metrics,
-                                          ready=lambda g, m: (port.append(g), ready.set()), stop_event=stop))
-        except BaseException as e:  # noqa: BLE001 - handed to the caller
-            failure.append(e)
-            ready.set()
+        return serve(module_of(name).build(settings, metrics), settings, metrics,
+                     ready=lambda g, m: (port.append(g), ready()), stop_event=stop)
 
-    t = threading.Thread(target=run, name=name, daemon=True)
-    t.start()
-    if not ready.wait(timeout):
-        raise TimeoutError(f"{name} did not start within {timeout:.0f} s")
-    if failure:
-        raise failure[0]
-
-    def close() -> None:
-        loop.call_soon_threadsafe(stop.set)
-        t.join(120)
-        if failure:
-            raise failure[0]
-
+    close = run_in_thread(main, name, timeout)
     return f"127.0.0.1:{port[0]}", close
+
+
+def wait_for(what: str, predicate, timeout: float = 120.0, interval: float = 0.3):
+    """``predicate()``'s first true value, asked every ``interval`` seconds; fails after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(interval)
+    return value
+
+
+def submit_demonstrations(target: str, demos: list[tuple[str, str]]) -> None:
+    """Store (prompt, response) demonstrations in the feedback-store, in this order."""
+    from rlhf_client import common_pb2, feedback_grpc, feedback_pb2
+
+    with grpc.insecure_channel(target) as ch:
+        fb = feedback_grpc.FeedbackServiceStub(ch)
+        for i, (p, r) in enumerate(demos):
+            fb.SubmitDemonstration(feedback_pb2.SubmitDemonstrationRequest(
+                idempotency_key=f"d{i}", prompt=p, prompt_id=str(i), split=common_pb2.SPLIT_TRAIN,
+                labeler_id="writer", response=r), timeout=30)

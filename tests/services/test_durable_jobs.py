@@ -10,13 +10,12 @@ import json
 import os
 import random
 import signal
-import time
 from pathlib import Path
 
 import grpc
 import pytest
 import torch
-from rlhf_client import common_pb2, feedback_grpc, feedback_pb2, trainer_grpc, trainer_pb2
+from rlhf_client import trainer_grpc, trainer_pb2
 from sqlalchemy import text
 
 from rlhf.config import apply_overrides, from_dict
@@ -25,7 +24,7 @@ from rlhf.storage.db import make_engine
 from rlhf.storage.jobs import JobStore
 from rlhf.train import JOBS, run_local
 from tests.services import scenario
-from tests.services.helpers import tiny_policy_registry, up_on_free_ports
+from tests.services.helpers import submit_demonstrations, tiny_policy_registry, up_on_free_ports, wait_for
 from tests.training import assert_equal_weights, checkpoint_step
 
 pytestmark = pytest.mark.slow
@@ -33,14 +32,6 @@ pytestmark = pytest.mark.slow
 SFT = {"sft.max_steps": 1500, "sft.batch_size": 4, "sft.lr": 1e-3, "sft.warmup_steps": 1, "sft.max_length": 32,
        "checkpoint.every_steps": 50}
 DEMOS = [(f"review {i}: the film was", [" wonderful and fun", " a great film", " the best story"][i % 3]) for i in range(12)]
-
-
-def _wait(what: str, predicate, timeout: float = 300.0):
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-    return value
 
 
 @pytest.fixture
@@ -56,12 +47,7 @@ def test_a_job_outlives_its_process_and_the_trainer(tmp_path, one_thread):
     store = JobStore(make_engine(f"sqlite:///{tmp_path / 'rlhf.db'}"))
     close, addrs, _, _ = up_on_free_ports(tmp_path)
     try:
-        with grpc.insecure_channel(addrs["feedback-store"]) as ch:
-            fb = feedback_grpc.FeedbackServiceStub(ch)
-            for i, (p, r) in enumerate(DEMOS):
-                fb.SubmitDemonstration(feedback_pb2.SubmitDemonstrationRequest(
-                    idempotency_key=f"d{i}", prompt=p, prompt_id=str(i), split=common_pb2.SPLIT_TRAIN,
-                    labeler_id="writer", response=r), timeout=30)
+        submit_demonstrations(addrs["feedback-store"], DEMOS)
         with grpc.insecure_channel(addrs["trainer"]) as ch:
             job = trainer_grpc.TrainerServiceStub(ch).StartJob(trainer_pb2.StartJobRequest(
                 kind=trainer_pb2.JOB_KIND_SFT, overrides={"model": base, **{k: str(v) for k, v in SFT.items()}}),
@@ -70,17 +56,17 @@ def test_a_job_outlives_its_process_and_the_trainer(tmp_path, one_thread):
         assert job.owner and ckpt.parent == (tmp_path / "registry" / "checkpoints").resolve()
 
         # its process killed at a random step after a checkpoint: the trainer resumes it from there
-        _wait("a checkpoint", lambda: checkpoint_step(ckpt) >= random.choice([50, 100]))
+        wait_for("a checkpoint", lambda: checkpoint_step(ckpt) >= random.choice([50, 100]), 300, 0.05)
         os.kill(store.get(job.job_id).runner["pid"], signal.SIGKILL)
 
         def second_run():
             r = store.get(job.job_id)
             return r if r.attempts == 2 and r.status == "running" else None
 
-        resumed = _wait("the resumed run", second_run)
+        resumed = wait_for("the resumed run", second_run, 300)
         assert resumed.restarts == 1 and "resumed from checkpoint step-" in resumed.message
         at = checkpoint_step(ckpt)
-        _wait("progress after the resume", lambda: checkpoint_step(ckpt) > at)
+        wait_for("progress after the resume", lambda: checkpoint_step(ckpt) > at, 300)
     finally:
         close()  # the trainer stops: the job's process writes a checkpoint at its step and stops too
     stopped = store.get(job.job_id)
