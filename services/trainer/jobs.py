@@ -100,7 +100,7 @@ class JobManager:
         self._lock = threading.Lock()
         self._cancel_times: dict[str, float] = {}
         self._observed: dict[str, str] = {}  # job id -> the run's last reported state
-        self._seen_ppo = 0
+        self._seen_ppo = self._seen_event = 0
         self._task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._changed: asyncio.Condition | None = None
@@ -194,7 +194,9 @@ class JobManager:
 
     def tick(self) -> bool:
         """One round: launch, follow, resume. Returns whether any job reported something."""
-        changed = self._export_ppo_steps()
+        self._export_ppo_steps()
+        latest = self.store.last_event_id()  # what the jobs' processes reported since (wakes WatchJob)
+        changed, self._seen_event = latest != self._seen_event, latest
         jobs = self.store.list(ACTIVE)
         for job in jobs:
             if job.runner is None:
@@ -203,13 +205,11 @@ class JobManager:
                 changed |= self._follow(job)
         return changed
 
-    def _export_ppo_steps(self) -> bool:
-        events = self.store.stage_events("PPO", self._seen_ppo)
-        for ev in events:
+    def _export_ppo_steps(self) -> None:
+        for ev in self.store.stage_events("PPO", self._seen_ppo):
             self._seen_ppo = ev.event_id
             if self.observe_ppo_step is not None:
                 self.observe_ppo_step(ev.metrics)
-        return bool(events)
 
     def _start(self, job: JobRecord) -> bool:
         if job.cancel_requested:

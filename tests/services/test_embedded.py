@@ -287,6 +287,12 @@ def test_start_job_lists_every_bad_value_and_starts_nothing(embedded):
                 stub.StartJob(trainer_pb2.StartJobRequest(kind=kind, overrides=overrides))
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert all(n in e.value.details() for n in needles), e.value.details()
+        for kind, overrides, needle in (  # what the trainer's launcher (local processes here) cannot run
+                (trainer_pb2.JOB_KIND_SFT, {"distributed.nodes": "2"}, "several nodes need the Kubernetes launcher"),
+                (trainer_pb2.JOB_KIND_ONLINE_LOOP, {"ppo.distributed.processes": "2"}, "the online loop runs in one process")):
+            with pytest.raises(grpc.RpcError) as e:
+                stub.StartJob(trainer_pb2.StartJobRequest(kind=kind, overrides=overrides))
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and needle in e.value.details()
         with pytest.raises(grpc.RpcError) as e:  # a file path is the CLI's business, not the trainer's
             stub.StartJob(trainer_pb2.StartJobRequest(kind=trainer_pb2.JOB_KIND_SFT, overrides={"data": "/etc/passwd"}))
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "rlhf train" in e.value.details()
