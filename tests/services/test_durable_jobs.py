@@ -29,7 +29,7 @@ from tests.training import assert_equal_weights, checkpoint_step
 
 pytestmark = pytest.mark.slow
 
-SFT = {"sft.max_steps": 1500, "sft.batch_size": 4, "sft.lr": 1e-3, "sft.warmup_steps": 1, "sft.max_length": 32,
+SFT = {"sft.max_steps": 800, "sft.batch_size": 4, "sft.lr": 1e-3, "sft.warmup_steps": 1, "sft.max_length": 32,
        "checkpoint.every_steps": 50}
 DEMOS = [(f"review {i}: the film was", [" wonderful and fun", " a great film", " the best story"][i % 3]) for i in range(12)]
 
@@ -73,7 +73,7 @@ def test_a_job_outlives_its_process_and_the_trainer(tmp_path, one_thread):
     assert stopped.status == "pending" and stopped.runner is None, stopped.message
     assert stopped.message.startswith("interrupted at step") and "checkpoint" in stopped.message
     interrupted_at = int(stopped.message.split()[3])
-    assert checkpoint_step(ckpt) == interrupted_at < 1500
+    assert checkpoint_step(ckpt) == interrupted_at < 800
 
     close, addrs, _, _ = up_on_free_ports(tmp_path)  # a new trainer on the same database
     try:
@@ -90,7 +90,7 @@ def test_a_job_outlives_its_process_and_the_trainer(tmp_path, one_thread):
     assert any("its run ended without a result (its process ended: killed by SIGKILL" in m for m in messages)
     assert sum(m.startswith(f"resumed from checkpoint step-{interrupted_at:08d}") for m in messages) == 1
     # every step reported once before the kill, and from the checkpoint on after each resume
-    assert [m for m in messages if m == "SFT step 1500"] == ["SFT step 1500"]
+    assert [m for m in messages if m == "SFT step 800"] == ["SFT step 800"]
 
     # the same job, uninterrupted, through `rlhf train`: the same weights, bit for bit
     write_jsonl(tmp_path / "demos.jsonl", [{"prompt": p, "response": r} for p, r in DEMOS])
