@@ -180,7 +180,11 @@ class KubernetesLauncher:
     name = "kubernetes"
 
     def __init__(self, namespace: str = "", pod_template: str = "", ttl_seconds: int = 86_400, api_client=None):
-        from kubernetes import client, config
+        try:
+            from kubernetes import client, config
+        except ImportError:
+            raise ConfigError("launcher kubernetes needs the kubernetes client: pip install 'rlhf-platform[kubernetes]' "
+                              "(the image has it)") from None
 
         if api_client is None:
             if os.environ.get("KUBERNETES_SERVICE_HOST"):  # in a pod: its service account
