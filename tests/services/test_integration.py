@@ -67,7 +67,8 @@ def cluster(tmp_path_factory):
     logs = {}
     for name in NAMES:
         pre = "RLHF_" + name.upper().replace("-", "_") + "_"
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+        env = {**os.environ, "OMP_NUM_THREADS": "1",  # this checkout's core and SDK (the Job proto's new fields)
+               "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "clients" / "python")]),
                pre + "PORT": str(grpc_ports[name]), pre + "METRICS_PORT": str(metrics_ports[name]),
                pre + "KAFKA_BOOTSTRAP": KAFKA, pre + "GRACE_SECONDS": "5",
                pre + "CREDENTIALS_FILE": str(root / "credentials.yaml"), pre + "PEER_TOKEN_FILE": str(root / "services.token")}
