@@ -1,7 +1,8 @@
 """`rlhf` command line: the demo, training jobs on your own data, and evaluation.
 
     rlhf demo [--model tiny|smollm2] [--quick] [--out DIR] [--data DIR] [--set key=value ...]
-    rlhf train sft|rm|ppo --config FILE.yaml|.toml [--set key=value ...]
+    rlhf train sft|rm|ppo --config FILE.yaml|.toml [--set key=value ...] [--device cuda]   (also under torchrun)
+    rlhf train sft|rm|ppo --resume CHECKPOINT_DIR
     rlhf eval rm --model DIR --data comparisons.jsonl
     rlhf eval winrate --a samples_a.jsonl --b samples_b.jsonl [--judge gold|DIR]
     rlhf init-model --out DIR --texts FILE.jsonl [--set n_layer=4 ...]
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -97,13 +99,33 @@ def _print_summary(s: dict, out: Path) -> None:
 
 
 def cmd_train(args) -> int:
+    """One training job; under torchrun, one of its processes (rank 0 prints and publishes)."""
+    from rlhf import distributed
+    from rlhf.checkpoint import EXIT_INTERRUPTED, Interrupted, install_preemption_handler
     from rlhf.config import load_config
-    from rlhf.train import JOBS, run_local
+    from rlhf.train import JOBS, resume_config, run_local
 
-    job = load_config(JOBS[args.stage], args.config, args.set)
-    with progress_display() as progress:
-        result = run_local(args.stage, job, progress)
-    print(json.dumps(result, indent=2))
+    if args.resume and (args.config or args.set):
+        raise RLHFError("--resume takes the job's config from its checkpoint: drop --config and --set")
+    if not args.resume and not args.config:
+        raise RLHFError("--config is required (or --resume DIR to continue an interrupted job)")
+    job = resume_config(args.stage, args.resume) if args.resume else load_config(JOBS[args.stage], args.config, args.set)
+    install_preemption_handler()  # SIGTERM: finish the step, write a checkpoint, exit 75
+    main = int(os.environ.get("RANK", "0")) == 0
+    try:
+        if main:
+            with progress_display() as progress:
+                result = run_local(args.stage, job, progress, resume=bool(args.resume), device=args.device)
+        else:
+            result = run_local(args.stage, job, resume=bool(args.resume), device=args.device)
+    except Interrupted as e:
+        if main:
+            print(f"rlhf: {e}; continue with: rlhf train {args.stage} --resume {e.directory}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        distributed.shutdown()
+    if main:
+        print(json.dumps(result, indent=2))
     return 0
 
 
@@ -167,8 +189,6 @@ def cmd_init_model(args) -> int:
 
 
 def cmd_migrate(args) -> int:
-    import os
-
     from rlhf.storage.db import make_engine, migrate
 
     url = args.database_url or os.environ.get("RLHF_DATABASE_URL")
@@ -210,8 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train SFT, a reward model, or PPO on your data")
     t.add_argument("stage", choices=["sft", "rm", "ppo"])
-    t.add_argument("--config", required=True, help="YAML or TOML job config (see docs/cli.md)")
+    t.add_argument("--config", help="YAML or TOML job config (see docs/cli.md)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. rm.lr=1e-5")
+    t.add_argument("--resume", metavar="DIR", help="continue an interrupted job from the newest checkpoint in DIR "
+                   "(its checkpoint directory; the config comes from there)")
+    t.add_argument("--device", default="cpu", help="cpu, or cuda (under torchrun each process takes the GPU of its "
+                   "LOCAL_RANK, and the processes talk over NCCL)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="RM accuracy, or the win rate of two sample files")

@@ -16,6 +16,8 @@ import typing
 from rlhf.algos.ppo import PPOConfig
 from rlhf.algos.rm import RMTrainConfig
 from rlhf.algos.sft import SFTConfig
+from rlhf.checkpoint import CheckpointConfig
+from rlhf.distributed import DistributedConfig
 from rlhf.generation import SamplingParams
 from rlhf.models import TinyLMConfig
 from rlhf.train import PPOJob, RMJob, SFTJob
@@ -88,6 +90,24 @@ def render() -> str:
         parts += [f"## {title}", "", (inspect.getdoc(cls) or "").split("\n\n")[0], "", table(cls), ""]
         for name, sub in sections:
             parts += [f"### `{name}`", "", table(sub, prefix=f"{name}."), ""]
+    parts += [
+        "## Sections of every training job",
+        "",
+        "Each of `rlhf train sft|rm|ppo` has these two sections (docs/training.md: torchrun, resume).",
+        "`rlhf train STAGE --resume DIR` continues an interrupted job from the newest checkpoint in",
+        "`DIR`, with the config it was started with.",
+        "",
+        "### `distributed`",
+        "",
+        table(DistributedConfig, prefix="distributed."),
+        "",
+        "### `checkpoint`",
+        "",
+        "The default of `checkpoint.every_steps` is 100 for SFT and RM, 10 for PPO.",
+        "",
+        table(CheckpointConfig, prefix="checkpoint."),
+        "",
+    ]
     parts += [
         "## `rlhf eval`",
         "",

@@ -178,11 +178,13 @@ def check_finite(tensors: Iterable[tuple[str, torch.Tensor]], what: str) -> None
         raise DataError(f"{what} has non-finite weights (NaN or infinity): {', '.join(bad[:3])}{more}")
 
 
-def save_pretrained(model: PreTrainedModel, tokenizer, path: str | os.PathLike, manifest: dict | None = None) -> Path:
-    """Save model + tokenizer in Hugging Face format, and ``manifest.json`` beside them."""
+def save_pretrained(model: PreTrainedModel, tokenizer, path: str | os.PathLike, manifest: dict | None = None,
+                    state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Save model + tokenizer in Hugging Face format, and ``manifest.json`` beside them.
+    ``state_dict``: the weights to save in place of the model's own (a sharded model's, gathered)."""
     p = Path(path)
     p.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(p, safe_serialization=True)
+    model.save_pretrained(p, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(p)
     if manifest is not None:
         (p / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -313,8 +315,11 @@ class RewardModel(nn.Module):
             pooled = (out.last_hidden_state * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, H)
         return self.head(pooled).squeeze(-1).float()  # (B,)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return (self.raw_scores(input_ids, attention_mask) - self.config.bias) * self.config.gain
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, raw: bool = False) -> torch.Tensor:
+        """Normalised scores (B,); ``raw``: unnormalised, as training sees them (through forward,
+        so that a wrapper for several processes, DDP or FSDP2, sees the call)."""
+        s = self.raw_scores(input_ids, attention_mask)
+        return s if raw else (s - self.config.bias) * self.config.gain
 
     def encode(self, prompts: list[str], responses: list[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
         """Tokenize (prompt, response) pairs the way this backbone expects: the causal trunk reads
@@ -369,12 +374,18 @@ class RewardModel(nn.Module):
 
     # -- persistence ----------------------------------------------------------------------------
 
-    def save(self, path: str | os.PathLike, manifest: dict | None = None) -> Path:
+    def save(self, path: str | os.PathLike, manifest: dict | None = None,
+             state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+        """``state_dict``: this module's whole weights to save in place of its own (a sharded
+        model's, gathered): ``backbone.*`` and ``head.*``."""
         p = Path(path)
         p.mkdir(parents=True, exist_ok=True)
-        self.backbone.save_pretrained(p, safe_serialization=True)
+        parts = {k: {n[len(k) + 1:]: v for n, v in state_dict.items() if n.startswith(k + ".")}
+                 for k in ("backbone", "head")} if state_dict is not None else None
+        self.backbone.save_pretrained(p, safe_serialization=True, state_dict=parts and parts["backbone"])
         self.tokenizer.save_pretrained(p)
-        save_file({k: v.detach().contiguous() for k, v in self.head.state_dict().items()}, str(p / "reward_head.safetensors"))
+        head = parts["head"] if parts else self.head.state_dict()
+        save_file({k: v.detach().contiguous() for k, v in head.items()}, str(p / "reward_head.safetensors"))
         (p / "reward_config.json").write_text(json.dumps(asdict(self.config), indent=2) + "\n")
         if manifest is not None:
             (p / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")

@@ -34,8 +34,10 @@ from rlhf.algos.lora import merged_copy
 from rlhf.algos.ppo import PPOConfig, PPOTrainer, RewardFn
 from rlhf.algos.rm import RMTrainConfig, normalize_reward_model, pair_accuracy, split_into_pairs, train_reward_model
 from rlhf.algos.sft import PretrainBlocks, SFTConfig, encode_demonstrations, perplexity, train_lm
+from rlhf.checkpoint import CheckpointConfig, Checkpointing, Checkpoints
 from rlhf.config import Range, count, to_dict
 from rlhf.data import Comparison, Demonstration, read_comparisons, read_demonstrations, read_prompts, read_texts
+from rlhf.distributed import DistributedConfig, World, setup, unwrap
 from rlhf.errors import ConfigError, DataError
 from rlhf.generation import Rollout
 from rlhf.models import RewardModel, disable_dropout, load_causal_lm, load_tokenizer, minilm_path, save_pretrained
@@ -58,6 +60,8 @@ class SFTJob:
     output: str = ""  # directory for the new version (rlhf train, required; must not exist); the trainer publishes into its registry
     min_demonstrations: int = 1  # fewer demonstrations fail the job
     sft: SFTConfig = field(default_factory=SFTConfig)  # training hyper-parameters (next table)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)  # processes and how they share the model (docs/training.md)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # checkpoints and resume (docs/training.md)
 
     LIMITS: ClassVar[dict[str, Range]] = {"min_demonstrations": count(1, 10**9)}
 
@@ -76,6 +80,8 @@ class RMJob:
     min_comparisons: int = 4  # fewer usable comparisons fail the job
     since_unix: float = 0.0  # trainer: only comparisons stored at or after this time (0: all)
     rm: RMTrainConfig = field(default_factory=RMTrainConfig)  # training hyper-parameters (next table)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)  # processes and how they share the model
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # checkpoints and resume
 
     LIMITS: ClassVar[dict[str, Range]] = {"min_comparisons": count(1, 10**9), "since_unix": Range(0, 1e11)}
 
@@ -95,6 +101,8 @@ class PPOJob:
     prefetch_rollouts: bool = False  # policy-server rollouts: ask for the next step's before this step's update (they overlap it, one version staler)
     wait_for_serving_seconds: float = 120.0  # trainer: how long to wait for the policy-server to serve the final version
     ppo: PPOConfig = field(default_factory=PPOConfig)  # PPO hyper-parameters (next tables)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)  # processes and how they share the model
+    checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every_steps=10))  # checkpoints and resume (PPO steps are long: every 10 by default)
 
     LIMITS: ClassVar[dict[str, Range]] = {"steps": count(1, 10**7), "wait_for_serving_seconds": Range(0, 86_400, lo_open=True)}
 
@@ -131,6 +139,13 @@ class RolloutSource:
 
     def close(self) -> None:
         pass
+
+    def state(self) -> dict:
+        """What a checkpoint keeps of the source (the versions it published, ...)."""
+        return {}
+
+    def load_state(self, state: dict) -> None:
+        """Continue from :meth:`state` (a resumed job)."""
 
 
 class LocalRollouts(RolloutSource):
@@ -193,6 +208,11 @@ class JobIO:
         """Local rollouts; the trainer may sample on the policy-server (publishing every step)."""
         return LocalRollouts(trainer, prompts_for_step)
 
+    # checkpoints
+    def checkpoint_dir(self, job) -> Path | None:
+        """Where the job's checkpoints go, and it resumes from (None: it writes none)."""
+        return None
+
     # outputs
     def publish(self, kind: str, write: Callable[[Path], None], job, *, parent: str, metrics: dict,
                 config: dict, data: dict) -> str:
@@ -235,13 +255,37 @@ def _metrics_jsonl(history: list[dict]) -> str:
     return "".join(json.dumps({k: v for k, v in h.items() if not k.startswith("_")}) + "\n" for h in history)
 
 
-def _write_policy(model, tok, history: list[dict], value_head=None) -> Callable[[Path], None]:
+def _write_policy(model, tok, history: list[dict], value_head=None,
+                  state_dict: Callable[[], dict | None] = lambda: None) -> Callable[[Path], None]:
+    """Save the policy (``state_dict()``: its whole weights when they are sharded, else None)."""
     def write(d: Path) -> None:
-        save_pretrained(merged_copy(model), tok, d)  # LoRA adapters folded into plain weights
+        # LoRA adapters folded into plain weights
+        save_pretrained(merged_copy(unwrap(model)), tok, d, state_dict=state_dict())
         if value_head is not None:
             torch.save(value_head.state_dict(), d / "value_head.pt")
         (d / "metrics.jsonl").write_text(_metrics_jsonl(history))
     return write
+
+
+def on_main(world: World, fn: Callable[[], object]):
+    """``fn()`` on rank 0, its result on every rank: one process asks for the job's inputs, so
+    every rank trains on the same data (a registry's latest version, a service's export)."""
+    return world.broadcast(fn() if world.main else None)
+
+
+def checkpointing(io: JobIO, job, kind: str, world: World) -> Checkpointing:
+    """The job's checkpoints (rlhf.checkpoint): written where the IO says, every
+    ``job.checkpoint.every_steps`` steps; cancellation asked of the IO by rank 0."""
+    d = io.checkpoint_dir(job)
+    store = Checkpoints(d, world, job.checkpoint.keep) if d is not None else None
+    meta = {"kind": kind, "strategy": job.distributed.strategy, "job": to_dict(job)}
+    return Checkpointing(store, job.checkpoint.every_steps, meta, check=io.check, world=world)
+
+
+def sharded_state(world: World, model, strategy: str) -> dict | None:
+    """The whole weights of a sharded (FSDP2) model, gathered on rank 0 (a collective); None
+    when the model is whole on every rank, and saves itself."""
+    return world.full_state_dict(model) if world.distributed and strategy == "fsdp" else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,54 +294,64 @@ def _write_policy(model, tok, history: list[dict], value_head=None) -> Callable[
 
 
 def run_sft(job: SFTJob, io: JobIO) -> dict:
+    world = setup(io.device)
     torch.manual_seed(job.sft.seed)  # dropout: the same job gives the same weights, whichever way it runs
-    demos, evals = io.demonstrations(job)
+    ckpt = checkpointing(io, job, "sft", world)
+    demos, evals = ckpt.pinned("data", lambda: io.demonstrations(job))
     if len(demos) < job.min_demonstrations:
         raise DataError(f"{len(demos)} demonstrations; the job needs at least {job.min_demonstrations} (min_demonstrations)")
-    src = io.policy(job.model, "model")
-    tok, model = load_tokenizer(src.path), load_causal_lm(src.path).to(io.device)
+    src = ckpt.pinned("model", lambda: io.policy(job.model, "model"))
+    tok, model = load_tokenizer(src.path), load_causal_lm(src.path).to(world.device)
     ids, attn, lm = encode_demonstrations(tok, demos, job.sft.max_length)
     total = job.sft.max_steps or max(1, int(job.sft.epochs * -(-len(demos) // job.sft.batch_size)))
-    io.event(f"fine-tuning on {len(demos)} demonstrations", 0.1)
+    if world.main:
+        io.event(f"fine-tuning on {len(demos)} demonstrations" + (f" in {world.size} processes" if world.distributed else ""), 0.1)
     t0 = time.perf_counter()
 
     def on_step(m: dict) -> None:
-        io.check()
         check_step("SFT", m.get("step", 0), m)
-        io.step("SFT", m.get("step", 0), total, {"sft_loss": m["loss"]})
+        if world.main:
+            io.step("SFT", m.get("step", 0), total, {"sft_loss": m["loss"]})
 
-    hist = train_lm(model, ids, attn, lm, job.sft, on_step)
+    net = world.wrap(model, job.distributed.strategy)
+    hist = train_lm(net, ids, attn, lm, job.sft, on_step, world=world, checkpointing=ckpt)
     metrics = {"sft_loss": hist[-1]["loss"], "sft_steps": float(len(hist)), "sft_demonstrations": float(len(demos)),
                "seconds": time.perf_counter() - t0}
     if evals:
-        metrics["eval_perplexity"] = perplexity(model, *encode_demonstrations(tok, evals, job.sft.max_length))
-    out = io.publish("policy", _write_policy(model, tok, hist), job, parent=src.parent, metrics=metrics,
-                     config={**serving_config(src.path), "job": to_dict(job)},
-                     data={"demonstrations": len(demos), "source": job.data})
+        metrics["eval_perplexity"] = perplexity(unwrap(net), *encode_demonstrations(tok, evals, job.sft.max_length))
+    state = sharded_state(world, net, job.distributed.strategy)
+    out = on_main(world, lambda: io.publish(
+        "policy", _write_policy(net, tok, hist, state_dict=lambda: state), job, parent=src.parent, metrics=metrics,
+        config={**serving_config(src.path), "job": to_dict(job)}, data={"demonstrations": len(demos), "source": job.data}))
     return {"output": out, **metrics}
 
 
 def run_rm(job: RMJob, io: JobIO) -> dict:
+    world = setup(io.device)
     torch.manual_seed(job.rm.seed)
-    train, held = io.comparisons(job)
+    ckpt = checkpointing(io, job, "rm", world)
+    train, held = ckpt.pinned("data", lambda: io.comparisons(job))
     train, held = usable_comparisons(train, job.rm.loss), usable_comparisons(held, job.rm.loss)
     if len(train) < job.min_comparisons:
         raise DataError(f"{len(train)} comparisons for the RM's loss {job.rm.loss!r}; the job needs at least "
                         f"{job.min_comparisons} (min_comparisons)")
-    io.check()
+    if world.main:
+        io.check()
     rm, parent = io.reward_backbone(job)
-    rm = rm.to(io.device)
+    rm = rm.to(world.device)
     n_pass = len(train) if job.rm.loss != "pairwise" else len(split_into_pairs(train))
     total = max(1, -(-n_pass // job.rm.batch_size) * job.rm.epochs)
-    io.event(f"training the reward model on {len(train)} comparisons", 0.1)
+    if world.main:
+        io.event(f"training the reward model on {len(train)} comparisons" + (f" in {world.size} processes" if world.distributed else ""), 0.1)
     t0 = time.perf_counter()
 
     def on_step(m: dict) -> None:
-        io.check()
         check_step("RM", m.get("step", 0), m)
-        io.step("RM", m.get("step", 0), total, {"rm_loss": m["loss"]})
+        if world.main:
+            io.step("RM", m.get("step", 0), total, {"rm_loss": m["loss"]})
 
-    hist = train_reward_model(rm, train, job.rm, on_step)
+    strategy = job.distributed.strategy
+    hist = train_reward_model(rm, train, job.rm, on_step, world=world, strategy=strategy, checkpointing=ckpt)
     metrics = {"rm_loss": hist[-1]["loss"], "rm_steps": float(len(hist)), "rm_comparisons": float(len(train)),
                "seconds": time.perf_counter() - t0}
     if held:
@@ -306,37 +360,44 @@ def run_rm(job: RMJob, io: JobIO) -> dict:
     prompts = [c.prompt for c in train for _ in c.responses]
     responses = [r for c in train for r in c.responses]
     normalize_reward_model(rm, prompts, responses, job.rm.normalize_unit_variance, job.rm.max_length)
+    state = sharded_state(world, rm, strategy)
 
     def write(d: Path) -> None:
-        rm.save(d)
+        rm.save(d, state_dict=state)
         (d / "metrics.jsonl").write_text(_metrics_jsonl(hist))
 
-    out = io.publish("reward", write, job, parent=parent, metrics=metrics, config={"job": to_dict(job)},
-                     data={"comparisons": len(train), "heldout_comparisons": len(held), "source": job.data,
-                           "since_unix": job.since_unix})
+    out = on_main(world, lambda: io.publish(
+        "reward", write, job, parent=parent, metrics=metrics, config={"job": to_dict(job)},
+        data={"comparisons": len(train), "heldout_comparisons": len(held), "source": job.data, "since_unix": job.since_unix}))
     return {"output": out, **metrics}
 
 
 def run_ppo(job: PPOJob, io: JobIO) -> dict:
+    world = setup(io.device)
+    if world.distributed and job.distributed.strategy != "ddp":
+        raise ConfigError("PPO trains with strategy ddp (each process samples with the whole policy); "
+                          "fsdp is for SFT and reward models")
     torch.manual_seed(job.ppo.seed)
-    start = io.policy(job.policy, "policy")
-    ref = io.reference(job, start)
-    all_prompts = io.prompts(job)
+    ckpt = checkpointing(io, job, "ppo", world)
+    start = ckpt.pinned("policy", lambda: io.policy(job.policy, "policy"))
+    ref = ckpt.pinned("reference", lambda: io.reference(job, start))
+    all_prompts = ckpt.pinned("prompts", lambda: io.prompts(job))
     if len(all_prompts) < job.ppo.batch_size:
         raise DataError(f"{len(all_prompts)} prompts are fewer than ppo.batch_size={job.ppo.batch_size}")
-    io.event(f"PPO from policy {start.parent}, reference {ref.parent}", 0.0)
+    if world.main:
+        io.event(f"PPO from policy {start.parent}, reference {ref.parent}", 0.0)
     tok = load_tokenizer(start.path)
-    policy = load_causal_lm(start.path).to(io.device)
+    policy = load_causal_lm(start.path).to(world.device)
     # with LoRA, rho is the policy's own base with the adapters off (ppo.finetune): no second copy
     if job.ppo.finetune == "lora" and Path(ref.path).resolve() != Path(start.path).resolve():
         raise ConfigError("ppo.finetune=lora takes the starting policy as the reference: leave reference unset")
-    ref_model = load_causal_lm(ref.path).to(io.device) if job.ppo.finetune == "full" else None
+    ref_model = load_causal_lm(ref.path).to(world.device) if job.ppo.finetune == "full" else None
     texts = io.ptx_texts(job)
     ptx = PretrainBlocks.from_texts(tok, texts, job.ppo.ptx_block_size) if texts else None
     if job.ppo.ptx_coef > 0 and ptx is None:
         raise ConfigError("ppo.ptx_coef > 0 needs pre-training text (ptx_data)")
     reward_fn, reward_info = io.reward_fn(job)
-    trainer = PPOTrainer(policy, tok, reward_fn, job.ppo, ref_model=ref_model, ptx_blocks=ptx)
+    trainer = PPOTrainer(policy, tok, reward_fn, job.ppo, ref_model=ref_model, ptx_blocks=ptx, world=world)
     hist: list[dict] = []
     write = _write_policy(trainer.policy, tok, hist, trainer.value_head)
     base_config = {**serving_config(start.path), "reference": ref.parent, "job": to_dict(job)}
@@ -346,11 +407,26 @@ def run_ppo(job: PPOJob, io: JobIO) -> dict:
         return {"metrics": {k: m[k] for k in ("reward", "kl", "kl_coef", "entropy") if k in m},
                 "config": {**base_config, **reward_info()}, "data": {"source": job.prompts, "samples": m["samples_total"]}}
 
-    source = io.rollouts(job, start, trainer, lambda s: batch_prompts(all_prompts, s, job.ppo.seed, job.ppo.batch_size),
+    # each rank samples its share of the step's prompts (rlhf.distributed)
+    source = io.rollouts(job, start, trainer,
+                         lambda s: world.share(batch_prompts(all_prompts, s, job.ppo.seed, job.ppo.batch_size)),
                          write, manifest)
+    modules = trainer.modules()
+    resumed = ckpt.restore(modules, trainer.opt)
+    if resumed is not None:
+        trainer.load_loop_state(resumed["trainer"] | resumed["trainer_rank"])
+        hist += resumed["history"]
+        source.load_state(resumed["source"])
+        if world.main:
+            io.event(f"resumed at PPO step {resumed['step']} from checkpoint {ckpt.resumed_from.path.name}")
+
+    def state() -> tuple[dict, dict]:
+        shared, own = trainer.loop_state()
+        history = [{k: v for k, v in h.items() if not k.startswith("_")} for h in hist]
+        return {"trainer": shared, "history": history, "source": source.state()}, {"trainer_rank": own}
+
     try:
-        for step in range(job.steps):
-            io.check()
+        for step in range(resumed["step"] if resumed else 0, job.steps):
             t_step = time.perf_counter()
             prompts, rollout, info = source.next(step)
             own = info.pop("own_rollout")
@@ -361,9 +437,11 @@ def run_ppo(job: PPOJob, io: JobIO) -> dict:
             hist.append(m)
             source.stepped(step, m)
             m["step_duration_seconds"] = dt = time.perf_counter() - t_step  # the whole step, as a caller sees it
-            m["samples_per_second"] = len(prompts) / dt
-            m["tokens_per_second"] = float(rollout.response_mask.sum()) / dt
-            io.step("PPO", step + 1, job.steps, m)
+            m["samples_per_second"] = job.ppo.batch_size / dt
+            m["tokens_per_second"] = m["response_length_tokens"] * job.ppo.batch_size / dt
+            ckpt.after_step(step + 1, modules, trainer.opt, state)  # before the step is reported: a reported step is kept
+            if world.main:
+                io.step("PPO", step + 1, job.steps, m)
         published = source.finish()
     finally:
         source.close()
@@ -377,8 +455,9 @@ def run_ppo(job: PPOJob, io: JobIO) -> dict:
         result["rollout_staleness_max_versions"] = float(max(stale))
     if published is None:
         fields = manifest(last)
-        published = io.publish("policy", write, job, parent=start.parent, metrics={**fields["metrics"], **result},
-                               config=fields["config"], data=fields["data"])
+        published = on_main(world, lambda: io.publish("policy", write, job, parent=start.parent,
+                                                      metrics={**fields["metrics"], **result},
+                                                      config=fields["config"], data=fields["data"]))
     return {"output": published, **result}
 
 
@@ -390,9 +469,10 @@ def run_ppo(job: PPOJob, io: JobIO) -> dict:
 class LocalIO(JobIO):
     """``rlhf train``: models are directories, data are files, the version goes to ``job.output``."""
 
-    def __init__(self, progress: Progress | None = None, device: str = "cpu"):
+    def __init__(self, progress: Progress | None = None, device: str = "cpu", resume: bool = False):
         self.progress = progress or Progress(enabled=False)
         self.device = device
+        self.resume = resume  # continue from the newest checkpoint in the job's checkpoint directory
         self._bars: dict[str, int] = {}
 
     def step(self, stage: str, done: int, total: int, metrics: dict) -> None:
@@ -446,16 +526,50 @@ class LocalIO(JobIO):
         rm = disable_dropout(RewardModel.load(job.reward_model)).requires_grad_(False).to(self.device)
         return (lambda ps, rs: rm.score(ps, rs)), (lambda: {"reward_model": job.reward_model})
 
+    REQUIRED = {SFTJob: ("model", "data", "output"), RMJob: ("model", "data", "output"),
+                PPOJob: ("policy", "reward_model", "prompts", "output")}
+
+    def checkpoint_dir(self, job) -> Path:
+        """``checkpoint.directory``, or OUTPUT.checkpoints beside the output. Without ``resume`` it
+        must hold no checkpoint (one of an earlier run would be continued by accident)."""
+        self._required(job, *self.REQUIRED[type(job)])
+        d = Path(job.checkpoint.directory or f"{Path(job.output)}.checkpoints")
+        found = Checkpoints(d).latest()
+        if self.resume and found is None:
+            raise ConfigError(f"--resume: {d} holds no checkpoint")
+        if not self.resume and found is not None:
+            raise ConfigError(f"{d} holds a checkpoint of an earlier run ({found.name}): continue it with "
+                              f"--resume {d}, or remove it")
+        if not self.resume and d.is_dir():
+            Checkpoints(d).forget_inputs()  # of a run that stopped before its first checkpoint
+        return d
+
     def publish(self, kind, write, job, *, parent, metrics, config, data) -> str:
         write_version(job.output, kind, write, parent_version=parent, metrics=metrics, config=config, data=data)
         return str(job.output)
 
 
-def run_local(stage: str, job, progress: Progress | None = None) -> dict:
-    """``rlhf train STAGE``: run the job on files and directories."""
-    io = LocalIO(progress)
-    return {"sft": run_sft, "rm": run_rm, "ppo": run_ppo}[stage](job, io)
+def run_local(stage: str, job, progress: Progress | None = None, resume: bool = False, device: str = "cpu") -> dict:
+    """``rlhf train STAGE``: run the job on files and directories (``resume``: from the newest
+    checkpoint in its checkpoint directory)."""
+    io = LocalIO(progress, device=device, resume=resume)
+    return RECIPES[stage](job, io)
+
+
+def resume_config(stage: str, directory: str | Path):
+    """The job config a checkpoint directory was written with (``rlhf train STAGE --resume DIR``)."""
+    from rlhf.config import from_dict
+
+    meta = Checkpoints(directory).meta()
+    if meta is None:
+        raise ConfigError(f"--resume: {directory} holds no checkpoint")
+    if meta.get("kind") != stage:
+        raise ConfigError(f"--resume: {directory} holds a checkpoint of a {meta.get('kind')} job, not {stage}")
+    job = from_dict(JOBS[stage], meta["job"])
+    job.checkpoint.directory = str(directory)
+    return job
 
 
 JOBS = {"sft": SFTJob, "rm": RMJob, "ppo": PPOJob}
+RECIPES = {"sft": run_sft, "rm": run_rm, "ppo": run_ppo}
 

@@ -113,7 +113,8 @@ def up_settings(opts: UpOptions, environ=os.environ) -> dict:
         "policy-server": {"registry_dir": registry, "prompt_collector_addr": addr["prompt-collector"],
                           "http_port": opts.http_port},
         "reward-scorer": {"registry_dir": registry},
-        "trainer": {"registry_dir": registry, "prompt_collector_addr": addr["prompt-collector"],
+        "trainer": {"registry_dir": registry, "database_url": db, "migrate_on_start": False,
+                    "prompt_collector_addr": addr["prompt-collector"],
                     "policy_server_addr": addr["policy-server"], "reward_scorer_addr": addr["reward-scorer"],
                     "feedback_store_addr": addr["feedback-store"]},
     }
@@ -143,7 +144,7 @@ async def up(opts: UpOptions, stop_event: asyncio.Event | None = None, ready=Non
     token = internal_token(opts.data_dir)
     settings = up_settings(opts)
     engine = make_engine(settings["feedback-store"].database_url)
-    await asyncio.to_thread(migrate, engine)  # once, before the two services that share the database
+    await asyncio.to_thread(migrate, engine)  # once, before the three services that share the database
     engine.dispose()
     metrics = {name: ServiceMetrics(name) for name in ORDER}
     # the one in-process bus of all five reports its lag and throughput on the trainer's /metrics
@@ -199,6 +200,14 @@ async def up(opts: UpOptions, stop_event: asyncio.Event | None = None, ready=Non
 def up_in_thread(opts: UpOptions, timeout: float = 180.0):
     """Start :func:`up` on its own event loop in a thread; returns ``close()``, which stops the
     services and re-raises whatever made them fail. Raises at once if they do not start."""
+    return run_in_thread(lambda stop, ready: up(opts, stop_event=stop, ready=lambda ports: ready()), "the services",
+                         timeout)
+
+
+def run_in_thread(main, what: str, timeout: float = 180.0):
+    """``main(stop_event, ready)`` (a coroutine that calls ``ready()`` once it serves and returns
+    once ``stop_event`` is set) on an event loop of its own in a thread. Returns ``close()``, which
+    sets the event, waits, and re-raises what made it fail; raises at once if it does not start."""
     loop = asyncio.new_event_loop()
     stop = asyncio.Event()
     ready = threading.Event()
@@ -207,7 +216,7 @@ def up_in_thread(opts: UpOptions, timeout: float = 180.0):
     def run() -> None:
         asyncio.set_event_loop(loop)
         try:
-            loop.run_until_complete(up(opts, stop_event=stop, ready=lambda ports: ready.set()))
+            loop.run_until_complete(main(stop, ready.set))
         except BaseException as e:  # noqa: BLE001 - handed to the caller
             failure.append(e)
             ready.set()
@@ -215,7 +224,7 @@ def up_in_thread(opts: UpOptions, timeout: float = 180.0):
     t = threading.Thread(target=run, name="services", daemon=True)
     t.start()
     if not ready.wait(timeout):
-        raise TimeoutError(f"the services did not start within {timeout:.0f} s")
+        raise TimeoutError(f"{what} did not start within {timeout:.0f} s")
     if failure:
         raise failure[0]
 

@@ -20,6 +20,12 @@ turned off in every model the trainer holds.
 The PPO machinery (Schulman et al. 2017, as used by both seeds): GAE(gamma, lambda) advantages,
 whitened; clipped surrogate policy loss; clipped value loss; several epochs of minibatches per
 rollout batch.
+
+Across processes (torchrun; :mod:`rlhf.distributed`) each rank samples and scores its share of
+the step's rollouts; the statistics of the whole batch come from all-reduces (advantage
+whitening, the KL fed to the controller, the reported rewards), the rows are then gathered so
+that every rank forms the same minibatches, each rank runs its share of every minibatch and the
+gradients are averaged: a 2-rank run and a 1-rank run on the same rollouts take the same step.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from rlhf.algos.kl import make_kl_controller
 from rlhf.algos.masked import masked_mean, whiten
 from rlhf.algos.sft import PretrainBlocks, sft_loss
 from rlhf.config import SEED, UNIT, Range, count
+from rlhf.distributed import World
 from rlhf.generation import (Rollout, SamplingParams, accepts_logits_to_keep, decode_responses, sample,
                               sampling_logits, tokenize_prompts)
 from rlhf.models import ValueHead, disable_dropout, hidden_size_of, position_ids_from_mask
@@ -248,8 +255,10 @@ class PPOTrainer:
     the reference is the same module with them disabled; :meth:`export_policy` folds them in."""
 
     def __init__(self, policy, tokenizer, reward_fn: RewardFn, cfg: PPOConfig, ref_model=None,
-                 ptx_blocks: PretrainBlocks | torch.Tensor | None = None):
+                 ptx_blocks: PretrainBlocks | torch.Tensor | None = None, world: World | None = None):
         self.cfg = cfg
+        self.world = world or World()
+        check_world(cfg, self.world)
         if cfg.finetune == "lora":
             policy = lora.add_lora(policy, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules)
             ref_model = lora.AdapterOffReference(policy)
@@ -278,7 +287,10 @@ class PPOTrainer:
         self.ptx = PretrainBlocks(ptx_blocks) if isinstance(ptx_blocks, torch.Tensor) else ptx_blocks
         if cfg.ptx_coef > 0 and self.ptx is None:
             raise ValueError("ptx_coef > 0 needs pre-training text (ptx_blocks: a PretrainBlocks)")
-        self.gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+        # sampling: each rank its own stream; minibatch order and PPO-ptx draws: one stream, the
+        # same on every rank, so that all ranks form the same minibatches
+        self.gen = torch.Generator(device="cpu").manual_seed(cfg.seed + SAMPLER_SEED_STRIDE * self.world.rank)
+        self.update_gen = torch.Generator(device="cpu").manual_seed(cfg.seed + UPDATE_SEED_OFFSET)
         self.samples_total = 0
         self.tokens_total = 0
         self.step_count = 0
@@ -329,8 +341,10 @@ class PPOTrainer:
     def step(self, prompts: list[str]) -> dict:
         """Roll out on ``prompts``, score, and run ppo_epochs x minibatches of updates."""
         cfg = self.cfg
-        if len(prompts) != cfg.batch_size:
-            raise ValueError(f"a PPO step takes batch_size={cfg.batch_size} prompts, got {len(prompts)}")
+        share = cfg.batch_size // self.world.size  # this rank's share of the step's prompts
+        if len(prompts) != share:
+            raise ValueError(f"a PPO step takes batch_size={cfg.batch_size} prompts"
+                             + (f" ({share} per process)" if self.world.distributed else "") + f", got {len(prompts)}")
         t_start = time.perf_counter()
         timings = {}
 
@@ -392,7 +406,7 @@ class PPOTrainer:
                 old_logprobs = torch.where(real, r.logprobs.to(logprobs.dtype), torch.zeros_like(logprobs))
                 if not torch.isfinite(old_logprobs).all():
                     raise ValueError("the rollout's behaviour log-probs must be finite on every response token")
-            behaviour_kl = masked_mean(0.5 * (logprobs - old_logprobs) ** 2, rmask).item()
+            behaviour_kl = self._batch_mean(0.5 * (logprobs - old_logprobs) ** 2, rmask)
         timings["reference_and_value"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -407,16 +421,18 @@ class PPOTrainer:
             rewards, kl = kl_penalized_rewards(scores, logprobs, ref_logprobs, rmask, beta)
             adv, returns = gae(rewards, old_values, rmask, cfg.gamma, cfg.lam)
             if cfg.whiten_advantages:
-                adv = whiten(adv, rmask)
+                adv = whiten(adv, rmask, world=self.world)  # the whole batch's mean and variance
 
         t0 = time.perf_counter()
-        stats = self._update(ids, attn, P, resp, rmask, old_logprobs, old_values, adv, returns)
+        batch = self.gather_rows(P, ids, attn, resp, rmask, old_logprobs, old_values, adv, returns)
+        stats = self._update(*batch)
         timings["update"] = time.perf_counter() - t0
 
-        kl_seq = kl.sum(1).mean().item()
-        new_beta = self.kl_ctl.update(kl_seq, n_steps=len(prompts))
-        n_tokens = int(rmask.sum().item())
-        self.samples_total += len(prompts)
+        g = self.batch_stats(scores, kl, rmask, stopped, beta)
+        kl_seq = g["kl"]
+        new_beta = self.kl_ctl.update(kl_seq, n_steps=int(g["samples"]))
+        n_tokens = int(g["tokens"])
+        self.samples_total += int(g["samples"])
         self.tokens_total += n_tokens
         self.step_count += 1
         dt = time.perf_counter() - t_start
@@ -426,16 +442,16 @@ class PPOTrainer:
             "kl_coef": beta,
             "kl_coef_next": new_beta,
             **({"kl_target": self.kl_ctl.target} if hasattr(self.kl_ctl, "target") else {}),
-            "reward": scores.mean().item(),
-            "reward_std": scores.std().item() if scores.numel() > 1 else 0.0,
-            "reward_total": (scores - beta * kl.sum(1)).mean().item(),
-            "response_length_tokens": rmask.sum(1).mean().item(),
-            "samples_per_second": len(prompts) / dt,
+            "reward": g["reward"],
+            "reward_std": g["reward_std"],
+            "reward_total": g["reward_total"],
+            "response_length_tokens": g["response_length_tokens"],
+            "samples_per_second": g["samples"] / dt,
             "tokens_per_second": n_tokens / dt,
             "samples_total": self.samples_total,
             "tokens_total": self.tokens_total,
             "step_duration_seconds": dt,
-            "stopped_fraction": stopped.float().mean().item(),
+            "stopped_fraction": g["stopped_fraction"],
             "behaviour_approx_kl": behaviour_kl,
             **stats,
             **{f"time_{k}_seconds": v for k, v in timings.items()},
@@ -450,11 +466,16 @@ class PPOTrainer:
         acc = {"policy_loss": 0.0, "value_loss": 0.0, "clipfrac_ratio": 0.0, "value_clipfrac_ratio": 0.0,
                "entropy": 0.0, "approx_kl": 0.0, "ptx_loss": 0.0}
         n = 0
+        params = [p for g in self.opt.param_groups for p in g["params"]]
         for _ in range(cfg.ppo_epochs):
-            perm = torch.randperm(B, generator=self.gen)
+            perm = torch.randperm(B, generator=self.update_gen)
             for i in range(0, B, cfg.mini_batch_size):
-                mb = perm[i : i + cfg.mini_batch_size]
+                whole = perm[i : i + cfg.mini_batch_size]
+                rows, weight = self.world.share_or_first(whole.tolist())
+                mb = torch.tensor(rows)
                 m = rmask[mb]
+                # this rank's part of the minibatch's token means (rlhf.distributed)
+                scale = weight * self.world.size * m.sum() / rmask[whole].sum().clamp(min=1.0)
                 logits, hidden = self._forward(self.policy, ids[mb], attn[mb], P, want_hidden=self.critic is None)
                 logp_all = self._sampling_logprobs(logits)  # (b, R, V): for log-probs and entropy
                 logprobs = _gather(logp_all, resp[mb], m.bool())
@@ -463,29 +484,120 @@ class PPOTrainer:
                 vf, vclip = value_loss(values, old_values[mb], returns[mb], m, cfg.clip_range_value)
                 with torch.set_grad_enabled(cfg.entropy_coef > 0):
                     ent = masked_mean(entropy_of_logprobs(logp_all), m)
-                loss = pg + cfg.vf_coef * vf
+                loss = (pg + cfg.vf_coef * vf) * scale
                 if cfg.entropy_coef > 0:
-                    loss = loss - cfg.entropy_coef * ent
+                    loss = loss - cfg.entropy_coef * ent * scale
                 if cfg.ptx_coef > 0:
-                    ptx = self._ptx_loss()
-                    loss = loss + cfg.ptx_coef * ptx
-                    acc["ptx_loss"] += ptx.item()
+                    ptx, ptx_scale = self._ptx_loss()
+                    loss = loss + cfg.ptx_coef * ptx * ptx_scale
+                    acc["ptx_loss"] += ptx.item() * ptx_scale / self.world.size
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
-                nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], cfg.max_grad_norm)
+                self.world.average_gradients(params)
+                nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 self.opt.step()
                 for k, v in (("policy_loss", pg), ("value_loss", vf), ("clipfrac_ratio", clipfrac),
                              ("value_clipfrac_ratio", vclip), ("entropy", ent), ("approx_kl", approx_kl)):
-                    acc[k] += v.item()
+                    acc[k] += v.item() * float(scale) / self.world.size
                 n += 1
         self.policy.eval()
-        return {k: v / n for k, v in acc.items()}
+        total = self.world.sum(torch.tensor(list(acc.values()), dtype=torch.float64)).tolist()
+        return {k: v / n for k, v in zip(acc, total)}
 
-    def _ptx_loss(self) -> torch.Tensor:
-        """-log pi(x) on a batch of pre-training blocks (PPO-ptx), at the model's own temperature 1:
-        the pre-training objective, not the sampling distribution."""
-        x = self.ptx.sample(self.cfg.ptx_batch_size, self.gen).to(self.device)
+    def _batch_mean(self, x: torch.Tensor, mask: torch.Tensor) -> float:
+        """The masked mean of ``x`` over the whole batch (all ranks' rows)."""
+        if not self.world.distributed:
+            return masked_mean(x, mask).item()
+        s, n = self.world.sum(torch.stack([(x * mask).sum(), mask.sum()]).double()).tolist()
+        return s / max(n, 1.0)
+
+    def _ptx_loss(self) -> tuple[torch.Tensor, float]:
+        """-log pi(x) on this rank's share of a batch of pre-training blocks (PPO-ptx), at the
+        model's own temperature 1 (the pre-training objective, not the sampling distribution), and
+        the factor that makes it its part of the whole batch's mean (rlhf.distributed)."""
+        idx = torch.randint(0, len(self.ptx), (self.cfg.ptx_batch_size,), generator=self.update_gen)
+        rows, weight = self.world.share_or_first(idx.tolist())
+        x = self.ptx.blocks[torch.tensor(rows)].to(self.device)
         ones = torch.ones_like(x)
         with self._autocast():
             logits = self.policy(input_ids=x).logits
-        return sft_loss(logits, x, ones)
+        return sft_loss(logits, x, ones), weight * self.world.size * len(rows) / len(idx)
+
+    # -- several processes, checkpoints ------------------------------------------------------------
+
+    def batch_stats(self, scores: torch.Tensor, kl: torch.Tensor, rmask: torch.Tensor, stopped: torch.Tensor,
+                    beta: float) -> dict[str, float]:
+        """The step's statistics over the whole batch (all ranks' rows): the mean KL per sequence
+        the controller is fed, the rewards, lengths and counts."""
+        kl_seq = kl.sum(1)
+        local = torch.stack([torch.tensor(float(scores.numel())), scores.sum(), (scores**2).sum(), kl_seq.sum(),
+                             (scores - beta * kl_seq).sum(), rmask.sum(), stopped.float().sum()]).double()
+        n, s, s2, k, total, tokens, stop = self.world.sum(local).tolist()
+        if not self.world.distributed:  # one process: the same arithmetic as always
+            return {"samples": n, "reward": scores.mean().item(), "kl": kl_seq.mean().item(),
+                    "reward_std": scores.std().item() if scores.numel() > 1 else 0.0,
+                    "reward_total": (scores - beta * kl_seq).mean().item(), "tokens": tokens,
+                    "response_length_tokens": rmask.sum(1).mean().item(), "stopped_fraction": stopped.float().mean().item()}
+        var = (s2 - s * s / n) / (n - 1) if n > 1 else 0.0
+        return {"samples": n, "reward": s / n, "kl": k / n, "reward_std": max(var, 0.0) ** 0.5, "reward_total": total / n,
+                "tokens": tokens, "response_length_tokens": tokens / n, "stopped_fraction": stop / n}
+
+    def gather_rows(self, P: int, ids, attn, *per_token):
+        """Every rank's rollout rows on every rank, in the order of the whole batch (rank r held
+        rows r, r + W, ...): prompts left-padded and responses right-padded to the longest.
+        ``per_token`` are (b, R) tensors. Returns (ids, attn, P, *per_token)."""
+        w = self.world
+        if not w.distributed:
+            return (ids, attn, P, *per_token)
+        pad = self.tok.pad_token_id
+        shapes = w.gather((P, ids.shape[1] - P))
+        P_max, R_max = max(p for p, _ in shapes), max(r for _, r in shapes)
+
+        def padded(t: torch.Tensor, fill, prompt_part: bool) -> torch.Tensor:
+            if prompt_part:  # (b, P) -> (b, P_max), on the left
+                return torch.nn.functional.pad(t, (P_max - t.shape[1], 0), value=fill)
+            return torch.nn.functional.pad(t, (0, R_max - t.shape[1]), value=fill)  # (b, R) -> (b, R_max)
+
+        ids = torch.cat([padded(ids[:, :P], pad, True), padded(ids[:, P:], pad, False)], 1)
+        attn = torch.cat([padded(attn[:, :P], 0, True), padded(attn[:, P:], 0, False)], 1)
+        per_token = [padded(t, 0, False) for t in per_token]
+        out = []
+        for t in (ids, attn, *per_token):
+            parts = w.gather(t.cpu())
+            rows = [None] * sum(x.shape[0] for x in parts)
+            for r, x in enumerate(parts):
+                rows[r :: w.size] = list(x)
+            out.append(torch.stack(rows).to(t.device))
+        ids, attn, *per_token = out
+        return (ids, attn, P_max, *per_token)
+
+    def modules(self) -> nn.ModuleDict:
+        """The trained modules, as one module (for checkpoints)."""
+        return nn.ModuleDict({"policy": self.policy, "value_head": self.value_head,
+                              **({"critic": self.critic} if self.critic is not None else {})})
+
+    def loop_state(self) -> tuple[dict, dict]:
+        """(state shared by the ranks, this rank's own) besides the modules and the optimizer."""
+        shared = {"kl_controller": dict(vars(self.kl_ctl)), "samples_total": self.samples_total,
+                  "tokens_total": self.tokens_total, "step_count": self.step_count,
+                  "update_gen": self.update_gen.get_state()}
+        return shared, {"sampler": self.gen.get_state()}
+
+    def load_loop_state(self, state: dict) -> None:
+        """Continue from :meth:`loop_state` (both parts merged)."""
+        vars(self.kl_ctl).update(state["kl_controller"])
+        self.samples_total, self.tokens_total = state["samples_total"], state["tokens_total"]
+        self.step_count = state["step_count"]
+        self.update_gen.set_state(state["update_gen"])
+        self.gen.set_state(state["sampler"])
+
+
+SAMPLER_SEED_STRIDE = 1_000_003  # rank r samples with seed + r * this (rank 0: the seed itself)
+UPDATE_SEED_OFFSET = 7  # the minibatch / PPO-ptx stream is seeded apart from rank 0's sampler
+
+
+def check_world(cfg: PPOConfig, world: World) -> None:
+    """Each rank samples an equal share of a step's rollouts."""
+    if cfg.batch_size % world.size:
+        raise ValueError(f"ppo.batch_size ({cfg.batch_size}) must be a multiple of the number of processes "
+                         f"({world.size}): each samples an equal share")

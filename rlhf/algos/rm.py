@@ -31,8 +31,10 @@ import torch
 import torch.nn.functional as F
 
 from rlhf.algos.sft import lr_at
+from rlhf.checkpoint import Checkpointing
 from rlhf.config import SEED, UNIT, Range, count
 from rlhf.data import Comparison
+from rlhf.distributed import Strategy, World, unwrap
 from rlhf.errors import DataError
 
 LossKind = Literal["ranking", "best_of_k", "pairwise"]
@@ -200,7 +202,7 @@ class RMTrainConfig:
 
     loss: LossKind = "ranking"  # ranking (InstructGPT), best_of_k (Ziegler et al.), pairwise
     epochs: int = 1  # InstructGPT trains its RM for a single epoch: more over-fits
-    batch_size: int = 16  # comparisons (prompts) per step; pairwise: pairs per step
+    batch_size: int = 16  # comparisons (prompts) per step, over all processes; pairwise: pairs per step
     lr: float = 5e-5  # peak AdamW learning rate
     warmup_steps: int = 0  # linear warm-up steps
     min_lr_ratio: float = 1.0  # after warm-up, cosine decay towards lr * min_lr_ratio; 1.0 keeps lr constant
@@ -218,11 +220,13 @@ class RMTrainConfig:
 
 
 def _scores(rm, prompts, responses, max_length: int | None, bf16: bool) -> torch.Tensor:
+    """Raw scores through ``rm``'s forward: ``rm`` is a RewardModel, or one wrapped for several
+    processes (DDP, FSDP2), whose hooks run only when the module itself is called."""
     device = next(rm.parameters()).device
-    enc = rm.encode(prompts, responses, max_length=max_length)
+    enc = unwrap(rm).encode(prompts, responses, max_length=max_length)
     ctx = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     with ctx:
-        return rm.raw_scores(enc["input_ids"].to(device), enc["attention_mask"].to(device)).float()
+        return rm(enc["input_ids"].to(device), enc["attention_mask"].to(device), raw=True).float()
 
 
 @torch.no_grad()
@@ -295,8 +299,15 @@ def epoch_batches(order: list[int], batch_size: int, lengths: Sequence[int] | No
 
 
 def train_reward_model(rm, train: Sequence[Comparison], cfg: RMTrainConfig,
-                       on_step: Callable[[dict], None] | None = None) -> list[dict]:
-    """Train ``rm`` in place; returns one metrics dict per optimizer step."""
+                       on_step: Callable[[dict], None] | None = None, *, world: World | None = None,
+                       strategy: Strategy = "ddp", checkpointing: Checkpointing | None = None) -> list[dict]:
+    """Train ``rm`` in place; returns one metrics dict per optimizer step.
+
+    ``cfg.batch_size`` comparisons make a step whatever the number of processes: under torchrun
+    each rank scores its share of them and the loss is the whole batch's mean
+    (:mod:`rlhf.distributed`). With ``strategy`` fsdp the model stays sharded afterwards: call it
+    on every rank alike. ``checkpointing``: :mod:`rlhf.checkpoint`.
+    """
     if not train:
         raise DataError("no comparisons to train the reward model on")
     if cfg.loss == "pairwise":  # the unit of a batch is a pair: batch_size counts pairs
@@ -307,47 +318,78 @@ def train_reward_model(rm, train: Sequence[Comparison], cfg: RMTrainConfig,
     trainable = emb.requires_grad if emb is not None else True
     if emb is not None:
         emb.requires_grad_(False)
+    world = world or World()
     try:
-        return _train_epochs(rm, train, cfg, on_step)
+        return _train_epochs(world.wrap(rm, strategy), train, cfg, on_step, world, checkpointing)
     finally:
         if emb is not None:
             emb.requires_grad_(trainable)
 
 
-def _train_epochs(rm, train: Sequence[Comparison], cfg: RMTrainConfig,
-                  on_step: Callable[[dict], None] | None) -> list[dict]:
+def loss_units(comparisons: Sequence[Comparison], loss: LossKind) -> int:
+    """How many terms the batch's loss averages: pairs (pairwise), or prompts with a pair."""
+    if loss == "pairwise":
+        return sum(len(s) + len(t) for s, t in map(ordered_pairs, comparisons))
+    if loss == "best_of_k":
+        return len(comparisons)
+    return sum(1 for c in comparisons if any(ordered_pairs(c)))
+
+
+def _train_epochs(net, train: Sequence[Comparison], cfg: RMTrainConfig, on_step: Callable[[dict], None] | None,
+                  world: World, checkpointing: Checkpointing | None) -> list[dict]:
+    rm = unwrap(net)
     rng = random.Random(cfg.seed)
-    opt = torch.optim.AdamW([p for p in rm.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     order = list(range(len(train)))
     steps_per_epoch = math.ceil(len(order) / cfg.batch_size)
     lengths = comparison_lengths(rm, train, cfg.max_length) if cfg.group_by_length else None
     history = []
-    step = 0
-    for epoch in range(cfg.epochs):
+    step, first_epoch, start = 0, 0, 0
+    resumed = checkpointing.restore(net, opt) if checkpointing is not None else None
+    if resumed is not None:  # the cursor: the epoch, its batch, and the order and RNG at its start
+        step, first_epoch, start, history = resumed["step"], resumed["epoch"], resumed["position"], resumed["history"]
+        order = list(resumed["epoch_order"])
+        rng.setstate(resumed["epoch_rng"])
+    for epoch in range(first_epoch, cfg.epochs):
+        epoch_order, epoch_rng = list(order), rng.getstate()
         rng.shuffle(order)
-        for batch in epoch_batches(order, cfg.batch_size, lengths, rng):
+        batches = epoch_batches(order, cfg.batch_size, lengths, rng)
+        for position, batch in enumerate(batches[start:], start + 1):
             rm.train()
             t0 = time.perf_counter()
-            b = make_batch([train[j] for j in batch], cfg.loss)
+            whole = [train[j] for j in batch]
+            mine, weight = world.share_or_first(whole)
+            b = make_batch(mine, cfg.loss)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, steps_per_epoch * cfg.epochs, cfg)
-            scores = _scores(rm, b.prompts, b.responses, cfg.max_length, cfg.bf16)
-            loss = batch_loss(scores, b, cfg.loss)
+            scores = _scores(net, b.prompts, b.responses, cfg.max_length, cfg.bf16)
+            # this rank's share of the whole batch's mean (rlhf.distributed)
+            scale = weight * world.size * loss_units(mine, cfg.loss) / max(1, loss_units(whole, cfg.loss))
+            loss = batch_loss(scores, b, cfg.loss) * scale
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(rm.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
             opt.step()
             step += 1
             with torch.no_grad():
                 strict = ~b.tie
-                acc = (scores[b.win[strict]] > scores[b.lose[strict]]).float().mean().item() if strict.any() else float("nan")
+                right = (scores[b.win[strict]] > scores[b.lose[strict]]).float().sum() * weight
+                counts = world.sum(torch.stack([right, strict.sum().float() * weight,
+                                                torch.tensor(float(b.win.numel()) * weight), loss.detach() / world.size,
+                                                torch.tensor(float(len(b.prompts)) * weight)]))
+            acc = (counts[0] / counts[1]).item() if counts[1] > 0 else float("nan")
             dt = time.perf_counter() - t0
-            m = {"step": step, "epoch": epoch, "loss": loss.item(), "accuracy": acc, "lr": opt.param_groups[0]["lr"],
-                 "pairs": int(b.win.numel()), "pairs_per_second": b.win.numel() / dt,
-                 "sequences": len(b.prompts), "total_steps": steps_per_epoch * cfg.epochs}
+            m = {"step": step, "epoch": epoch, "loss": counts[3].item(), "accuracy": acc, "lr": opt.param_groups[0]["lr"],
+                 "pairs": int(counts[2]), "pairs_per_second": float(counts[2]) / dt,
+                 "sequences": int(counts[4]), "total_steps": steps_per_epoch * cfg.epochs}
             history.append(m)
             if on_step:
                 on_step(m)
+            if checkpointing is not None:
+                checkpointing.after_step(step, net, opt, lambda: (
+                    {"epoch": epoch, "position": position, "epoch_order": epoch_order, "epoch_rng": epoch_rng,
+                     "history": history}, {}))
+        start = 0
     return history
 
 

@@ -20,22 +20,27 @@ from typing import Callable, ClassVar, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
+from rlhf.checkpoint import Checkpointing
 from rlhf.config import SEED, UNIT, Range, count
 from rlhf.data import Demonstration, read_texts
+from rlhf.distributed import World
 from rlhf.errors import DataError
 from rlhf.models import position_ids_from_mask
 
 
-def sft_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+def sft_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor,
+             n_tokens: torch.Tensor | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy over positions whose *target* token has loss_mask 1.
 
     logits (B, T, V) predict input_ids shifted by one; loss_mask (B, T) marks target tokens.
+    ``n_tokens``: divide the sum by this count instead of the batch's own (a rank's share of a
+    global batch divides by the whole batch's tokens, :mod:`rlhf.distributed`).
     """
     pred = logits[:, :-1, :].float()  # (B, T-1, V)
     tgt = input_ids[:, 1:]  # (B, T-1)
     m = loss_mask[:, 1:].to(pred.dtype)  # (B, T-1)
     nll = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), tgt.reshape(-1), reduction="none").view_as(m)
-    return (nll * m).sum() / m.sum().clamp(min=1.0)
+    return (nll * m).sum() / (m.sum() if n_tokens is None else n_tokens).clamp(min=1.0)
 
 
 def encode_demonstrations(tokenizer, demos: Sequence[Demonstration], max_length: int):
@@ -103,7 +108,7 @@ class SFTConfig:
 
     epochs: float = 1.0  # may be fractional; max_steps wins when set
     max_steps: int | None = None  # optimizer steps; overrides epochs when set
-    batch_size: int = 16  # sequences per step
+    batch_size: int = 16  # sequences per step, over all processes (each takes its share)
     lr: float = 1e-4  # peak learning rate (AdamW, betas 0.9/0.95)
     min_lr_ratio: float = 0.1  # cosine decay to lr * min_lr_ratio
     warmup_steps: int = 20  # linear warm-up steps
@@ -127,8 +132,17 @@ def lr_at(step: int, total: int, cfg) -> float:
 
 
 def train_lm(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
-             cfg: SFTConfig, on_step: Callable[[dict], None] | None = None) -> list[dict]:
-    """Train ``model`` in place on rows of (input_ids, attention_mask, loss_mask)."""
+             cfg: SFTConfig, on_step: Callable[[dict], None] | None = None, *, world: World | None = None,
+             checkpointing: Checkpointing | None = None) -> list[dict]:
+    """Train ``model`` in place on rows of (input_ids, attention_mask, loss_mask).
+
+    ``cfg.batch_size`` rows make a step whatever the number of processes: under torchrun
+    ``model`` is wrapped (DDP or FSDP2) and each rank trains on its share of the step's rows
+    (:mod:`rlhf.distributed`). ``checkpointing`` resumes from and writes checkpoints
+    (:mod:`rlhf.checkpoint`); the data cursor is the epoch, the position in it and the shuffling
+    generator's state at the epoch's start.
+    """
+    world = world or World()
     N = input_ids.shape[0]
     if N == 0:
         raise DataError("no training examples")
@@ -141,32 +155,45 @@ def train_lm(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    history, step = [], 0
+    history, step, epoch, start = [], 0, 0, 0
+    resumed = checkpointing.restore(model, opt) if checkpointing is not None else None
+    if resumed is not None:
+        step, epoch, start, history = resumed["step"], resumed["epoch"], resumed["position"], resumed["history"]
+        gen.set_state(resumed["epoch_generator"])
     model.train()
     while step < total:
+        epoch_generator = gen.get_state()  # the cursor: this state, the epoch and the position in it
         perm = torch.randperm(N, generator=gen)
-        for i in range(0, N, cfg.batch_size):
+        for i in range(start, N, cfg.batch_size):
             if step >= total:
                 break
             t0 = time.perf_counter()
-            idx = perm[i : i + cfg.batch_size]
+            rows, weight = world.share_or_first(perm[i : i + cfg.batch_size].tolist())
+            idx = torch.tensor(rows)
             ids, am, lm = input_ids[idx].to(device), attention_mask[idx].to(device), loss_mask[idx].to(device)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, total, cfg)
+            n_tokens = world.sum(lm[:, 1:].sum().to(torch.float32) * weight)  # target tokens of the whole step
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                 logits = model(input_ids=ids, attention_mask=am, position_ids=position_ids_from_mask(am)).logits
-            loss = sft_loss(logits, ids, lm)
+            loss = sft_loss(logits, ids, lm, n_tokens) * (weight * world.size)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             step += 1
+            loss_value = world.sum(loss.detach() / world.size).item()  # the whole step's mean
             dt = time.perf_counter() - t0
-            m = {"step": step, "total_steps": total, "loss": loss.item(), "lr": opt.param_groups[0]["lr"],
-                 "tokens_per_second": int(am.sum()) / dt}
+            m = {"step": step, "total_steps": total, "loss": loss_value, "lr": opt.param_groups[0]["lr"],
+                 "tokens_per_second": int(world.sum(am.sum() * int(weight))) / dt}
             history.append(m)
             if on_step:
                 on_step(m)
+            if checkpointing is not None:
+                position = i + cfg.batch_size
+                checkpointing.after_step(step, model, opt, lambda: (
+                    {"epoch": epoch, "position": position, "epoch_generator": epoch_generator, "history": history}, {}))
+        start, epoch = 0, epoch + 1
     model.eval()
     return history
 

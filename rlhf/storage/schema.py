@@ -2,8 +2,9 @@
 exactly this schema; ``tests/storage/test_db.py`` checks that they agree.
 
 prompt-collector owns ``prompts``; feedback-store owns ``labeling_tasks``, ``submissions``,
-``labelers`` and ``task_assignments``; both write ``outbox`` (events waiting to be published on
-Kafka by :class:`~rlhf.storage.outbox.OutboxRelay`).
+``labelers`` and ``task_assignments``; the trainer owns ``trainer_jobs``, ``trainer_job_events``
+and ``trainer_served_versions`` (:mod:`rlhf.storage.jobs`); all three write ``outbox`` (events
+waiting to be published on Kafka by :class:`~rlhf.storage.outbox.OutboxRelay`).
 """
 
 from __future__ import annotations
@@ -166,9 +167,74 @@ class OutboxMessage(Base):
     __table_args__ = (Index("ix_outbox_published_at", "published_at"),)
 
 
+JOB_STATUSES = ("pending", "running", "succeeded", "failed", "cancelled")
+
+
+class TrainerJob(Base):
+    """A training job of the trainer: what it is, who started it, where it runs and how far it got."""
+
+    __tablename__ = "trainer_jobs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)  # uuid4 hex
+    kind: Mapped[str] = mapped_column(String(16), nullable=False)  # sft, rm, ppo, online_loop
+    owner: Mapped[str] = mapped_column(String(200), nullable=False)  # the principal that started it
+    config: Mapped[dict] = mapped_column(JSON, nullable=False)  # the job's config (rlhf.train / the online loop's)
+    status: Mapped[str] = mapped_column(String(16), nullable=False)
+    progress: Mapped[float] = mapped_column(Float, nullable=False)
+    message: Mapped[str] = mapped_column(Text, nullable=False)
+    metrics: Mapped[dict] = mapped_column(JSON, nullable=False)
+    published_versions: Mapped[list] = mapped_column(JSON, nullable=False)  # oldest first
+    checkpoint_dir: Mapped[str] = mapped_column(Text, nullable=False)  # where its checkpoints are written
+    launcher: Mapped[str] = mapped_column(String(16), nullable=False)  # process, kubernetes
+    # the run now in charge (a process id and start time, a Kubernetes Job); null: none
+    runner: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False)  # runs started, resumes included
+    restarts: Mapped[int] = mapped_column(Integer, nullable=False)  # resumes after a run ended without a result
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+
+    __table_args__ = (
+        CheckConstraint("status IN ('pending', 'running', 'succeeded', 'failed', 'cancelled')", name="status"),
+        Index("ix_trainer_jobs_status", "status"),
+        Index("ix_trainer_jobs_created_at_id", "created_at", "id"),
+    )
+
+
+class TrainerJobEvent(Base):
+    """Every event of a job, in order (WatchJob replays them)."""
+
+    __tablename__ = "trainer_job_events"
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(32), ForeignKey("trainer_jobs.id", ondelete="CASCADE"), nullable=False)
+    time: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    status: Mapped[str] = mapped_column(String(16), nullable=False)
+    progress: Mapped[float] = mapped_column(Float, nullable=False)
+    message: Mapped[str] = mapped_column(Text, nullable=False)
+    metrics: Mapped[dict] = mapped_column(JSON, nullable=False)
+    stage: Mapped[str] = mapped_column(String(16), nullable=False)  # SFT, RM, PPO for a training step's event; "" otherwise
+
+    __table_args__ = (Index("ix_trainer_job_events_job_id_id", "job_id", "id"),)
+
+
+class TrainerServedVersion(Base):
+    """The newest version of each kind an instance announced it serves (rlhf.serving.v1); job
+    processes wait on it."""
+
+    __tablename__ = "trainer_served_versions"
+
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)
+    version: Mapped[str] = mapped_column(String(200), nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+
+
 prompts = Prompt.__table__
 labeling_tasks = LabelingTask.__table__
 submissions = Submission.__table__
 outbox = OutboxMessage.__table__
 labelers = Labeler.__table__
 task_assignments = TaskAssignment.__table__
+trainer_jobs = TrainerJob.__table__
+trainer_job_events = TrainerJobEvent.__table__
+trainer_served_versions = TrainerServedVersion.__table__

@@ -5,13 +5,15 @@ The recipes themselves live in the core (:mod:`rlhf.train`, shared with ``rlhf t
 get a :class:`ServiceIO`: demonstrations and comparisons from the feedback-store, prompts from the
 prompt-collector, scores from the reward-scorer, rollouts from the policy-server (or from the
 trainer's own weights), and new versions published into the registry and announced on
-rlhf.models.v1, which the policy-server and the reward-scorer follow. Each body runs in a job
-thread with blocking stubs on the platform's channels (:func:`rlhf.runtime.grpc_client.blocking_channel`,
-with its retry policy).
+rlhf.models.v1 (through the outbox, in the transaction that records them in the job), which the
+policy-server and the reward-scorer follow. A job runs in a process of its own
+(:mod:`services.trainer.worker`), with blocking stubs on the platform's channels.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -35,6 +37,9 @@ from rlhf_client.channel import Credentials
 from rlhf.train import JobIO, PPOJob, RMJob, RolloutSource, SFTJob, Source, run_ppo, run_rm
 from services.common import ts
 from services.trainer.jobs import JobContext
+
+COMPARISON_POLL_SECONDS = (1.0, 5.0)  # how often a waiting job asks the feedback-store: first, at most
+SERVED_POLL_SECONDS = 0.5  # how often a waiting job looks for a served version
 
 # fields of the job configs that name files or directories on the caller's machine: the trainer
 # reads its data from the services and writes into its registry, so a StartJob naming them is refused
@@ -69,7 +74,7 @@ class OnlineLoopConfig:
     candidate_max_new_tokens: int = 16  # length of each candidate
     candidate_min_new_tokens: int = 1  # no empty candidates: a labeler cannot rank nothing
     rm: RMJob = field(default_factory=RMJob)  # the RM job of each round
-    ppo: PPOJob = field(default_factory=PPOJob)  # the PPO job of each round
+    ppo: PPOJob = field(default_factory=PPOJob)  # the PPO job of each round (its checkpoint section: how often, within a round)
 
     LIMITS: ClassVar[dict[str, Range]] = {
         "iterations": count(1, 1_000_000), "prompts_per_iteration": count(1, MAX_BATCH), "k": count(MIN_K, MAX_K),
@@ -82,20 +87,16 @@ class OnlineLoopConfig:
 
 @dataclass
 class Peers:
-    """The SDK's typed clients of the other services (deadline ``timeout`` on every call), and
-    the hooks into the trainer service."""
+    """The SDK's typed clients of the other services (deadline ``timeout`` on every call), the
+    registry, and ``served(kind)``: the newest version an instance announced it serves (the
+    trainer records the rlhf.serving.v1 events; services/trainer/service.py)."""
 
     prompts: PromptClient
     policy: PolicyClient
     reward: RewardClient
     feedback: FeedbackClient
     registry: ModelRegistry
-    publish_event: Callable[[models_pb2.ModelVersionPublishedEvent], None]
-    observe_ppo_step: Callable[[dict], None]
-    # wait_comparisons(task_ids, needed, timeout, check) -> stored count; wait_served(kind, version,
-    # timeout, check): both block on the events the trainer consumes (services/trainer/service.py)
-    wait_comparisons: Callable[[list[str], int, float, Callable[[], None]], int]
-    wait_served: Callable[[str, str, float, Callable[[], None]], None]
+    served: Callable[[str], str]
     device: str = "cpu"
     timeout: float = 300.0
 
@@ -103,6 +104,30 @@ class Peers:
         """Comparisons the feedback-store holds for these labeling tasks."""
         return sum(sum(1 for _ in self.feedback.export_comparisons(task_ids=task_ids[i : i + EXPORT_TASK_IDS]))
                    for i in range(0, len(task_ids), EXPORT_TASK_IDS))
+
+    def wait_comparisons(self, task_ids: list[str], needed: int, timeout: float, check: Callable[[], None]) -> int:
+        """Wait until the feedback-store holds ``needed`` comparisons of these labeling tasks (what
+        it stores counts, each comparison once, however often its event was delivered)."""
+        deadline, pause = time.monotonic() + timeout, COMPARISON_POLL_SECONDS[0]
+        while True:
+            check()
+            stored = self.count_stored_comparisons(task_ids)
+            if stored >= needed:
+                return stored
+            if time.monotonic() + pause > deadline:
+                raise UnavailableError(f"only {stored} of {needed} comparisons arrived within {timeout:.0f} s")
+            time.sleep(pause)
+            pause = min(pause * 1.5, COMPARISON_POLL_SECONDS[1])
+
+    def wait_served(self, kind: str, version: str, timeout: float, check: Callable[[], None]) -> None:
+        """Wait until an instance announces on rlhf.serving.v1 that it serves ``version`` (or newer)."""
+        what = {"policy": "policy-server", "reward": "reward-scorer"}[kind]
+        deadline = time.monotonic() + timeout
+        while self.served(kind) < version:
+            check()
+            if time.monotonic() > deadline:
+                raise UnavailableError(f"the {what} did not serve {kind} version {version} within {timeout:.0f} s")
+            time.sleep(SERVED_POLL_SECONDS)
 
     @classmethod
     def connect(cls, addrs: dict[str, str], creds: Credentials | None = None, timeout: float = 300.0,
@@ -153,6 +178,7 @@ class ServerRollouts(RolloutSource):
     def __init__(self, io: "ServiceIO", job: PPOJob, trainer: PPOTrainer, prompts_for_step: Callable[[int], list[str]],
                  start: str, write: Callable[[Path], None], manifest: Callable[[dict], dict]):
         self.io, self.job, self.trainer, self.prompts_for_step = io, job, trainer, prompts_for_step
+        self.main = trainer.world.main  # rank 0 alone publishes (each rank asks for its share of the rollouts)
         self.write, self.manifest = write, manifest
         self.current, self.published = start, [start]
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ppo-publish")
@@ -191,6 +217,8 @@ class ServerRollouts(RolloutSource):
             self.pending = None
 
     def stepped(self, step: int, metrics: dict) -> None:
+        if not self.main:
+            return
         fields = self.manifest(metrics)
         parent = self.current
         self.pending = self.pool.submit(lambda: self.io.publish_version(
@@ -198,8 +226,16 @@ class ServerRollouts(RolloutSource):
 
     def finish(self) -> str:
         self._await_publication()
-        self.io.peers.wait_served("policy", self.current, self.job.wait_for_serving_seconds, self.io.ctx.check)
+        if self.main:
+            self.io.peers.wait_served("policy", self.current, self.job.wait_for_serving_seconds, self.io.ctx.check)
         return self.current
+
+    def state(self) -> dict:
+        self._await_publication()  # a checkpoint follows the step's version
+        return {"published": list(self.published), "current": self.current}
+
+    def load_state(self, state: dict) -> None:
+        self.published, self.current = list(state["published"]), state["current"]
 
     def close(self) -> None:
         for pool in (self.pool, self.ahead):
@@ -211,8 +247,9 @@ class ServiceIO(JobIO):
     """The recipes' inputs and outputs through the services and the registry. ``span`` maps the
     job's progress into a part of the whole (a stage of the online loop)."""
 
-    def __init__(self, ctx: JobContext, peers: Peers, span: tuple[float, float] = (0.0, 1.0)):
-        self.ctx, self.peers, self.span = ctx, peers, span
+    def __init__(self, ctx: JobContext, peers: Peers, span: tuple[float, float] = (0.0, 1.0),
+                 checkpoints: Path | None = None):
+        self.ctx, self.peers, self.span, self.checkpoints = ctx, peers, span, checkpoints
         self.device = peers.device
 
     def _at(self, progress: float | None) -> float | None:
@@ -224,15 +261,13 @@ class ServiceIO(JobIO):
         self.ctx.event(message, self._at(progress), metrics)
 
     def step(self, stage: str, done: int, total: int, metrics: dict) -> None:
+        """A step's event; a PPO step's carries all its metrics (the trainer exports them)."""
         if stage == "PPO":
-            self.peers.observe_ppo_step(metrics)
             m = metrics
             self.ctx.event(f"PPO step {done}/{total}: reward {m['reward']:+.3f} KL {m['kl']:.2f}", self._at(done / total),
-                           {k: m[k] for k in ("reward", "kl", "kl_coef", "entropy", "samples_total",
-                                              "rollout_staleness_versions", "step_duration_seconds") if k in m}
-                           | {k: v for k, v in m.items() if k.startswith("time_")})
+                           m, stage="PPO")
         else:
-            self.ctx.event(f"{stage} step {done}", self._at(0.1 + 0.8 * min(1.0, done / total)), metrics)
+            self.ctx.event(f"{stage} step {done}", self._at(0.1 + 0.8 * min(1.0, done / total)), metrics, stage=stage)
 
     def check(self) -> None:
         self.ctx.check()
@@ -299,29 +334,32 @@ class ServiceIO(JobIO):
             return super().rollouts(job, start, trainer, prompts_for_step, write, manifest)
         return ServerRollouts(self, job, trainer, prompts_for_step, start.parent, write, manifest)
 
+    def checkpoint_dir(self, job) -> Path | None:
+        return self.checkpoints
+
     # outputs
     def publish_version(self, kind: str, write, *, parent: str, metrics: dict, config: dict, data: dict) -> str:
         peers, ctx = self.peers, self.ctx
-        m = peers.registry.publish(kind, write, parent_version=parent, job_id=ctx.job.job_id, metrics=metrics,
+        m = peers.registry.publish(kind, write, parent_version=parent, job_id=ctx.job_id, metrics=metrics,
                                    config=config, data=data)
-        peers.publish_event(models_pb2.ModelVersionPublishedEvent(
-            event_id=uuid.uuid4().hex, version=m.version, parent_version=parent, job_id=ctx.job.job_id,
+        ctx.published(models_pb2.ModelVersionPublishedEvent(
+            event_id=uuid.uuid4().hex, version=m.version, parent_version=parent, job_id=ctx.job_id,
             kind=common_pb2.MODEL_KIND_POLICY if kind == "policy" else common_pb2.MODEL_KIND_REWARD,
             metrics={k: float(v) for k, v in m.metrics.items()}, create_time=ts()))
-        ctx.published(m.version)
         return m.version
 
     def publish(self, kind, write, job, *, parent, metrics, config, data) -> str:
         return self.publish_version(kind, write, parent=parent, metrics=metrics, config=config, data=data)
 
 
-def run_job(kind: str, ctx: JobContext, peers: Peers, job) -> dict:
-    """A trainer job: one of the core recipes through :class:`ServiceIO`, or the online loop."""
-    from rlhf.train import run_sft
+def run_job(kind: str, ctx: JobContext, peers: Peers, job, checkpoints: Path | None = None) -> dict:
+    """A trainer job: one of the core recipes through :class:`ServiceIO`, or the online loop.
+    ``checkpoints``: the job's checkpoint directory (it resumes from what it holds)."""
+    from rlhf.train import RECIPES
 
     if kind == "online_loop":
-        return run_online_loop(ctx, peers, job)
-    result = {"sft": run_sft, "rm": run_rm, "ppo": run_ppo}[kind](job, ServiceIO(ctx, peers))
+        return run_online_loop(ctx, peers, job, checkpoints)
+    result = RECIPES[kind](job, ServiceIO(ctx, peers, checkpoints=checkpoints))
     result.pop("output")
     return result
 
@@ -334,33 +372,69 @@ def _printable(text: str) -> str:
     return text.replace("\x00", "\ufffd")
 
 
-def run_online_loop(ctx: JobContext, peers: Peers, cfg: OnlineLoopConfig) -> dict:
-    result: dict = {}
-    for it in range(cfg.iterations):
+class LoopState:
+    """Where the online loop is, in ``loop.json`` of its checkpoint directory (replaced atomically
+    at every stage): the iteration, the labeling tasks it created, the reward model it trained.
+    A resumed loop creates no second set of tasks and trains no second reward model for an
+    iteration, so no comparison is counted twice; its PPO resumes from its own checkpoints."""
+
+    def __init__(self, directory: Path | None):
+        self.file = directory / "loop.json" if directory is not None else None
+        self.data: dict = json.loads(self.file.read_text()) if self.file is not None and self.file.is_file() else {}
+
+    def get(self, key: str, default=None):
+        return self.data.get(key, default)
+
+    def save(self, **changes) -> None:
+        self.data.update(changes)
+        if self.file is None:
+            return
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.file.with_name(".loop.json.tmp")
+        tmp.write_text(json.dumps(self.data))
+        os.replace(tmp, self.file)
+
+
+def run_online_loop(ctx: JobContext, peers: Peers, cfg: OnlineLoopConfig, checkpoints: Path | None = None) -> dict:
+    state = LoopState(checkpoints)
+    result: dict = state.get("result", {})
+    first = state.get("iteration", 0)
+    if first:
+        ctx.event(f"resuming at iteration {first + 1}")
+    for it in range(first, cfg.iterations):
         base = it / cfg.iterations
         span = 1.0 / cfg.iterations
-        ctx.event(f"iteration {it + 1}: sampling {cfg.prompts_per_iteration} prompts", base)
-        sampled = peers.prompts.sample(cfg.prompts_per_iteration, split=common_pb2.SPLIT_TRAIN, seed=int(time.time()))
-        if not sampled:
-            raise DataError("the prompt-collector holds no train prompts")
-        gen = peers.policy.generate([p.text for p in sampled], n=cfg.k, max_new_tokens=cfg.candidate_max_new_tokens,
-                                    min_new_tokens=cfg.candidate_min_new_tokens)
-        tasks = peers.feedback.create_tasks([
-            feedback_pb2.LabelingTaskInput(prompt=p.text, prompt_id=p.prompt_id, split=p.split,
-                                           candidates=[_printable(c.text) for c in r.completions],
-                                           policy_version=gen.policy_version)
-            for p, r in zip(sampled, gen.results)])
-        ctx.event(f"iteration {it + 1}: {len(tasks)} labeling tasks from policy {gen.policy_version}; "
-                  f"waiting for {cfg.comparisons_needed} comparisons", base + 0.1 * span)
-        # only comparisons of this iteration's tasks count: announced on rlhf.feedback.v1, confirmed
-        # by the feedback-store; the RM then trains on every stored comparison
-        arrived = peers.wait_comparisons([t.task_id for t in tasks], cfg.comparisons_needed,
-                                         cfg.wait_timeout_seconds, ctx.check)
-        ctx.event(f"iteration {it + 1}: {arrived} new comparisons; training the RM", base + 0.3 * span)
-        rm_metrics = run_rm(cfg.rm, ServiceIO(ctx, peers, (base + 0.3 * span, base + 0.5 * span)))
-        rm_version = rm_metrics.pop("output")
+        where = checkpoints / f"iteration-{it + 1:04d}" if checkpoints is not None else None
+        if state.get("tasks") is None:
+            ctx.event(f"iteration {it + 1}: sampling {cfg.prompts_per_iteration} prompts", base)
+            sampled = peers.prompts.sample(cfg.prompts_per_iteration, split=common_pb2.SPLIT_TRAIN, seed=int(time.time()))
+            if not sampled:
+                raise DataError("the prompt-collector holds no train prompts")
+            gen = peers.policy.generate([p.text for p in sampled], n=cfg.k, max_new_tokens=cfg.candidate_max_new_tokens,
+                                        min_new_tokens=cfg.candidate_min_new_tokens)
+            tasks = peers.feedback.create_tasks([
+                feedback_pb2.LabelingTaskInput(prompt=p.text, prompt_id=p.prompt_id, split=p.split,
+                                               candidates=[_printable(c.text) for c in r.completions],
+                                               policy_version=gen.policy_version)
+                for p, r in zip(sampled, gen.results)])
+            state.save(iteration=it, tasks=[t.task_id for t in tasks], rm_version=None)
+            ctx.event(f"iteration {it + 1}: {len(tasks)} labeling tasks from policy {gen.policy_version}; "
+                      f"waiting for {cfg.comparisons_needed} comparisons", base + 0.1 * span)
+        rm_version = state.get("rm_version")
+        if rm_version is None:
+            # only comparisons of this iteration's tasks count, as the feedback-store confirms them;
+            # the RM then trains on every stored comparison
+            arrived = peers.wait_comparisons(state.get("tasks"), cfg.comparisons_needed, cfg.wait_timeout_seconds,
+                                             ctx.check)
+            ctx.event(f"iteration {it + 1}: {arrived} new comparisons; training the RM", base + 0.3 * span)
+            rm_metrics = run_rm(cfg.rm, ServiceIO(ctx, peers, (base + 0.3 * span, base + 0.5 * span),
+                                                  where / "rm" if where is not None else None))
+            rm_version = rm_metrics.pop("output")
+            state.save(rm_version=rm_version, rm_metrics=rm_metrics)
         peers.wait_served("reward", rm_version, cfg.ppo.wait_for_serving_seconds, ctx.check)
-        ppo_metrics = run_ppo(cfg.ppo, ServiceIO(ctx, peers, (base + 0.5 * span, base + span)))
+        ppo_metrics = run_ppo(cfg.ppo, ServiceIO(ctx, peers, (base + 0.5 * span, base + span),
+                                                 where / "ppo" if where is not None else None))
         ppo_metrics.pop("output")
-        result = {**rm_metrics, **ppo_metrics, "iterations": float(it + 1)}
+        result = {**state.get("rm_metrics", {}), **ppo_metrics, "iterations": float(it + 1)}
+        state.save(iteration=it + 1, tasks=None, rm_version=None, rm_metrics=None, result=result)
     return result

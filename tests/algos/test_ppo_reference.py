@@ -193,7 +193,7 @@ def test_one_ppo_update_equals_the_loop_written_reference(tok, value_model, beha
     r_policy, r_head = copy.deepcopy(trainer.policy), copy.deepcopy(trainer.value_head)
     r_critic = copy.deepcopy(trainer.critic)
     gen = torch.Generator().manual_seed(0)
-    gen.set_state(trainer.gen.get_state())
+    gen.set_state(trainer.update_gen.get_state())
 
     prompts, resps, r = _batch(tok)
     stale = None

@@ -25,3 +25,17 @@ def container_env(deployment: dict) -> dict[str, dict]:
 
 def dump(obj) -> str:
     return json.dumps(obj, indent=1, default=str)[:3000]
+
+
+def registry_volume(kube, namespace: str, claim: str = "rlhf-registry") -> str:
+    """A PersistentVolume bound in advance to claim ``claim`` of ``namespace`` (the cluster has no
+    volume provisioner); returns its name (delete it after the namespace)."""
+    from kubernetes import client
+
+    pv = f"{namespace}-registry"
+    client.CoreV1Api(kube).create_persistent_volume({
+        "metadata": {"name": pv},
+        "spec": {"capacity": {"storage": "2Ti"}, "accessModes": ["ReadWriteOnce", "ReadWriteMany"],
+                 "persistentVolumeReclaimPolicy": "Retain", "hostPath": {"path": f"/tmp/{pv}"},
+                 "claimRef": {"namespace": namespace, "name": claim}}})
+    return pv

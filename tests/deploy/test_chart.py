@@ -211,8 +211,13 @@ def _ingress_sources(policy: dict, port: str) -> list | None:
 
 def test_network_policies_admit_only_the_callers(helm):
     policies = by_kind(helm.template(), "NetworkPolicy")
-    assert _ingress_sources(policies["rlhf-reward-scorer"], "grpc") == ["trainer"]
-    assert _ingress_sources(policies["rlhf-prompt-collector"], "grpc") == ["policy-server", "trainer"]
+    # the trainer's training Jobs' pods call what the trainer calls
+    assert _ingress_sources(policies["rlhf-reward-scorer"], "grpc") == ["trainer", "trainer-job"]
+    assert _ingress_sources(policies["rlhf-prompt-collector"], "grpc") == ["policy-server", "trainer", "trainer-job"]
+    jobs = policies["rlhf-trainer-job"]["spec"]
+    assert jobs["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "trainer-job"
+    assert [r["to"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for r in jobs["egress"]
+            if "to" in r] == ["trainer-job", "prompt-collector", "policy-server", "reward-scorer", "feedback-store"]
     assert _ingress_sources(policies["rlhf-policy-server"], "http") is None  # the product teams' API
     egress = policies["rlhf-policy-server"]["spec"]["egress"]
     assert [r["to"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for r in egress if "to" in r] == \
@@ -220,7 +225,7 @@ def test_network_policies_admit_only_the_callers(helm):
     production = by_kind(helm.template(VALUES_PRODUCTION), "NetworkPolicy")
     sources = _ingress_sources(production["rlhf-policy-server"], "grpc")
     assert sources[0] == {"namespaceSelector": {"matchLabels": {"rlhf.example.com/client": "true"}}}
-    assert sources[1:] == ["trainer"]
+    assert sources[1:] == ["trainer", "trainer-job"]
 
 
 def test_dashboards_and_alerts_ship_in_the_chart_as_in_deploy(helm):

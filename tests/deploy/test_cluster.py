@@ -5,12 +5,12 @@ check what Kubernetes makes of the chart, not the services."""
 
 from __future__ import annotations
 
-import time
 import uuid
 
 import pytest
 
-from tests.deploy.helpers import CHART, SERVICES, VALUES_DEV, VALUES_PRODUCTION, dump
+from tests.deploy.helpers import CHART, SERVICES, VALUES_DEV, VALUES_PRODUCTION, dump, registry_volume
+from tests.services.helpers import wait_for
 
 pytestmark = [pytest.mark.deploy, pytest.mark.integration]
 
@@ -27,26 +27,10 @@ def namespace(kube):
     core = client.CoreV1Api(kube)
     ns = f"rlhf-{uuid.uuid4().hex[:8]}"
     core.create_namespace({"metadata": {"name": ns}})
-    pv = f"{ns}-registry"
-    core.create_persistent_volume({
-        "metadata": {"name": pv},
-        "spec": {"capacity": {"storage": "2Ti"}, "accessModes": ["ReadWriteOnce", "ReadWriteMany"],
-                 "persistentVolumeReclaimPolicy": "Retain", "hostPath": {"path": f"/tmp/{pv}"},
-                 "claimRef": {"namespace": ns, "name": "rlhf-registry"}}})
+    pv = registry_volume(kube, ns)
     yield ns
     core.delete_namespace(ns)
     core.delete_persistent_volume(pv)
-
-
-def wait_for(what: str, predicate, timeout: float = 120.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(1)
 
 
 def release_pods(kube, ns: str) -> list:

@@ -112,3 +112,42 @@ def up_on_free_ports(data_dir: Path, metrics: bool = False, http: bool = False, 
             wait_serving(a)
         return close, addrs, (base + 10 if metrics else None), (http_port if http else None)
     raise AssertionError("unreachable")
+
+
+def serve_in_thread(name: str, settings, timeout: float = 120.0):
+    """One service (``rlhf serve NAME`` with these settings) on an event loop in a thread.
+    Returns (its gRPC address, close()); close() stops it and re-raises what made it fail."""
+    from rlhf.metrics import ServiceMetrics
+    from rlhf.runtime.server import serve
+    from services.launch import module_of, run_in_thread
+
+    port: list[int] = []
+
+    def main(stop, ready):
+        metrics = ServiceMetrics(name)
+        return serve(module_of(name).build(settings, metrics), settings, metrics,
+                     ready=lambda g, m: (port.append(g), ready()), stop_event=stop)
+
+    close = run_in_thread(main, name, timeout)
+    return f"127.0.0.1:{port[0]}", close
+
+
+def wait_for(what: str, predicate, timeout: float = 120.0, interval: float = 0.3):
+    """``predicate()``'s first true value, asked every ``interval`` seconds; fails after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(interval)
+    return value
+
+
+def submit_demonstrations(target: str, demos: list[tuple[str, str]]) -> None:
+    """Store (prompt, response) demonstrations in the feedback-store, in this order."""
+    from rlhf_client import common_pb2, feedback_grpc, feedback_pb2
+
+    with grpc.insecure_channel(target) as ch:
+        fb = feedback_grpc.FeedbackServiceStub(ch)
+        for i, (p, r) in enumerate(demos):
+            fb.SubmitDemonstration(feedback_pb2.SubmitDemonstrationRequest(
+                idempotency_key=f"d{i}", prompt=p, prompt_id=str(i), split=common_pb2.SPLIT_TRAIN,
+                labeler_id="writer", response=r), timeout=30)

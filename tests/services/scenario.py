@@ -48,9 +48,11 @@ def submit_prompts(target: str, token: str = "") -> list[str]:
         return [x.prompt_id for x in r.results]
 
 
-def run_online_loop(addrs: dict[str, str], timeout: float = 600.0, tokens: dict[str, str] | None = None) -> LoopRun:
+def run_online_loop(addrs: dict[str, str], timeout: float = 600.0, tokens: dict[str, str] | None = None,
+                    overrides: dict[str, str] | None = None, on_event=None) -> LoopRun:
     """``tokens``: the credentials of "operator" (submits prompts, runs the job) and of the labelers
-    "sim-0" and "sim-1" when the services authenticate."""
+    "sim-0" and "sim-1" when the services authenticate. ``overrides`` change LOOP_OVERRIDES;
+    ``on_event(job_id, event)`` sees each of the job's events as it comes."""
     tokens = tokens or {}
     prompt_ids = submit_prompts(addrs["prompt-collector"], tokens.get("operator", ""))
     stop = threading.Event()
@@ -71,8 +73,13 @@ def run_online_loop(addrs: dict[str, str], timeout: float = 600.0, tokens: dict[
         with channel(addrs["trainer"], tokens.get("operator", "")) as ch:
             stub = trainer_grpc.TrainerServiceStub(ch)
             job = stub.StartJob(trainer_pb2.StartJobRequest(kind=trainer_pb2.JOB_KIND_ONLINE_LOOP,
-                                                            overrides=LOOP_OVERRIDES), timeout=30).job
-            events = list(stub.WatchJob(trainer_pb2.WatchJobRequest(job_id=job.job_id), timeout=timeout))
+                                                            overrides={**LOOP_OVERRIDES, **(overrides or {})}),
+                                timeout=30).job
+            events = []
+            for ev in stub.WatchJob(trainer_pb2.WatchJobRequest(job_id=job.job_id), timeout=timeout):
+                events.append(ev)
+                if on_event is not None:
+                    on_event(job.job_id, ev)
             job = stub.GetJob(trainer_pb2.GetJobRequest(job_id=job.job_id), timeout=30).job
     finally:
         stop.set()

@@ -4,45 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
-from rlhf_client import common_pb2, feedback_pb2, models_pb2
+from rlhf_client import common_pb2, models_pb2
 
-from rlhf.metrics import ServiceMetrics
 from rlhf.registry import ModelRegistry
 from services.common import ModelWatcher
-from services.trainer.service import Settings, Trainer
 from tests.services.helpers import tiny_policy_registry
-
-
-def test_trainer_counts_a_comparison_once_however_often_it_arrives(tmp_path):
-    t = Trainer(Settings(registry_dir=str(tmp_path)), ServiceMetrics("trainer"))
-    ev = feedback_pb2.FeedbackEvent(event_id="s1", comparison=feedback_pb2.Comparison(submission_id="s1", task_id="t1"))
-    other = feedback_pb2.FeedbackEvent(event_id="s2", comparison=feedback_pb2.Comparison(submission_id="s2", task_id="t2"))
-    demo = feedback_pb2.FeedbackEvent(event_id="d1", demonstration=feedback_pb2.Demonstration(submission_id="d1"))
-
-    async def deliver():
-        for e in (ev, ev, demo, other, ev):
-            await t._on_feedback(e)
-
-    asyncio.run(deliver())
-    assert t._comparisons_for(["t1"]) == 1  # the duplicates and the demonstration do not count
-    assert t._comparisons_for(["t1", "t2", "t3"]) == 2
-    assert t._comparisons_for(["t3"]) == 0  # comparisons of other tasks (an older loop's) do not count
-
-
-def test_trainer_comparison_counter_stays_bounded(tmp_path, monkeypatch):
-    import services.trainer.service as svc
-
-    monkeypatch.setattr(svc, "TRACKED", 3)
-    t = Trainer(Settings(registry_dir=str(tmp_path)), ServiceMetrics("trainer"))
-
-    async def deliver():
-        for i in range(10):
-            await t._on_feedback(feedback_pb2.FeedbackEvent(
-                event_id=f"e{i}", comparison=feedback_pb2.Comparison(submission_id=f"e{i}", task_id=f"t{i}")))
-
-    asyncio.run(deliver())
-    assert len(t._seen) == 3 and len(t._per_task) == 3
-    assert t._comparisons_for([f"t{i}" for i in range(10)]) == 3  # the newest three tasks
 
 
 def test_model_watcher_loads_only_newer_versions_of_its_kind(tmp_path):

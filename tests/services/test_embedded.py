@@ -244,40 +244,30 @@ def test_up_forwards_opted_in_http_prompts_to_the_prompt_collector(embedded):
     assert "an opening without consent 9c1e" not in texts
 
 
-def test_forged_feedback_events_count_for_nothing(embedded):
-    """Comparison events only wake the trainer: it counts what the feedback-store confirms."""
+def test_a_waiting_job_counts_the_comparisons_the_feedback_store_holds(embedded):
+    """A job waiting for comparisons of its tasks counts what the feedback-store stores, each once
+    (an event that was never stored, forged or replayed from elsewhere, counts for nothing)."""
     from rlhf.errors import UnavailableError
-    from rlhf.metrics import ServiceMetrics
+    from rlhf.registry import ModelRegistry
     from services.trainer import runs
-    from services.trainer.service import Settings, Trainer
 
     a = embedded["addrs"]
-    t = Trainer(Settings(registry_dir=str(embedded["root"] / "registry")), ServiceMetrics("trainer"))
-    t.peers = runs.Peers.connect(a, registry=t.registry, publish_event=lambda ev: None, observe_ppo_step=lambda m: None,
-                                 wait_comparisons=t._wait_comparisons, wait_served=t._wait_served, timeout=30)
+    peers = runs.Peers.connect(a, registry=ModelRegistry(embedded["root"] / "registry"), served=lambda kind: "",
+                               timeout=30)
     with grpc.insecure_channel(a["feedback-store"]) as ch:
         fb = feedback_grpc.FeedbackServiceStub(ch)
         tasks = fb.CreateLabelingTasks(feedback_pb2.CreateLabelingTasksRequest(tasks=[
-            feedback_pb2.LabelingTaskInput(prompt=f"forged {i}", candidates=["a", "b"]) for i in range(3)])).tasks
+            feedback_pb2.LabelingTaskInput(prompt=f"waiting {i}", candidates=["a", "b"]) for i in range(3)])).tasks
         ids = [x.task_id for x in tasks]
-
-        def deliver(event_ids):
-            async def go():
-                for eid, tid in zip(event_ids, ids):
-                    await t._on_feedback(feedback_pb2.FeedbackEvent(
-                        event_id=eid, comparison=feedback_pb2.Comparison(submission_id=eid, task_id=tid)))
-            asyncio.run(go())
-
-        deliver(["forged-1", "forged-2", "forged-3"])  # announced, never stored
-        assert t._comparisons_for(ids) == 3
         with pytest.raises(UnavailableError, match="only 0 of 3"):
-            t._wait_comparisons(ids, 3, 1.5, lambda: None)
-        sids = [fb.SubmitRanking(feedback_pb2.SubmitRankingRequest(
-            idempotency_key=f"real-{i}", task_id=tid, labeler_id="l1",
-            ranking=[feedback_pb2.RankGroup(indices=[0]), feedback_pb2.RankGroup(indices=[1])])).submission_id
-            for i, tid in enumerate(ids)]
-    deliver(sids)  # the real events arrive: now the store confirms three
-    assert t._wait_comparisons(ids, 3, 30, lambda: None) == 3
+            peers.wait_comparisons(ids, 3, 1.5, lambda: None)
+        for i, tid in enumerate(ids + ids[:1]):  # the first one sent twice: stored once
+            fb.SubmitRanking(feedback_pb2.SubmitRankingRequest(
+                idempotency_key=f"real-{i % 3}", task_id=tid, labeler_id="l1",
+                ranking=[feedback_pb2.RankGroup(indices=[0]), feedback_pb2.RankGroup(indices=[1])]))
+    assert peers.wait_comparisons(ids, 3, 30, lambda: None) == 3
+    with pytest.raises(UnavailableError, match="only 3 of 4"):
+        peers.wait_comparisons(ids, 4, 1.5, lambda: None)
 
 
 def test_start_job_lists_every_bad_value_and_starts_nothing(embedded):
@@ -297,6 +287,12 @@ def test_start_job_lists_every_bad_value_and_starts_nothing(embedded):
                 stub.StartJob(trainer_pb2.StartJobRequest(kind=kind, overrides=overrides))
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert all(n in e.value.details() for n in needles), e.value.details()
+        for kind, overrides, needle in (  # what the trainer's launcher (local processes here) cannot run
+                (trainer_pb2.JOB_KIND_SFT, {"distributed.nodes": "2"}, "several nodes need the Kubernetes launcher"),
+                (trainer_pb2.JOB_KIND_ONLINE_LOOP, {"ppo.distributed.processes": "2"}, "the online loop runs in one process")):
+            with pytest.raises(grpc.RpcError) as e:
+                stub.StartJob(trainer_pb2.StartJobRequest(kind=kind, overrides=overrides))
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and needle in e.value.details()
         with pytest.raises(grpc.RpcError) as e:  # a file path is the CLI's business, not the trainer's
             stub.StartJob(trainer_pb2.StartJobRequest(kind=trainer_pb2.JOB_KIND_SFT, overrides={"data": "/etc/passwd"}))
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "rlhf train" in e.value.details()

@@ -19,8 +19,9 @@ import grpc
 import pytest
 import yaml
 from confluent_kafka import Consumer, Producer
-from rlhf_client import (TOPIC_FEEDBACK, TOPIC_MODELS, common_pb2, feedback_grpc, feedback_pb2, models_pb2, policy_grpc,
-                         policy_pb2, prompts_grpc, prompts_pb2, reward_grpc, reward_pb2, trainer_grpc, trainer_pb2)
+from rlhf_client import (TOPIC_FEEDBACK, TOPIC_MODELS, TOPIC_SERVING, common_pb2, feedback_grpc, feedback_pb2,
+                         models_pb2, policy_grpc, policy_pb2, prompts_grpc, prompts_pb2, reward_grpc, reward_pb2,
+                         trainer_grpc, trainer_pb2)
 from sqlalchemy import text
 
 from rlhf.runtime.auth import token_sha256
@@ -262,16 +263,16 @@ def test_same_submission_twice_stores_once(cluster, task):
 
 
 def test_wrong_type_on_a_topic_is_skipped_and_counted(cluster):
-    """A malformed event and a duplicated event reach the trainer; it skips one, and lives on."""
+    """Malformed events reach the trainer (on the served-version topic it follows): it skips them, and lives on."""
     p = Producer({"bootstrap.servers": KAFKA})
-    p.produce(TOPIC_FEEDBACK, value=b"\x08\x96\x01not-a-feedback-event",
+    p.produce(TOPIC_SERVING, value=b"\x08\x96\x01not-a-served-event",
               headers={"rlhf-message-type": "rlhf.prompts.v1.PromptCollectedEvent"})
-    p.produce(TOPIC_FEEDBACK, value=b"\xff\xff\xff", headers={"rlhf-message-type": "rlhf.feedback.v1.FeedbackEvent"})
+    p.produce(TOPIC_SERVING, value=b"\xff\xff\xff", headers={"rlhf-message-type": "rlhf.models.v1.ModelVersionServedEvent"})
     p.flush(30)
     port = cluster["metrics"]["trainer"]
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        v = metric_value(scrape(port), "rlhf_kafka_messages_skipped_total", f'topic="{TOPIC_FEEDBACK}"')
+        v = metric_value(scrape(port), "rlhf_kafka_messages_skipped_total", f'topic="{TOPIC_SERVING}"')
         if v is not None and v >= 2:
             break
         time.sleep(0.5)

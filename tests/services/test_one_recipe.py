@@ -20,7 +20,7 @@ from rlhf.config import apply_overrides, from_dict
 from rlhf.data import write_jsonl
 from rlhf.runtime.threads import ENV
 from rlhf.train import JOBS, run_local
-from tests.services.helpers import PROMPTS, tiny_policy_registry, up_on_free_ports
+from tests.services.helpers import PROMPTS, submit_demonstrations, tiny_policy_registry, up_on_free_ports
 
 pytestmark = pytest.mark.slow
 
@@ -101,12 +101,9 @@ def test_sft_rm_ppo_give_the_same_versions_through_the_cli_and_the_trainer(servi
 
     # the same demonstrations in the feedback-store and in a file, in the same order
     demos = [(f"review {i}: the film was", GOOD[i % 3]) for i in range(8)]
+    submit_demonstrations(addrs["feedback-store"], demos)
     with grpc.insecure_channel(addrs["feedback-store"]) as ch:
         fb = feedback_grpc.FeedbackServiceStub(ch)
-        for i, (p, r) in enumerate(demos):
-            fb.SubmitDemonstration(feedback_pb2.SubmitDemonstrationRequest(
-                idempotency_key=f"d{i}", prompt=p, prompt_id=str(i), split=common_pb2.SPLIT_TRAIN,
-                labeler_id="writer", response=r), timeout=30)
         # comparisons: labeling tasks ranked best-first by the word lists
         tasks = fb.CreateLabelingTasks(feedback_pb2.CreateLabelingTasksRequest(tasks=[
             feedback_pb2.LabelingTaskInput(prompt=p, prompt_id=f"c{i}", split=common_pb2.SPLIT_TRAIN,

@@ -43,10 +43,10 @@ def test_migrated_schema_matches_metadata(db_url):
         migrate(engine)  # idempotent
         assert _diffs(engine) == []
         with engine.connect() as conn:
-            assert MigrationContext.configure(conn).get_current_revision() == _head() == "0003"
+            assert MigrationContext.configure(conn).get_current_revision() == _head() == "0004"
         names = set(inspect(engine).get_table_names())
         assert {"prompts", "labeling_tasks", "submissions", "outbox", "labelers", "task_assignments",
-                "alembic_version"} <= names
+                "trainer_jobs", "trainer_job_events", "trainer_served_versions", "alembic_version"} <= names
     finally:
         engine.dispose()
 

@@ -54,9 +54,10 @@ spec:
 Only what talks to what. Ingress: the public APIs (policy-server gRPC and HTTP, the feedback-store's
 gRPC and labeling page, the trainer's gRPC) admit networkPolicy.apiClients (anyone when empty);
 the prompt-collector admits the policy-server (opted-in prompts) and the trainer; the
-reward-scorer only the trainer; /metrics admits networkPolicy.metricsScrapers. Egress: DNS, the
-Kafka ports, PostgreSQL (prompt-collector, feedback-store), the peers a service calls, and the
-API server (trainer, for its training Jobs).
+reward-scorer only the trainer; the trainer's training Jobs' pods call what the trainer calls
+(trainer/job-networkpolicy.yaml); /metrics admits networkPolicy.metricsScrapers. Egress: DNS, the
+Kafka ports, PostgreSQL (prompt-collector, feedback-store, trainer), the peers a service calls, and
+the API server (trainer, for its training Jobs).
 */}}
 {{- define "rlhf.networkPolicy" -}}
 {{- $ := .ctx -}}
@@ -64,10 +65,14 @@ API server (trainer, for its training Jobs).
 {{- $v := index $.Values $key -}}
 {{- $np := $.Values.networkPolicy -}}
 {{- $public := has $key (list "policyServer" "feedbackStore" "trainer") -}}
-{{- $callers := dict "promptCollector" (list "policyServer" "trainer") "rewardScorer" (list "trainer") "policyServer" (list "trainer") "feedbackStore" (list "trainer") "trainer" (list) -}}
+{{- $callers := dict "promptCollector" (list "policyServer" "trainer" "trainerJob") "rewardScorer" (list "trainer" "trainerJob") "policyServer" (list "trainer" "trainerJob") "feedbackStore" (list "trainer" "trainerJob") "trainer" (list) -}}
 {{- $peers := list -}}
 {{- range (index $callers $key) -}}
-{{- if (index $.Values .).enabled -}}
+{{- if eq . "trainerJob" -}}
+{{- if include "rlhf.trainerJobs" $ -}}
+{{- $peers = append $peers . -}}
+{{- end -}}
+{{- else if (index $.Values .).enabled -}}
 {{- $peers = append $peers . -}}
 {{- end -}}
 {{- end -}}
@@ -115,7 +120,7 @@ spec:
         {{- range $np.kafkaPorts }}
         - {port: {{ . }}, protocol: TCP}
         {{- end }}
-    {{- if has $key (list "promptCollector" "feedbackStore") }}
+    {{- if has $key (list "promptCollector" "feedbackStore" "trainer") }}
     - ports:
         {{- range $np.databasePorts }}
         - {port: {{ . }}, protocol: TCP}

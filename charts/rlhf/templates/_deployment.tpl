@@ -9,7 +9,8 @@ Settings reach the service as RLHF_<SERVICE>_<FIELD> variables (docs/services-re
 {{- $name := include "rlhf.componentName" . -}}
 {{- $p := include "rlhf.envPrefix" . -}}
 {{- $gpus := include "rlhf.gpus" . | int -}}
-{{- $usesDb := has $key (list "promptCollector" "feedbackStore") -}}
+{{- $usesDb := has $key (list "promptCollector" "feedbackStore" "trainer") -}}
+{{- $jobPods := and (eq $key "trainer") (include "rlhf.trainerJobs" $) -}}
 {{- $usesRegistry := has $key (list "policyServer" "rewardScorer" "trainer") -}}
 {{- $k := $.Values.kafka -}}
 {{- $auth := $.Values.auth -}}
@@ -136,6 +137,12 @@ spec:
             {{- range $peer := list "promptCollector" "policyServer" "rewardScorer" "feedbackStore" }}
             - {name: {{ $p }}{{ include "rlhf.componentName" (dict "component" $peer) | upper | replace "-" "_" }}_ADDR, value: {{ include "rlhf.address" (dict "ctx" $ "component" $peer) | quote }}}
             {{- end }}
+            - {name: {{ $p }}LAUNCHER, value: {{ $v.jobs.launcher | quote }}}
+            {{- if $jobPods }}
+            - {name: {{ $p }}KUBERNETES_NAMESPACE, value: {{ $.Release.Namespace | quote }}}
+            - {name: {{ $p }}KUBERNETES_POD_TEMPLATE, value: /etc/rlhf/job-pod/pod.yaml}
+            - {name: {{ $p }}KUBERNETES_JOB_TTL_SECONDS, value: {{ $v.jobs.ttlSecondsAfterFinished | quote }}}
+            {{- end }}
             {{- end }}
             {{- if $auth.credentials.existingSecret }}
             - {name: {{ $p }}CREDENTIALS_FILE, value: "/etc/rlhf/credentials/{{ $auth.credentials.key }}"}
@@ -229,6 +236,9 @@ spec:
             {{- if $.Values.tls.enabled }}
             - {name: tls, mountPath: /etc/rlhf/tls, readOnly: true}
             {{- end }}
+            {{- if $jobPods }}
+            - {name: job-pod, mountPath: /etc/rlhf/job-pod, readOnly: true}
+            {{- end }}
             {{- with $v.extraVolumeMounts }}
             {{- toYaml . | nindent 12 }}
             {{- end }}
@@ -269,6 +279,10 @@ spec:
         {{- if $.Values.tls.enabled }}
         - name: tls
           secret: {secretName: {{ $.Values.tls.existingSecret }}, defaultMode: 0440}
+        {{- end }}
+        {{- if $jobPods }}
+        - name: job-pod
+          configMap: {name: {{ include "rlhf.componentFullname" (dict "ctx" $ "component" "trainerJob") }}}
         {{- end }}
         {{- with $v.extraVolumes }}
         {{- toYaml . | nindent 8 }}

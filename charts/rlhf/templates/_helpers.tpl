@@ -24,13 +24,20 @@ services, given by its values key (promptCollector, ...); rlhf.components maps k
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
-{{/* values key -> service name (as `rlhf serve NAME` and RLHF_<SERVICE>_* know it) */}}
+{{/* values key -> service name (as `rlhf serve NAME` and RLHF_<SERVICE>_* know it); trainerJob:
+the pods of the trainer's training Jobs (services/trainer/launchers.py) */}}
 {{- define "rlhf.components" -}}
 promptCollector: prompt-collector
 policyServer: policy-server
 rewardScorer: reward-scorer
 feedbackStore: feedback-store
 trainer: trainer
+trainerJob: trainer-job
+{{- end -}}
+
+{{/* "true" when the trainer runs its jobs as Kubernetes Jobs */}}
+{{- define "rlhf.trainerJobs" -}}
+{{- if and .Values.trainer.enabled (eq .Values.trainer.jobs.launcher "kubernetes") -}}true{{- end -}}
 {{- end -}}
 
 {{- define "rlhf.componentName" -}}
@@ -179,9 +186,9 @@ The values' types are checked by values.schema.json before this runs.
 {{- if and (hasPrefix "SASL" .Values.kafka.securityProtocol) (not (and .Values.kafka.sasl.mechanism .Values.kafka.sasl.username .Values.kafka.sasl.existingSecret)) -}}
 {{- $msgs = append $msgs (printf "kafka.securityProtocol=%s needs kafka.sasl.mechanism, kafka.sasl.username and kafka.sasl.existingSecret (the Secret holding the password)" .Values.kafka.securityProtocol) -}}
 {{- end -}}
-{{- $usesDb := or .Values.promptCollector.enabled .Values.feedbackStore.enabled -}}
+{{- $usesDb := or .Values.promptCollector.enabled .Values.feedbackStore.enabled .Values.trainer.enabled -}}
 {{- if and $usesDb (not .Values.database.inCluster.enabled) (not .Values.database.existingSecret) (not .Values.database.url) -}}
-{{- $msgs = append $msgs "database.url or database.existingSecret is required: the PostgreSQL database of the prompt-collector and the feedback-store (postgresql+psycopg://user:password@host:5432/db); or set database.inCluster.enabled=true for a trial server (deploy/values-dev.yaml)" -}}
+{{- $msgs = append $msgs "database.url or database.existingSecret is required: the PostgreSQL database of the prompt-collector, the feedback-store and the trainer's jobs (postgresql+psycopg://user:password@host:5432/db); or set database.inCluster.enabled=true for a trial server (deploy/values-dev.yaml)" -}}
 {{- end -}}
 {{- if and (not .Values.database.inCluster.enabled) (not .Values.database.existingSecret) (hasPrefix "sqlite" .Values.database.url) -}}
 {{- $msgs = append $msgs "database.url must name a PostgreSQL server: a SQLite file cannot be shared by replicas on different nodes" -}}

@@ -28,7 +28,8 @@ if _version_not_supported:
 
 class TrainerServiceStub:
     """SFT, RM and PPO runs and the online loop, as jobs. Each job publishes the model versions it makes
-    to the registry and announces them on rlhf.models.v1.
+    to the registry and announces them on rlhf.models.v1. Jobs are stored in the platform's database:
+    they outlive a restart of the trainer, and a job whose process died resumes from its checkpoint.
     """
 
     def __init__(self, channel):
@@ -66,7 +67,8 @@ class TrainerServiceStub:
 
 class TrainerServiceServicer:
     """SFT, RM and PPO runs and the online loop, as jobs. Each job publishes the model versions it makes
-    to the registry and announces them on rlhf.models.v1.
+    to the registry and announces them on rlhf.models.v1. Jobs are stored in the platform's database:
+    they outlive a restart of the trainer, and a job whose process died resumes from its checkpoint.
     """
 
     def StartJob(self, request, context):
@@ -138,7 +140,8 @@ def add_TrainerServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class TrainerService:
     """SFT, RM and PPO runs and the online loop, as jobs. Each job publishes the model versions it makes
-    to the registry and announces them on rlhf.models.v1.
+    to the registry and announces them on rlhf.models.v1. Jobs are stored in the platform's database:
+    they outlive a restart of the trainer, and a job whose process died resumes from its checkpoint.
     """
 
     @staticmethod
