@@ -195,7 +195,8 @@ wait_for() {  # what, command...: until the command succeeds, while the componen
       die "$what not ready within ${START_TIMEOUT}s (log tails above)"
     fi
     for c in "${COMPONENTS[@]}"; do
-      if [ -f "$STATE/$c.pid" ] && ! component_pid "$c" >/dev/null; then
+      # alive is enough here: just after the launch its command line may still be this script's
+      if [ -f "$STATE/$c.pid" ] && ! kill -0 "$(cat "$STATE/$c.pid")" 2>/dev/null; then
         tail -30 "$STATE/$c.log" >&2 || true
         die "$c exited during start (log tail above)"
       fi
