@@ -111,6 +111,13 @@ def build_tiny_lm(cfg: TinyLMConfig, seed: int = 0) -> GPT2LMHeadModel:
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
 
+def context_length(config) -> int | None:
+    """The most positions a Hugging Face model ``config`` reads (GPT-2's ``n_positions``, Llama's
+    and BERT's ``max_position_embeddings``); None when it names none."""
+    ctx = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    return int(ctx) if ctx else None
+
+
 def disable_dropout(model: nn.Module) -> nn.Module:
     """Set every dropout rate in ``model`` to 0, in place, and return it.
 
@@ -334,6 +341,9 @@ class RewardModel(nn.Module):
         from tokenizers import Encoding
 
         limit = max_length or self.config.max_length
+        ctx = context_length(self.backbone.config)
+        if ctx is not None:  # never more than the trunk has positions for, whatever was asked
+            limit = min(limit, ctx)
         pair = self.config.backbone != "causal"
         bt = self.tokenizer.backend_tokenizer
         bt.no_truncation()  # the backend may hold the settings of an earlier call (or of its
@@ -353,7 +363,9 @@ class RewardModel(nn.Module):
             elif len(p.ids) > room:
                 p.truncate(room, direction="left")  # the prompt keeps its end
             enc = bt.post_process(p, r, True) if pair else bt.post_process(Encoding.merge([p, r]), None, True)
-            rows.append(enc.ids)
+            # an empty prompt and response: the causal trunk scores one end-of-text token
+            rows.append(enc.ids or [self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None
+                                    else self.tokenizer.pad_token_id])
         T = max((len(x) for x in rows), default=0)
         pad, left = self.tokenizer.pad_token_id, self.tokenizer.padding_side == "left"
         ids = [[pad] * (T - len(x)) + x if left else x + [pad] * (T - len(x)) for x in rows]

@@ -17,7 +17,7 @@ import torch
 from rlhf.errors import DataError
 from rlhf.generation import SamplingParams, sample, tokenize_prompts
 from rlhf.inference.guided import Guide
-from rlhf.models import RewardModel, load_causal_lm, load_tokenizer
+from rlhf.models import RewardModel, context_length, load_causal_lm, load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -86,8 +86,7 @@ class PolicyEngine:
         self.model = load_causal_lm(self.path).to(self.device).eval()
         cfg = _read_manifest(self.path).get("config", {})
         self.add_bos = bool(cfg.get("add_bos", False))
-        ctx = getattr(self.model.config, "n_positions", None) or getattr(self.model.config, "max_position_embeddings", 2048)
-        self.context_length = int(ctx)
+        self.context_length = context_length(self.model.config) or 2048
         self.max_prompt_tokens = min(max_prompt_tokens, self.context_length - 1)
 
     def count_prompt_tokens(self, prompt: str) -> int:

@@ -315,3 +315,17 @@ def test_disable_dropout_zeroes_modules_and_rate_attributes(tok):
     with torch.no_grad():
         assert torch.equal(gpt2(input_ids=ids).logits, gpt2(input_ids=ids).logits)
         assert torch.equal(llama(input_ids=ids).logits, llama(input_ids=ids).logits)
+
+
+def test_reward_model_scores_empty_pairs_and_pairs_longer_than_its_trunk(tok):
+    """The score length is the trained one, but never more than the trunk's positions; an empty
+    prompt and response is one token, not an empty row."""
+    torch.manual_seed(0)
+    lm = build_tiny_lm(TinyLMConfig(n_layer=1, n_embd=32, n_head=2, n_positions=32, vocab_size=len(tok)), seed=0)
+    rm = RewardModel.from_causal_lm(lm, tok)
+    rm.config.max_length = 512  # trained "at 512", on a trunk of 32 positions
+    enc = rm.encode(["", "a film " * 100], ["", "good fun"])
+    assert enc["input_ids"].shape[1] == 32
+    assert enc["attention_mask"][0].sum() == 1
+    scores = rm.score(["", "a film " * 100], ["", "good fun"])
+    assert scores.shape == (2,) and torch.isfinite(scores).all()

@@ -35,6 +35,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from rlhf.models import context_length
+
 log = logging.getLogger("rlhf.inference")
 
 
@@ -331,8 +333,8 @@ class HFRunner:
         self.model = model
         self.device = next(model.parameters()).device
         self.max_slots = max_slots
-        ctx = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
-        self.max_len = min(max_len, int(ctx)) if ctx else max_len
+        ctx = context_length(model.config)
+        self.max_len = min(max_len, ctx) if ctx else max_len
         self.pad = pad_token_id
         self.K: list[torch.Tensor] = []
         self.V: list[torch.Tensor] = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 
 import grpc
@@ -126,6 +127,16 @@ def test_reward_scorer_batches_concurrent_callers(embedded, loop_run):
     count = metric_value(m, "rlhf_reward_batch_size_count")
     total = metric_value(m, "rlhf_reward_batch_size_sum")
     assert count and total / count > 1.0  # more than one caller per model call on average
+
+
+def test_reward_scorer_scores_empty_items_and_items_longer_than_the_trunk(embedded, loop_run):
+    long_prompt = "User: tell me about the film. " * 400  # far more tokens than the trunk has positions
+    with grpc.insecure_channel(embedded["addrs"]["reward-scorer"]) as ch:
+        stub = reward_grpc.RewardServiceStub(ch)
+        answer = stub.Score(reward_pb2.ScoreRequest(items=[
+            reward_pb2.ScoreItem(prompt="", response=""), reward_pb2.ScoreItem(prompt=long_prompt, response="good fun"),
+            reward_pb2.ScoreItem(prompt="a film", response="great fun " * 400)]))
+    assert len(answer.scores) == 3 and all(math.isfinite(s) for s in answer.scores)
 
 
 def test_sft_job_from_demonstrations_publishes_a_policy(embedded, loop_run):

@@ -291,6 +291,22 @@ def test_a_long_prompt_is_tokenized_while_other_streams_go_on(srv):
         engine._encode_long = original
 
 
+def test_a_20_megabyte_grpc_prompt_is_refused_untokenized(srv):
+    """gRPC Generate takes the same path: the prompt's size is checked before any tokenizing, so
+    a 20 MB prompt costs no tokenizer time (on the event loop or off it)."""
+    engine = srv.service.backend.engine
+    original, sizes = engine._encode_long, []
+    engine._encode_long = lambda text: (sizes.append(len(text)), original(text))[1]
+    try:
+        with pytest.raises(grpc.RpcError) as e:
+            grpc_generate(srv, "film " * 4_000_000, max_new_tokens=4)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "prompt tokens" in e.value.details()
+        assert sizes == []
+        assert grpc_generate(srv, "a film", max_new_tokens=4).completions[0].token_ids  # and the server goes on
+    finally:
+        engine._encode_long = original
+
+
 # -- defect 5: failed streams ------------------------------------------------------------------------------
 
 
