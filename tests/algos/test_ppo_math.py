@@ -856,9 +856,9 @@ def test_rollouts_follow_the_config(tok):
     """The trainer's rollouts: seeded by cfg.seed (not the global generator), prompts with BOS as
     configured, values from the rollout only for a shared head, bf16 applied to the sampling pass."""
     fn = _reward_fn(tok, 5)
-    a = PPOTrainer(_tiny_lm(tok), tok, fn, _cfg(seed=4)).generate(PROMPTS)
-    torch.manual_seed(123)  # the global generator moves between the two: it must not matter
-    b = PPOTrainer(_tiny_lm(tok), tok, fn, _cfg(seed=4)).generate(PROMPTS)
+    first, second = (PPOTrainer(_tiny_lm(tok), tok, fn, _cfg(seed=4)) for _ in range(2))
+    a = first.generate(PROMPTS)
+    b = second.generate(PROMPTS)  # the global generator has moved on since the first: it must not matter
     assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.logprobs, b.logprobs)
 
     lengths = [len(tok(p, add_special_tokens=False)["input_ids"]) for p in PROMPTS]

@@ -547,3 +547,21 @@ def test_pair_accuracy_at_another_length(trained):
     at_2 = pair_accuracy(rm, held, max_length=2)
     assert at_2 == accuracy_of_scores(held, comparison_scores(rm, held, max_length=2))
     assert at_2 != pair_accuracy(rm, held)  # 2 tokens do not tell the responses apart as 32 do
+
+
+def test_pair_accuracy_runs_in_float32_unless_asked(tok):
+    rm = _rm(tok)
+    comps = _comparisons(random.Random(0), 1)
+    fp32 = accuracy_of_scores(comps, comparison_scores(rm, comps, max_length=32))
+    bf16 = accuracy_of_scores(comps, comparison_scores(rm, comps, max_length=32, bf16=True))
+    assert fp32 != bf16  # bf16 rounding reorders some close scores of this untrained model
+    assert pair_accuracy(rm, comps, max_length=32) == fp32
+    assert pair_accuracy(rm, comps, max_length=32, bf16=True) == bf16
+
+
+def test_rm_training_accuracy_counts_a_tie_in_score_as_wrong(tok):
+    # at 2 tokens every response is cut to " It is" and loses its prompt: all scores tie exactly
+    rm = _rm(tok)
+    train = _comparisons(random.Random(6), 1)[:4]
+    hist = train_reward_model(rm, train, RMTrainConfig(batch_size=4, lr=0.0, max_length=2))
+    assert hist[0]["accuracy"] == 0.0
