@@ -134,3 +134,11 @@ def test_fixed_controller_ignores_n_steps_and_bad_horizon_is_refused():
     assert type(make_kl_controller(0.3, None, horizon=10)) is FixedKLController
     with pytest.raises(ValueError, match="horizon"):
         AdaptiveKLController(beta=0.1, target=5.0, horizon=0)
+
+
+def test_a_one_episode_horizon_is_allowed_and_n_steps_defaults_to_one():
+    # horizon 1 is the smallest valid one: each rollout moves beta by the full error e.
+    # beta 0.5, target 1, KL 1.1: e = 0.1; one rollout (the default) -> 0.5 * (1 + 1 * 0.1)
+    ctl = AdaptiveKLController(beta=0.5, target=1.0, horizon=1)
+    assert ctl.update(1.1) == pytest.approx(0.55, rel=1e-12)
+    assert ctl.update(1.1, n_steps=1) == pytest.approx(0.55 * 1.1, rel=1e-12)

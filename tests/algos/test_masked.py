@@ -87,3 +87,11 @@ def test_empty_mask_gives_no_nan():
     w = whiten(X, empty)
     assert not torch.isnan(w).any()
     assert w.abs().sum().item() == 0.0
+
+
+def test_masked_var_of_two_entries_is_bessel_corrected():
+    # entries 1 and 3 (the 5 is masked out): mean 2, population variance 1, unbiased 2
+    x = torch.tensor([1.0, 3.0, 5.0])
+    m = torch.tensor([1, 1, 0])
+    assert masked_var(x, m).item() == pytest.approx(2.0)
+    assert masked_var(x, m, unbiased=False).item() == pytest.approx(1.0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import math
 import random
+import time
 
 import pytest
 import torch
@@ -154,6 +155,28 @@ def test_value_loss_clipping_by_hand():
     # V=3,  Vold=1,  G=3  : clip V -> 1.2 ; 0, 3.24                  -> 3.24 clipped
     assert loss.item() == pytest.approx(0.5 * (1.69 + 1.0 + 0.25 + 3.24) / 4, rel=1e-6)
     assert clipfrac.item() == pytest.approx(2 / 4)
+
+
+def test_value_loss_clips_a_fall_as_well_as_a_rise():
+    # V fell 1.0 below V_old = G: unclipped (V - G)^2 = 1, clipped to V_old - 0.2: 0.04 -> max 1;
+    # V fell 1.0 below V_old, G = V: unclipped 0, clipped (V_old - 0.2 - G)^2 = 0.64 -> max 0.64
+    values = torch.tensor([[0.0, 0.0]])
+    old = torch.tensor([[1.0, 1.0]])
+    returns = torch.tensor([[1.0, 0.0]])
+    loss, clipfrac = value_loss(values, old, returns, torch.ones(1, 2), 0.2)
+    assert loss.item() == pytest.approx(0.5 * (1.0 + 0.64) / 2, rel=1e-6)
+    assert clipfrac.item() == pytest.approx(1 / 2)
+
+
+def test_gae_defaults_are_gamma_1_and_lambda_0_95():
+    g = torch.Generator().manual_seed(3)
+    rewards, values = torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]])
+    adv, ret = gae(rewards, values, mask)
+    want_adv, want_ret = gae_reference(rewards.tolist(), values.tolist(), [5, 3, 1], 1.0, 0.95)
+    for b in range(3):
+        assert adv[b].tolist() == pytest.approx(want_adv[b], abs=1e-5), f"row {b}"
+        assert ret[b].tolist() == pytest.approx(want_ret[b], abs=1e-5), f"row {b}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -410,12 +433,18 @@ def test_ppo_steps_on_tiny_model(tok):
 
 
 def test_logprobs_from_rollout_switch_changes_only_how(tok):
-    """Same seed, same rollouts: the first step's statistics agree with either log-prob source."""
+    """Same seed, same rollouts: the first step's statistics agree with either log-prob source.
+    Two layers and a value head that is not zero, so that the values read the last layer's
+    hidden state on both paths."""
     target = tok(" a", add_special_tokens=False)["input_ids"][0]
     results = []
     for flag in (True, False):
         torch.manual_seed(0)
-        tr = PPOTrainer(_tiny_lm(tok), tok, _reward_fn(tok, target), _cfg(logprobs_from_rollout=flag, ppo_epochs=1))
+        lm = build_tiny_lm(TinyLMConfig(n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=len(tok)), seed=0)
+        tr = PPOTrainer(lm, tok, _reward_fn(tok, target), _cfg(logprobs_from_rollout=flag, ppo_epochs=1))
+        with torch.no_grad():
+            tr.value_head.summary.weight.copy_(torch.randn(tr.value_head.summary.weight.shape,
+                                                           generator=torch.Generator().manual_seed(1)))
         results.append(tr.step(PROMPTS))
     a, b = results
     assert a["_responses"] == b["_responses"]
@@ -698,7 +727,7 @@ def test_stale_rollouts_start_the_ratio_at_pi_over_behaviour(tok):
     expected = masked_mean(0.5 * (lp_now - r.logprobs) ** 2, mask).item()
     assert expected > 1e-4, "the two versions must differ for this test to mean something"
     stale = trainer.step_on_rollout(PROMPTS, _clone(r), behaviour_logprobs=True)
-    fresh = trainer.step_on_rollout(PROMPTS, _clone(r), behaviour_logprobs=False)
+    fresh = trainer.step_on_rollout(PROMPTS, _clone(r))  # the default: recomputed with the current weights
     assert stale["behaviour_approx_kl"] == pytest.approx(expected, rel=1e-3)
     assert stale["approx_kl"] == pytest.approx(expected, rel=1e-3)  # one minibatch: the update saw pi / mu
     assert fresh["approx_kl"] < 1e-8 and fresh["behaviour_approx_kl"] == 0.0
@@ -775,3 +804,73 @@ def test_step_metrics_are_what_they_say(tok):
         assert m["time_generate_seconds"] >= 0 and m["step_duration_seconds"] >= m["time_update_seconds"] > 0
         assert m["samples_per_second"] == pytest.approx(8 / m["step_duration_seconds"])
         assert m["tokens_per_second"] == pytest.approx(mask.sum().item() / m["step_duration_seconds"])
+
+
+# ----------------------------------------------------------------------------------------------
+# What the trainer reports, and the switches that change how it runs
+# ----------------------------------------------------------------------------------------------
+
+
+def test_step_timings_add_up_and_the_kl_target_is_reported(tok):
+    """The time_* parts are disjoint spans inside the step, and the step inside the call: the
+    relations hold at any speed (no wall-clock bound is asserted)."""
+    trainer = PPOTrainer(_tiny_lm(tok), tok, lambda p, r: torch.arange(len(r)).float(),
+                         _cfg(batch_size=2, mini_batch_size=2, ppo_epochs=1))
+    t0 = time.perf_counter()
+    m = trainer.step(PROMPTS[:2])
+    elapsed = time.perf_counter() - t0
+    parts = sorted(k for k in m if k.startswith("time_"))
+    assert parts == ["time_generate_seconds", "time_reference_and_value_seconds", "time_reward_seconds",
+                     "time_update_seconds"]
+    assert all(isinstance(m[k], float) and m[k] >= 0 for k in parts)
+    assert sum(m[k] for k in parts) <= m["step_duration_seconds"] <= elapsed
+    assert m["kl_target"] == 6.0
+    assert m["reward_std"] == pytest.approx(math.sqrt(0.5))  # scores 0 and 1
+    # a fixed beta has no target to report; one rollout has no spread
+    single = PPOTrainer(_tiny_lm(tok), tok, lambda p, r: torch.ones(len(r)),
+                        _cfg(batch_size=1, mini_batch_size=1, ppo_epochs=1, adaptive_kl=False, kl_target=None))
+    m = single.step(PROMPTS[:1])
+    assert "kl_target" not in m and m["reward_std"] == 0.0
+
+
+def test_update_statistics_are_means_over_the_minibatches(tok):
+    """At lr 0 every pass over the one minibatch sees the same weights: the statistics of 1 and of
+    2 epochs are the same means (a sum, a last value or a wrong start would differ)."""
+    block = pack_texts(tok, TEXTS, 16)[:1]  # one pre-training block: every PPO-ptx batch is the same
+    fn = lambda p, r: torch.arange(len(r)).float()  # noqa: E731 - returns far from the zero-initialised values
+    stats = []
+    for epochs in (1, 2):
+        cfg = _cfg(lr=0.0, value_lr=0.0, ppo_epochs=epochs, mini_batch_size=8, ptx_coef=0.5, ptx_batch_size=2)
+        trainer = PPOTrainer(_tiny_lm(tok), tok, fn, cfg, ptx_blocks=block)  # a tensor: wrapped as PretrainBlocks
+        assert isinstance(trainer.ptx, PretrainBlocks) and torch.equal(trainer.ptx.blocks, block)
+        stats.append(trainer.step(PROMPTS))
+    one, two = stats
+    assert one["_responses"] == two["_responses"]
+    for k in ("policy_loss", "value_loss", "clipfrac_ratio", "value_clipfrac_ratio", "entropy", "approx_kl",
+              "ptx_loss"):
+        assert two[k] == pytest.approx(one[k], rel=1e-5, abs=1e-7), k
+    assert one["value_loss"] > 0.01 and one["entropy"] > 1.0 and one["ptx_loss"] > 1.0  # not vacuous
+
+
+def test_rollouts_follow_the_config(tok):
+    """The trainer's rollouts: seeded by cfg.seed (not the global generator), prompts with BOS as
+    configured, values from the rollout only for a shared head, bf16 applied to the sampling pass."""
+    fn = _reward_fn(tok, 5)
+    first, second = (PPOTrainer(_tiny_lm(tok), tok, fn, _cfg(seed=4)) for _ in range(2))
+    a = first.generate(PROMPTS)
+    b = second.generate(PROMPTS)  # the global generator has moved on since the first: it must not matter
+    assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.logprobs, b.logprobs)
+
+    lengths = [len(tok(p, add_special_tokens=False)["input_ids"]) for p in PROMPTS]
+    assert a.prompt_mask.sum(1).tolist() == [n + 1 for n in lengths]
+    first = a.prompt_mask.argmax(1)  # left padding: the first real token
+    assert a.prompt_ids[torch.arange(8), first].tolist() == [tok.bos_token_id] * 8
+    no_bos = PPOTrainer(_tiny_lm(tok), tok, fn, _cfg(add_bos=False)).generate(PROMPTS)
+    assert no_bos.prompt_mask.sum(1).tolist() == lengths
+
+    assert a.values is not None  # shared head, log-probs from the rollout: values come with it
+    for kw in ({"value_model": "separate"}, {"logprobs_from_rollout": False}):
+        assert PPOTrainer(_tiny_lm(tok), tok, fn, _cfg(**kw)).generate(PROMPTS).values is None, kw
+
+    half = PPOTrainer(_tiny_lm(tok), tok, fn, _cfg(seed=4, bf16=True)).generate(PROMPTS)
+    assert not torch.allclose(half.logprobs, a.logprobs, atol=1e-6), "bf16 must reach the sampling pass"

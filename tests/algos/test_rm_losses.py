@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import random
 import statistics
+import time
 from itertools import combinations
 
 import pytest
@@ -17,10 +18,12 @@ from rlhf.algos.rm import (
     accuracy_of_scores,
     batch_loss,
     best_of_k_loss,
+    comparison_lengths,
     comparison_scores,
     epoch_batches,
     make_batch,
     normalize_reward_model,
+    ordered_pairs,
     pair_accuracy,
     pairwise_loss,
     ranking_loss,
@@ -85,6 +88,20 @@ def test_ranking_loss_with_ties():
     assert b.tie.tolist().count(True) == 1
 
 
+def test_ordered_pairs_of_a_best_of_k_choice():
+    c = Comparison(prompt="q", responses=("c0", "c1", "c2"), kind="best_of_k", best=1)
+    assert ordered_pairs(c) == ([(1, 0), (1, 2)], [])  # the chosen one over each other one
+    assert accuracy_of_scores([c], [torch.tensor([0.0, 1.0, 2.0])]) == 0.5
+
+
+def test_ranking_loss_leaves_out_a_prompt_without_pairs():
+    # three prompts laid out, pairs only for prompts 0 and 2: the mean is over those two prompts
+    scores = torch.tensor([1.0, 0.0, 5.0, 2.0, -1.0], dtype=torch.float64)
+    loss = ranking_loss(scores, torch.tensor([0, 3]), torch.tensor([1, 4]), torch.tensor([False, False]),
+                        torch.tensor([0, 2]), 3)
+    assert loss.item() == pytest.approx(-(log_sigmoid(1.0) + log_sigmoid(3.0)) / 2, rel=1e-10)
+
+
 def test_make_batch_layouts():
     r = make_batch([C4, C3], "ranking")
     assert r.prompts == ["p4"] * 4 + ["p3"] * 3  # K sequences per prompt, not 2 per pair
@@ -102,6 +119,7 @@ def test_make_batch_layouts():
     assert len(p.prompts) == 2 * (6 + 3)  # 2 sequences per pair
     assert p.n_groups == 9
     assert p.win.tolist() == list(range(0, 18, 2)) and p.lose.tolist() == list(range(1, 18, 2))
+    assert p.group.tolist() == [g for g in range(9) for _ in range(2)]  # each pair is its own group
     got = sorted(zip(p.prompts[0::2], p.responses[0::2], p.responses[1::2]))
     want = sorted([("p4", f"a{order4[i]}", f"a{order4[j]}") for i, j in combinations(range(4), 2)]
                   + [("p3", f"b{order3[i]}", f"b{order3[j]}") for i, j in combinations(range(3), 2)])
@@ -272,6 +290,14 @@ def test_accuracy_of_scores_by_hand():
         accuracy_of_scores([tie_only], [torch.tensor([0.0, 1.0])])
 
 
+def test_accuracy_of_scores_wrong_orders_count_zero_and_every_comparison_needs_its_scores():
+    # C4 ranks 2 > 0 > 3 > 1; these scores order all six pairs wrongly except 3 vs 1, a tie: 0.5 / 6
+    s4 = torch.tensor([1.0, 3.0, 0.0, 3.0])
+    assert accuracy_of_scores([C4], [s4]) == pytest.approx(0.5 / 6)
+    with pytest.raises(ValueError):  # one score tensor short: no silent truncation
+        accuracy_of_scores([C4, C3], [s4])
+
+
 def test_comparison_scores_are_the_raw_scores_and_give_pair_accuracy(trained):
     rm, _, _, held = trained
     seen = []
@@ -315,6 +341,33 @@ def test_reward_model_save_load_round_trip(trained, tmp_path):
     with torch.no_grad():
         raw = loaded.raw_scores(enc["input_ids"], enc["attention_mask"])
     assert torch.allclose(after, (raw - 0.25) * 2.0, atol=1e-6)
+
+
+def test_set_normalization_defaults_to_the_mean_only_and_scales_a_small_spread(tok):
+    rm = _rm(tok)
+    assert set_normalization(rm, torch.tensor([0.0, 0.02])) == pytest.approx((0.01, 1.0))
+    # std of (0, 0.02) is 0.02 / sqrt(2): unit variance scales it up by about 70
+    _, gain = set_normalization(rm, torch.tensor([0.0, 0.02]), unit_variance=True)
+    assert gain == pytest.approx(math.sqrt(2) / 0.02, rel=1e-5)
+    # one reference score has no spread to scale: the gain stays 1
+    assert set_normalization(rm, torch.tensor([0.3]), unit_variance=True) == pytest.approx((0.3, 1.0))
+
+
+def test_comparison_lengths_are_each_comparisons_longest_sequence_within_the_cap(tok):
+    rm = _rm(tok)
+    long_prompt = " ".join(f"Tell me about {s}." for s in SUBJECTS)  # longer than the cap on its own
+    comps = _comparisons(random.Random(2), 30)  # 360 rankings of K = 3: over 1024 sequences in all
+    comps[5] = Comparison(prompt=long_prompt, responses=(" It is odd.", " It is good."), kind="ranking",
+                          ranking=((1,), (0,)))
+    comps[-1] = Comparison(prompt=long_prompt, responses=(" It is late.", " It is fine."), kind="ranking",
+                           ranking=((0,), (1,)))
+
+    def tokens(prompt, response):
+        return int(rm.encode([prompt], [response], max_length=16)["attention_mask"].sum())
+
+    want = [max(tokens(c.prompt, r) for r in c.responses) for c in comps]
+    assert want[5] == want[-1] == 16 and min(want) < 16 and len(set(want)) > 2
+    assert comparison_lengths(rm, comps, 16) == want
 
 
 def test_train_reward_model_rejects_empty_data(tok):
@@ -391,3 +444,124 @@ def test_reward_model_scores_at_the_length_it_was_trained_at(trained, tmp_path):
     at_512 = loaded.encode(prompts, responses, max_length=512)
     assert int(at_512["attention_mask"][0].sum()) > 32  # the old default would have scored more context
     assert pair_accuracy(loaded, held) == pair_accuracy(loaded, held, max_length=32)
+
+
+def _short_and_long(n: int) -> list[Comparison]:
+    """n short pairs (K = 2, one strict pair) and n long rankings (K = 3, three strict pairs)."""
+    long_prompt = "Tell me about " + ", ".join(SUBJECTS) + "."
+    out = []
+    for i in range(n):
+        s = SUBJECTS[i]
+        out.append(Comparison(prompt=s, responses=(" good.", " odd."), kind="ranking", ranking=((0,), (1,))))
+        out.append(Comparison(prompt=long_prompt, responses=(f" {s} is good.", f" {s} is odd.", f" {s} is late."),
+                              kind="ranking", ranking=((0,), (1,), (2,))))
+    return out
+
+
+def test_rm_training_history_callback_and_batch_accuracy(tok):
+    """At lr 0 the scores stay put: each step's accuracy is that of the frozen scores on the
+    batch's strict pairs (the tied pairs left out), and every step is handed to ``on_step``."""
+    rm = _rm(tok)
+    tied = Comparison(prompt="Tell me about rain.", responses=(" It is odd.", " It is late.", " It is good."),
+                      kind="ranking", ranking=((0, 1), (2,)))
+    train = _comparisons(random.Random(3), 1)[:5] + [tied]
+    scores = comparison_scores(rm, train, max_length=32)
+    strict = [(s[w] > s[l]).item() for c, s in zip(train, scores) for w, l in ordered_pairs(c)[0]]
+    tied_right = [(s[a] > s[b]).item() for c, s in zip(train, scores) for a, b in ordered_pairs(c)[1]]
+    assert sum(strict) / len(strict) != sum(tied_right) / len(tied_right)  # the tie must not be counted
+    seen = []
+    t0 = time.perf_counter()
+    hist = train_reward_model(rm, train, RMTrainConfig(batch_size=6, lr=0.0, epochs=2, max_length=32), seen.append)
+    elapsed = time.perf_counter() - t0
+    assert seen == hist and len(hist) == 2
+    keys = {"step", "epoch", "loss", "accuracy", "lr", "pairs", "pairs_per_second", "sequences", "total_steps"}
+    assert all(set(h) == keys for h in hist)
+    assert [(h["step"], h["epoch"], h["total_steps"]) for h in hist] == [(1, 0, 2), (2, 1, 2)]
+    for h in hist:
+        assert h["accuracy"] == pytest.approx(sum(strict) / len(strict))
+        assert h["pairs"] == len(strict) + len(tied_right) == 18 and h["sequences"] == 18
+        assert h["pairs_per_second"] >= h["pairs"] / elapsed  # each step's time lies within the call
+
+
+def test_rm_training_is_seeded_and_applies_the_configured_weight_decay(tok):
+    train = _comparisons(random.Random(4), 1)  # 12 comparisons: 3 steps of 4, in a seeded order
+
+    def trained_weights(**kw):
+        rm = _rm(tok)
+        train_reward_model(rm, train, RMTrainConfig(batch_size=4, lr=3e-3, max_length=32, seed=7, **kw))
+        return [p.detach().clone() for p in rm.parameters()]
+
+    a, b = trained_weights(), trained_weights()
+    assert all(torch.equal(x, y) for x, y in zip(a, b)), "same seed, same data: the same weights"
+    decayed = trained_weights(weight_decay=0.01)
+    assert any(not torch.equal(x, y) for x, y in zip(a, decayed)), "weight_decay 0 must mean no decay"
+
+
+def test_rm_training_batches_group_by_length_only_when_asked(tok):
+    """Short K=2 pairs and long K=3 rankings: the pairs per step show which comparisons shared a
+    batch. Without grouping the batches are slices of the seeded shuffle; with it, of the same
+    shuffle sorted by length, so no batch mixes the two kinds."""
+    train = _short_and_long(4)
+    for grouped in (False, True):
+        rm = _rm(tok)
+        cfg = RMTrainConfig(batch_size=2, lr=1e-3, max_length=24, seed=1, group_by_length=grouped)
+        hist = train_reward_model(rm, train, cfg)
+        rng = random.Random(1)
+        order = list(range(len(train)))
+        rng.shuffle(order)
+        lengths = comparison_lengths(rm, train, 24) if grouped else None
+        want = [sum(len(ordered_pairs(train[j])[0]) for j in b) for b in epoch_batches(order, 2, lengths, rng)]
+        assert [h["pairs"] for h in hist] == want
+        if grouped:
+            assert set(want) == {2, 6}
+        else:
+            assert 4 in want, "the plain shuffle mixes the two kinds somewhere, or this test proves nothing"
+
+
+def test_rm_training_with_the_best_of_k_loss(tok):
+    rm = _rm(tok)
+    train = [Comparison(prompt=c.prompt, responses=c.responses, kind="best_of_k", best=c.ranking[0][0])
+             for c in _comparisons(random.Random(5), 1)[:4]]
+    scores = comparison_scores(rm, train, max_length=32)
+    want = statistics.mean((torch.logsumexp(s, 0) - s[c.best]).item() for c, s in zip(train, scores))
+    hist = train_reward_model(rm, train, RMTrainConfig(loss="best_of_k", batch_size=4, lr=0.0, max_length=32))
+    assert hist[0]["loss"] == pytest.approx(want, rel=1e-5)
+
+
+def test_embeddings_train_unless_frozen_and_keep_their_own_flag(tok):
+    train = _comparisons(random.Random(0), 1)[:8]
+    rm = _rm(tok)
+    emb = rm.backbone.get_input_embeddings().weight
+    before = emb.detach().clone()
+    train_reward_model(rm, train, RMTrainConfig(batch_size=8, lr=3e-3, max_length=32))
+    assert not torch.equal(emb, before), "not frozen: the token embeddings train"
+    rm = _rm(tok)
+    emb = rm.backbone.get_input_embeddings().weight
+    emb.requires_grad_(False)  # frozen by the caller already: training must leave it so
+    train_reward_model(rm, train, RMTrainConfig(batch_size=8, lr=3e-3, max_length=32, freeze_embeddings=True))
+    assert not emb.requires_grad
+
+
+def test_pair_accuracy_at_another_length(trained):
+    rm, _, _, held = trained
+    at_2 = pair_accuracy(rm, held, max_length=2)
+    assert at_2 == accuracy_of_scores(held, comparison_scores(rm, held, max_length=2))
+    assert at_2 != pair_accuracy(rm, held)  # 2 tokens do not tell the responses apart as 32 do
+
+
+def test_pair_accuracy_runs_in_float32_unless_asked(tok):
+    rm = _rm(tok)
+    comps = _comparisons(random.Random(0), 1)
+    fp32 = accuracy_of_scores(comps, comparison_scores(rm, comps, max_length=32))
+    bf16 = accuracy_of_scores(comps, comparison_scores(rm, comps, max_length=32, bf16=True))
+    assert fp32 != bf16  # bf16 rounding reorders some close scores of this untrained model
+    assert pair_accuracy(rm, comps, max_length=32) == fp32
+    assert pair_accuracy(rm, comps, max_length=32, bf16=True) == bf16
+
+
+def test_rm_training_accuracy_counts_a_tie_in_score_as_wrong(tok):
+    # at 2 tokens every response is cut to " It is" and loses its prompt: all scores tie exactly
+    rm = _rm(tok)
+    train = _comparisons(random.Random(6), 1)[:4]
+    hist = train_reward_model(rm, train, RMTrainConfig(batch_size=4, lr=0.0, max_length=2))
+    assert hist[0]["accuracy"] == 0.0

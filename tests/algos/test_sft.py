@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import time
+
 import pytest
 import torch
 
@@ -133,3 +136,111 @@ def test_train_lm_epochs_set_the_number_of_steps(tok):
     ids, attn, loss = encode_demonstrations(tok, [Demonstration(d[:8], d[8:]) for d in DOCS], max_length=32)
     assert len(train_lm(model, ids, attn, loss, SFTConfig(epochs=2.0, batch_size=3))) == 4  # 2 x ceil(4 / 3)
     assert len(train_lm(model, ids, attn, loss, SFTConfig(epochs=0.1, batch_size=3))) == 1  # at least one
+
+
+def _bos_tokenizer(tok):
+    """The same vocabulary with a post-processor that puts BOS before every encoding, as Llama's
+    tokenizer does: text joined into one sequence must be encoded without it."""
+    from tokenizers import Tokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer.from_str(tok.backend_tokenizer.to_str())
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{tok.bos_token} $A", special_tokens=[(tok.bos_token, tok.bos_token_id)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=tok.bos_token, eos_token=tok.eos_token,
+                                   pad_token=tok.pad_token)
+
+
+def test_no_special_tokens_inside_packed_or_joined_text(tok):
+    bos_tok = _bos_tokenizer(tok)
+    plain = tok(DOCS[0], add_special_tokens=False)["input_ids"]
+    assert bos_tok(DOCS[0])["input_ids"] == [tok.bos_token_id] + plain  # this tokenizer does add BOS
+    assert torch.equal(pack_texts(bos_tok, DOCS, 4), pack_texts(tok, DOCS, 4))
+    demos = [Demonstration(d[:8], d[8:]) for d in DOCS]
+    for a, b in zip(encode_demonstrations(bos_tok, demos, 32), encode_demonstrations(tok, demos, 32), strict=True):
+        assert torch.equal(a, b)
+
+
+def _adamw_reference(model, rows, order, cfg, steps):
+    """``steps`` optimizer steps of SFT, written out: each row run on its own without padding,
+    the mean NLL over the batch's loss-masked target tokens, the gradient clipped to norm 1, and
+    AdamW (betas 0.9/0.95, eps 1e-8) with decoupled weight decay on matrices only, at a
+    constant learning rate (no warm-up, min_lr_ratio 1). Returns the losses."""
+    params = list(model.parameters())
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    b1, b2 = 0.9, 0.95
+    losses = []
+    model.train()
+    for k, batch in enumerate(order[:steps], start=1):
+        nll, count = 0.0, 0
+        for i in batch:
+            ids, lm = rows[i]
+            logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+            for t in range(1, len(ids)):
+                if lm[t]:
+                    nll = nll - logp[t - 1, ids[t]]
+                    count += 1
+        loss = nll / count
+        model.zero_grad()
+        loss.backward()
+        norm = torch.sqrt(sum((p.grad**2).sum() for p in params))
+        scale = min(1.0, 1.0 / (float(norm) + 1e-6))
+        with torch.no_grad():
+            for j, p in enumerate(params):
+                g = p.grad * scale
+                p.mul_(1 - cfg.lr * (cfg.weight_decay if p.dim() >= 2 else 0.0))
+                m[j].mul_(b1).add_((1 - b1) * g)
+                v[j].mul_(b2).add_((1 - b2) * g * g)
+                m_hat, v_hat = m[j] / (1 - b1**k), v[j] / (1 - b2**k)
+                p.sub_(cfg.lr * m_hat / (v_hat.sqrt() + 1e-8))
+        losses.append(loss.item())
+    return losses
+
+
+def test_train_lm_equals_a_loop_written_adamw_reference(tok):
+    """Five rows (one left-padded) in batches of 2 for 4 steps: two epochs, each in the order of a
+    permutation drawn from the seed. The weights and losses equal the written-out reference."""
+    cfg = SFTConfig(max_steps=4, batch_size=2, lr=2e-2, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.1, seed=3)
+    pad = tok.pad_token_id
+    seqs = [tok(d, add_special_tokens=False)["input_ids"][:9] for d in DOCS] + [[5, 6, 7]]
+    masks = [[0, 0] + [1] * (len(s) - 2) for s in seqs]
+    T = max(len(s) for s in seqs)
+    ids, attn, loss_mask = [], [], []
+    for i, (s, lm) in enumerate(zip(seqs, masks)):
+        fill = T - len(s)
+        left = i == len(seqs) - 1  # the last row is left-padded: positions and attention must follow the mask
+        ids.append([pad] * fill + s if left else s + [pad] * fill)
+        attn.append([0] * fill + [1] * len(s) if left else [1] * len(s) + [0] * fill)
+        loss_mask.append([0] * fill + lm if left else lm + [0] * fill)
+    ids, attn, loss_mask = torch.tensor(ids), torch.tensor(attn), torch.tensor(loss_mask)
+    assert attn[-1, 0] == 0 and (attn[:-1, -1] == 0).any()  # padding on both sides
+
+    model = build_tiny_lm(TinyLMConfig(n_layer=1, n_embd=32, n_head=2, n_positions=32, vocab_size=len(tok)), seed=0)
+    reference = copy.deepcopy(model)
+    start = copy.deepcopy(model)
+    t0 = time.perf_counter()
+    hist = train_lm(model, ids, attn, loss_mask, cfg)
+    elapsed = time.perf_counter() - t0
+
+    gen = torch.Generator().manual_seed(cfg.seed)
+    order = []
+    for _ in range(2):
+        perm = torch.randperm(5, generator=gen).tolist()
+        order += [perm[i : i + 2] for i in range(0, 5, 2)]
+    want_losses = _adamw_reference(reference, list(zip(seqs, masks)), order, cfg, 4)
+
+    assert [h["loss"] for h in hist] == pytest.approx(want_losses, rel=1e-5)
+    for (name, a), b in zip(model.named_parameters(), reference.parameters(), strict=True):
+        if name.endswith("attn.c_attn.bias"):  # the key bias has a gradient of exactly 0 in theory: Adam
+            a, b = torch.cat([a[:32], a[64:]]), torch.cat([b[:32], b[64:]])  # makes float noise a full step
+        # a few embedding rows see gradients near 0 too (Adam scales them up): 5e-5 leaves room for that,
+        # far below what a wrong weight decay (>= 1e-4 here) or betas would change
+        assert torch.allclose(a, b, atol=5e-5, rtol=0), f"{name}: {(a - b).abs().max():.2e}"
+    moved = max((a - b).abs().max().item() for a, b in zip(model.parameters(), start.parameters()))
+    assert moved > 1e-2, "the steps must move the weights for the comparison to mean something"
+    assert [set(h) for h in hist] == [{"step", "total_steps", "loss", "lr", "tokens_per_second"}] * 4
+    assert [(h["step"], h["total_steps"], h["lr"]) for h in hist] == [(s, 4, 2e-2) for s in range(1, 5)]
+    # each step's throughput is its tokens over a time within the whole call (no wall-clock bound)
+    tokens = [int(attn[b].sum()) for b in order[:4]]
+    assert all(h["tokens_per_second"] >= n / elapsed for h, n in zip(hist, tokens))
