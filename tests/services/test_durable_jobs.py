@@ -84,9 +84,9 @@ def test_a_job_outlives_its_process_and_the_trainer(tmp_path, one_thread):
             done = stub.GetJob(trainer_pb2.GetJobRequest(job_id=job.job_id), timeout=30).job
     finally:
         close()
-    assert done.status == trainer_pb2.JOB_STATUS_SUCCEEDED, done.message
-    assert done.attempts == 3 and len(done.published_versions) == 1
     messages = [e.message for e in events]
+    assert done.status == trainer_pb2.JOB_STATUS_SUCCEEDED, done.message
+    assert done.attempts == 3 and len(done.published_versions) == 1, messages
     assert any("its run ended without a result (its process ended: killed by SIGKILL" in m for m in messages)
     assert sum(m.startswith(f"resumed from checkpoint step-{interrupted_at:08d}") for m in messages) == 1
     # every step reported once before the kill, and from the checkpoint on after each resume
