@@ -189,7 +189,10 @@ class ServerRollouts(RolloutSource):
     def _fetch(self, step: int) -> tuple[list[str], policy_pb2.GenerateResponse]:
         prompts = self.prompts_for_step(step)
         peers = self.io.peers
-        return prompts, peers.policy.generate(prompts, return_logprobs=True, **_sampling(self.job.ppo.sampling))
+        # the behaviour log-probs: those of the distribution the server sampled from, under the
+        # version it served (PPO's ratio is taken against them, so a stale rollout is corrected)
+        return prompts, peers.policy.generate(prompts, return_logprobs=True, logprobs_of=policy_pb2.LOGPROBS_OF_SAMPLING,
+                                              **_sampling(self.job.ppo.sampling))
 
     def next(self, step: int) -> tuple[list[str], Rollout, dict]:
         t0 = time.perf_counter()
@@ -206,7 +209,7 @@ class ServerRollouts(RolloutSource):
         # how many versions behind the trainer's current policy the rollouts were sampled
         v = gen.policy_version
         stale = len(self.published) - 1 - self.published.index(v) if v in self.published else -1
-        return prompts, rollout, {"own_rollout": False, "rollout_staleness_versions": stale,
+        return prompts, rollout, {"own_rollout": False, "behaviour_logprobs": True, "rollout_staleness_versions": stale,
                                   "time_generate_seconds": t_generate,
                                   "time_publish_seconds": time.perf_counter() - t0}  # waiting for the last publication
 

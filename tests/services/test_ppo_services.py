@@ -1,0 +1,82 @@
+"""PPO through the services: the ratio is taken against the policy-server's behaviour log-probs
+(fresh rollouts start at ratio 1, stale ones show their staleness)."""
+
+from __future__ import annotations
+
+import os
+
+import grpc
+import pytest
+import torch
+from rlhf_client import prompts_grpc, prompts_pb2, trainer_grpc, trainer_pb2
+
+from rlhf.models import RewardModel, load_causal_lm, load_tokenizer
+from rlhf.runtime.threads import ENV
+from tests.services.helpers import PROMPTS, tiny_policy_registry, up_on_free_ports
+
+pytestmark = pytest.mark.slow
+
+PPO = {"steps": 2, "ppo.batch_size": 4, "ppo.mini_batch_size": 2, "ppo.ppo_epochs": 2, "ppo.lr": 1e-2,
+       "ppo.sampling.max_new_tokens": 4, "ppo.kl_coef": 0.2, "wait_for_serving_seconds": 120}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    saved = os.environ.get(ENV)
+    os.environ[ENV] = "1"
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("ppo")
+    reg = tiny_policy_registry(root / "registry")
+    base = reg.latest("policy")
+    path = reg.path("policy", base)
+    rm = RewardModel.from_causal_lm(load_causal_lm(path), load_tokenizer(path), seed=0)
+    reg.publish("reward", lambda d: rm.save(d))
+    close, addrs, _, _ = up_on_free_ports(root)
+    try:
+        with grpc.insecure_channel(addrs["prompt-collector"]) as ch:
+            prompts_grpc.PromptCollectorServiceStub(ch).SubmitPrompts(prompts_pb2.SubmitPromptsRequest(prompts=[
+                prompts_pb2.PromptInput(text=p.encode(), user_id="u1", source="test", consent=True) for p in PROMPTS]),
+                timeout=30)
+        yield {"addrs": addrs, "root": root, "registry": reg, "base": base}
+    finally:
+        close()
+        if saved is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = saved
+
+
+def _start(addrs, overrides: dict) -> trainer_pb2.Job:
+    with grpc.insecure_channel(addrs["trainer"]) as ch:
+        return trainer_grpc.TrainerServiceStub(ch).StartJob(trainer_pb2.StartJobRequest(
+            kind=trainer_pb2.JOB_KIND_PPO, overrides={k: str(v) for k, v in overrides.items()}), timeout=30).job
+
+
+def _run(addrs, overrides: dict) -> tuple[trainer_pb2.Job, list[dict]]:
+    """Start a PPO job, wait for it; returns the job and each PPO step's metrics, in order."""
+    job = _start(addrs, overrides)
+    with grpc.insecure_channel(addrs["trainer"]) as ch:
+        stub = trainer_grpc.TrainerServiceStub(ch)
+        steps = [dict(ev.metrics) for ev in stub.WatchJob(trainer_pb2.WatchJobRequest(job_id=job.job_id), timeout=600)
+                 if "behaviour_approx_kl" in ev.metrics]
+        job = stub.GetJob(trainer_pb2.GetJobRequest(job_id=job.job_id), timeout=30).job
+    assert job.status == trainer_pb2.JOB_STATUS_SUCCEEDED, job.message
+    return job, steps
+
+
+def test_the_ratio_is_taken_against_the_servers_behaviour_logprobs(stack):
+    # T = 0.7: the server's log-probs must be those of the tempered distribution it sampled from
+    # (the model's own T = 1 ones would differ from the trainer's at once). With prefetch, step 1's
+    # rollouts are asked for before step 0's update: sampled by the version before the trainer's.
+    job, steps = _run(stack["addrs"], {**PPO, "policy": stack["base"], "rollouts": "policy-server",
+                                       "prefetch_rollouts": "true", "ppo.sampling.temperature": 0.7})
+    assert [s["rollout_staleness_versions"] for s in steps] == [0, 1]
+    fresh, stale = steps
+    # the server served the trainer's current weights: its behaviour log-probs are the trainer's
+    # (to float32 rounding of two different forward passes), so the ratio starts at 1
+    assert fresh["behaviour_approx_kl"] < 1e-8
+    # one update later the rollouts are a version old: the ratio is pi_current / mu, not 1
+    assert stale["behaviour_approx_kl"] > 1e-5
+    assert stale["behaviour_approx_kl"] > 1e3 * max(fresh["behaviour_approx_kl"], 1e-12)
+    assert len(job.published_versions) == 2
+
