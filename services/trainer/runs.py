@@ -51,17 +51,23 @@ LOCAL_ONLY = {"sft": ("data", "eval_data", "output"), "rm": ("data", "eval_data"
 
 def check_for_trainer(kind: str, job, registry: ModelRegistry) -> None:
     """What the trainer refuses at StartJob: the fields only ``rlhf train`` takes (paths on the
-    caller's machine: INVALID_ARGUMENT), and model versions its registry does not hold (NOT_FOUND)."""
+    caller's machine: INVALID_ARGUMENT), PPO-ptx without pre-training text (INVALID_ARGUMENT), and
+    model or dataset versions its registry does not hold (NOT_FOUND)."""
     parts = [("", kind, job)] if kind != "online_loop" else [("rm.", "rm", job.rm), ("ppo.", "ppo", job.ppo)]
     given = [prefix + f for prefix, k, j in parts for f in LOCAL_ONLY[k] if getattr(j, f)]
     if given:
         raise ConfigError(f"{', '.join(given)}: the trainer takes its data from the services and writes into its "
                           f"registry; these fields are for `rlhf train`")
-    for _, k, j in parts:
+    for prefix, k, j in parts:
         for name in VERSION_FIELDS[k]:
             version = getattr(j, name)
             if version and not (k in ("rm", "sft") and name == "model" and version == "minilm"):
                 registry.path("policy", version)  # DataError / NotFoundError naming the version
+        if k == "ppo" and j.ppo.ptx_coef > 0 and not j.ptx_dataset:
+            raise ConfigError(f"{prefix}ppo.ptx_coef > 0 needs pre-training text: {prefix}ptx_dataset, a dataset "
+                              "version of the trainer's registry (`rlhf import-dataset`) or latest")
+        if k == "ppo" and j.ptx_dataset:
+            registry.resolve("dataset", j.ptx_dataset)
 
 
 @dataclass
@@ -321,6 +327,9 @@ class ServiceIO(JobIO):
 
     def prompts(self, job: PPOJob) -> list[str]:
         return [p.text for p in self.peers.prompts.list(split=common_pb2.SPLIT_TRAIN)]
+
+    def ptx_texts(self, job: PPOJob) -> list[str] | None:
+        return self.peers.registry.texts(job.ptx_dataset) if job.ptx_dataset else None
 
     def reward_fn(self, job: PPOJob):
         last = {"v": ""}

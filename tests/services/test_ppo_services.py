@@ -1,5 +1,6 @@
 """PPO through the services: the ratio is taken against the policy-server's behaviour log-probs
-(fresh rollouts start at ratio 1, stale ones show their staleness)."""
+(fresh rollouts start at ratio 1, stale ones show their staleness), and PPO-ptx samples a
+pre-training dataset held in the trainer's registry."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import torch
 from rlhf_client import prompts_grpc, prompts_pb2, trainer_grpc, trainer_pb2
 
 from rlhf.models import RewardModel, load_causal_lm, load_tokenizer
+from rlhf.registry import import_texts
 from rlhf.runtime.threads import ENV
-from tests.services.helpers import PROMPTS, tiny_policy_registry, up_on_free_ports
+from tests.services.helpers import PROMPTS, TEXTS, tiny_policy_registry, up_on_free_ports
 
 pytestmark = pytest.mark.slow
 
@@ -64,6 +66,11 @@ def _run(addrs, overrides: dict) -> tuple[trainer_pb2.Job, list[dict]]:
     return job, steps
 
 
+def _jobs(addrs) -> int:
+    with grpc.insecure_channel(addrs["trainer"]) as ch:
+        return len(trainer_grpc.TrainerServiceStub(ch).ListJobs(trainer_pb2.ListJobsRequest(), timeout=30).jobs)
+
+
 def test_the_ratio_is_taken_against_the_servers_behaviour_logprobs(stack):
     # T = 0.7: the server's log-probs must be those of the tempered distribution it sampled from
     # (the model's own T = 1 ones would differ from the trainer's at once). With prefetch, step 1's
@@ -80,3 +87,27 @@ def test_the_ratio_is_taken_against_the_servers_behaviour_logprobs(stack):
     assert stale["behaviour_approx_kl"] > 1e3 * max(fresh["behaviour_approx_kl"], 1e-12)
     assert len(job.published_versions) == 2
 
+
+def test_ppo_ptx_samples_a_dataset_of_the_registry_and_bad_sources_are_refused(stack, tmp_path):
+    addrs, base = stack["addrs"], stack["base"]
+    ptx = {**PPO, "policy": base, "rollouts": "local", "steps": 1, "ppo.ptx_coef": 0.5, "ppo.ptx_batch_size": 2,
+           "ppo.ptx_block_size": 16}
+    before = _jobs(addrs)
+    refused = [({}, grpc.StatusCode.INVALID_ARGUMENT, "ptx_coef > 0 needs pre-training text"),
+               ({"ptx_data": tmp_path / "texts.txt"}, grpc.StatusCode.INVALID_ARGUMENT, "ptx_data"),
+               ({"ptx_dataset": "latest"}, grpc.StatusCode.NOT_FOUND, "no dataset version yet"),
+               ({"ptx_dataset": "v20260101T000000000000-abcdef"}, grpc.StatusCode.NOT_FOUND, "no dataset version")]
+    for extra, code, message in refused:
+        with pytest.raises(grpc.RpcError) as e:
+            _start(addrs, {**ptx, **extra})
+        assert e.value.code() == code and message in e.value.details(), extra
+    assert _jobs(addrs) == before  # nothing stored
+
+    src = tmp_path / "texts.txt"
+    src.write_text("\n\n".join(TEXTS))
+    version = import_texts(src, stack["root"] / "registry").version
+    for ref in (version, "latest"):
+        _, (step,) = _run(addrs, {**ptx, "ptx_dataset": ref})
+        assert step["ptx_loss"] > 0  # the pre-training NLL of the dataset's blocks, mixed into the loss
+    _, (step,) = _run(addrs, {**ptx, "ppo.ptx_coef": 0.0})
+    assert step["ptx_loss"] == 0.0
