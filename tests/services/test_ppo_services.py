@@ -4,17 +4,13 @@ pre-training dataset held in the trainer's registry."""
 
 from __future__ import annotations
 
-import os
-
 import grpc
 import pytest
-import torch
 from rlhf_client import prompts_grpc, prompts_pb2, trainer_grpc, trainer_pb2
 
 from rlhf.models import RewardModel, load_causal_lm, load_tokenizer
 from rlhf.registry import import_texts
-from rlhf.runtime.threads import ENV
-from tests.services.helpers import PROMPTS, TEXTS, tiny_policy_registry, up_on_free_ports
+from tests.services.helpers import PROMPTS, TEXTS, one_thread, tiny_policy_registry, up_on_free_ports
 
 pytestmark = pytest.mark.slow
 
@@ -24,28 +20,22 @@ PPO = {"steps": 2, "ppo.batch_size": 4, "ppo.mini_batch_size": 2, "ppo.ppo_epoch
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    saved = os.environ.get(ENV)
-    os.environ[ENV] = "1"
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("ppo")
-    reg = tiny_policy_registry(root / "registry")
-    base = reg.latest("policy")
-    path = reg.path("policy", base)
-    rm = RewardModel.from_causal_lm(load_causal_lm(path), load_tokenizer(path), seed=0)
-    reg.publish("reward", lambda d: rm.save(d))
-    close, addrs, _, _ = up_on_free_ports(root)
-    try:
-        with grpc.insecure_channel(addrs["prompt-collector"]) as ch:
-            prompts_grpc.PromptCollectorServiceStub(ch).SubmitPrompts(prompts_pb2.SubmitPromptsRequest(prompts=[
-                prompts_pb2.PromptInput(text=p.encode(), user_id="u1", source="test", consent=True) for p in PROMPTS]),
-                timeout=30)
-        yield {"addrs": addrs, "root": root, "registry": reg, "base": base}
-    finally:
-        close()
-        if saved is None:
-            os.environ.pop(ENV, None)
-        else:
-            os.environ[ENV] = saved
+    with one_thread():  # the trainer's and the server's forward passes round alike
+        root = tmp_path_factory.mktemp("ppo")
+        reg = tiny_policy_registry(root / "registry")
+        base = reg.latest("policy")
+        path = reg.path("policy", base)
+        rm = RewardModel.from_causal_lm(load_causal_lm(path), load_tokenizer(path), seed=0)
+        reg.publish("reward", lambda d: rm.save(d))
+        close, addrs, _, _ = up_on_free_ports(root)
+        try:
+            with grpc.insecure_channel(addrs["prompt-collector"]) as ch:
+                prompts_grpc.PromptCollectorServiceStub(ch).SubmitPrompts(prompts_pb2.SubmitPromptsRequest(prompts=[
+                    prompts_pb2.PromptInput(text=p.encode(), user_id="u1", source="test", consent=True)
+                    for p in PROMPTS]), timeout=30)
+            yield {"addrs": addrs, "root": root, "registry": reg, "base": base}
+        finally:
+            close()
 
 
 def _start(addrs, overrides: dict) -> trainer_pb2.Job:
