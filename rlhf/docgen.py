@@ -136,6 +136,14 @@ def render() -> str:
         "`smollm2` extra). Importing the same bytes again prints the existing version. `rlhf up --policy SOURCE`",
         "imports the same way before it starts the services.",
         "",
+        "## `rlhf import-dataset`",
+        "",
+        "`rlhf import-dataset FILE [--data-dir DIR | --registry DIR]` writes pre-training text for PPO-ptx",
+        "into the registry as a dataset version (`dataset/<version>/texts.jsonl` and a manifest with the",
+        "number of documents and the file's sha256). FILE is what `ptx_data` takes (docs/data-formats.md); it is",
+        "read first, so a bad file stores nothing, and the same bytes again print the existing version. A PPO",
+        "job of the trainer names the version with `ptx_dataset` (or `latest`) (docs/ppo.md).",
+        "",
     ]
     return "\n".join(parts)
 

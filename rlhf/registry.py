@@ -4,16 +4,18 @@ Layout::
 
     <root>/policy/<version>/   a causal LM in Hugging Face format + manifest.json
     <root>/reward/<version>/   a reward model (rlhf.models.RewardModel.save) + manifest.json
+    <root>/dataset/<version>/  pre-training text for PPO-ptx (texts.jsonl, {"text"} per line) + manifest.json
 
 A version is written into a hidden temporary directory and renamed into place, so a reader never
 sees a half-written version, and it is never modified afterwards. Version ids sort by creation
 time (``v<UTC timestamp>-<random>``). The manifest records the parent version, the job, the data
 snapshot, the config and the metrics that made it; an imported model's manifest also records its
-``source`` (what was imported and its sha256, :mod:`rlhf.model_import`).
+``source`` (what was imported and its sha256, :mod:`rlhf.model_import`, :func:`import_texts`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -26,7 +28,8 @@ from typing import Callable
 
 from rlhf.errors import DataError, NotFoundError
 
-KINDS = ("policy", "reward")
+KINDS = ("policy", "reward", "dataset")
+DATASET_TEXTS = "texts.jsonl"  # a dataset version's documents, as rlhf.data.read_texts reads them
 MAX_VERSION_CHARS = 200
 
 
@@ -70,7 +73,7 @@ class ModelRegistry:
             raise DataError(f"invalid model version id {_short(version)}")
         p = self.root / kind / version
         if not (p / "manifest.json").is_file():
-            raise NotFoundError(f"no {kind} model version {_short(version)} in the registry")
+            raise NotFoundError(f"no {kind} {'' if kind == 'dataset' else 'model '}version {_short(version)} in the registry")
         return p
 
     def manifest(self, kind: str, version: str) -> Manifest:
@@ -86,6 +89,21 @@ class ModelRegistry:
         v = self.versions(kind)
         return v[-1] if v else None
 
+    def resolve(self, kind: str, ref: str) -> str:
+        """``ref`` as a version id of ``kind``: itself, or for ``"latest"`` the newest version.
+        Raises NotFoundError when there is none."""
+        version = self.latest(kind) if ref == "latest" else ref
+        if version is None:
+            raise NotFoundError(f"the registry holds no {kind} version yet")
+        self.path(kind, version)
+        return version
+
+    def texts(self, ref: str) -> list[str]:
+        """The documents of dataset version ``ref`` (or ``"latest"``)."""
+        from rlhf.data import read_texts
+
+        return read_texts(self.path("dataset", self.resolve("dataset", ref)) / DATASET_TEXTS)
+
     def publish(self, kind: str, write: Callable[[Path], None], *, parent_version: str = "", job_id: str = "",
                 base_model: str = "", data: dict | None = None, config: dict | None = None,
                 metrics: dict | None = None, version: str | None = None, source: dict | None = None) -> Manifest:
@@ -95,6 +113,24 @@ class ModelRegistry:
         return write_version(self.root / kind / version, kind, write, version=version, parent_version=parent_version,
                              job_id=job_id, base_model=base_model, data=data, config=config, metrics=metrics,
                              source=source)
+
+
+def import_texts(source: str | os.PathLike, registry_dir: str | os.PathLike) -> Manifest:
+    """Pre-training text (``source``, any file :func:`rlhf.data.read_texts` reads) as a new dataset
+    version of the registry at ``registry_dir``: PPO-ptx in the trainer samples it (``ptx_dataset``).
+    The file is read first, so a bad one stores nothing; importing the same bytes again returns
+    the existing version."""
+    from rlhf.data import read_texts, write_jsonl
+
+    texts = read_texts(source)
+    sha = hashlib.sha256(Path(source).read_bytes()).hexdigest()
+    registry = ModelRegistry(registry_dir)
+    for v in reversed(registry.versions("dataset")):
+        if (m := registry.manifest("dataset", v)).source.get("sha256") == sha:
+            return m
+    return registry.publish("dataset", lambda d: write_jsonl(d / DATASET_TEXTS, ({"text": t} for t in texts)),
+                            data={"documents": len(texts), "characters": sum(map(len, texts))},
+                            source={"path": os.fspath(source), "sha256": sha})
 
 
 def write_version(final: str | os.PathLike, kind: str, write: Callable[[Path], None], *, version: str | None = None,

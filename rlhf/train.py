@@ -95,6 +95,7 @@ class PPOJob:
     reward_model: str = ""  # directory of a reward model written by `rlhf train rm` (rlhf train, required); the trainer scores on the reward-scorer
     prompts: str = ""  # prompts JSONL, {"prompt"} per line (rlhf train, required); the trainer uses the prompt-collector's train prompts
     ptx_data: str | None = None  # pre-training text for PPO-ptx (ppo.ptx_coef > 0): a text file of blank-line separated documents, or JSONL of {"text"} or demonstration records (rlhf train; optional)
+    ptx_dataset: str = ""  # trainer: pre-training text for PPO-ptx from the registry, a dataset version imported by `rlhf import-dataset` (or "latest"); empty: none
     output: str = ""  # directory for the new policy version (rlhf train, required; must not exist); the trainer publishes into its registry
     steps: int = 100  # PPO steps; each uses ppo.batch_size prompts
     rollouts: Literal["", "local", "policy-server"] = ""  # who samples the rollouts: this process, or the policy-server (trainer only); empty: local for rlhf train, the policy-server in the trainer
@@ -395,7 +396,7 @@ def run_ppo(job: PPOJob, io: JobIO) -> dict:
     texts = io.ptx_texts(job)
     ptx = PretrainBlocks.from_texts(tok, texts, job.ppo.ptx_block_size) if texts else None
     if job.ppo.ptx_coef > 0 and ptx is None:
-        raise ConfigError("ppo.ptx_coef > 0 needs pre-training text (ptx_data)")
+        raise ConfigError("ppo.ptx_coef > 0 needs pre-training text (ptx_data; in the trainer ptx_dataset)")
     reward_fn, reward_info = io.reward_fn(job)
     trainer = PPOTrainer(policy, tok, reward_fn, job.ppo, ref_model=ref_model, ptx_blocks=ptx, world=world)
     hist: list[dict] = []
@@ -520,6 +521,8 @@ class LocalIO(JobIO):
         return [p.prompt for p in read_prompts(job.prompts)]
 
     def ptx_texts(self, job: PPOJob) -> list[str] | None:
+        if job.ptx_dataset:
+            raise ConfigError("ptx_dataset names a dataset of the trainer's registry; rlhf train reads ptx_data (a file)")
         return read_texts(job.ptx_data) if job.ptx_data else None
 
     def reward_fn(self, job: PPOJob):

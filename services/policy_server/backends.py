@@ -490,7 +490,7 @@ class TGIBackend:
 
     # what a TGI server does not do (GenerationRequest field -> its neutral value)
     UNSUPPORTED = {"presence_penalty": 0.0, "min_p": 0.0, "stop_token_ids": (), "ignore_eos": False,
-                   "prompt_logprobs": False}
+                   "prompt_logprobs": False, "logprobs_of": "model"}
 
     async def open(self, prompts: list[str], req: GenerationRequest, deadline: float | None = None, *,
                    where: list[str] | None = None, truncate: int | None = None, team: str = "",

@@ -46,8 +46,12 @@ log = logging.getLogger("rlhf.services.policy")
 # the gRPC API's names for GenerationRequest's fields (in error messages)
 NAMES = {k: f"sampling.{k}" for k in ("max_new_tokens", "min_new_tokens", "temperature", "top_p", "top_k", "stop",
                                       "seed", "repetition_penalty", "frequency_penalty", "presence_penalty", "min_p",
-                                      "stop_token_ids", "ignore_eos")}
+                                      "stop_token_ids", "ignore_eos", "logprobs_of")}
 NAMES["guide"] = "sampling.structured_output"
+# sampling.logprobs_of as GenerationRequest.logprobs_of (unset: the default; an unknown number is
+# passed on for the one validation to refuse)
+LOGPROBS_OF = {policy_pb2.LOGPROBS_OF_UNSPECIFIED: None, policy_pb2.LOGPROBS_OF_MODEL: "model",
+               policy_pb2.LOGPROBS_OF_SAMPLING: "sampling"}
 
 
 @dataclass
@@ -183,7 +187,7 @@ class PolicyServer(policy_grpc.PolicyServiceServicer):
                   "frequency_penalty": sp.frequency_penalty, "presence_penalty": sp.presence_penalty,
                   "min_p": sp.min_p, "stop_token_ids": list(sp.stop_token_ids), "ignore_eos": sp.ignore_eos,
                   "guide": self._guide(sp.structured_output) if sp.HasField("structured_output") else None,
-                  "prompt_logprobs": prompt_logprobs}
+                  "prompt_logprobs": prompt_logprobs, "logprobs_of": LOGPROBS_OF.get(sp.logprobs_of, sp.logprobs_of)}
         return build_request(values, self.limits, default_max_new_tokens=self.s.max_new_tokens_default, names=NAMES)
 
     @staticmethod

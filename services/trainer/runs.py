@@ -51,17 +51,23 @@ LOCAL_ONLY = {"sft": ("data", "eval_data", "output"), "rm": ("data", "eval_data"
 
 def check_for_trainer(kind: str, job, registry: ModelRegistry) -> None:
     """What the trainer refuses at StartJob: the fields only ``rlhf train`` takes (paths on the
-    caller's machine: INVALID_ARGUMENT), and model versions its registry does not hold (NOT_FOUND)."""
+    caller's machine: INVALID_ARGUMENT), PPO-ptx without pre-training text (INVALID_ARGUMENT), and
+    model or dataset versions its registry does not hold (NOT_FOUND)."""
     parts = [("", kind, job)] if kind != "online_loop" else [("rm.", "rm", job.rm), ("ppo.", "ppo", job.ppo)]
     given = [prefix + f for prefix, k, j in parts for f in LOCAL_ONLY[k] if getattr(j, f)]
     if given:
         raise ConfigError(f"{', '.join(given)}: the trainer takes its data from the services and writes into its "
                           f"registry; these fields are for `rlhf train`")
-    for _, k, j in parts:
+    for prefix, k, j in parts:
         for name in VERSION_FIELDS[k]:
             version = getattr(j, name)
             if version and not (k in ("rm", "sft") and name == "model" and version == "minilm"):
                 registry.path("policy", version)  # DataError / NotFoundError naming the version
+        if k == "ppo" and j.ppo.ptx_coef > 0 and not j.ptx_dataset:
+            raise ConfigError(f"{prefix}ppo.ptx_coef > 0 needs pre-training text: {prefix}ptx_dataset, a dataset "
+                              "version of the trainer's registry (`rlhf import-dataset`) or latest")
+        if k == "ppo" and j.ptx_dataset:
+            registry.resolve("dataset", j.ptx_dataset)
 
 
 @dataclass
@@ -189,7 +195,10 @@ class ServerRollouts(RolloutSource):
     def _fetch(self, step: int) -> tuple[list[str], policy_pb2.GenerateResponse]:
         prompts = self.prompts_for_step(step)
         peers = self.io.peers
-        return prompts, peers.policy.generate(prompts, return_logprobs=True, **_sampling(self.job.ppo.sampling))
+        # the behaviour log-probs: those of the distribution the server sampled from, under the
+        # version it served (PPO's ratio is taken against them, so a stale rollout is corrected)
+        return prompts, peers.policy.generate(prompts, return_logprobs=True, logprobs_of=policy_pb2.LOGPROBS_OF_SAMPLING,
+                                              **_sampling(self.job.ppo.sampling))
 
     def next(self, step: int) -> tuple[list[str], Rollout, dict]:
         t0 = time.perf_counter()
@@ -206,7 +215,7 @@ class ServerRollouts(RolloutSource):
         # how many versions behind the trainer's current policy the rollouts were sampled
         v = gen.policy_version
         stale = len(self.published) - 1 - self.published.index(v) if v in self.published else -1
-        return prompts, rollout, {"own_rollout": False, "rollout_staleness_versions": stale,
+        return prompts, rollout, {"own_rollout": False, "behaviour_logprobs": True, "rollout_staleness_versions": stale,
                                   "time_generate_seconds": t_generate,
                                   "time_publish_seconds": time.perf_counter() - t0}  # waiting for the last publication
 
@@ -318,6 +327,9 @@ class ServiceIO(JobIO):
 
     def prompts(self, job: PPOJob) -> list[str]:
         return [p.text for p in self.peers.prompts.list(split=common_pb2.SPLIT_TRAIN)]
+
+    def ptx_texts(self, job: PPOJob) -> list[str] | None:
+        return self.peers.registry.texts(job.ptx_dataset) if job.ptx_dataset else None
 
     def reward_fn(self, job: PPOJob):
         last = {"v": ""}

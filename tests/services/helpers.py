@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 import urllib.request
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -27,6 +29,27 @@ def tiny_policy_registry(root: Path, seed: int = 0) -> ModelRegistry:
     reg = ModelRegistry(root)
     reg.publish("policy", lambda d: save_pretrained(model, tok, d), config={"add_bos": True}, base_model="tiny")
     return reg
+
+
+@contextmanager
+def one_thread():
+    """One intra-op thread everywhere (the services' model threads, the trainer's job processes,
+    this test's thread), for PPO runs whose figures are compared: a reduction split differently
+    rounds differently, and PPO's whitening of nearly equal rewards makes that visible."""
+    import torch
+
+    from rlhf.runtime.threads import ENV
+
+    saved = os.environ.get(ENV)
+    os.environ[ENV] = "1"
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = saved
 
 
 def free_ports(n: int) -> list[int]:

@@ -5,7 +5,6 @@ the same weights."""
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -18,9 +17,8 @@ from safetensors.torch import load_file
 
 from rlhf.config import apply_overrides, from_dict
 from rlhf.data import write_jsonl
-from rlhf.runtime.threads import ENV
 from rlhf.train import JOBS, run_local
-from tests.services.helpers import PROMPTS, submit_demonstrations, tiny_policy_registry, up_on_free_ports
+from tests.services.helpers import PROMPTS, one_thread, submit_demonstrations, tiny_policy_registry, up_on_free_ports
 
 pytestmark = pytest.mark.slow
 
@@ -36,23 +34,15 @@ PPO = {"steps": 2, "rollouts": "local", "ppo.batch_size": 4, "ppo.mini_batch_siz
 
 @pytest.fixture(scope="module")
 def services(tmp_path_factory):
-    # one intra-op thread everywhere (the services' model threads, the trainer's job thread, this
-    # test's thread): a reduction split differently rounds differently, and PPO's whitening of
-    # nearly equal rewards would make that visible in the weights
-    saved = os.environ.get(ENV)
-    os.environ[ENV] = "1"
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("recipe")
-    reg = tiny_policy_registry(root / "registry")
-    close, addrs, _, _ = up_on_free_ports(root)
-    try:
-        yield {"addrs": addrs, "root": root, "registry": reg, "base": reg.latest("policy")}
-    finally:
-        close()
-        if saved is None:
-            os.environ.pop(ENV, None)
-        else:
-            os.environ[ENV] = saved
+    # the CLI and the trainer must round alike (helpers.one_thread)
+    with one_thread():
+        root = tmp_path_factory.mktemp("recipe")
+        reg = tiny_policy_registry(root / "registry")
+        close, addrs, _, _ = up_on_free_ports(root)
+        try:
+            yield {"addrs": addrs, "root": root, "registry": reg, "base": reg.latest("policy")}
+        finally:
+            close()
 
 
 def _run_service(addrs, kind, overrides: dict) -> trainer_pb2.Job:

@@ -73,7 +73,9 @@ class PolicyClient(_Client):
     def generate(self, prompts: Sequence[str], n: int = 1, return_logprobs: bool = False,
                  timeout: float | None = None, **sampling) -> policy_pb2.GenerateResponse:
         """``sampling``: the fields of ``SamplingParams`` (max_new_tokens, temperature, top_p,
-        top_k, min_new_tokens, stop, seed, ...)."""
+        top_k, min_new_tokens, stop, seed, ...). ``logprobs_of=policy_pb2.LOGPROBS_OF_SAMPLING``
+        (or ``"LOGPROBS_OF_SAMPLING"``) with ``return_logprobs``: the log-probs of the distribution
+        each token was drawn from (behaviour log-probs, for PPO), not the model's own."""
         return self.stub.Generate(policy_pb2.GenerateRequest(
             prompts=list(prompts), n=n, return_logprobs=return_logprobs,
             sampling=policy_pb2.SamplingParams(**sampling)), timeout=self._t(timeout))

@@ -25,37 +25,39 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"rlhf/policy/v1/policy_server.proto\x12\x0erlhf.policy.v1\"\xa6\x03\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\x05\x12\x16\n\x0emin_new_tokens\x18\x05 \x01(\x05\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x02\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x02H\x03\x88\x01\x01\x12\x19\n\x11\x66requency_penalty\x18\t \x01(\x02\x12\x18\n\x10presence_penalty\x18\n \x01(\x02\x12\r\n\x05min_p\x18\x0b \x01(\x02\x12\x16\n\x0estop_token_ids\x18\x0c \x03(\x05\x12\x12\n\nignore_eos\x18\r \x01(\x08\x12;\n\x11structured_output\x18\x0e \x01(\x0b\x32 .rlhf.policy.v1.StructuredOutputB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x15\n\x13_repetition_penalty\"\x86\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12)\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x17.rlhf.policy.v1.ChoicesH\x00\x42\x08\n\x06\x66ormat\"\x1a\n\x07\x43hoices\x12\x0f\n\x07options\x18\x01 \x03(\t\"\x98\x01\n\x0fGenerateRequest\x12\x0f\n\x07prompts\x18\x01 \x03(\t\x12\t\n\x01n\x18\x02 \x01(\x05\x12\x30\n\x08sampling\x18\x03 \x01(\x0b\x32\x1e.rlhf.policy.v1.SamplingParams\x12\x17\n\x0freturn_logprobs\x18\x04 \x01(\x08\x12\x1e\n\x16return_prompt_logprobs\x18\x05 \x01(\x08\"t\n\nCompletion\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x33\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1c.rlhf.policy.v1.FinishReason\"w\n\x11PromptCompletions\x12\x18\n\x10prompt_token_ids\x18\x01 \x03(\x05\x12/\n\x0b\x63ompletions\x18\x02 \x03(\x0b\x32\x1a.rlhf.policy.v1.Completion\x12\x17\n\x0fprompt_logprobs\x18\x03 \x03(\x02\"^\n\x10GenerateResponse\x12\x32\n\x07results\x18\x01 \x03(\x0b\x32!.rlhf.policy.v1.PromptCompletions\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\"Y\n\x15GenerateStreamRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x30\n\x08sampling\x18\x02 \x01(\x0b\x32\x1e.rlhf.policy.v1.SamplingParams\"\x9c\x01\n\x16GenerateStreamResponse\x12\x12\n\ntext_delta\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\x05\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\x33\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1c.rlhf.policy.v1.FinishReason\x12\x16\n\x0epolicy_version\x18\x05 \x01(\t\"\x19\n\x17GetPolicyVersionRequest\"2\n\x18GetPolicyVersionResponse\x12\x16\n\x0epolicy_version\x18\x01 \x01(\t*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xa8\x02\n\rPolicyService\x12M\n\x08Generate\x12\x1f.rlhf.policy.v1.GenerateRequest\x1a .rlhf.policy.v1.GenerateResponse\x12\x61\n\x0eGenerateStream\x12%.rlhf.policy.v1.GenerateStreamRequest\x1a&.rlhf.policy.v1.GenerateStreamResponse0\x01\x12\x65\n\x10GetPolicyVersion\x12\'.rlhf.policy.v1.GetPolicyVersionRequest\x1a(.rlhf.policy.v1.GetPolicyVersionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"rlhf/policy/v1/policy_server.proto\x12\x0erlhf.policy.v1\"\xd7\x03\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\x05\x12\x16\n\x0emin_new_tokens\x18\x05 \x01(\x05\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x02\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x02H\x03\x88\x01\x01\x12\x19\n\x11\x66requency_penalty\x18\t \x01(\x02\x12\x18\n\x10presence_penalty\x18\n \x01(\x02\x12\r\n\x05min_p\x18\x0b \x01(\x02\x12\x16\n\x0estop_token_ids\x18\x0c \x03(\x05\x12\x12\n\nignore_eos\x18\r \x01(\x08\x12;\n\x11structured_output\x18\x0e \x01(\x0b\x32 .rlhf.policy.v1.StructuredOutput\x12/\n\x0blogprobs_of\x18\x0f \x01(\x0e\x32\x1a.rlhf.policy.v1.LogprobsOfB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x15\n\x13_repetition_penalty\"\x86\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12)\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x17.rlhf.policy.v1.ChoicesH\x00\x42\x08\n\x06\x66ormat\"\x1a\n\x07\x43hoices\x12\x0f\n\x07options\x18\x01 \x03(\t\"\x98\x01\n\x0fGenerateRequest\x12\x0f\n\x07prompts\x18\x01 \x03(\t\x12\t\n\x01n\x18\x02 \x01(\x05\x12\x30\n\x08sampling\x18\x03 \x01(\x0b\x32\x1e.rlhf.policy.v1.SamplingParams\x12\x17\n\x0freturn_logprobs\x18\x04 \x01(\x08\x12\x1e\n\x16return_prompt_logprobs\x18\x05 \x01(\x08\"t\n\nCompletion\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x33\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1c.rlhf.policy.v1.FinishReason\"w\n\x11PromptCompletions\x12\x18\n\x10prompt_token_ids\x18\x01 \x03(\x05\x12/\n\x0b\x63ompletions\x18\x02 \x03(\x0b\x32\x1a.rlhf.policy.v1.Completion\x12\x17\n\x0fprompt_logprobs\x18\x03 \x03(\x02\"^\n\x10GenerateResponse\x12\x32\n\x07results\x18\x01 \x03(\x0b\x32!.rlhf.policy.v1.PromptCompletions\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\"Y\n\x15GenerateStreamRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x30\n\x08sampling\x18\x02 \x01(\x0b\x32\x1e.rlhf.policy.v1.SamplingParams\"\x9c\x01\n\x16GenerateStreamResponse\x12\x12\n\ntext_delta\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\x05\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\x33\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1c.rlhf.policy.v1.FinishReason\x12\x16\n\x0epolicy_version\x18\x05 \x01(\t\"\x19\n\x17GetPolicyVersionRequest\"2\n\x18GetPolicyVersionResponse\x12\x16\n\x0epolicy_version\x18\x01 \x01(\t*Z\n\nLogprobsOf\x12\x1b\n\x17LOGPROBS_OF_UNSPECIFIED\x10\x00\x12\x15\n\x11LOGPROBS_OF_MODEL\x10\x01\x12\x18\n\x14LOGPROBS_OF_SAMPLING\x10\x02*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xa8\x02\n\rPolicyService\x12M\n\x08Generate\x12\x1f.rlhf.policy.v1.GenerateRequest\x1a .rlhf.policy.v1.GenerateResponse\x12\x61\n\x0eGenerateStream\x12%.rlhf.policy.v1.GenerateStreamRequest\x1a&.rlhf.policy.v1.GenerateStreamResponse0\x01\x12\x65\n\x10GetPolicyVersion\x12\'.rlhf.policy.v1.GetPolicyVersionRequest\x1a(.rlhf.policy.v1.GetPolicyVersionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rlhf.policy.v1.policy_server_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1463
-  _globals['_FINISHREASON']._serialized_end=1558
+  _globals['_LOGPROBSOF']._serialized_start=1512
+  _globals['_LOGPROBSOF']._serialized_end=1602
+  _globals['_FINISHREASON']._serialized_start=1604
+  _globals['_FINISHREASON']._serialized_end=1699
   _globals['_SAMPLINGPARAMS']._serialized_start=55
-  _globals['_SAMPLINGPARAMS']._serialized_end=477
-  _globals['_STRUCTUREDOUTPUT']._serialized_start=480
-  _globals['_STRUCTUREDOUTPUT']._serialized_end=614
-  _globals['_CHOICES']._serialized_start=616
-  _globals['_CHOICES']._serialized_end=642
-  _globals['_GENERATEREQUEST']._serialized_start=645
-  _globals['_GENERATEREQUEST']._serialized_end=797
-  _globals['_COMPLETION']._serialized_start=799
-  _globals['_COMPLETION']._serialized_end=915
-  _globals['_PROMPTCOMPLETIONS']._serialized_start=917
-  _globals['_PROMPTCOMPLETIONS']._serialized_end=1036
-  _globals['_GENERATERESPONSE']._serialized_start=1038
-  _globals['_GENERATERESPONSE']._serialized_end=1132
-  _globals['_GENERATESTREAMREQUEST']._serialized_start=1134
-  _globals['_GENERATESTREAMREQUEST']._serialized_end=1223
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1226
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1382
-  _globals['_GETPOLICYVERSIONREQUEST']._serialized_start=1384
-  _globals['_GETPOLICYVERSIONREQUEST']._serialized_end=1409
-  _globals['_GETPOLICYVERSIONRESPONSE']._serialized_start=1411
-  _globals['_GETPOLICYVERSIONRESPONSE']._serialized_end=1461
-  _globals['_POLICYSERVICE']._serialized_start=1561
-  _globals['_POLICYSERVICE']._serialized_end=1857
+  _globals['_SAMPLINGPARAMS']._serialized_end=526
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=529
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=663
+  _globals['_CHOICES']._serialized_start=665
+  _globals['_CHOICES']._serialized_end=691
+  _globals['_GENERATEREQUEST']._serialized_start=694
+  _globals['_GENERATEREQUEST']._serialized_end=846
+  _globals['_COMPLETION']._serialized_start=848
+  _globals['_COMPLETION']._serialized_end=964
+  _globals['_PROMPTCOMPLETIONS']._serialized_start=966
+  _globals['_PROMPTCOMPLETIONS']._serialized_end=1085
+  _globals['_GENERATERESPONSE']._serialized_start=1087
+  _globals['_GENERATERESPONSE']._serialized_end=1181
+  _globals['_GENERATESTREAMREQUEST']._serialized_start=1183
+  _globals['_GENERATESTREAMREQUEST']._serialized_end=1272
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1275
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1431
+  _globals['_GETPOLICYVERSIONREQUEST']._serialized_start=1433
+  _globals['_GETPOLICYVERSIONREQUEST']._serialized_end=1458
+  _globals['_GETPOLICYVERSIONRESPONSE']._serialized_start=1460
+  _globals['_GETPOLICYVERSIONRESPONSE']._serialized_end=1510
+  _globals['_POLICYSERVICE']._serialized_start=1702
+  _globals['_POLICYSERVICE']._serialized_end=1998
 # @@protoc_insertion_point(module_scope)
