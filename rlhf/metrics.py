@@ -35,11 +35,15 @@ PPO_METRICS: dict[str, tuple[str, str, str]] = {
 
 
 # keys only some steps carry: kl_target with the adaptive KL controller; the staleness when the
-# trainer service samples the rollouts from the policy-server
+# trainer service samples the rollouts from the policy-server; eval_score on the steps that
+# evaluate (PPOJob.eval_every). Each is exported from the first step that carries it: before, the
+# series is absent rather than 0 (an alert comparing against it must not see a made-up value).
 PPO_OPTIONAL_METRICS: dict[str, tuple[str, str, str]] = {
     "kl_target": ("rlhf_ppo_kl_target", "gauge", "the adaptive KL controller's target, nats per sequence"),
     "rollout_staleness_versions": ("rlhf_ppo_rollout_staleness_versions", "gauge",
                                    "policy versions between the one that sampled the step's rollouts and the trained one"),
+    "eval_score": ("rlhf_ppo_eval_score", "gauge",
+                   "mean evaluation score of one response per held-out prompt, at the last step that evaluated"),
 }
 # a step's time_<phase>_seconds keys (generate, reward, update, ...) -> rlhf_ppo_phase_duration_seconds{phase}
 PHASE_PREFIX, PHASE_SUFFIX = "time_", "_seconds"
@@ -167,8 +171,6 @@ class ServiceMetrics:
                 self.ppo[key] = Counter(name, help_, registry=r)
             else:
                 self.ppo[key] = Histogram(name, help_, buckets=STEP_BUCKETS, registry=r)
-        for key, (name, _, help_) in PPO_OPTIONAL_METRICS.items():
-            self.ppo[key] = Gauge(name, help_, registry=r)
         self.ppo_phase_duration_seconds = Histogram(
             "rlhf_ppo_phase_duration_seconds", "wall time of one phase of a PPO step (generate, reward, update, ...)",
             ["phase"], buckets=STEP_BUCKETS, registry=r)
@@ -196,8 +198,10 @@ class ServiceMetrics:
                 self._ppo_counted[key] = v
             else:
                 m.observe(v)
-        for key in PPO_OPTIONAL_METRICS:
+        for key, (name, _, help_) in PPO_OPTIONAL_METRICS.items():
             if key in step:
+                if key not in self.ppo:
+                    self.ppo[key] = Gauge(name, help_, registry=self.registry)
                 self.ppo[key].set(float(step[key]))
         for key, v in step.items():
             if key.startswith(PHASE_PREFIX) and key.endswith(PHASE_SUFFIX):

@@ -31,7 +31,7 @@ from typing import ClassVar, Callable, Literal, Sequence
 import torch
 
 from rlhf.algos.lora import merged_copy
-from rlhf.algos.ppo import PPOConfig, PPOTrainer, RewardFn
+from rlhf.algos.ppo import SAMPLER_SEED_STRIDE, PPOConfig, PPOTrainer, RewardFn
 from rlhf.algos.rm import RMTrainConfig, normalize_reward_model, pair_accuracy, split_into_pairs, train_reward_model
 from rlhf.algos.sft import PretrainBlocks, SFTConfig, encode_demonstrations, perplexity, train_lm
 from rlhf.checkpoint import CheckpointConfig, Checkpointing, Checkpoints
@@ -39,7 +39,7 @@ from rlhf.config import Range, count, to_dict
 from rlhf.data import Comparison, Demonstration, read_comparisons, read_demonstrations, read_prompts, read_texts
 from rlhf.distributed import DistributedConfig, World, setup, unwrap
 from rlhf.errors import ConfigError, DataError
-from rlhf.generation import Rollout
+from rlhf.generation import Rollout, decode_responses
 from rlhf.models import RewardModel, disable_dropout, load_causal_lm, load_tokenizer, minilm_path, save_pretrained
 from rlhf.progress import Progress
 from rlhf.registry import write_version
@@ -101,11 +101,15 @@ class PPOJob:
     rollouts: Literal["", "local", "policy-server"] = ""  # who samples the rollouts: this process, or the policy-server (trainer only); empty: local for rlhf train, the policy-server in the trainer
     prefetch_rollouts: bool = False  # policy-server rollouts: ask for the next step's before this step's update (they overlap it, one version staler)
     wait_for_serving_seconds: float = 120.0  # trainer: how long to wait for the policy-server to serve the final version
+    eval_every: int = 0  # PPO steps between evaluations on held-out prompts (and at the last step): the step's eval_score; 0: none
+    eval_prompts: int = 32  # prompts held out from the prompt pool for the evaluation (drawn once by ppo.seed, never trained on); with eval_every > 0
+    eval_reward_model: str = ""  # who scores the evaluation: a reward-model directory (rlhf train) or a registry reward version (trainer); empty: the training reward model
     ppo: PPOConfig = field(default_factory=PPOConfig)  # PPO hyper-parameters (next tables)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)  # processes and how they share the model
     checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every_steps=10))  # checkpoints and resume (PPO steps are long: every 10 by default)
 
-    LIMITS: ClassVar[dict[str, Range]] = {"steps": count(1, 10**7), "wait_for_serving_seconds": Range(0, 86_400, lo_open=True)}
+    LIMITS: ClassVar[dict[str, Range]] = {"steps": count(1, 10**7), "wait_for_serving_seconds": Range(0, 86_400, lo_open=True),
+                                          "eval_every": count(0, 10**7), "eval_prompts": count(1, 100_000)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,6 +208,10 @@ class JobIO:
         """The reward function, and what the manifest records of the reward model that answered."""
         raise NotImplementedError
 
+    def eval_reward_model(self, job: PPOJob) -> Path:
+        """The directory of ``job.eval_reward_model`` (set), the reward model that scores the evaluation."""
+        raise NotImplementedError
+
     def rollouts(self, job: PPOJob, start: Source, trainer: PPOTrainer, prompts_for_step: Callable[[int], list[str]],
                  write: Callable[[Path], None], manifest: Callable[[dict], dict]) -> RolloutSource:
         """Local rollouts; the trainer may sample on the policy-server (publishing every step)."""
@@ -236,6 +244,44 @@ def batch_prompts(prompts: Sequence[str], step: int, seed: int, n: int) -> list[
     return random.Random(seed * 1_000_003 + step).sample(list(prompts), n)
 
 
+def split_eval_prompts(prompts: Sequence[str], job: PPOJob) -> tuple[list[str], list[str]]:
+    """(training pool, evaluation prompts): with ``eval_every`` set, ``eval_prompts`` distinct
+    prompts drawn once by ``ppo.seed`` are held out, and no copy of them is trained on."""
+    if not job.eval_every:
+        return list(prompts), []
+    distinct = list(dict.fromkeys(prompts))
+    held = set(random.Random(job.ppo.seed).sample(distinct, job.eval_prompts)) if len(distinct) >= job.eval_prompts else set()
+    pool = [p for p in prompts if p not in held]
+    if not held or len(pool) < job.ppo.batch_size:
+        raise ConfigError(f"{len(distinct)} distinct prompts cannot hold out eval_prompts={job.eval_prompts} and still "
+                          f"fill ppo.batch_size={job.ppo.batch_size}: lower eval_prompts, add prompts or set eval_every: 0")
+    return pool, [p for p in distinct if p in held]
+
+
+EVAL_SEED_OFFSET = 11  # the evaluation's sampling stream, apart from the trainer's (rlhf.algos.ppo)
+
+
+def evaluate(trainer: PPOTrainer, prompts: Sequence[str], score: RewardFn, world: World) -> float:
+    """``eval_score``: the mean score of one response per evaluation prompt, sampled by the
+    trainer's policy with the PPO sampling settings. Every evaluation draws with the same seed, so
+    that the score moves with the policy, not with the draw. Each rank samples its share, in
+    chunks of its share of a PPO batch (a size the step itself samples)."""
+    mine = world.share(prompts)
+    chunk = max(1, trainer.cfg.batch_size // world.size)
+    gen = torch.Generator(device="cpu").manual_seed(trainer.cfg.seed + EVAL_SEED_OFFSET + SAMPLER_SEED_STRIDE * world.rank)
+    total = torch.zeros(2, dtype=torch.float64, device=trainer.device)
+    training_gen, trainer.gen = trainer.gen, gen  # the trainer's own sampler, on the evaluation's stream
+    try:
+        for i in range(0, len(mine), chunk):
+            batch = mine[i : i + chunk]
+            scores = score(batch, decode_responses(trainer.tok, trainer.generate(batch)))
+            total += torch.tensor([float(scores.double().sum()), len(batch)], dtype=torch.float64, device=trainer.device)
+    finally:
+        trainer.gen = training_gen  # the training rollouts continue their own stream
+    total = world.sum(total)
+    return float(total[0] / total[1])
+
+
 def usable_comparisons(comparisons: Sequence[Comparison], loss: str) -> list[Comparison]:
     """The comparisons a loss can train on: best-of-K choices for best_of_k, rankings and pairs otherwise."""
     if loss == "best_of_k":
@@ -266,6 +312,12 @@ def _write_policy(model, tok, history: list[dict], value_head=None,
             torch.save(value_head.state_dict(), d / "value_head.pt")
         (d / "metrics.jsonl").write_text(_metrics_jsonl(history))
     return write
+
+
+def load_scorer(path: str | Path, device) -> RewardFn:
+    """A reward model directory as a frozen reward function."""
+    rm = disable_dropout(RewardModel.load(path)).requires_grad_(False).to(device)
+    return lambda prompts, responses: rm.score(prompts, responses)
 
 
 def on_main(world: World, fn: Callable[[], object]):
@@ -382,7 +434,7 @@ def run_ppo(job: PPOJob, io: JobIO) -> dict:
     ckpt = checkpointing(io, job, "ppo", world)
     start = ckpt.pinned("policy", lambda: io.policy(job.policy, "policy"))
     ref = ckpt.pinned("reference", lambda: io.reference(job, start))
-    all_prompts = ckpt.pinned("prompts", lambda: io.prompts(job))
+    all_prompts, eval_prompts = split_eval_prompts(ckpt.pinned("prompts", lambda: io.prompts(job)), job)
     if len(all_prompts) < job.ppo.batch_size:
         raise DataError(f"{len(all_prompts)} prompts are fewer than ppo.batch_size={job.ppo.batch_size}")
     if world.main:
@@ -398,6 +450,9 @@ def run_ppo(job: PPOJob, io: JobIO) -> dict:
     if job.ppo.ptx_coef > 0 and ptx is None:
         raise ConfigError("ppo.ptx_coef > 0 needs pre-training text (ptx_data; in the trainer ptx_dataset)")
     reward_fn, reward_info = io.reward_fn(job)
+    eval_score_fn = reward_fn  # the training reward model: catches over-fitting to the training prompts
+    if eval_prompts and job.eval_reward_model:  # an independent judge: catches the policy gaming the reward model
+        eval_score_fn = load_scorer(io.eval_reward_model(job), world.device)
     trainer = PPOTrainer(policy, tok, reward_fn, job.ppo, ref_model=ref_model, ptx_blocks=ptx, world=world)
     hist: list[dict] = []
     write = _write_policy(trainer.policy, tok, hist, trainer.value_head)
@@ -405,7 +460,7 @@ def run_ppo(job: PPOJob, io: JobIO) -> dict:
 
     def manifest(m: dict) -> dict:
         """The manifest fields of a version written after step metrics ``m``."""
-        return {"metrics": {k: m[k] for k in ("reward", "kl", "kl_coef", "entropy") if k in m},
+        return {"metrics": {k: m[k] for k in ("reward", "kl", "kl_coef", "entropy", "eval_score") if k in m},
                 "config": {**base_config, **reward_info()}, "data": {"source": job.prompts, "samples": m["samples_total"]}}
 
     # each rank samples its share of the step's prompts (rlhf.distributed)
@@ -435,9 +490,16 @@ def run_ppo(job: PPOJob, io: JobIO) -> dict:
             m = trainer.step_on_rollout(prompts, rollout, own_rollout=own, behaviour_logprobs=behaviour)
             check_step("PPO", step + 1, m)
             m.update(info)
+            t_eval = 0.0
+            if eval_prompts and ((step + 1) % job.eval_every == 0 or step + 1 == job.steps):
+                t0 = time.perf_counter()
+                m["eval_score"] = evaluate(trainer, eval_prompts, eval_score_fn, world)
+                m["time_eval_seconds"] = t_eval = time.perf_counter() - t0
             hist.append(m)
             source.stepped(step, m)
-            m["step_duration_seconds"] = dt = time.perf_counter() - t_step  # the whole step, as a caller sees it
+            # the whole step as a caller sees it, but for the evaluation (time_eval_seconds), which
+            # would make the steps that evaluate look slow
+            m["step_duration_seconds"] = dt = time.perf_counter() - t_step - t_eval
             m["samples_per_second"] = job.ppo.batch_size / dt
             m["tokens_per_second"] = m["response_length_tokens"] * job.ppo.batch_size / dt
             ckpt.after_step(step + 1, modules, trainer.opt, state)  # before the step is reported: a reported step is kept
@@ -450,6 +512,8 @@ def run_ppo(job: PPOJob, io: JobIO) -> dict:
     result = {"reward": last["reward"], "kl": last["kl"], "kl_coef": last["kl_coef_next"],
               "samples_total": float(last["samples_total"]), "ppo_steps": float(len(hist)),
               "median_samples_per_second": sorted(h["samples_per_second"] for h in hist)[len(hist) // 2]}
+    if "eval_score" in last:
+        result["eval_score"] = last["eval_score"]
     stale = [h["rollout_staleness_versions"] for h in hist if "rollout_staleness_versions" in h]
     if stale:
         result["rollout_staleness_mean_versions"] = sum(max(0, s) for s in stale) / len(stale)
@@ -525,9 +589,11 @@ class LocalIO(JobIO):
             raise ConfigError("ptx_dataset names a dataset of the trainer's registry; rlhf train reads ptx_data (a file)")
         return read_texts(job.ptx_data) if job.ptx_data else None
 
+    def eval_reward_model(self, job: PPOJob) -> Path:
+        return Path(job.eval_reward_model)
+
     def reward_fn(self, job: PPOJob):
-        rm = disable_dropout(RewardModel.load(job.reward_model)).requires_grad_(False).to(self.device)
-        return (lambda ps, rs: rm.score(ps, rs)), (lambda: {"reward_model": job.reward_model})
+        return load_scorer(job.reward_model, self.device), (lambda: {"reward_model": job.reward_model})
 
     REQUIRED = {SFTJob: ("model", "data", "output"), RMJob: ("model", "data", "output"),
                 PPOJob: ("policy", "reward_model", "prompts", "output")}

@@ -65,7 +65,7 @@ class LoopDemoConfig:
         "rm.init_from": "policy",
         "ppo.steps": "12", "ppo.ppo.batch_size": "32", "ppo.ppo.mini_batch_size": "8", "ppo.ppo.ppo_epochs": "4",
         "ppo.ppo.lr": "3e-5", "ppo.ppo.kl_coef": "0.15", "ppo.ppo.kl_target": "6.0", "ppo.ppo.bf16": "true",
-        "ppo.ppo.max_prompt_tokens": "24"})
+        "ppo.ppo.max_prompt_tokens": "24", "ppo.eval_every": "4"})
 
 
 def real_model_overrides(cfg: LoopDemoConfig, quick: bool) -> LoopDemoConfig:
@@ -87,7 +87,7 @@ def real_model_overrides(cfg: LoopDemoConfig, quick: bool) -> LoopDemoConfig:
 def quick_loop_config() -> LoopDemoConfig:
     c = LoopDemoConfig(iterations=1, prompts=64, tasks_per_iteration=8, response_tokens=12, eval_prompts=16)
     c.overrides.update({"ppo.steps": "2", "ppo.ppo.batch_size": "8", "ppo.ppo.mini_batch_size": "4",
-                        "ppo.ppo.ppo_epochs": "1", "rm.rm.batch_size": "4"})
+                        "ppo.ppo.ppo_epochs": "1", "rm.rm.batch_size": "4", "ppo.eval_prompts": "8"})
     return c
 
 

@@ -36,6 +36,18 @@ def test_ppo_step_phases_target_staleness_and_first_length():
     assert value(m, "rlhf_ppo_start_response_length_tokens") == 12.0
 
 
+def test_eval_score_and_kl_target_are_absent_until_a_step_reports_them():
+    m = ServiceMetrics("trainer")
+    m.observe_ppo_step({"step": 1, "kl": 3.0, "reward": 0.2})  # fixed beta, no evaluation
+    assert value(m, "rlhf_ppo_reward") == 0.2
+    assert value(m, "rlhf_ppo_eval_score") is None and value(m, "rlhf_ppo_kl_target") is None
+    m.observe_ppo_step({"step": 2, "reward": 0.3, "eval_score": 0.25})
+    m.observe_ppo_step({"step": 3, "reward": 0.4})  # a step between evaluations keeps the last score
+    assert value(m, "rlhf_ppo_eval_score") == 0.25
+    m.observe_ppo_step({"step": 4, "reward": 0.5, "eval_score": -0.1})
+    assert value(m, "rlhf_ppo_eval_score") == -0.1
+
+
 def test_model_loaded_keeps_one_version_series_per_kind():
     m = ServiceMetrics("policy-server")
     m.model_loaded("policy", "v0001")

@@ -45,6 +45,7 @@ SERVED_POLL_SECONDS = 0.5  # how often a waiting job looks for a served version
 # reads its data from the services and writes into its registry, so a StartJob naming them is refused
 EXPORT_TASK_IDS = 1000  # task ids per ExportComparisons call (the feedback-store's limit)
 VERSION_FIELDS = {"sft": ("model",), "rm": ("model",), "ppo": ("policy", "reference")}  # policy versions
+REWARD_VERSION_FIELDS = {"ppo": ("eval_reward_model",)}  # reward-model versions
 LOCAL_ONLY = {"sft": ("data", "eval_data", "output"), "rm": ("data", "eval_data", "output"),
               "ppo": ("reward_model", "prompts", "ptx_data", "output")}
 
@@ -68,6 +69,9 @@ def check_for_trainer(kind: str, job, registry: ModelRegistry) -> None:
                               "version of the trainer's registry (`rlhf import-dataset`) or latest")
         if k == "ppo" and j.ptx_dataset:
             registry.resolve("dataset", j.ptx_dataset)
+        for name in REWARD_VERSION_FIELDS.get(k, ()):
+            if getattr(j, name):
+                registry.path("reward", getattr(j, name))
 
 
 @dataclass
@@ -340,6 +344,9 @@ class ServiceIO(JobIO):
             return torch.tensor(list(r.scores), dtype=torch.float32)
 
         return score, lambda: {"reward_model": last["v"]}
+
+    def eval_reward_model(self, job: PPOJob) -> Path:
+        return self.peers.registry.path("reward", job.eval_reward_model)
 
     def rollouts(self, job, start, trainer, prompts_for_step, write, manifest) -> RolloutSource:
         if job.rollouts == "local":

@@ -89,7 +89,7 @@ def test_dashboards_are_grafana_json_with_the_panels_of_the_issue():
     titles = {p.stem: {x["title"] for x in json.loads(p.read_text())["panels"]} for p in DASHBOARDS}
     assert set(titles) == {"rl-training", "serving", "feedback", "platform"}
     assert {"KL to the reference and its target", "KL coefficient beta", "Mean reward and its spread",
-            "PPO step time by phase", "Rollout staleness", "Throughput"} <= titles["rl-training"]
+            "PPO step time by phase", "Rollout staleness", "Throughput", "Reward and held-out eval score"} <= titles["rl-training"]
     assert {"Time to first token by API", "Queue depth and batch size", "gRPC errors by code",
             "Served model versions"} <= titles["serving"]
     assert {"Open labeling tasks", "Comparisons per hour", "Labeler agreement (last 24 h)"} <= titles["feedback"]

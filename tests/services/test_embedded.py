@@ -313,6 +313,10 @@ def test_start_job_lists_every_bad_value_and_starts_nothing(embedded):
         with pytest.raises(grpc.RpcError) as e:
             stub.StartJob(trainer_pb2.StartJobRequest(kind=trainer_pb2.JOB_KIND_PPO, overrides={"reference": "v2099-nope"}))
         assert e.value.code() == grpc.StatusCode.NOT_FOUND and "v2099-nope" in e.value.details()
+        for kind, field in ((trainer_pb2.JOB_KIND_PPO, "eval_reward_model"), (trainer_pb2.JOB_KIND_ONLINE_LOOP, "ppo.eval_reward_model")):
+            with pytest.raises(grpc.RpcError) as e:  # the evaluation's reward model: a reward version of the registry
+                stub.StartJob(trainer_pb2.StartJobRequest(kind=kind, overrides={field: "v2099-judge"}))
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND and "v2099-judge" in e.value.details()
         assert len(stub.ListJobs(trainer_pb2.ListJobsRequest()).jobs) == before
 
 
