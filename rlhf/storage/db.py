@@ -114,7 +114,7 @@ def _sqlite_engine(u) -> Engine:
             cur.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
             cur.execute("PRAGMA foreign_keys = ON")
             if not in_memory:
-                cur.execute("PRAGMA journal_mode = WAL")
+                _set_wal(cur)
                 cur.execute("PRAGMA synchronous = NORMAL")
         finally:
             cur.close()
@@ -125,6 +125,26 @@ def _sqlite_engine(u) -> Engine:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
     return engine
+
+
+def _set_wal(cur) -> None:
+    """Switch a SQLite file to WAL once. Changing the journal mode needs the database to itself and
+    does not wait on the busy timeout: while another connection writes (e.g. migrates) it fails at
+    once with "database is locked". A file in WAL already is left alone (reading the mode takes no
+    lock); otherwise the switch is retried until the busy timeout."""
+    import sqlite3
+
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        if str(cur.execute("PRAGMA journal_mode").fetchone()[0]).lower() == "wal":
+            return
+        try:
+            cur.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def is_sqlite(engine: Engine) -> bool:
