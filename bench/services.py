@@ -98,7 +98,9 @@ class Cluster:
             env = {**thread_env(threads), "PYTHONPATH": str(ROOT),
                    pre + "PORT": str(self.grpc[n]), pre + "METRICS_PORT": str(self.metrics[n]),
                    pre + "KAFKA_BOOTSTRAP": KAFKA or "", pre + "LOG_LEVEL": "WARNING",
-                   pre + "MAX_QUEUE": "4096", **(extra_env or {})}
+                   pre + "MAX_QUEUE": "4096",
+                   pre + "ALLOW_ANONYMOUS": "true",  # loopback only; docs/security.md
+                   **(extra_env or {})}
             if n in ("prompt-collector", "feedback-store"):
                 env[pre + "DATABASE_URL"] = db_url
             else:

@@ -394,7 +394,8 @@ def server_closed_loop(registry: Path, version: str, prompts: list[str], threads
                RLHF_POLICY_SERVER_METRICS_PORT="-1", RLHF_POLICY_SERVER_LOG_LEVEL="WARNING",
                RLHF_POLICY_SERVER_MAX_BATCH_PROMPTS="64", RLHF_POLICY_SERVER_MAX_WAITING_SAMPLES="256",
                RLHF_POLICY_SERVER_STREAM_INTERVAL=str(stream_interval),
-               RLHF_POLICY_SERVER_ENGINE_PROCESS=str(engine_process).lower())
+               RLHF_POLICY_SERVER_ENGINE_PROCESS=str(engine_process).lower(),
+               RLHF_POLICY_SERVER_ALLOW_ANONYMOUS="true")  # loopback only; docs/security.md
     logs = BENCH / ".cache" / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     log_file = open(logs / "serving-policy-server.log", "a")
