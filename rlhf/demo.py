@@ -289,13 +289,18 @@ def _ppo_run(name, rho, tok, rm: RewardModel, judge: GoldJudge, prompts: list[st
 # ----------------------------------------------------------------------------------------------
 
 
+def begin_run(out_dir: Path, cfg, data_dir: Path | None, progress: Progress | None) -> tuple[Path, Progress]:
+    """What every demo does first: seed torch, create the run directory and write the config it
+    runs with. Returns the data directory (the default one unless given) and the progress display."""
+    torch.manual_seed(cfg.seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+    return (Path(data_dir) if data_dir else default_data_dir()), (progress or Progress(enabled=False))
+
+
 def run_demo(out_dir: Path, cfg: DemoConfig, data_dir: Path | None = None, progress: Progress | None = None) -> dict:
     t_start = time.perf_counter()
-    torch.manual_seed(cfg.seed)
-    data_dir = Path(data_dir) if data_dir else default_data_dir()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    progress = progress or Progress(enabled=False)
-    (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+    data_dir, progress = begin_run(out_dir, cfg, data_dir, progress)
 
     reviews = load_imdb(data_dir)
     train_reviews = [r.text for r in reviews if not r.is_valid]

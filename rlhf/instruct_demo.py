@@ -39,10 +39,9 @@ from rlhf.config import to_dict
 from rlhf.constraints import DEFAULT_KINDS, ConstraintJudge, Task, attach_constraints, load_instructions, split_tasks
 from rlhf.data import Comparison, write_jsonl
 from rlhf.errors import DataError
-from rlhf.demo import _oracle_accuracy, _ranking_agreement, cache_root
+from rlhf.demo import _oracle_accuracy, _ranking_agreement, begin_run, cache_root
 from rlhf.evaluate import distinct_n, mean_length, repetition_rate, win_rate
 from rlhf.generation import Rollout, SamplingParams, decode_responses, sample, tokenize_prompts
-from rlhf.judge import default_data_dir
 from rlhf.labeler import SimulatedLabeler
 from rlhf.model_import import import_model
 from rlhf.models import RewardModel, count_parameters, load_causal_lm, load_tokenizer, minilm_path, position_ids_from_mask, save_pretrained
@@ -68,7 +67,10 @@ class InstructDemoConfig:
     test_fraction: float = 0.2  # share of instructions for the test split (reporting only)
     response_tokens: int = 64  # at most this many new tokens per answer (EOS ends it earlier)
     k: int = 4  # answers per labeled prompt
-    label_prompts: int = 256  # train prompts the simulated labeler ranks K answers of
+    # the budgets below fit the 45 minutes of the issue on 2 idle CPU cores (docs/demo-results.md):
+    # on such a machine one answer costs ~0.45 s to sample for the labels and ~1 s to evaluate
+    # (three policies, log-probs included), and one PPO step of 16 rollouts ~48 s
+    label_prompts: int = 192  # train prompts the simulated labeler ranks K answers of
     heldout_fraction: float = 0.15  # comparisons kept out of RM training, for RM accuracy
     rm: RMTrainConfig = field(default_factory=lambda: RMTrainConfig(
         loss="ranking", epochs=2, batch_size=8, lr=1e-4, warmup_steps=6, min_lr_ratio=0.1, max_length=256,
@@ -77,10 +79,10 @@ class InstructDemoConfig:
         batch_size=16, mini_batch_size=8, ppo_epochs=2, lr=2e-4, value_lr=1e-3, kl_coef=0.05, kl_target=4.0,
         vf_coef=0.1, entropy_coef=0.0, max_prompt_tokens=192, add_bos=False, bf16=True,
         finetune="lora", lora_rank=16, lora_alpha=32.0))
-    ppo_steps: int = 40  # PPO steps under the adaptive KL controller
-    beta0_steps: int = 40  # the same PPO with beta = 0, to show what the KL penalty prevents
-    validation_prompts: int = 64  # at most this many validation prompts are evaluated
-    test_prompts: int = 160  # at most this many test prompts are evaluated
+    ppo_steps: int = 24  # PPO steps under the adaptive KL controller
+    beta0_steps: int = 10  # the same PPO with beta = 0, to show what the KL penalty prevents
+    validation_prompts: int = 32  # at most this many validation prompts are evaluated
+    test_prompts: int = 96  # at most this many test prompts are evaluated
     sample_batch_size: int = 32  # answers sampled per forward pass
     seed: int = 0
 
@@ -242,11 +244,7 @@ def run_instruct_demo(out_dir: Path, cfg: InstructDemoConfig, data_dir: Path | N
         stage[name] = time.perf_counter() - t0
         t0 = time.perf_counter()
 
-    torch.manual_seed(cfg.seed)
-    data_dir = Path(data_dir) if data_dir else default_data_dir()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    progress = progress or Progress(enabled=False)
-    (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+    data_dir, progress = begin_run(out_dir, cfg, data_dir, progress)
 
     # 1. rho
     rho, tok, rho_path = load_reference(cfg, progress)

@@ -270,14 +270,11 @@ def evaluate(trainer: PPOTrainer, prompts: Sequence[str], score: RewardFn, world
     chunk = max(1, trainer.cfg.batch_size // world.size)
     gen = torch.Generator(device="cpu").manual_seed(trainer.cfg.seed + EVAL_SEED_OFFSET + SAMPLER_SEED_STRIDE * world.rank)
     total = torch.zeros(2, dtype=torch.float64, device=trainer.device)
-    training_gen, trainer.gen = trainer.gen, gen  # the trainer's own sampler, on the evaluation's stream
-    try:
-        for i in range(0, len(mine), chunk):
-            batch = mine[i : i + chunk]
-            scores = score(batch, decode_responses(trainer.tok, trainer.generate(batch)))
-            total += torch.tensor([float(scores.double().sum()), len(batch)], dtype=torch.float64, device=trainer.device)
-    finally:
-        trainer.gen = training_gen  # the training rollouts continue their own stream
+    for i in range(0, len(mine), chunk):  # the trainer's sampler on the evaluation's own stream
+        batch = mine[i : i + chunk]
+        rollout = trainer.generate(batch, generator=gen, values=False)
+        scores = score(batch, decode_responses(trainer.tok, rollout))
+        total += torch.tensor([float(scores.double().sum()), len(batch)], dtype=torch.float64, device=trainer.device)
     total = world.sum(total)
     return float(total[0] / total[1])
 

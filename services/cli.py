@@ -24,13 +24,24 @@ def cmd_demo_loop(args) -> int:
     with progress_display() as progress:
         s = run_loop_demo(out, quick=args.quick, data_dir=Path(args.data) if args.data else None,
                           base_port=args.base_port, progress=progress, base_metrics_port=args.base_metrics_port,
-                          http_port=args.http_port, linger_seconds=args.linger, model=args.model)
+                          http_port=args.http_port, linger_seconds=args.linger, model=args.model,
+                          overrides=_key_values(args.set))
     print(f"online loop through the services: {s['iterations']} iteration(s), {s['comparisons_stored']} comparisons "
           f"stored (labelers agree on {s['labeler_agreement']:.3f} of pairs), {len(s['versions_published'])} versions published")
     print(f"policy {s['policy_version_first']} -> {s['policy_version_last']} (served: {s['policy_version_served']})")
     print(f"gold score {s['gold_score_first']:.3f} -> {s['gold_score_last']:.3f}; win rate last vs first "
           f"{s['win_rate_last_vs_first']:.3f}; wall {s['wall_seconds']:.0f} s; {out / 'summary.json'}")
     return 0
+
+
+def _key_values(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for kv in pairs:
+        key, eq, value = kv.partition("=")
+        if not eq or not key.strip():
+            raise RLHFError(f"--set takes KEY=VALUE, got {kv!r}")
+        out[key.strip()] = value.strip()
+    return out
 
 
 def cmd_serve(args) -> int:
@@ -123,6 +134,9 @@ def add_commands(sub) -> None:
                     help="keep the services up this long after the loop (Ctrl-C ends the wait)")
     dl.add_argument("--model", default="tiny",
                     help="tiny (the demo's GPT-2) or a real model as rlhf import-model takes it, e.g. smollm2")
+    dl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a field of the online-loop job, e.g. ppo.prefetch_rollouts=true (the trainer "
+                         "refuses unknown keys)")
     dl.set_defaults(func=cmd_demo_loop)
 
     sv = sub.add_parser("serve", help="run one service (settings from RLHF_<SERVICE>_* environment variables)")

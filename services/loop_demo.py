@@ -93,7 +93,9 @@ def quick_loop_config() -> LoopDemoConfig:
 
 def run_loop_demo(out: Path, quick: bool = False, data_dir: Path | None = None, base_port: int = 50051,
                   progress: Progress | None = None, base_metrics_port: int = 0, http_port: int = 0,
-                  linger_seconds: float = 0.0, model: str = "tiny") -> dict:
+                  linger_seconds: float = 0.0, model: str = "tiny", overrides: dict[str, str] | None = None) -> dict:
+    """The online loop through the five services; ``overrides`` are fields of the trainer's
+    online-loop job (``ppo.prefetch_rollouts``: ``true``), applied over the loop's own."""
     t_start = time.perf_counter()
     progress = progress or Progress(enabled=False)
     data_dir = Path(data_dir) if data_dir else default_data_dir()
@@ -107,6 +109,7 @@ def run_loop_demo(out: Path, quick: bool = False, data_dir: Path | None = None, 
     else:
         cfg = real_model_overrides(cfg, quick)
         first, judge, prompts, eval_prompts, temperature, chat = _real_setup(registry, cfg, model, data_dir, progress)
+    cfg.overrides.update(overrides or {})
 
     opts = UpOptions(data_dir=out, base_port=base_port, base_metrics_port=base_metrics_port, http_port=http_port,
                      log_level="WARNING")

@@ -83,6 +83,11 @@ class AdapterOffReference:
 
     __call__ = forward
 
+    def modules(self):
+        """The policy's modules (what ``rlhf.models.disable_dropout`` walks): the reference is that
+        module, so dropout is off in one when it is off in the other."""
+        return self.policy.modules()
+
     def eval(self):
         return self
 

@@ -269,8 +269,8 @@ class PPOTrainer:
         disable_dropout(policy)  # before the copies below: the reference and the critic inherit it
         if ref_model is None:
             self.ref = copy.deepcopy(policy)
-        else:  # a LoRA policy's reference is its own module (adapters off): dropout is off already
-            self.ref = disable_dropout(ref_model) if isinstance(ref_model, nn.Module) else ref_model
+        else:  # a LoRA policy's reference walks the policy's own modules (adapters off)
+            self.ref = disable_dropout(ref_model)
         self.ref.eval().requires_grad_(False)
         self.value_head = ValueHead(hidden_size_of(policy)).to(self.device)
         self.critic = None
@@ -329,13 +329,17 @@ class PPOTrainer:
 
     # -- one PPO step ------------------------------------------------------------------------------
 
-    def generate(self, prompts: list[str]) -> Rollout:
+    def generate(self, prompts: list[str], generator: torch.Generator | None = None,
+                 values: bool = True) -> Rollout:
+        """Sample responses to ``prompts`` with the policy and the PPO sampling settings, from the
+        trainer's own stream unless ``generator`` is given. ``values=False`` skips the value head
+        (an evaluation needs only the text)."""
         cfg = self.cfg
         ids, mask = tokenize_prompts(self.tok, list(prompts), cfg.max_prompt_tokens, self.device, add_bos=cfg.add_bos)
         self.policy.eval()
-        shared_values = self.critic is None and cfg.logprobs_from_rollout
+        shared_values = values and self.critic is None and cfg.logprobs_from_rollout
         return sample(self.policy, ids, mask, cfg.sampling, self.tok.eos_token_id, self.tok.pad_token_id,
-                      value_head=self.value_head if shared_values else None, generator=self.gen,
+                      value_head=self.value_head if shared_values else None, generator=generator or self.gen,
                       autocast_dtype=torch.bfloat16 if cfg.bf16 else None, logprobs="sampling")
 
     def step(self, prompts: list[str]) -> dict:

@@ -184,7 +184,9 @@ def test_every_dashboard_query_returns_data_while_the_loop_runs(prometheus_bin, 
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     demo = subprocess.Popen([sys.executable, "-m", "rlhf.cli", "demo-loop", "--quick", "--out", str(tmp_path / "loop"),
                              "--base-port", str(grpc_base), "--base-metrics-port", str(metrics_base),
-                             "--http-port", str(http_port), "--linger", "180"],
+                             "--http-port", str(http_port), "--linger", "180",
+                             # the next step's rollouts are asked for during this step's update
+                             "--set", "ppo.prefetch_rollouts=true"],
                             stdout=open(tmp_path / "demo.out", "w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     prom_url = f"http://127.0.0.1:{prom_port}"
     answered: set[str] = set()
@@ -212,6 +214,10 @@ def test_every_dashboard_query_returns_data_while_the_loop_runs(prometheus_bin, 
             demo.wait(300)
         out = (tmp_path / "demo.out").read_text()
         assert demo.returncode == 0, f"rlhf demo-loop --quick failed:\n{out[-4000:]}"
+        history = json.loads((tmp_path / "loop" / "summary.json").read_text())["ppo_history"]
+        # prefetched rollouts: the first step's come from the served version, later ones may be one behind
+        assert history and history[0]["rollout_staleness_versions"] == 0
+        assert all(h["rollout_staleness_versions"] in (0, 1) and "behaviour_approx_kl" in h for h in history)
     finally:
         for p in (demo, prom):
             if p.poll() is None:
