@@ -5,7 +5,7 @@ one fresh worker process per measurement, alternating the sides (A B C D, then B
 
 1. PPO samples/s: trl 1.12 PPOTrainer vs our PPOTrainer in three settings, per ppo_epochs config
 2. reward-model training pairs/s: trl RewardTrainer vs ours (K-way ranking loss, pairwise loss)
-3. rollout generation tokens/s: rlhf.generation.sample vs transformers generate
+3. rollout generation tokens/s: PPO's two rollout backends (the sampler, the engine's runners) vs transformers generate
 4. the machine's matmul peak (at the start and the end) and the MFU of our PPO update / step
 5. "learn alike": the same reward model and number of steps on each side, reward first vs last
 6. a torch.profiler time breakdown of one PPO step of ours (settings a and b)
@@ -175,7 +175,7 @@ def run_suite(a) -> dict:
             for side in rotated(RM_SIDES, rep):
                 plan.append((("rm", side), env_of(side), {**base, "task": "rm", "side": side, "seed": w.seed + rep,
                                                           "warmup": w.rm_warmup_steps, "steps": w.rm_measure_steps}))
-    if "gen" in only:  # one process; the two sides alternate inside it
+    if "gen" in only:  # one process; the sides take turns inside it
         plan.append((("gen",), "ours", {**base, "task": "gen"}))
     if "learn" in only:
         for side in ["trl", "ours-a", "ours-b"]:
@@ -292,8 +292,9 @@ def summarise(res: dict) -> dict:
         t["rm"] = {"target": f">= {TARGETS['rm']}x RewardTrainer pairs/s", "best": best[1], "value": best[0],
                    "met": best[0] >= TARGETS["rm"]}
     if out.get("gen"):
-        v = out["gen"]["ours"]["ratio_vs_generate"]
-        t["gen"] = {"target": f">= {TARGETS['gen']}x generate tokens/s", "value": v, "met": v >= TARGETS["gen"]}
+        best = max((v["ratio_vs_generate"], s) for s, v in out["gen"].items() if s.startswith("ours"))
+        t["gen"] = {"target": f">= {TARGETS['gen']}x generate tokens/s", "best": best[1], "value": best[0],
+                    "met": best[0] >= TARGETS["gen"]}
     return out
 
 
@@ -386,7 +387,9 @@ def markdown(res: dict, sm: dict, name: str) -> str:
     if sm.get("gen"):
         L.append(f"## Rollout generation: tokens/s (batch {w.batch_size}, {w.response_tokens} new tokens)\n")
         L.append("| side | tokens/s median (min–max) | ratio |\n|---|---|---|")
-        names = {"ours": "rlhf.generation.sample", "hf-generate": "transformers generate(do_sample=True)"}
+        names = {"ours": "rlhf.generation.sample (rollout_backend=sampler)",
+                 "ours-engine": "rlhf.inference.rollouts.engine_rollout (rollout_backend=engine)",
+                 "hf-generate": "transformers generate(do_sample=True)"}
         for side, r in sm["gen"].items():
             L.append(f"| {names.get(side, side)} | {_mm(r['tokens_per_second'], 0)} | {_f(r['ratio_vs_generate'], 2)}x |")
         L.append("")

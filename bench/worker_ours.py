@@ -162,9 +162,11 @@ def run_rm(job) -> dict:
 
 
 def run_gen(job) -> dict:
-    """rlhf.generation.sample vs transformers generate, same model and prompts, alternated."""
+    """PPO's two rollout backends (rlhf.generation.sample; the engine's runners, rebuilt per call
+    as PPO does) vs transformers generate, same model and prompts, alternated."""
     w, torch, assets = _load(job)
     from rlhf.generation import SamplingParams, sample
+    from rlhf.inference.rollouts import engine_rollout
     from rlhf.models import load_causal_lm
 
     dev = w.device
@@ -182,6 +184,10 @@ def run_gen(job) -> dict:
         r = sample(model, ids, mask, params, 0, 0, generator=gen, autocast_dtype=torch.bfloat16 if cuda else None)
         return r.response_ids.shape[1]
 
+    def engine():  # PPOTrainer.generate with rollout_backend="engine"
+        r = engine_rollout(model, ids, mask, params, 0, 0, generator=gen)
+        return r.response_ids.shape[1]
+
     def hf():
         with torch.no_grad(), ctx():
             out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, max_new_tokens=R,
@@ -189,12 +195,12 @@ def run_gen(job) -> dict:
                                  pad_token_id=0, eos_token_id=0)
         return out.shape[1] - ids.shape[1]
 
-    sides = {"ours": ours, "hf-generate": hf}
+    sides = {"ours": ours, "ours-engine": engine, "hf-generate": hf}
     for f in sides.values():  # warm-up
         f()
     reps = {k: [] for k in sides}
     for rep in range(w.repeats):
-        order = list(sides) if rep % 2 == 0 else list(sides)[::-1]
+        order = list(sides)[rep % len(sides):] + list(sides)[:rep % len(sides)]
         for name in order:
             t0 = now(dev)
             toks = sum(sides[name]() * w.batch_size for _ in range(w.gen_batches))

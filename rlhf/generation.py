@@ -179,18 +179,9 @@ def sample(
         logits = out.logits[:, -1, :].float()  # (B, V)
         if want_hidden:
             vals.append(value_head(out.hidden_states[-1][:, -1, :].float()))  # (B,)
-        scaled = sampling_logits(logits[:, None], params.temperature, params.min_new_tokens, eos_token_id, t)[:, 0]
-        if params.temperature == 0:
-            nxt = scaled.argmax(-1)
-            logp_all = F.log_softmax(logits, dim=-1) if logprobs == "model" else torch.zeros_like(logits)
-        else:
-            scaled = _filter_logits(scaled, params.top_k, params.top_p)  # (B, V)
-            nxt = _sample_categorical(scaled.softmax(-1), generator)  # (B,)
-            logp_all = F.log_softmax(logits if logprobs == "model" else scaled, dim=-1)  # (B, V)
-        nxt = torch.where(alive, nxt, torch.full_like(nxt, pad_token_id))
+        nxt, lp = next_tokens(logits, alive, t, params, eos_token_id, pad_token_id, generator, logprobs)
         tokens.append(nxt)
-        lp = logp_all.gather(-1, nxt.unsqueeze(-1)).squeeze(-1)  # (B,)
-        logps.append(torch.where(alive, lp, torch.zeros_like(lp)))  # padding may be outside a filter: no -inf
+        logps.append(lp)
         alive_hist.append(alive.clone())
         alive = alive & (nxt != eos_token_id)
         if on_step is not None and on_step(nxt, logps[-1]) is False:
@@ -201,10 +192,38 @@ def sample(
         step_ids = nxt.unsqueeze(-1)  # (B, 1)
         step_pos = step_pos[:, -1:] + 1  # (B, 1)
 
+    return make_rollout(prompt_ids, prompt_mask, tokens, logps, alive_hist, vals if want_hidden else None,
+                        eos_token_id)
+
+
+def next_tokens(logits: torch.Tensor, alive: torch.Tensor, t: int, params: SamplingParams, eos_token_id: int,
+                pad_token_id: int, generator: torch.Generator | None,
+                logprobs: Literal["model", "sampling"]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Response token ``t`` of every row from its next-token ``logits`` (B, V) float32, and its
+    log-prob (see :func:`sample`'s ``logprobs``). Rows not ``alive`` (B,) get ``pad_token_id`` and
+    log-prob 0, but still consume their uniform number: each step draws B of them, so a row's
+    samples do not depend on when the other rows stopped. Returns (tokens (B,), log-probs (B,))."""
+    scaled = sampling_logits(logits[:, None], params.temperature, params.min_new_tokens, eos_token_id, t)[:, 0]
+    if params.temperature == 0:
+        nxt = scaled.argmax(-1)
+        logp_all = F.log_softmax(logits, dim=-1) if logprobs == "model" else torch.zeros_like(logits)
+    else:
+        scaled = _filter_logits(scaled, params.top_k, params.top_p)  # (B, V)
+        nxt = _sample_categorical(scaled.softmax(-1), generator)  # (B,)
+        logp_all = F.log_softmax(logits if logprobs == "model" else scaled, dim=-1)  # (B, V)
+    nxt = torch.where(alive, nxt, torch.full_like(nxt, pad_token_id))
+    lp = logp_all.gather(-1, nxt.unsqueeze(-1)).squeeze(-1)  # (B,)
+    return nxt, torch.where(alive, lp, torch.zeros_like(lp))  # padding may be outside a filter: no -inf
+
+
+def make_rollout(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, tokens: list[torch.Tensor],
+                 logps: list[torch.Tensor], alive_hist: list[torch.Tensor], vals: list[torch.Tensor] | None,
+                 eos_token_id: int) -> Rollout:
+    """A :class:`Rollout` from the per-step tokens, log-probs, 'alive' flags and values (each (B,))."""
     response_ids = torch.stack(tokens, 1)  # (B, R)
     response_mask = torch.stack(alive_hist, 1).long()  # (B, R): real tokens incl. the EOS itself
     logprobs = torch.stack(logps, 1) * response_mask
-    values = torch.stack(vals, 1) * response_mask if want_hidden else None
+    values = torch.stack(vals, 1) * response_mask if vals is not None else None
     ended = ((response_ids == eos_token_id) & response_mask.bool()).any(1)
     return Rollout(prompt_ids, prompt_mask, response_ids, response_mask, logprobs, values, ended)
 

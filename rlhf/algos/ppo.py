@@ -47,6 +47,7 @@ from rlhf.config import SEED, UNIT, Range, count
 from rlhf.distributed import World
 from rlhf.generation import (Rollout, SamplingParams, accepts_logits_to_keep, decode_responses, sample,
                               sampling_logits, tokenize_prompts)
+from rlhf.inference.rollouts import check_engine_model, engine_rollout
 from rlhf.models import ValueHead, disable_dropout, hidden_size_of, position_ids_from_mask
 
 RewardFn = Callable[[list[str], list[str]], torch.Tensor]  # (prompts, responses) -> scores (B,)
@@ -177,6 +178,7 @@ class PPOConfig:
     # Speed switches (each changes only how, not what, except bf16's rounding)
     value_model: Literal["shared", "separate"] = "shared"  # value head on the policy trunk, or its own copy
     logprobs_from_rollout: bool = True  # take old log-probs/values from the sampling pass
+    rollout_backend: Literal["sampler", "engine"] = "sampler"  # sampler: rlhf.generation.sample; engine: the inference engine's runners (docs/ppo.md)
     bf16: bool = False  # bfloat16 autocast for forward passes
     seed: int = 0  # sampling and shuffling seed
     def __post_init__(self) -> None:
@@ -188,6 +190,8 @@ class PPOConfig:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of mini_batch_size ({self.mini_batch_size})")
         if self.value_model not in ("shared", "separate"):
             raise ValueError("value_model must be 'shared' or 'separate'")
+        if self.rollout_backend not in ("sampler", "engine"):
+            raise ValueError(f"rollout_backend must be 'sampler' or 'engine', got {self.rollout_backend!r}")
         if self.ppo_epochs < 1:
             raise ValueError("ppo_epochs must be >= 1")
         if self.sampling.temperature <= 0:
@@ -262,6 +266,8 @@ class PPOTrainer:
         if cfg.finetune == "lora":
             policy = lora.add_lora(policy, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules)
             ref_model = lora.AdapterOffReference(policy)
+        if cfg.rollout_backend == "engine":
+            check_engine_model(policy)
         self.policy = policy
         self.tok = tokenizer
         self.reward_fn = reward_fn
@@ -333,10 +339,15 @@ class PPOTrainer:
                  values: bool = True) -> Rollout:
         """Sample responses to ``prompts`` with the policy and the PPO sampling settings, from the
         trainer's own stream unless ``generator`` is given. ``values=False`` skips the value head
-        (an evaluation needs only the text)."""
+        (an evaluation needs only the text). With ``rollout_backend="engine"`` the inference
+        engine's runners sample and the rollout has no values (:meth:`step_on_rollout` takes them
+        from its forward pass)."""
         cfg = self.cfg
         ids, mask = tokenize_prompts(self.tok, list(prompts), cfg.max_prompt_tokens, self.device, add_bos=cfg.add_bos)
         self.policy.eval()
+        if cfg.rollout_backend == "engine":
+            return engine_rollout(self.policy, ids, mask, cfg.sampling, self.tok.eos_token_id, self.tok.pad_token_id,
+                                  generator=generator or self.gen)
         shared_values = values and self.critic is None and cfg.logprobs_from_rollout
         return sample(self.policy, ids, mask, cfg.sampling, self.tok.eos_token_id, self.tok.pad_token_id,
                       value_head=self.value_head if shared_values else None, generator=generator or self.gen,
@@ -394,10 +405,10 @@ class PPOTrainer:
         with torch.no_grad():
             if from_rollout and r.values is not None:
                 logprobs, old_values = r.logprobs, r.values
-            elif from_rollout:  # separate critic: log-probs from the rollout, values from the critic
+            elif from_rollout and self.critic is not None:  # log-probs from the rollout, values from the critic
                 logprobs = r.logprobs
                 old_values = self._values(ids, attn, P, None) * rmask
-            else:
+            else:  # also a rollout without values (the engine's) and no critic: one pass gives both
                 logits, hidden = self._forward(self.policy, ids, attn, P, want_hidden=self.critic is None)
                 logprobs = _gather(self._sampling_logprobs(logits), resp, real)
                 old_values = self._values(ids, attn, P, hidden) * rmask

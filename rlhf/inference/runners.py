@@ -112,6 +112,37 @@ class _Linear:
         return residual + F.linear(x, self.w, self.b)
 
 
+def weight_and_bias(lin) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The (weight, bias) a linear layer's forward applies, detached. A layer with LoRA adapters
+    (peft) gives its base weight plus its active adapters' ``scale * B A``: a new tensor, so a
+    runner over an adapted model uses the adapters as they are now, and the base stays untouched."""
+    base = getattr(lin, "base_layer", None)
+    if base is None or not hasattr(lin, "get_delta_weight"):
+        return lin.weight.detach(), None if getattr(lin, "bias", None) is None else lin.bias.detach()
+    w = base.weight.detach()
+    if not lin.disable_adapters and not lin.merged:
+        for name in lin.active_adapters:
+            if name not in lin.lora_A:
+                continue
+            if lin.lora_variant.get(name) is not None or lin.lora_bias.get(name):
+                raise ValueError(f"the inference runners fold plain LoRA adapters only, not {name!r}'s variant or bias")
+            w = w + lin.get_delta_weight(name).detach()
+    return w, None if base.bias is None else base.bias.detach()
+
+
+def _conv1d(conv, pack: bool) -> "_Linear":
+    """transformers' Conv1D stores (in, out); a linear layer wants (out, in)."""
+    w, b = weight_and_bias(conv)
+    return _Linear(w.t(), b, pack)
+
+
+def check_adapters(model) -> None:
+    """The runners read embeddings and norms directly: adapters there would be skipped."""
+    for name, m in model.named_modules():
+        if getattr(m, "lora_embedding_A", None):
+            raise ValueError(f"the inference runners cannot apply LoRA adapters on the embedding {name!r}")
+
+
 _ACTS = {
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -150,16 +181,15 @@ class GPT2Runner:
             scale = 1.0 / math.sqrt(self.D) if cfg.scale_attn_weights else 1.0
             if getattr(cfg, "scale_attn_by_inverse_layer_idx", False):
                 scale /= float(i + 1)
-            # transformers' Conv1D stores (in, out); a linear layer wants (out, in)
             self.blocks.append(dict(
                 ln1=(b.ln_1.weight.detach(), b.ln_1.bias.detach()),
-                qkv=_Linear(b.attn.c_attn.weight.t(), b.attn.c_attn.bias, pack),
-                proj=_Linear(b.attn.c_proj.weight.t(), b.attn.c_proj.bias, pack),
+                qkv=_conv1d(b.attn.c_attn, pack),
+                proj=_conv1d(b.attn.c_proj, pack),
                 ln2=(b.ln_2.weight.detach(), b.ln_2.bias.detach()),
-                fc=_Linear(b.mlp.c_fc.weight.t(), b.mlp.c_fc.bias, pack),
-                out=_Linear(b.mlp.c_proj.weight.t(), b.mlp.c_proj.bias, pack),
+                fc=_conv1d(b.mlp.c_fc, pack),
+                out=_conv1d(b.mlp.c_proj, pack),
                 scale=scale))
-        self.lm_head = _Linear(model.lm_head.weight, getattr(model.lm_head, "bias", None), pack)
+        self.lm_head = _Linear(*weight_and_bias(model.lm_head), pack)
         L = len(self.blocks)
         shape = (L, max_slots, self.H, self.max_len, self.D)
         self.K = torch.zeros(shape, dtype=self.dtype, device=self.device)
@@ -243,16 +273,17 @@ class LlamaRunner:
             a, f = layer.self_attn, layer.mlp
 
             def fused(*lins):
-                w = torch.cat([lin.weight.detach() for lin in lins])
-                b = None if lins[0].bias is None else torch.cat([lin.bias.detach() for lin in lins])
+                wbs = [weight_and_bias(lin) for lin in lins]
+                w = torch.cat([w for w, _ in wbs])
+                b = None if wbs[0][1] is None else torch.cat([b for _, b in wbs])
                 return _Linear(w, b, pack)
 
             self.blocks.append(dict(
                 ln1=layer.input_layernorm.weight.detach(), ln2=layer.post_attention_layernorm.weight.detach(),
-                qkv=fused(a.q_proj, a.k_proj, a.v_proj), o=_Linear(a.o_proj.weight, a.o_proj.bias, pack),
-                gate_up=fused(f.gate_proj, f.up_proj), down=_Linear(f.down_proj.weight, f.down_proj.bias, pack)))
+                qkv=fused(a.q_proj, a.k_proj, a.v_proj), o=_Linear(*weight_and_bias(a.o_proj), pack),
+                gate_up=fused(f.gate_proj, f.up_proj), down=_Linear(*weight_and_bias(f.down_proj), pack)))
         self.I = cfg.intermediate_size
-        self.lm_head = _Linear(model.lm_head.weight, getattr(model.lm_head, "bias", None), pack)
+        self.lm_head = _Linear(*weight_and_bias(model.lm_head), pack)
         with torch.no_grad():  # cos/sin of every position, from the model's own rotary module
             pos = torch.arange(self.max_len, device=self.device)[None]
             cos, sin = m.rotary_emb(self.embed[:1][None], pos)
@@ -391,7 +422,12 @@ class HFRunner:
 
 def make_runner(model, max_slots: int, max_len: int, pad_token_id: int = 0, kind: str = "auto") -> Runner:
     """:class:`GPT2Runner` for GPT-2 models and :class:`LlamaRunner` for Llama models (``kind="auto"``,
-    or ``"gpt2"`` / ``"llama"``), else :class:`HFRunner`."""
+    or ``"gpt2"`` / ``"llama"``), else :class:`HFRunner`. A model with LoRA adapters (peft) runs
+    as the model it wraps: the packed runners fold the adapters, as they are now, into their copy
+    of each linear weight; :class:`HFRunner` runs the adapted modules themselves."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+        check_adapters(model)
     if kind == "llama" or (kind == "auto" and llama_supported(model)):
         if not llama_supported(model):
             raise ValueError(f"the Llama runner needs a Llama model with static rotary embeddings, got {type(model).__name__}")
