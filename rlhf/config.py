@@ -115,13 +115,19 @@ def read_config_file(path: str | Path) -> dict:
     return data
 
 
+def split_override(item: str) -> tuple[str, str]:
+    """``a.b=value`` -> (``a.b``, ``value``), the value still a string; ConfigError otherwise."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value")
+    key, raw = item.split("=", 1)
+    return key, raw
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply ``a.b=value`` strings onto a nested dict (values parsed as YAML scalars/lists)."""
     out = dict(data)
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value")
-        key, raw = item.split("=", 1)
+        key, raw = split_override(item)
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError as e:

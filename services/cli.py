@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from rlhf.cli import progress_display
+from rlhf.config import split_override
 from rlhf.errors import RLHFError
 from services import SERVICES
 
@@ -25,23 +26,13 @@ def cmd_demo_loop(args) -> int:
         s = run_loop_demo(out, quick=args.quick, data_dir=Path(args.data) if args.data else None,
                           base_port=args.base_port, progress=progress, base_metrics_port=args.base_metrics_port,
                           http_port=args.http_port, linger_seconds=args.linger, model=args.model,
-                          overrides=_key_values(args.set))
+                          overrides=dict(split_override(kv) for kv in args.set))
     print(f"online loop through the services: {s['iterations']} iteration(s), {s['comparisons_stored']} comparisons "
           f"stored (labelers agree on {s['labeler_agreement']:.3f} of pairs), {len(s['versions_published'])} versions published")
     print(f"policy {s['policy_version_first']} -> {s['policy_version_last']} (served: {s['policy_version_served']})")
     print(f"gold score {s['gold_score_first']:.3f} -> {s['gold_score_last']:.3f}; win rate last vs first "
           f"{s['win_rate_last_vs_first']:.3f}; wall {s['wall_seconds']:.0f} s; {out / 'summary.json'}")
     return 0
-
-
-def _key_values(pairs: list[str]) -> dict[str, str]:
-    out = {}
-    for kv in pairs:
-        key, eq, value = kv.partition("=")
-        if not eq or not key.strip():
-            raise RLHFError(f"--set takes KEY=VALUE, got {kv!r}")
-        out[key.strip()] = value.strip()
-    return out
 
 
 def cmd_serve(args) -> int:

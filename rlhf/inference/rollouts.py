@@ -51,8 +51,9 @@ def engine_rollout(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, p
         raise ValueError(f"prompt + max_new_tokens ({need} tokens) exceed the model's context ({r.max_len})")
     dev = prompt_ids.device
 
-    logits = r.prefill(prompts, 0).to(dev)  # (B, V): every row's first response token
-    full = logits  # (B, V) next-token logits in batch-row order; a stopped row's are stale, never used
+    # (B, V) next-token logits in batch-row order (the prefill's: every row's first response
+    # token); a stopped row's are stale, never used
+    full = r.prefill(prompts, 0).to(dev)
     slot_rows = torch.arange(B, device=dev)  # (n,) the batch row in each running slot
     pos = torch.tensor([len(p) for p in prompts], device=dev)  # (B,) where each row's next token goes
     alive = torch.ones(B, dtype=torch.bool, device=dev)
