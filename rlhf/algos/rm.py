@@ -36,6 +36,7 @@ from rlhf.config import SEED, UNIT, Range, count
 from rlhf.data import Comparison
 from rlhf.distributed import Strategy, World, unwrap
 from rlhf.errors import DataError
+from rlhf.runtime.threads import fit_threads
 
 LossKind = Literal["ranking", "best_of_k", "pairwise"]
 
@@ -356,6 +357,7 @@ def _train_epochs(net, train: Sequence[Comparison], cfg: RMTrainConfig, on_step:
         batches = epoch_batches(order, cfg.batch_size, lengths, rng)
         for position, batch in enumerate(batches[start:], start + 1):
             rm.train()
+            fit_threads()  # as many intra-op threads as other processes leave CPUs free
             t0 = time.perf_counter()
             whole = [train[j] for j in batch]
             mine, weight = world.share_or_first(whole)

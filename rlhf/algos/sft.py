@@ -26,6 +26,7 @@ from rlhf.data import Demonstration, read_texts
 from rlhf.distributed import World
 from rlhf.errors import DataError
 from rlhf.models import position_ids_from_mask
+from rlhf.runtime.threads import fit_threads
 
 
 def sft_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor,
@@ -167,6 +168,7 @@ def train_lm(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_
         for i in range(start, N, cfg.batch_size):
             if step >= total:
                 break
+            fit_threads()  # as many intra-op threads as other processes leave CPUs free
             t0 = time.perf_counter()
             rows, weight = world.share_or_first(perm[i : i + cfg.batch_size].tolist())
             idx = torch.tensor(rows)

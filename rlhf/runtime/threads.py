@@ -27,8 +27,11 @@ comes before any model thread starts.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
+import threading
+import time
 
 ENV = "RLHF_TORCH_THREADS"  # intra-op threads of a process's model thread (set by prepare_process)
 
@@ -76,3 +79,109 @@ def use_model_threads(threads: int = 0) -> None:
         import torch
 
         torch.set_num_threads(n)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sharing the CPUs with other processes
+# ----------------------------------------------------------------------------------------------
+#
+# An OpenMP team waits at the end of every parallel region for its slowest thread. When another
+# CPU-bound process shares one of the team's cores, the thread on that core runs only in the
+# time slices the scheduler gives it, and the whole team waits for it many times a step: two
+# threads beside one busy process ran the demo 2.8x slower than alone, pre-training up to 7.6x
+# (bench/contention.py, docs/benchmarks.md). One thread fewer than the free CPUs loses far less.
+# So training loops call fit_threads() between steps: it measures how much CPU other processes
+# took since the last look and runs the next steps with the CPUs they left free.
+
+ADAPT_ENV = "RLHF_ADAPT_THREADS"  # "0": keep the thread count fixed (fit_threads does nothing)
+
+
+class ThreadGovernor:
+    """Fits torch's intra-op thread count to the CPUs that other processes leave free.
+
+    :meth:`poll`, called between steps, looks at most every ``interval`` seconds: the CPU time
+    spent on this process's CPUs (``/proc/stat``, its steal time included: a hypervisor's other
+    guests count as other processes) less this process's own (``os.times``) gives the cores the
+    others took. The target is the free cores rounded, between 1 and ``max_threads``; the count
+    changes once two looks in a row agree on the target, so one busy second does not flap it.
+    """
+
+    def __init__(self, max_threads: int, interval: float = 1.0, stat_path: str = "/proc/stat"):
+        self.max_threads = max_threads
+        self.interval = interval
+        self.stat_path = stat_path
+        self.cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self.threads = max_threads
+        self.others = 0.0  # cores other processes took in the last window
+        self._pending: int | None = None
+        self._last = self._sample()
+
+    def _busy_seconds(self) -> float | None:
+        """CPU seconds spent on this process's CPUs since boot, or None when unreadable."""
+        want = {f"cpu{i}" for i in self.cpus}
+        try:
+            with open(self.stat_path) as f:
+                lines = [ln.split() for ln in f if ln.startswith("cpu")]
+        except OSError:
+            return None
+        busy = 0
+        for parts in lines:
+            if parts[0] in want:
+                # user nice system idle iowait irq softirq steal (guest time is inside user)
+                vals = [int(v) for v in parts[1:9]]
+                busy += vals[0] + vals[1] + vals[2] + vals[5] + vals[6] + vals[7]
+        return busy / self.hz
+
+    def _sample(self) -> tuple[float, float | None, float]:
+        t = os.times()
+        return time.monotonic(), self._busy_seconds(), t.user + t.system
+
+    def poll(self) -> int:
+        """The thread count to use now (set with ``torch.set_num_threads`` when it changed).
+        A count set by someone else since the last look becomes the new ceiling."""
+        import torch
+
+        if torch.get_num_threads() != self.threads:
+            self.max_threads = self.threads = torch.get_num_threads()
+            self._pending = None
+        now = time.monotonic()
+        if self.max_threads <= 1 or now - self._last[0] < self.interval:
+            return self.threads
+        cur = self._sample()
+        (t0, busy0, own0), (t1, busy1, own1) = self._last, cur
+        self._last = cur
+        if busy0 is None or busy1 is None:
+            return self.threads
+        self.others = max(0.0, ((busy1 - busy0) - (own1 - own0)) / (t1 - t0))
+        target = max(1, min(self.max_threads, math.floor(len(self.cpus) - self.others + 0.5)))
+        if target == self.threads:
+            self._pending = None
+        elif target != self._pending:
+            self._pending = target
+        else:
+            log.info("other processes take %.1f of %d CPUs: %d intra-op threads (was %d)",
+                     self.others, len(self.cpus), target, self.threads)
+            self.threads, self._pending = target, None
+            torch.set_num_threads(target)
+        return self.threads
+
+
+_governor: ThreadGovernor | None = None
+_governor_lock = threading.Lock()
+
+
+def fit_threads() -> int:
+    """Called by training loops between steps: run the next steps with as many intra-op
+    threads as other processes leave CPUs free, never more than the count torch had at the
+    first call (:class:`ThreadGovernor`). Off with ``RLHF_ADAPT_THREADS=0`` and where
+    ``/proc/stat`` is not readable. Returns the count in use."""
+    global _governor
+    if os.environ.get(ADAPT_ENV, "1") == "0" or not os.path.exists("/proc/stat"):
+        return 0
+    import torch
+
+    with _governor_lock:
+        if _governor is None:
+            _governor = ThreadGovernor(torch.get_num_threads())
+        return _governor.poll()
