@@ -35,19 +35,20 @@ from common import (
     write_json,
 )
 
-PPO_SIDES = ["trl", "ours-a", "ours-b", "ours-c"]
+PPO_SIDES = ["trl", "ours-a", "ours-b", "ours-c", "ours-d"]
 RM_SIDES = ["trl", "ours-pairwise", "ours-ranking"]
 SIDE_NAMES = {
     "trl": "trl 1.12 PPOTrainer (fp32)",
     "trl-bf16": "trl 1.12 PPOTrainer (bf16 autocast)",
     "ours-a": "ours (a) trl-equivalent maths: separate value model, old log-probs recomputed, fp32",
-    "ours-b": "ours (b) defaults: shared value head, log-probs from the rollout, fp32",
+    "ours-b": "ours (b) defaults: shared value head, rollouts on the engine, fp32",
     "ours-c": "ours (c) = (b) + bf16 autocast",
+    "ours-d": "ours (d) = (c) with rollouts on rlhf.generation.sample (the earlier default)",
     "ours-pairwise": "ours, loss=pairwise (16 pairs/step, 2 sequences per pair)",
     "ours-ranking": "ours, loss=ranking (K=4: 3 prompts = 18 pairs/step, 4 sequences per prompt)",
     "trl-rm": "trl 1.12 RewardTrainer (16 pairs/step)",
 }
-ORDER = ["trl", "trl-bf16", "ours-a", "ours-b", "ours-c", "ours-pairwise", "ours-ranking"]
+ORDER = ["trl", "trl-bf16", "ours-a", "ours-b", "ours-c", "ours-d", "ours-pairwise", "ours-ranking"]
 TARGETS = {"ppo": 2.5, "rm": 2.0, "gen": 2.0, "mfu_update": 0.60}
 
 
@@ -120,8 +121,10 @@ def ppo_flops(w: Workload, side: str, epochs: int) -> dict:
     nograd = fwd_policy + fwd_trunk  # reference log-probs + reward model
     if separate:
         nograd += fwd_trunk  # values from the separate value model
-    if side == "ours-a":
-        nograd += fwd_policy  # old log-probs recomputed (trl takes them from generate's scores)
+    if side in ("ours-a", "ours-b", "ours-c"):
+        # ours-a: old log-probs recomputed (trl takes them from generate's scores); b and c sample
+        # on the engine, whose runners return no values: one policy forward gives old values
+        nograd += fwd_policy
     update = epochs * 3 * (fwd_policy + (fwd_trunk if separate else 0))
     return {"generate": gen, "nograd_forwards": nograd, "update": update, "step": gen + nograd + update}
 
@@ -239,7 +242,7 @@ def summarise(res: dict) -> dict:
             sm = summary([r["samples_per_second"] for r in reps])
             ph = _phase_medians(reps) if reps else {}
             fl = ppo_flops(w, side, int(epochs))
-            peak = peak16 if side in ("ours-c", "trl-bf16") and peak16 else peak32
+            peak = peak16 if side in ("ours-c", "ours-d", "trl-bf16") and peak16 else peak32
             row = {"samples_per_second": sm, "ratio_vs_trl": sm["median"] / trl["median"] if trl["n"] else None,
                    "phases_median_seconds": ph, "flops": fl}
             if ph.get("time_update"):

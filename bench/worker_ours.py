@@ -30,9 +30,12 @@ sys.path.insert(0, str(REPO_ROOT))  # our library from this checkout (installed 
 
 # Our three PPO settings (the task's (a), (b), (c)).
 OUR_SETTINGS = {
-    "ours-a": dict(value_model="separate", logprobs_from_rollout=False, bf16=False),  # trl-equivalent maths
-    "ours-b": dict(value_model="shared", logprobs_from_rollout=True, bf16=False),  # our defaults for speed
-    "ours-c": dict(value_model="shared", logprobs_from_rollout=True, bf16=True),  # (b) + bf16 autocast
+    # trl-equivalent maths (rollouts on the library's default backend, the engine)
+    "ours-a": dict(value_model="separate", logprobs_from_rollout=False, bf16=False, rollout_backend="engine"),
+    "ours-b": dict(value_model="shared", logprobs_from_rollout=True, bf16=False, rollout_backend="engine"),  # our defaults
+    "ours-c": dict(value_model="shared", logprobs_from_rollout=True, bf16=True, rollout_backend="engine"),  # (b) + bf16
+    # (c) with the earlier default rollout backend, rlhf.generation.sample: the engine's effect, side by side
+    "ours-d": dict(value_model="shared", logprobs_from_rollout=True, bf16=True, rollout_backend="sampler"),
 }
 
 

@@ -343,9 +343,9 @@ def run_demo(out_dir: Path, cfg: DemoConfig, data_dir: Path | None = None, progr
 
     # 3. reward model
     if cfg.rm_backbone == "minilm":
-        rm = RewardModel.from_encoder(minilm_path())
+        rm = RewardModel.from_encoder(minilm_path(), seed=cfg.seed)  # the same head on a first run and a cached one
     else:  # Ziegler et al.: the RM starts from rho, with a new scalar head
-        rm = RewardModel.from_causal_lm(copy.deepcopy(rho).requires_grad_(True), tok)
+        rm = RewardModel.from_causal_lm(copy.deepcopy(rho).requires_grad_(True), tok, seed=cfg.seed)
     total = math.ceil(len(train_cmp) / cfg.rm.batch_size) * cfg.rm.epochs
     task = progress.add(f"reward model ({cfg.rm.loss} loss)", total=total)
     train_reward_model(rm, train_cmp, cfg.rm, lambda m: progress.update(task, advance=1, info=f"loss {m['loss']:.3f}"))

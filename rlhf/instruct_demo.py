@@ -288,7 +288,7 @@ def run_instruct_demo(out_dir: Path, cfg: InstructDemoConfig, data_dir: Path | N
     held, train_cmp = comparisons[:n_held], comparisons[n_held:]
 
     # 4. reward model
-    rm = RewardModel.from_encoder(minilm_path())
+    rm = RewardModel.from_encoder(minilm_path(), seed=cfg.seed)  # the same head on a first run and a cached one
     total = math.ceil(len(train_cmp) / cfg.rm.batch_size) * cfg.rm.epochs
     bar = progress.add(f"reward model ({cfg.rm.loss} loss)", total=total)
     train_reward_model(rm, train_cmp, cfg.rm, lambda m: progress.update(bar, advance=1, info=f"loss {m['loss']:.3f}"))

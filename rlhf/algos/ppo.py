@@ -49,6 +49,7 @@ from rlhf.generation import (Rollout, SamplingParams, accepts_logits_to_keep, de
                               sampling_logits, tokenize_prompts)
 from rlhf.inference.rollouts import check_engine_model, engine_rollout
 from rlhf.models import ValueHead, disable_dropout, hidden_size_of, position_ids_from_mask
+from rlhf.runtime.threads import fit_threads
 
 RewardFn = Callable[[list[str], list[str]], torch.Tensor]  # (prompts, responses) -> scores (B,)
 
@@ -178,7 +179,7 @@ class PPOConfig:
     # Speed switches (each changes only how, not what, except bf16's rounding)
     value_model: Literal["shared", "separate"] = "shared"  # value head on the policy trunk, or its own copy
     logprobs_from_rollout: bool = True  # take old log-probs/values from the sampling pass
-    rollout_backend: Literal["sampler", "engine"] = "sampler"  # sampler: rlhf.generation.sample; engine: the inference engine's runners (docs/ppo.md)
+    rollout_backend: Literal["sampler", "engine"] = "engine"  # engine: the inference engine's runners; sampler: rlhf.generation.sample (docs/ppo.md)
     bf16: bool = False  # bfloat16 autocast for forward passes
     seed: int = 0  # sampling and shuffling seed
     def __post_init__(self) -> None:
@@ -343,6 +344,7 @@ class PPOTrainer:
         engine's runners sample and the rollout has no values (:meth:`step_on_rollout` takes them
         from its forward pass)."""
         cfg = self.cfg
+        fit_threads()  # as many intra-op threads as other processes leave CPUs free
         ids, mask = tokenize_prompts(self.tok, list(prompts), cfg.max_prompt_tokens, self.device, add_bos=cfg.add_bos)
         self.policy.eval()
         if cfg.rollout_backend == "engine":

@@ -94,7 +94,9 @@ def check_engine_model(model) -> None:
     need a Hugging Face causal LM (a config, a KV cache) and cannot apply adapters on embeddings."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if getattr(base, "config", None) is None or not hasattr(base, "get_output_embeddings"):
-        raise ValueError(f"rollout_backend=engine needs a Hugging Face causal LM, got {type(base).__name__}")
+        raise ValueError(f"rollout_backend=engine needs a Hugging Face causal LM, got {type(base).__name__} "
+                         "(rollout_backend=sampler samples with the model's own forward)")
     if getattr(base.config, "is_encoder_decoder", False):
-        raise ValueError(f"rollout_backend=engine needs a decoder-only model, got {type(base).__name__}")
+        raise ValueError(f"rollout_backend=engine needs a decoder-only model, got {type(base).__name__} "
+                         "(rollout_backend=sampler samples with the model's own forward)")
     check_adapters(base)

@@ -126,7 +126,9 @@ def weight_and_bias(lin) -> tuple[torch.Tensor, torch.Tensor | None]:
                 continue
             if lin.lora_variant.get(name) is not None or lin.lora_bias.get(name):
                 raise ValueError(f"the inference runners fold plain LoRA adapters only, not {name!r}'s variant or bias")
-            w = w + lin.get_delta_weight(name).detach()
+            # folded in the base weight's dtype, as merging does (peft keeps adapters in fp32 over
+            # a bf16 base; the runner computes in the base's dtype)
+            w = (w.float() + lin.get_delta_weight(name).detach().float()).to(base.weight.dtype)
     return w, None if base.bias is None else base.bias.detach()
 
 

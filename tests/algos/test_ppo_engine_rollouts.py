@@ -113,3 +113,15 @@ def test_bad_rollout_backend_settings_are_refused(tok):
                     rollout_backend="engine")
     with pytest.raises(ValueError, match="embed_tokens"):
         PPOTrainer(tiny_llama(len(ctok), seed=1), ctok, _reward, cfg)
+
+
+def test_the_engine_is_the_default_and_a_model_it_cannot_run_is_refused_with_the_way_out(tok):
+    assert PPOConfig().rollout_backend == "engine"
+
+    class NotHF(torch.nn.Module):  # a causal LM without a Hugging Face config
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(len(tok), 8)
+
+    with pytest.raises(ValueError, match="Hugging Face causal LM.*rollout_backend=sampler"):
+        PPOTrainer(NotHF(), tok, _reward, PPOConfig(batch_size=4, mini_batch_size=2))

@@ -381,7 +381,8 @@ def test_ppo_steps_on_tiny_model(tok):
     torch.manual_seed(0)
     target = tok(" a", add_special_tokens=False)["input_ids"][0]
     policy = _tiny_lm(tok)
-    trainer = PPOTrainer(policy, tok, _reward_fn(tok, target), _cfg(logprobs_from_rollout=True))
+    # the sampler's values and log-probs against a full forward (the engine's: tests/inference/test_rollouts.py)
+    trainer = PPOTrainer(policy, tok, _reward_fn(tok, target), _cfg(logprobs_from_rollout=True, rollout_backend="sampler"))
     ref0, pol0 = _state(trainer.ref), _state(trainer.policy)
 
     captured, ref_lps = [], []
@@ -715,7 +716,11 @@ def test_stale_rollouts_start_the_ratio_at_pi_over_behaviour(tok):
     torch.manual_seed(0)
     sampling = SamplingParams(max_new_tokens=6, temperature=0.8, min_new_tokens=2)
     cfg = _cfg(ppo_epochs=1, mini_batch_size=8, lr=1e-2, sampling=sampling)
-    trainer = PPOTrainer(_tiny_lm(tok), tok, _reward_fn(tok, 5), cfg, ref_model=_tiny_lm(tok))
+
+    def reward_fn(prompts, responses):  # varies between rows, so that the two updates move the policy
+        return torch.tensor([float(len(r)) for r in responses])
+
+    trainer = PPOTrainer(_tiny_lm(tok), tok, reward_fn, cfg, ref_model=_tiny_lm(tok))
     old = copy.deepcopy(trainer.policy)
     trainer.step(PROMPTS)
     trainer.step(PROMPTS)
@@ -856,6 +861,10 @@ def test_rollouts_follow_the_config(tok):
     """The trainer's rollouts: seeded by cfg.seed (not the global generator), prompts with BOS as
     configured, values from the rollout only for a shared head, bf16 applied to the sampling pass."""
     fn = _reward_fn(tok, 5)
+
+    def _cfg(**kw):  # the sampler's plumbing; the engine's rollouts have no values and run in the weights' dtype
+        return globals()["_cfg"](**{"rollout_backend": "sampler", **kw})
+
     first, second = (PPOTrainer(_tiny_lm(tok), tok, fn, _cfg(seed=4)) for _ in range(2))
     a = first.generate(PROMPTS)
     b = second.generate(PROMPTS)  # the global generator has moved on since the first: it must not matter
@@ -874,3 +883,5 @@ def test_rollouts_follow_the_config(tok):
 
     half = PPOTrainer(_tiny_lm(tok), tok, fn, _cfg(seed=4, bf16=True)).generate(PROMPTS)
     assert not torch.allclose(half.logprobs, a.logprobs, atol=1e-6), "bf16 must reach the sampling pass"
+    engine = PPOTrainer(_tiny_lm(tok), tok, fn, _cfg(seed=4, rollout_backend="engine")).generate(PROMPTS)
+    assert engine.values is None and torch.equal(engine.response_ids, a.response_ids)
