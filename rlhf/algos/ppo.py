@@ -341,16 +341,16 @@ class PPOTrainer:
         """Sample responses to ``prompts`` with the policy and the PPO sampling settings, from the
         trainer's own stream unless ``generator`` is given. ``values=False`` skips the value head
         (an evaluation needs only the text). With ``rollout_backend="engine"`` the inference
-        engine's runners sample and the rollout has no values (:meth:`step_on_rollout` takes them
-        from its forward pass)."""
+        engine's runners sample, the values read from their final hidden states."""
         cfg = self.cfg
         fit_threads()  # as many intra-op threads as other processes leave CPUs free
         ids, mask = tokenize_prompts(self.tok, list(prompts), cfg.max_prompt_tokens, self.device, add_bos=cfg.add_bos)
         self.policy.eval()
+        shared_values = values and self.critic is None and cfg.logprobs_from_rollout
         if cfg.rollout_backend == "engine":
             return engine_rollout(self.policy, ids, mask, cfg.sampling, self.tok.eos_token_id, self.tok.pad_token_id,
-                                  generator=generator or self.gen)
-        shared_values = values and self.critic is None and cfg.logprobs_from_rollout
+                                  generator=generator or self.gen,
+                                  value_head=self.value_head if shared_values else None)
         return sample(self.policy, ids, mask, cfg.sampling, self.tok.eos_token_id, self.tok.pad_token_id,
                       value_head=self.value_head if shared_values else None, generator=generator or self.gen,
                       autocast_dtype=torch.bfloat16 if cfg.bf16 else None, logprobs="sampling")
@@ -485,6 +485,7 @@ class PPOTrainer:
         n = 0
         params = [p for g in self.opt.param_groups for p in g["params"]]
         for _ in range(cfg.ppo_epochs):
+            fit_threads()  # a look per epoch too: a step is seconds long, and a busy core should not wait for the next
             perm = torch.randperm(B, generator=self.update_gen)
             for i in range(0, B, cfg.mini_batch_size):
                 whole = perm[i : i + cfg.mini_batch_size]

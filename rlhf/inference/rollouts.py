@@ -13,8 +13,8 @@ its slot (as the engine compacts), so later steps compute only the rows still ru
 
 What differs from ``sample``:
 
-* no values: the runners return logits only (PPO takes the values from the forward pass it runs
-  for the reference anyway; docs/ppo.md);
+* values, when a ``value_head`` is given, are read from the runner's final hidden states (the
+  ones its logits came from), as ``sample`` reads them from the model's last hidden states;
 * the runner runs in the weights' dtype, without autocast;
 * the runner is built per call from the weights as they are now (a packed copy of every linear
   weight, adapters folded in), so it always samples from the weights the last update wrote.
@@ -31,13 +31,14 @@ from rlhf.inference.runners import check_adapters, make_runner
 @torch.no_grad()
 def engine_rollout(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, params: SamplingParams,
                    eos_token_id: int, pad_token_id: int, generator: torch.Generator | None = None,
-                   runner: str = "auto") -> Rollout:
+                   runner: str = "auto", value_head=None) -> Rollout:
     """Sample up to ``params.max_new_tokens`` tokens after each left-padded prompt (``prompt_ids``,
     ``prompt_mask``: (B, P), as :func:`rlhf.generation.tokenize_prompts` gives them) on a runner
     of ``model`` (``runner``: the kind, see :func:`~rlhf.inference.runners.make_runner`).
 
     The log-probs are those of the distribution each token was drawn from, as
-    ``sample(..., logprobs="sampling")`` gives them; ``values`` is None. With the same
+    ``sample(..., logprobs="sampling")`` gives them; ``values`` are ``value_head`` on the final
+    hidden state before each response token (None without a ``value_head``). With the same
     ``generator`` state the uniform numbers are those ``sample`` draws (B per step, in row order),
     so the tokens are ``sample``'s unless float rounding moves a logit across a draw's boundary.
     """
@@ -47,6 +48,7 @@ def engine_rollout(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, p
         raise ValueError("every prompt needs at least one token")
     need = max(len(p) for p in prompts) + params.max_new_tokens
     r = make_runner(model, B, need, pad_token_id=pad_token_id, kind=runner)
+    r.keep_hidden = value_head is not None
     if r.max_len < need:
         raise ValueError(f"prompt + max_new_tokens ({need} tokens) exceed the model's context ({r.max_len})")
     dev = prompt_ids.device
@@ -54,14 +56,18 @@ def engine_rollout(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, p
     # (B, V) next-token logits in batch-row order (the prefill's: every row's first response
     # token); a stopped row's are stale, never used
     full = r.prefill(prompts, 0).to(dev)
+    # (B,) the value of each row's state before its next token, like ``full``
+    vfull = value_head(r.hidden.float().to(dev)) if value_head is not None else None
     slot_rows = torch.arange(B, device=dev)  # (n,) the batch row in each running slot
     pos = torch.tensor([len(p) for p in prompts], device=dev)  # (B,) where each row's next token goes
     alive = torch.ones(B, dtype=torch.bool, device=dev)
-    tokens, logps, alive_hist = [], [], []
+    tokens, logps, alive_hist, vals = [], [], [], []
     for t in range(params.max_new_tokens):
         nxt, lp = next_tokens(full, alive, t, params, eos_token_id, pad_token_id, generator, "sampling")
         tokens.append(nxt)
         logps.append(lp)
+        if vfull is not None:
+            vals.append(vfull.clone())
         alive_hist.append(alive.clone())
         alive = alive & (nxt != eos_token_id)
         if not alive.any() or t + 1 == params.max_new_tokens:
@@ -70,7 +76,10 @@ def engine_rollout(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, p
         out = r.decode(nxt[slot_rows].to(r.device), pos[slot_rows].to(r.device)).to(dev)  # (n, V)
         pos[slot_rows] += 1
         full = full.index_put((slot_rows,), out)
-    return make_rollout(prompt_ids, prompt_mask, tokens, logps, alive_hist, None, eos_token_id)
+        if vfull is not None:
+            vfull = vfull.index_put((slot_rows,), value_head(r.hidden.float().to(dev)))
+    return make_rollout(prompt_ids, prompt_mask, tokens, logps, alive_hist, vals if vfull is not None else None,
+                        eos_token_id)
 
 
 def _compact(runner, slot_rows: torch.Tensor, alive: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

@@ -55,6 +55,11 @@ class Runner(Protocol):
     def copy_slot(self, src: int, dst: int, length: int) -> None:
         """Copy the first ``length`` positions of slot ``src`` into slot ``dst``."""
 
+    # When ``keep_hidden`` is set, prefill and decode leave in ``hidden`` the final (normed) hidden
+    # states their logits came from, (rows, hidden size): what a value head reads (PPO's rollouts).
+    keep_hidden: bool
+    hidden: torch.Tensor | None
+
 
 def _right_padded(prompts: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     T = max(len(p) for p in prompts)
@@ -196,6 +201,13 @@ class GPT2Runner:
         shape = (L, max_slots, self.H, self.max_len, self.D)
         self.K = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.V = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.keep_hidden, self.hidden = False, None
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """float32 logits of the final hidden states ``h`` (kept in ``hidden`` when asked)."""
+        if self.keep_hidden:
+            self.hidden = h
+        return self.lm_head(h).float()
 
     def _ln(self, x, wb):
         return F.layer_norm(x, (self.C,), wb[0], wb[1], self.eps)
@@ -217,7 +229,7 @@ class GPT2Runner:
             h = self._ln(x, blk["ln2"]).view(b * T, C)
             x = x + blk["out"](self.act(blk["fc"](h))).view(b, T, C)
         last = x[torch.arange(b, device=self.device), lens - 1]  # (b, C)
-        return self.lm_head(self._ln(last, self.ln_f)).float()  # (b, V)
+        return self._logits(self._ln(last, self.ln_f))  # (b, V)
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -237,7 +249,7 @@ class GPT2Runner:
             h = self._ln(x, blk["ln2"])
             h = blk["fc"].gelu_tanh(h) if self.tanh_gelu else self.act(blk["fc"](h))  # (n, 4C)
             x = blk["out"].plus(h, x)
-        return self.lm_head(self._ln(x, self.ln_f)).float()  # (n, V)
+        return self._logits(self._ln(x, self.ln_f))  # (n, V)
 
     @torch.inference_mode()
     def copy_slot(self, src: int, dst: int, length: int) -> None:
@@ -293,6 +305,9 @@ class LlamaRunner:
         shape = (len(self.blocks), max_slots, self.Hkv, self.max_len, self.D)
         self.K = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.V = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.keep_hidden, self.hidden = False, None
+
+    _logits = GPT2Runner._logits
 
     def _rms(self, x, w):
         xf = x.float()
@@ -331,7 +346,7 @@ class LlamaRunner:
             h = self._rms(x, blk["ln2"]).view(b * T, C)
             x = blk["down"].plus(self._mlp(blk, h), x.reshape(b * T, C)).view(b, T, C)
         last = x[torch.arange(b, device=self.device), lens - 1]  # (b, C)
-        return self.lm_head(self._rms(last, self.norm)).float()  # (b, V)
+        return self._logits(self._rms(last, self.norm))  # (b, V)
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -350,7 +365,7 @@ class LlamaRunner:
                                                attn_mask=mask, scale=self.scale, enable_gqa=True)  # (n, H, 1, D)
             x = blk["o"].plus(a.reshape(n, self.H * self.D), x)
             x = blk["down"].plus(self._mlp(blk, self._rms(x, blk["ln2"])), x)
-        return self.lm_head(self._rms(x, self.norm)).float()  # (n, V)
+        return self._logits(self._rms(x, self.norm))  # (n, V)
 
     @torch.inference_mode()
     def copy_slot(self, src: int, dst: int, length: int) -> None:
@@ -371,6 +386,7 @@ class HFRunner:
         self.pad = pad_token_id
         self.K: list[torch.Tensor] = []
         self.V: list[torch.Tensor] = []
+        self.keep_hidden, self.hidden = False, None
 
     @staticmethod
     def _layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -386,7 +402,10 @@ class HFRunner:
         b, T = ids.shape
         mask = (torch.arange(T, device=self.device)[None, :] < lens[:, None]).long()  # (b, T)
         pos = torch.arange(T, device=self.device).expand(b, T)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                         output_hidden_states=self.keep_hidden)
+        if self.keep_hidden:
+            self.hidden = out.hidden_states[-1][torch.arange(b, device=self.device), lens - 1]  # (b, C)
         kv = self._layers(out.past_key_values)
         if not self.K:
             for k, _ in kv:  # (b, Hkv, T, D)
@@ -408,7 +427,9 @@ class HFRunner:
         ar = torch.arange(T + 1, device=self.device)
         mask = ((ar[None, :] < positions[:, None]) | (ar[None, :] == T)).long()  # (n, T+1): holes hidden
         out = self.model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions[:, None],
-                         past_key_values=cache, use_cache=True)
+                         past_key_values=cache, use_cache=True, output_hidden_states=self.keep_hidden)
+        if self.keep_hidden:
+            self.hidden = out.hidden_states[-1][:, -1]  # (n, C)
         rows = torch.arange(n, device=self.device)
         for li, (k, v) in enumerate(self._layers(out.past_key_values)):
             self.K[li][rows, :, positions] = k[:, :, T]

@@ -45,7 +45,7 @@ def _sampled_logprobs(model, r, temperature=1.0):
 
 def test_engine_step_at_lr_0_has_ratio_1_and_matches_the_sampler(tok):
     """Same seed on both backends: the same responses, and the first step's statistics agree
-    (the engine's old log-probs and values come from the trainer's forward pass); at lr 0 the
+    (the engine's values from its runner's hidden states, the sampler's from the model's); at lr 0 the
     ratio is 1 on every minibatch and nothing moves."""
     results, rollouts = {}, {}
     for backend in ("sampler", "engine"):

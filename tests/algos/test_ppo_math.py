@@ -862,7 +862,7 @@ def test_rollouts_follow_the_config(tok):
     configured, values from the rollout only for a shared head, bf16 applied to the sampling pass."""
     fn = _reward_fn(tok, 5)
 
-    def _cfg(**kw):  # the sampler's plumbing; the engine's rollouts have no values and run in the weights' dtype
+    def _cfg(**kw):  # the sampler's plumbing (the engine runs in the weights' dtype, without autocast)
         return globals()["_cfg"](**{"rollout_backend": "sampler", **kw})
 
     first, second = (PPOTrainer(_tiny_lm(tok), tok, fn, _cfg(seed=4)) for _ in range(2))
@@ -884,4 +884,5 @@ def test_rollouts_follow_the_config(tok):
     half = PPOTrainer(_tiny_lm(tok), tok, fn, _cfg(seed=4, bf16=True)).generate(PROMPTS)
     assert not torch.allclose(half.logprobs, a.logprobs, atol=1e-6), "bf16 must reach the sampling pass"
     engine = PPOTrainer(_tiny_lm(tok), tok, fn, _cfg(seed=4, rollout_backend="engine")).generate(PROMPTS)
-    assert engine.values is None and torch.equal(engine.response_ids, a.response_ids)
+    assert torch.equal(engine.response_ids, a.response_ids)  # the same seed, the same draws
+    assert torch.allclose(engine.values, a.values, atol=1e-4)  # the shared head, read on the runner's hidden states

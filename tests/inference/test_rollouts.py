@@ -9,7 +9,7 @@ import torch
 
 from rlhf.generation import SamplingParams, sample
 from rlhf.inference.rollouts import check_engine_model, engine_rollout
-from rlhf.models import TinyLMConfig, build_tiny_lm
+from rlhf.models import TinyLMConfig, ValueHead, build_tiny_lm, hidden_size_of
 from tests.llama_helpers import tiny_llama
 
 torch.set_num_threads(1)
@@ -87,18 +87,27 @@ def test_engine_logprobs_equal_a_full_forward_and_tokens_equal_sample(arch, runn
     ids, mask = left_pad(PROMPTS)
     params = SamplingParams(max_new_tokens=16, temperature=temperature, top_k=top_k, min_new_tokens=min_new)
     eos = _eos_that_stops_rows_early(model, ids, mask, params, seed=1)
-    r = engine_rollout(model, ids, mask, params, eos, PAD, generator=torch.Generator().manual_seed(1), runner=runner)
+    vh = ValueHead(hidden_size_of(model))
+    with torch.no_grad():  # a head that is not zero
+        vh.summary.weight.copy_(torch.randn(vh.summary.weight.shape, generator=torch.Generator().manual_seed(2)))
+    r = engine_rollout(model, ids, mask, params, eos, PAD, generator=torch.Generator().manual_seed(1), runner=runner,
+                       value_head=vh)
     lengths = r.response_mask.sum(1)
     assert r.ended_with_eos.any() and len(set(lengths.tolist())) >= 3, lengths  # rows stop at different lengths
     assert (lengths[r.ended_with_eos] >= min_new + 1).all()  # no EOS inside min_new_tokens
-    assert r.values is None
     ref = full_forward_logprobs(model, r, temperature, top_k, min_new, eos)
     assert torch.allclose(r.logprobs, ref, atol=1e-4), (r.logprobs - ref).abs().max()
     assert (r.logprobs[r.response_mask == 0] == 0).all() and (r.response_ids[r.response_mask == 0] == PAD).all()
     # the same uniform numbers as the sampler: the same tokens and log-probs
-    s = sample(model, ids, mask, params, eos, PAD, generator=torch.Generator().manual_seed(1), logprobs="sampling")
+    s = sample(model, ids, mask, params, eos, PAD, generator=torch.Generator().manual_seed(1), logprobs="sampling",
+               value_head=vh)
     assert torch.equal(r.response_ids, s.response_ids) and torch.equal(r.response_mask, s.response_mask)
     assert torch.allclose(r.logprobs, s.logprobs, atol=1e-4)
+    # values: the head on the final hidden state before each response token, as the sampler reads them
+    assert r.values.abs().max() > 1e-2 and torch.allclose(r.values, s.values, atol=1e-4), (r.values - s.values).abs().max()
+    assert (r.values[r.response_mask == 0] == 0).all()
+    plain = engine_rollout(model, ids, mask, params, eos, PAD, generator=torch.Generator().manual_seed(1), runner=runner)
+    assert plain.values is None and torch.equal(plain.response_ids, r.response_ids)
     assert torch.equal(r.ended_with_eos, s.ended_with_eos)
 
 
