@@ -35,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import BENCH_DIR, REPO_ROOT, machine_info, write_json
+from common import BENCH_DIR, REPO_ROOT, machine_info, thread_env, write_json
 
 WORKLOADS = ("ppo", "sft", "pretrain")
 POLICIES = ("fixed", "adaptive", "one")
@@ -125,10 +125,8 @@ def worker(job: dict) -> dict:
 
 
 def env_for(policy: str, cpus: int) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1"}
-    n = 1 if policy == "one" else cpus
-    env.update(OMP_NUM_THREADS=str(n), MKL_NUM_THREADS=str(n))
-    env["RLHF_ADAPT_THREADS"] = "1" if policy == "adaptive" else "0"
+    env = thread_env(1 if policy == "one" else cpus)
+    env.update(PYTHONPATH=str(REPO_ROOT), RLHF_ADAPT_THREADS="1" if policy == "adaptive" else "0")
     return env
 
 

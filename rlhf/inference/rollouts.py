@@ -78,7 +78,7 @@ def engine_rollout(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, p
         full = full.index_put((slot_rows,), out)
         if vfull is not None:
             vfull = vfull.index_put((slot_rows,), value_head(r.hidden.float().to(dev)))
-    return make_rollout(prompt_ids, prompt_mask, tokens, logps, alive_hist, vals if vfull is not None else None,
+    return make_rollout(prompt_ids, prompt_mask, tokens, logps, alive_hist, vals if value_head is not None else None,
                         eos_token_id)
 
 

@@ -38,11 +38,16 @@ ENV = "RLHF_TORCH_THREADS"  # intra-op threads of a process's model thread (set 
 log = logging.getLogger("rlhf.runtime")
 
 
-def _cpus() -> int:
+def _cpu_ids() -> list[int]:
+    """The CPUs this process may run on."""
     try:
-        return len(os.sched_getaffinity(0))
+        return sorted(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        return list(range(os.cpu_count() or 1))
+
+
+def _cpus() -> int:
+    return len(_cpu_ids())
 
 
 def prepare_process(threads: int = 0) -> int:
@@ -87,9 +92,9 @@ def use_model_threads(threads: int = 0) -> None:
 #
 # An OpenMP team waits at the end of every parallel region for its slowest thread. When another
 # CPU-bound process shares one of the team's cores, the thread on that core runs only in the
-# time slices the scheduler gives it, and the whole team waits for it many times a step: two
-# threads beside one busy process ran the demo 2.8x slower than alone, pre-training up to 7.6x
-# (bench/contention.py, docs/benchmarks.md). One thread fewer than the free CPUs loses far less.
+# time slices the scheduler gives it, and the whole team waits for it many times a step: on 2
+# cores, two threads beside one busy process ran a PPO step, SFT and pre-training 2.5-3.2x slower
+# than alone, one thread fewer 1.3-1.6x (bench/contention.py, docs/benchmarks.md).
 # So training loops call fit_threads() between steps: it measures how much CPU other processes
 # took since the last look and runs the next steps with the CPUs they left free.
 
@@ -110,7 +115,7 @@ class ThreadGovernor:
         self.max_threads = max_threads
         self.interval = interval
         self.stat_path = stat_path
-        self.cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        self.cpus = _cpu_ids()
         self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
         self.threads = max_threads
         self.others = 0.0  # cores other processes took in the last window
