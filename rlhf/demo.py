@@ -447,15 +447,20 @@ def run_demo(out_dir: Path, cfg: DemoConfig, data_dir: Path | None = None, progr
     return summary
 
 
-def _ranking_agreement(r1: list[list[int]], r2: list[list[int]]) -> float:
-    """Share of within-prompt pairs that two labelers order the same way."""
+def _ranking_agreement(r1, r2) -> float:
+    """Share of within-prompt pairs that two labelers relate the same way (same order, or both tied).
+
+    A ranking is a list of indices, best first, or a sequence of tie groups of indices.
+    """
+    def places(r) -> dict[int, int]:
+        return {i: k for k, g in enumerate(r) for i in ((g,) if isinstance(g, int) else g)}
+
     same = total = 0
     for a, b in zip(r1, r2):
-        pa = {x: i for i, x in enumerate(a)}
-        pb = {x: i for i, x in enumerate(b)}
-        for i in range(len(a)):
-            for j in range(i + 1, len(a)):
-                same += (pa[i] < pa[j]) == (pb[i] < pb[j])
+        pa, pb = places(a), places(b)
+        for i in range(len(pa)):
+            for j in range(i + 1, len(pa)):
+                same += np.sign(pa[i] - pa[j]) == np.sign(pb[i] - pb[j])
                 total += 1
     return same / max(total, 1)
 

@@ -96,6 +96,31 @@ class SimulatedLabeler:
         order = self.rank_gold(padded)
         return [[int(i) for i in row if i < k] for row, k in zip(order, sizes)]
 
+    def rank_gold_tied(self, gold: Sequence[float]) -> tuple[tuple[int, ...], ...]:
+        """A noisy ranking of one group in which answers of exactly equal gold score are tied.
+
+        Each distinct gold value draws one Gumbel utility, so answers whose scores differ are
+        ordered with the same sigmoid((g_i - g_j) / T) marginals as :meth:`rank_gold`, and answers
+        the hidden taste cannot tell apart (e.g. two that meet no constraint and score 0) form one
+        tie group instead of a coin flip that a reward model would learn as signal.
+        """
+        g = np.asarray(gold, dtype=np.float64).ravel()
+        if not np.all(np.isfinite(g)):
+            raise ValueError("gold scores must be finite")
+        values, inverse = np.unique(g, return_inverse=True)
+        utility = values / self.temperature + self.rng.gumbel(size=values.shape)
+        return tuple(tuple(int(i) for i in np.flatnonzero(inverse == v)) for v in np.argsort(-utility, kind="stable"))
+
+    def rank_many_tied(self, prompts: Sequence[str],
+                       response_lists: Sequence[Sequence[str]]) -> list[tuple[tuple[int, ...], ...]]:
+        """One ranking per prompt as tie groups, best first (:meth:`rank_gold_tied`); one judge call."""
+        if len(prompts) != len(response_lists):
+            raise ValueError(f"got {len(prompts)} prompts for {len(response_lists)} response lists")
+        flat = self.gold([p for p, rs in zip(prompts, response_lists) for _ in rs],
+                         [r for rs in response_lists for r in rs])
+        ends = np.cumsum([len(rs) for rs in response_lists])
+        return [self.rank_gold_tied(flat[e - len(rs):e]) for e, rs in zip(ends, response_lists)]
+
     def best_of(self, prompt: str, responses: Sequence[str]) -> int:
         """Index of the response the labeler picks as best (P = softmax(g / T))."""
         return self.rank(prompt, responses)[0]

@@ -46,6 +46,11 @@ def test_instruct_demo_quick_on_smollm2(tmp_path, monkeypatch):
     assert 0 <= s["win_rate_ppo_vs_sft"] <= 1 and s["kl_to_sft_ppo"] != 0.0
     assert set(s["stage_seconds"]) == {"import_and_load", "judge", "sample_for_labels", "reward_model", "ppo",
                                        "ppo_beta0", "evaluate"}
+    # every labeled prompt is a comparison; those whose answers all tie by the gold score order nothing
+    # and train nothing, the rest are split into RM training and held-out comparisons
+    assert s["rm_comparisons_train"] + s["rm_comparisons_heldout"] + s["rm_comparisons_all_tied"] == s["label_prompts"]
+    records = [json.loads(x) for x in (out / "comparisons.jsonl").read_text().splitlines()]
+    assert len(records) == s["label_prompts"] and s["rm_pairs_train"] >= s["rm_comparisons_train"]
     # the test split never feeds labels or PPO: its prompts are not among the comparisons
     tasks = [json.loads(x) for x in (out / "tasks.jsonl").read_text().splitlines()]
     test_prompts = {t["prompt"] for t in tasks if t["split"] == "test"}

@@ -144,3 +144,35 @@ def test_calibration_can_ignore_tied_pairs():
     assert SimulatedLabeler.expected_agreement(untied, t) == pytest.approx(0.73, abs=1e-6)
     with pytest.raises(ValueError, match="every pair"):
         SimulatedLabeler.calibrate_temperature([np.zeros(4)], 0.73, ignore_ties=True)
+
+
+def test_tied_rankings_group_equal_gold_and_keep_bradley_terry_between_groups():
+    gold = ["0.0", "0.6", "0.0", "0.2", "0.0"]  # three answers the taste cannot tell apart
+    T, n = 0.3, 20_000
+    labeler = SimulatedLabeler(FloatJudge(), T, seed=4)
+    rankings = labeler.rank_many_tied(["p"] * n, [gold] * n)
+    for r in rankings[:50]:
+        assert sorted(i for g in r for i in g) == [0, 1, 2, 3, 4]  # every answer exactly once
+        assert (0, 2, 4) in r  # the three zeros always form one tie group
+        assert len(r) == 3
+    place = np.array([[next(k for k, g in enumerate(r) if i in g) for i in range(5)] for r in rankings])
+    # between distinct values the marginals are the untied labeler's: P(a above b) = sigmoid(d / T)
+    assert np.mean(place[:, 1] < place[:, 3]) == pytest.approx(sigmoid(0.4 / T), abs=0.015)
+    assert np.mean(place[:, 3] < place[:, 0]) == pytest.approx(sigmoid(0.2 / T), abs=0.015)
+    assert np.mean(place[:, 1] < place[:, 0]) == pytest.approx(sigmoid(0.6 / T), abs=0.015)
+    # a Comparison takes the groups as they are, and the tied pairs are not strict pairs
+    from rlhf.data import Comparison
+
+    c = Comparison(prompt="p", responses=tuple(f"a{i}" for i in range(5)), kind="ranking", ranking=rankings[0])
+    assert len(c.pairs()) == 3 + 3 + 1  # 10 pairs less the 3 tied ones
+
+
+def test_tied_rankings_are_seeded_and_check_their_input():
+    groups = [["0.1", "0.1"], ["0.3", "0.5", "0.3"], ["0.7"]]
+    first = SimulatedLabeler(FloatJudge(), 0.5, seed=9).rank_many_tied(["a", "b", "c"], groups)
+    assert first[0] == ((0, 1),) and first[2] == ((0,),)
+    assert first == SimulatedLabeler(FloatJudge(), 0.5, seed=9).rank_many_tied(["a", "b", "c"], groups)
+    with pytest.raises(ValueError, match="prompts"):
+        SimulatedLabeler(FloatJudge(), 0.5).rank_many_tied(["a"], groups)
+    with pytest.raises(ValueError, match="finite"):
+        SimulatedLabeler(FloatJudge(), 0.5).rank_gold_tied([0.1, float("nan")])
