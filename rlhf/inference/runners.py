@@ -80,9 +80,13 @@ class _Linear:
 
     packed_ok: bool | None = None  # decided once per process by a numeric check
 
-    def __init__(self, weight_out_in: torch.Tensor, bias: torch.Tensor | None, pack: bool):
+    def __init__(self, weight_out_in: torch.Tensor, bias: torch.Tensor | None, pack: bool,
+                 lora: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.w = weight_out_in.detach().contiguous()
         self.b = None if bias is None else bias.detach().contiguous()
+        # LoRA adapters kept apart from a low-precision weight: (A (r, in), scale x B (out, r)), added as
+        # x A^T B^T after the matmul, the way peft's own forward adds them (see linear_parts)
+        self.lora = None if lora is None else tuple(t.detach().to(self.w.dtype).contiguous() for t in lora)
         self.packed = None
         if pack and self.w.device.type == "cpu" and _Linear._can_pack():
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.w, None)
@@ -101,46 +105,78 @@ class _Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None and x.dtype == self.w.dtype:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.b, "none", [], "")
-        return F.linear(x, self.w, self.b)
+            y = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.b, "none", [], "")
+        else:
+            y = F.linear(x, self.w, self.b)
+        if self.lora is not None:
+            a, b = self.lora
+            y = y + F.linear(F.linear(x.to(a.dtype), a), b)
+        return y
 
     def gelu_tanh(self, x: torch.Tensor) -> torch.Tensor:
         """``gelu(x W^T + b, approximate="tanh")``, fused into the matmul when packed."""
-        if self.packed is not None and x.dtype == self.w.dtype:
+        if self.packed is not None and x.dtype == self.w.dtype and self.lora is None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.b, "gelu", [], "tanh")
-        return F.gelu(F.linear(x, self.w, self.b), approximate="tanh")
+        return F.gelu(self(x), approximate="tanh")
 
     def plus(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """``residual + x W^T + b``, fused into the matmul when packed."""
-        if self.packed is not None and x.dtype == self.w.dtype and residual.is_contiguous():
+        if self.packed is not None and x.dtype == self.w.dtype and residual.is_contiguous() and self.lora is None:
             return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.packed, self.b, "add")
-        return residual + F.linear(x, self.w, self.b)
+        return residual + self(x)
 
 
-def weight_and_bias(lin) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The (weight, bias) a linear layer's forward applies, detached. A layer with LoRA adapters
-    (peft) gives its base weight plus its active adapters' ``scale * B A``: a new tensor, so a
-    runner over an adapted model uses the adapters as they are now, and the base stays untouched."""
+def linear_parts(lin) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
+    """(weight, bias, lora) of what a linear layer's forward applies, detached: ``lora`` is None or
+    ``(A (r, in), B (out, r))`` whose ``x A^T B^T`` the forward adds (B carries the adapters' scale).
+
+    A layer with plain LoRA adapters (peft) over a float32 weight gives its base weight plus its
+    active adapters' ``scale * B A``, folded as merging does: a new tensor, so a runner uses the
+    adapters as they are now and the base stays untouched. Over a bfloat16 (or float16) weight
+    the adapters stay a low-rank term added after the matmul, as peft's forward adds them: folded
+    into a weight that keeps 8 significant bits, a young adapter's update (smaller than half the
+    weight's last bit) would be rounded away, and rollouts would come from the base."""
     base = getattr(lin, "base_layer", None)
     if base is None or not hasattr(lin, "get_delta_weight"):
-        return lin.weight.detach(), None if getattr(lin, "bias", None) is None else lin.bias.detach()
+        return lin.weight.detach(), None if getattr(lin, "bias", None) is None else lin.bias.detach(), None
     w = base.weight.detach()
-    if not lin.disable_adapters and not lin.merged:
-        for name in lin.active_adapters:
-            if name not in lin.lora_A:
-                continue
-            if lin.lora_variant.get(name) is not None or lin.lora_bias.get(name):
-                raise ValueError(f"the inference runners fold plain LoRA adapters only, not {name!r}'s variant or bias")
-            # folded in the base weight's dtype, as merging does (peft keeps adapters in fp32 over
-            # a bf16 base; the runner computes in the base's dtype)
-            w = (w.float() + lin.get_delta_weight(name).detach().float()).to(base.weight.dtype)
-    return w, None if base.bias is None else base.bias.detach()
+    bias = None if base.bias is None else base.bias.detach()
+    names = [n for n in lin.active_adapters if n in lin.lora_A] if not lin.disable_adapters and not lin.merged else []
+    for name in names:
+        if lin.lora_variant.get(name) is not None or lin.lora_bias.get(name):
+            raise ValueError(f"the inference runners apply plain LoRA adapters only, not {name!r}'s variant or bias")
+    if not names:
+        return w, bias, None
+    if w.dtype == torch.float32:
+        for name in names:
+            w = w + lin.get_delta_weight(name).detach().float()
+        return w, bias, None
+    a = torch.cat([lin.lora_A[n].weight.detach().float() for n in names])  # (sum r, in)
+    b = torch.cat([lin.lora_B[n].weight.detach().float() * lin.scaling[n] for n in names], dim=1)  # (out, sum r)
+    return w, bias, (a, b)
+
+
+def fused_linear(lins, pack: bool) -> "_Linear":
+    """One matmul for one linear layer, or for several that read the same input (q/k/v, gate/up):
+    their weights stacked, and their adapters one low-rank term (the A's stacked, the B's
+    block-diagonal)."""
+    parts = [linear_parts(lin) for lin in lins]
+    if len(parts) == 1:
+        return _Linear(*parts[0][:2], pack, parts[0][2])
+    w = torch.cat([w for w, _, _ in parts])
+    b = None if parts[0][1] is None else torch.cat([b for _, b, _ in parts])
+    lora = None
+    if any(lo is not None for _, _, lo in parts):
+        f32 = torch.float32
+        lora = (torch.cat([lo[0] if lo else wi.new_zeros(0, wi.shape[1], dtype=f32) for wi, _, lo in parts]),
+                torch.block_diag(*[lo[1] if lo else wi.new_zeros(wi.shape[0], 0, dtype=f32) for wi, _, lo in parts]))
+    return _Linear(w, b, pack, lora)
 
 
 def _conv1d(conv, pack: bool) -> "_Linear":
     """transformers' Conv1D stores (in, out); a linear layer wants (out, in)."""
-    w, b = weight_and_bias(conv)
-    return _Linear(w.t(), b, pack)
+    w, b, lora = linear_parts(conv)  # peft's adapters on a Conv1D read (r, in) and write (out, r) too
+    return _Linear(w.t(), b, pack, lora)
 
 
 def check_adapters(model) -> None:
@@ -196,7 +232,7 @@ class GPT2Runner:
                 fc=_conv1d(b.mlp.c_fc, pack),
                 out=_conv1d(b.mlp.c_proj, pack),
                 scale=scale))
-        self.lm_head = _Linear(*weight_and_bias(model.lm_head), pack)
+        self.lm_head = fused_linear((model.lm_head,), pack)
         L = len(self.blocks)
         shape = (L, max_slots, self.H, self.max_len, self.D)
         self.K = torch.zeros(shape, dtype=self.dtype, device=self.device)
@@ -286,18 +322,13 @@ class LlamaRunner:
         for layer in m.layers:
             a, f = layer.self_attn, layer.mlp
 
-            def fused(*lins):
-                wbs = [weight_and_bias(lin) for lin in lins]
-                w = torch.cat([w for w, _ in wbs])
-                b = None if wbs[0][1] is None else torch.cat([b for _, b in wbs])
-                return _Linear(w, b, pack)
-
             self.blocks.append(dict(
                 ln1=layer.input_layernorm.weight.detach(), ln2=layer.post_attention_layernorm.weight.detach(),
-                qkv=fused(a.q_proj, a.k_proj, a.v_proj), o=_Linear(*weight_and_bias(a.o_proj), pack),
-                gate_up=fused(f.gate_proj, f.up_proj), down=_Linear(*weight_and_bias(f.down_proj), pack)))
+                qkv=fused_linear((a.q_proj, a.k_proj, a.v_proj), pack), o=fused_linear((a.o_proj,), pack),
+                gate_up=fused_linear((f.gate_proj, f.up_proj), pack),
+                down=fused_linear((f.down_proj,), pack)))
         self.I = cfg.intermediate_size
-        self.lm_head = _Linear(*weight_and_bias(model.lm_head), pack)
+        self.lm_head = fused_linear((model.lm_head,), pack)
         with torch.no_grad():  # cos/sin of every position, from the model's own rotary module
             pos = torch.arange(self.max_len, device=self.device)[None]
             cos, sin = m.rotary_emb(self.embed[:1][None], pos)
@@ -446,8 +477,9 @@ class HFRunner:
 def make_runner(model, max_slots: int, max_len: int, pad_token_id: int = 0, kind: str = "auto") -> Runner:
     """:class:`GPT2Runner` for GPT-2 models and :class:`LlamaRunner` for Llama models (``kind="auto"``,
     or ``"gpt2"`` / ``"llama"``), else :class:`HFRunner`. A model with LoRA adapters (peft) runs
-    as the model it wraps: the packed runners fold the adapters, as they are now, into their copy
-    of each linear weight; :class:`HFRunner` runs the adapted modules themselves."""
+    as the model it wraps: the packed runners apply the adapters as they are now (folded into
+    their copy of a float32 weight, beside a lower-precision one: :func:`linear_parts`);
+    :class:`HFRunner` runs the adapted modules themselves."""
     if hasattr(model, "get_base_model"):
         model = model.get_base_model()
         check_adapters(model)
