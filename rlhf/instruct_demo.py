@@ -53,12 +53,6 @@ from rlhf.registry import ModelRegistry
 MODELS = ("smollm2",)  # the real models `rlhf demo --model` knows (installed packages; see rlhf.model_import)
 
 
-# The engine's runners fold LoRA adapters into the bf16 base weights, and bf16 rounds a young
-# adapter's small update away: the rollouts would come from (nearly) the base. The sampler adds
-# the adapters' output as training does (docs/ppo.md, "Dtypes").
-LORA_BF16_BACKEND = "sampler"
-
-
 @dataclass
 class InstructDemoConfig:
     """Budgets of the real-model demo (see the module docstring and docs/demo-results.md)."""
@@ -91,7 +85,9 @@ class InstructDemoConfig:
         batch_size=16, mini_batch_size=8, ppo_epochs=2, lr=2e-4, value_lr=1e-3, kl_coef=0.1, kl_target=4.0,
         kl_horizon=48,
         vf_coef=0.1, entropy_coef=0.0, max_prompt_tokens=192, add_bos=False, bf16=True,
-        finetune="lora", lora_rank=16, lora_alpha=32.0, rollout_backend=LORA_BF16_BACKEND))
+        # rollouts on the engine (the default): its runners keep the adapters beside the bf16 base
+        # weights as peft's forward does (docs/ppo.md, "Dtypes")
+        finetune="lora", lora_rank=16, lora_alpha=32.0))
     ppo_steps: int = 24  # PPO steps under the adaptive KL controller
     beta0_steps: int = 10  # the same PPO with beta = 0, to show what the KL penalty prevents
     validation_prompts: int = 32  # at most this many validation prompts are evaluated
@@ -109,7 +105,7 @@ def quick_instruct_config() -> InstructDemoConfig:
                            freeze_embeddings=True)
     cfg.ppo = PPOConfig(batch_size=4, mini_batch_size=4, ppo_epochs=1, lr=1e-4, value_lr=1e-3, kl_coef=0.05,
                         kl_target=4.0, max_prompt_tokens=192, add_bos=False, bf16=True, finetune="lora",
-                        lora_rank=8, lora_alpha=16.0, rollout_backend=LORA_BF16_BACKEND)
+                        lora_rank=8, lora_alpha=16.0)
     cfg.ppo_steps = 2
     cfg.beta0_steps = 2
     cfg.validation_prompts = 4
