@@ -82,15 +82,22 @@ class SimulatedLabeler:
         """Indices of `responses`, best first."""
         return self.rank_many([prompt], [responses])[0]
 
-    def rank_many(self, prompts: Sequence[str], response_lists: Sequence[Sequence[str]]) -> list[list[int]]:
-        """One ranking (indices, best first) per prompt; one judge call for all responses."""
+    def _flat_gold(self, prompts: Sequence[str], response_lists: Sequence[Sequence[str]]) -> tuple[np.ndarray, list[int]]:
+        """The gold scores of every response of every prompt (one judge call; none for no prompts),
+        and the group sizes."""
         if len(prompts) != len(response_lists):
             raise ValueError(f"got {len(prompts)} prompts for {len(response_lists)} response lists")
+        if not prompts:
+            return np.zeros(0), []
         sizes = [len(rs) for rs in response_lists]
+        flat = self.gold([p for p, k in zip(prompts, sizes) for _ in range(k)], [r for rs in response_lists for r in rs])
+        return flat, sizes
+
+    def rank_many(self, prompts: Sequence[str], response_lists: Sequence[Sequence[str]]) -> list[list[int]]:
+        """One ranking (indices, best first) per prompt; one judge call for all responses."""
+        flat, sizes = self._flat_gold(prompts, response_lists)
         if not sizes:
             return []
-        flat_prompts = [p for p, k in zip(prompts, sizes) for _ in range(k)]
-        flat = self.gold(flat_prompts, [r for rs in response_lists for r in rs])
         padded = np.full((len(sizes), max(sizes)), -np.inf)
         padded[np.arange(max(sizes)) < np.asarray(sizes)[:, None]] = flat
         order = self.rank_gold(padded)
@@ -114,12 +121,8 @@ class SimulatedLabeler:
     def rank_many_tied(self, prompts: Sequence[str],
                        response_lists: Sequence[Sequence[str]]) -> list[tuple[tuple[int, ...], ...]]:
         """One ranking per prompt as tie groups, best first (:meth:`rank_gold_tied`); one judge call."""
-        if len(prompts) != len(response_lists):
-            raise ValueError(f"got {len(prompts)} prompts for {len(response_lists)} response lists")
-        flat = self.gold([p for p, rs in zip(prompts, response_lists) for _ in rs],
-                         [r for rs in response_lists for r in rs])
-        ends = np.cumsum([len(rs) for rs in response_lists])
-        return [self.rank_gold_tied(flat[e - len(rs):e]) for e, rs in zip(ends, response_lists)]
+        flat, sizes = self._flat_gold(prompts, response_lists)
+        return [self.rank_gold_tied(g) for g in np.split(flat, np.cumsum(sizes)[:-1])] if sizes else []
 
     def best_of(self, prompt: str, responses: Sequence[str]) -> int:
         """Index of the response the labeler picks as best (P = softmax(g / T))."""

@@ -161,7 +161,7 @@ def fused_linear(lins, pack: bool) -> "_Linear":
     their weights stacked, and their adapters one low-rank term (the A's stacked, the B's
     block-diagonal)."""
     parts = [linear_parts(lin) for lin in lins]
-    if len(parts) == 1:
+    if len(parts) == 1:  # the layer's own weight, not a copy (an LM head is the largest matrix)
         return _Linear(*parts[0][:2], pack, parts[0][2])
     w = torch.cat([w for w, _, _ in parts])
     b = None if parts[0][1] is None else torch.cat([b for _, b, _ in parts])
