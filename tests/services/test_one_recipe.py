@@ -45,6 +45,16 @@ def services(tmp_path_factory):
             close()
 
 
+def _served_rm_version(stub) -> str | None:
+    """The reward-scorer's current version; None while it has loaded none (it answers UNAVAILABLE)."""
+    try:
+        return stub.GetRewardModelVersion(reward_pb2.GetRewardModelVersionRequest(), timeout=10).reward_model_version
+    except grpc.RpcError as e:
+        if e.code() == grpc.StatusCode.UNAVAILABLE:
+            return None
+        raise
+
+
 def _run_service(addrs, kind, overrides: dict) -> trainer_pb2.Job:
     with grpc.insecure_channel(addrs["trainer"]) as ch:
         stub = trainer_grpc.TrainerServiceStub(ch)
@@ -142,7 +152,7 @@ def test_sft_rm_ppo_give_the_same_versions_through_the_cli_and_the_trainer(servi
     deadline = time.monotonic() + 120
     with grpc.insecure_channel(addrs["reward-scorer"]) as ch:
         stub = reward_grpc.RewardServiceStub(ch)
-        while stub.GetRewardModelVersion(reward_pb2.GetRewardModelVersionRequest()).reward_model_version != rm_version:
+        while _served_rm_version(stub) != rm_version:
             assert time.monotonic() < deadline, "the reward-scorer did not load the new reward model"
             time.sleep(0.2)
     job = _run_service(addrs, trainer_pb2.JOB_KIND_PPO, {"policy": base_version, **PPO})
