@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from rlhf.constraints import (KINDS, Constraint, ConstraintJudge, Task, attach_constraints, load_instructions,
                               split_tasks)
@@ -138,3 +139,19 @@ def test_judge_refuses_unknown_prompts_and_mismatched_lengths(judge):
     with pytest.raises(ValueError):
         judge.score([TASK.prompt], [])
     assert np.all(judge.score([TASK.prompt] * 2, [GOOD, ""]) >= 0)
+
+
+def test_gold_reward_is_the_gold_score_standardised_over_rho(judge):
+    # `rlhf demo --model smollm2 --set ppo_reward=gold`: PPO on the gold score itself (a perfect RM),
+    # on the RM's scale: mean 0 and unit variance over rho's labeled answers
+    from rlhf.instruct_demo import GoldReward
+
+    rho_answers = [GOOD, FAIR, "", "Add a bow on top."]
+    rho_gold = judge.score([TASK.prompt] * 4, rho_answers)
+    reward = GoldReward(judge, rho_gold)
+    got = reward.score([TASK.prompt] * 4, rho_answers)
+    assert got.dtype == torch.float32 and got.shape == (4,)
+    assert float(got.mean()) == pytest.approx(0.0, abs=1e-6) and float(got.std(unbiased=False)) == pytest.approx(1.0)
+    assert got[0] > got[1] > got[2]  # the judge's order: all constraints met > one met > empty
+    with pytest.raises(DataError, match="constant"):
+        GoldReward(judge, np.zeros(4))  # nothing to standardise by
