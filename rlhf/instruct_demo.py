@@ -339,22 +339,21 @@ def run_instruct_demo(out_dir: Path, cfg: InstructDemoConfig, data_dir: Path | N
 
     # 5. PPO, adaptive KL; then beta = 0
     reward = rm if cfg.ppo_reward == "rm" else GoldReward(judge, np.concatenate(gold_groups))
+    trained_on = str(rm_dir) if cfg.ppo_reward == "rm" else "gold score (diagnostic)"  # the policies' manifests
     ppo_cfg = copy.deepcopy(cfg.ppo)
     ppo_cfg.sampling = SamplingParams(max_new_tokens=cfg.response_tokens)
     ppo_cfg.seed = cfg.seed
     policy, hist = _ppo_run("PPO (adaptive KL)", rho_path, tok, reward, judge, train, ppo_cfg, cfg.ppo_steps,
                             progress, cfg.seed, _dtype(cfg, training=True))
     ppo_dir = save_pretrained(policy, tok, out_dir / "models" / "ppo", manifest={
-        "kind": "policy", "parent": str(rho_path), "config": to_dict(ppo_cfg),
-        "reward_model": str(rm_dir) if cfg.ppo_reward == "rm" else "gold score (diagnostic)"})
+        "kind": "policy", "parent": str(rho_path), "reward_model": trained_on, "config": to_dict(ppo_cfg)})
     lap("ppo")
     b0_cfg = copy.deepcopy(ppo_cfg)
     b0_cfg.kl_coef, b0_cfg.adaptive_kl, b0_cfg.kl_target, b0_cfg.entropy_coef = 0.0, False, None, 0.0
     policy0, hist0 = _ppo_run("PPO (beta = 0)", rho_path, tok, reward, judge, train, b0_cfg, cfg.beta0_steps,
                               progress, cfg.seed, _dtype(cfg, training=True))
     b0_dir = save_pretrained(policy0, tok, out_dir / "models" / "ppo_beta0", manifest={
-        "kind": "policy", "parent": str(rho_path), "config": to_dict(b0_cfg),
-        "reward_model": str(rm_dir) if cfg.ppo_reward == "rm" else "gold score (diagnostic)"})
+        "kind": "policy", "parent": str(rho_path), "reward_model": trained_on, "config": to_dict(b0_cfg)})
     lap("ppo_beta0")
 
     # 6. evaluation: validation (tuning) and test (reporting)
