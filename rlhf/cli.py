@@ -78,8 +78,9 @@ def _print_summary(s: dict, out: Path) -> None:
     for col in ("gold score", "win rate vs SFT", *extra, "RM (proxy) reward", "distinct-2", "repetition", "KL to SFT",
                 "ppl under SFT"):
         t.add_column(col, justify="right")
-    for key, name in (("sft", "SFT (rho)"), ("ppo", "PPO, adaptive KL"), ("ppo_beta0", "PPO, beta = 0")):
-        win = "-" if key == "sft" else f"{s['win_rate_' + key + '_vs_sft']:.2f}"
+    rows = (("base", "base (before SFT)"),) if "gold_score_base" in s else ()  # the real-model demo with SFT
+    for key, name in rows + (("sft", "SFT (rho)"), ("ppo", "PPO, adaptive KL"), ("ppo_beta0", "PPO, beta = 0")):
+        win = "-" if key in ("sft", "base") else f"{s['win_rate_' + key + '_vs_sft']:.2f}"
         kl = "0" if key == "sft" else f"{s['kl_to_sft_' + key]:.2f}"
         more = (f"{s['constraint_rate_' + key]:.3f}", f"{s['relevance_fluency_' + key]:.3f}") if instruct else ()
         t.add_row(name, f"{s['gold_score_' + key]:.3f}", win, *more, f"{s['proxy_reward_' + key]:+.2f}",
@@ -92,7 +93,7 @@ def _print_summary(s: dict, out: Path) -> None:
     c.print(f"KL target {s['kl_target']} nats; KL over the last fifth of PPO {s['kl_final']:.2f} "
             f"(range {s['kl_last_fifth_min']:.2f}-{s['kl_last_fifth_max']:.2f}); beta final {s['beta_final']:.4f}")
     if "samples" in s:
-        for key in ("sft", "ppo", "ppo_beta0"):
+        for key in s["samples"]:
             c.print(f"[bold]{key}[/bold] samples:")
             for p, r in s["samples"][key]:
                 c.print(f"  {p} || {r}", markup=False, highlight=False)

@@ -169,6 +169,69 @@ class Task:
                 "constraints": [c.to_record() for c in self.constraints]}
 
 
+# -------------------------------------------------------------------------------- demonstrations
+
+# how a demonstrator opens an answer that must start with a given word
+_OPENERS = {"Sure": "Sure!", "Yes": "Yes!", "Well": "Well then.", "Certainly": "Certainly!", "Here": "Here is my answer."}
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(A-Z0-9])")
+_MARKUP = re.compile(r"^\s*(?:[-*\u2022]|\d+[.)]|#+)\s*")
+
+
+def _sentences(text: str) -> list[str]:
+    """The reference's sentences, list items and headings as sentences, markup and blank ones gone."""
+    out = []
+    for line in text.replace("**", "").replace("`", "").splitlines():
+        line = _MARKUP.sub("", line).strip()
+        out += [s.strip() for s in _SENTENCE_END.split(line) if words(s)]
+    return [s if s[-1] in ".!?" else s.rstrip(":;,-") + "." for s in out]
+
+
+def demonstration(task: Task, max_words: int = 40, min_words: int = 12) -> str | None:
+    """A simulated labeler's demonstration for ``task`` (InstructGPT step 1: labelers write the
+    answer they want; seeds 001/002): the task's reference answer, cut to whole sentences and
+    edited as a person meeting the constraints would edit it, or None when no such answer of
+    ``min_words``..``max_words`` words meets every constraint.
+
+    The edits: sentences with a word to avoid are left out, commas dropped, the sentences kept
+    fit the word limit (with the opener and the ending phrase), a sentence with the word to use
+    is kept first when the opening ones lack it, N bullet points are the first N sentences, a
+    first word opens the answer (:data:`_OPENERS`) and an ending phrase closes it. Only the
+    train split's references are used for it (the judge's relevance term reads the reference of
+    the prompt it scores)."""
+    kinds = {c.kind: c.arg for c in task.constraints}
+    limit = min([max_words] + [int(c.arg) for c in task.constraints if c.kind == "max_words"])
+    opener = _OPENERS.get(kinds.get("start_with", ""), f"{kinds['start_with']}." if "start_with" in kinds else "")
+    ending = kinds.get("end_with", "")
+    budget = limit - len(words(opener)) - len(words(ending))
+    sents = [s for s in _sentences(task.reference)
+             if not any(_has_word(s, c.arg) for c in task.constraints if c.kind == "avoid_word")]
+    if "no_commas" in kinds:
+        sents = [s.replace(",", "") for s in sents]
+    if "include_word" in kinds:  # the sentence that uses the word first, then the rest in order
+        first = next((s for s in sents if _has_word(s, kinds["include_word"])), None)
+        if first is None:
+            return None
+        sents = [first] + [s for s in sents if s is not first]
+    n = int(kinds["bullets"]) if "bullets" in kinds else None
+    kept, used = [], 0
+    for s in sents:
+        if used + len(words(s)) > budget or (n is not None and len(kept) == n):
+            break
+        kept.append(s)
+        used += len(words(s))
+    if n is not None:
+        if len(kept) < n:
+            return None
+        body = "\n".join(f"- {s}" for s in kept)
+    else:
+        body = " ".join(kept)
+    text = "\n".join(p for p in ((opener + " " + body).strip() if opener else body, ending) if p) if n is not None \
+        else " ".join(p for p in (opener, body, ending) if p)
+    if len(words(text)) < min_words or not all(task.met(text)):
+        return None
+    return text
+
+
 def load_instructions(data_dir: Path | None = None, max_words: int = 40) -> list[Task]:
     """Instructions of at most ``max_words`` words with a reference answer, without constraints:
     AlpacaEval (instruction, its example output), the self-instruct seed tasks (instruction and

@@ -1,9 +1,13 @@
 """The real-model demo (``rlhf demo --model smollm2``): the whole loop on an instruction-tuned LM.
 
 1. import the model (SmolLM2-135M-Instruct from its package by default; :mod:`rlhf.model_import`,
-   cached in the registry under the cache directory) -> rho, the reference policy
+   cached in the registry under the cache directory) -> the base policy
 2. instructions from ``shared/data`` with verifiable constraints appended (:mod:`rlhf.constraints`),
    split by a hash of their id into train / validation / test
+2b. SFT (``sft=True``, InstructGPT's step 1): the base fine-tuned with LoRA on a simulated labeler's
+   demonstrations for the train prompts (:func:`rlhf.constraints.demonstration`: the reference
+   answer edited to meet the constraints), the adapters folded in -> rho, the reference policy.
+   With ``sft=False`` rho is the base itself
 3. sample K answers per train prompt from rho (its chat template); a *simulated* labeler ranks them
    by the hidden gold score (constraints met x relevance-and-fluency), with noise calibrated to
    73 % agreement between two labelers on the answers that differ; answers of equal gold score
@@ -12,7 +16,7 @@
 5. PPO against the RM with LoRA adapters (rho = the base with the adapters off), under the
    adaptive KL controller; then the same PPO with beta = 0 (``ppo_reward=gold``: against the gold
    score itself instead, the ceiling a perfect RM would reach)
-6. rho and both policies answer the validation prompts (for tuning) and the test prompts (for
+6. the base (when SFT ran), rho and both policies answer the validation prompts (for tuning) and the test prompts (for
    reporting; nothing is tuned on them): gold score, win rate, constraint rate,
    relevance-and-fluency, KL to rho, diversity
 
@@ -35,12 +39,15 @@ from typing import Literal
 import numpy as np
 import torch
 
+from rlhf.algos import lora
 from rlhf.algos.ppo import PPOConfig, PPOTrainer, logprobs_of
+from rlhf.algos.sft import SFTConfig, encode_demonstrations, train_lm
 from rlhf.algos.rm import (RMTrainConfig, accuracy_of_scores, comparison_scores, ordered_pairs, set_normalization,
                            train_reward_model)
 from rlhf.config import to_dict
-from rlhf.constraints import DEFAULT_KINDS, ConstraintJudge, Task, attach_constraints, load_instructions, split_tasks
-from rlhf.data import Comparison, write_jsonl
+from rlhf.constraints import (DEFAULT_KINDS, ConstraintJudge, Task, attach_constraints, demonstration,
+                              load_instructions, split_tasks)
+from rlhf.data import Comparison, Demonstration, write_jsonl
 from rlhf.errors import DataError
 from rlhf.demo import _oracle_accuracy, _ranking_agreement, begin_run, cache_root
 from rlhf.evaluate import distinct_n, mean_length, repetition_rate, win_rate
@@ -69,6 +76,12 @@ class InstructDemoConfig:
     validation_fraction: float = 0.15  # share of instructions for the validation split (tuning)
     test_fraction: float = 0.2  # share of instructions for the test split (reporting only)
     response_tokens: int = 64  # at most this many new tokens per answer (EOS ends it earlier)
+    # InstructGPT's step 1: fine-tune the base on demonstrations of the train prompts before labeling
+    # (rho is then the SFT policy, as in the seeds); False: rho is the base model itself
+    sft: bool = True
+    demo_words: int = 40  # demonstrations are at most this many words (they fit response_tokens)
+    sft_train: SFTConfig = field(default_factory=lambda: SFTConfig(
+        epochs=2, batch_size=8, lr=3e-4, warmup_steps=5, weight_decay=0.0, max_length=256, bf16=True))
     k: int = 4  # answers per labeled prompt
     # the budgets below fit the 45 minutes of the issue on 2 idle CPU cores (docs/demo-results.md):
     # on such a machine one answer costs ~0.45 s to sample for the labels and ~1 s to evaluate
@@ -111,6 +124,7 @@ def quick_instruct_config() -> InstructDemoConfig:
     cfg.ppo = PPOConfig(batch_size=4, mini_batch_size=4, ppo_epochs=1, lr=1e-4, value_lr=1e-3, kl_coef=0.05,
                         kl_target=4.0, max_prompt_tokens=192, add_bos=False, bf16=True, finetune="lora",
                         lora_rank=8, lora_alpha=16.0)
+    cfg.sft_train = SFTConfig(max_steps=2, batch_size=4, lr=1e-4, warmup_steps=1, weight_decay=0.0, max_length=256)
     cfg.ppo_steps = 2
     cfg.beta0_steps = 2
     cfg.validation_prompts = 4
@@ -227,6 +241,28 @@ class GoldReward:
         return torch.as_tensor((self.judge.score(prompts, responses) - self.mean) / self.std, dtype=torch.float32)
 
 
+def sft_stage(base_path: Path, tok, tasks: list[Task], cfg: InstructDemoConfig, out_dir: Path,
+              progress: Progress) -> tuple[Path, dict]:
+    """SFT on the simulated labeler's demonstrations of ``tasks`` (LoRA adapters on a fresh copy of
+    the base, folded in when done); the SFT policy is saved under ``out_dir/models/sft``."""
+    demos = [Demonstration(chat_prompt(tok, t.prompt), d) for t in tasks if (d := demonstration(t, cfg.demo_words))]
+    if len(demos) < cfg.sft_train.batch_size:
+        raise DataError(f"{len(demos)} demonstrations for {len(tasks)} train prompts: too few for SFT "
+                        f"(batch_size {cfg.sft_train.batch_size}); set sft=false")
+    write_jsonl(out_dir / "demonstrations.jsonl", [{"prompt": d.prompt, "response": d.response} for d in demos])
+    ids, attn, loss_mask = encode_demonstrations(tok, demos, cfg.sft_train.max_length)
+    model = lora.add_lora(load_causal_lm(base_path, dtype=_dtype(cfg)), cfg.ppo.lora_rank, cfg.ppo.lora_alpha,
+                          cfg.ppo.lora_target_modules)
+    steps = cfg.sft_train.max_steps or max(1, int(cfg.sft_train.epochs * math.ceil(len(demos) / cfg.sft_train.batch_size)))
+    bar = progress.add(f"SFT on {len(demos)} demonstrations (LoRA)", total=steps)
+    hist = train_lm(model, ids, attn, loss_mask, cfg.sft_train,
+                    lambda m: progress.update(bar, advance=1, info=f"loss {m['loss']:.3f}"))
+    path = save_pretrained(lora.merged(model), tok, out_dir / "models" / "sft", manifest={
+        "kind": "policy", "parent": str(base_path), "demonstrations": len(demos), "config": to_dict(cfg.sft_train)})
+    return path, {"sft_demonstrations": len(demos), "sft_steps": len(hist),
+                  "sft_loss_first": hist[0]["loss"], "sft_loss_final": hist[-1]["loss"]}
+
+
 def _ppo_run(name, path: Path, tok, reward: RewardModel | GoldReward, judge: ConstraintJudge, tasks: list[Task],
              cfg: PPOConfig, steps: int, progress: Progress, seed: int, dtype: torch.dtype):
     """PPO from a fresh load of rho (LoRA adapts that copy; rho is its base with them off)."""
@@ -273,8 +309,8 @@ def run_instruct_demo(out_dir: Path, cfg: InstructDemoConfig, data_dir: Path | N
 
     data_dir, progress = begin_run(out_dir, cfg, data_dir, progress)
 
-    # 1. rho
-    rho, tok, rho_path = load_reference(cfg, progress)
+    # 1. the base model (rho itself unless SFT runs)
+    base, tok, base_path = load_reference(cfg, progress)
     lap("import_and_load")
 
     # 2. tasks, splits, the hidden judge
@@ -290,6 +326,14 @@ def run_instruct_demo(out_dir: Path, cfg: InstructDemoConfig, data_dir: Path | N
     judge = ConstraintJudge.from_data(data_dir, tasks, seed=cfg.seed)
     progress.update(bar, advance=1)
     lap("judge")
+
+    # 2b. SFT on demonstrations -> rho
+    sft_info: dict = {}
+    rho, rho_path = base, base_path
+    if cfg.sft:
+        rho_path, sft_info = sft_stage(base_path, tok, splits["train"], cfg, out_dir, progress)
+        rho = load_causal_lm(rho_path, dtype=_dtype(cfg)).eval().requires_grad_(False)
+        lap("sft")
 
     # 3. K answers per label prompt from rho, ranked by the simulated labeler
     label_tasks = train[: cfg.label_prompts]
@@ -357,9 +401,9 @@ def run_instruct_demo(out_dir: Path, cfg: InstructDemoConfig, data_dir: Path | N
     lap("ppo_beta0")
 
     # 6. evaluation: validation (tuning) and test (reporting)
-    policies = (("sft", rho), ("ppo", policy), ("ppo_beta0", policy0))
+    policies = ((("base", base),) if cfg.sft else ()) + (("sft", rho), ("ppo", policy), ("ppo_beta0", policy0))
     ev: dict[str, dict[str, dict]] = {"validation": {}, "test": {}}
-    bar = progress.add("evaluate on validation and test prompts", total=6)
+    bar = progress.add("evaluate on validation and test prompts", total=2 * len(policies))
     for split, ts in (("validation", valid), ("test", test)):
         for name, model in policies:
             ev[split][name] = evaluate(model, rho, tok, judge, rm, ts, cfg, cfg.seed + 7)
@@ -385,6 +429,9 @@ def run_instruct_demo(out_dir: Path, cfg: InstructDemoConfig, data_dir: Path | N
             s[f"win_rate_{name}_vs_sft"] = win_rate(e[name]["gold"], e["sft"]["gold"])
             s[f"kl_to_sft_{name}"] = e[name]["kl_to_ref"]
         s["win_rate_ppo_vs_ppo_beta0"] = win_rate(e["ppo"]["gold"], e["ppo_beta0"]["gold"])
+        if "base" in e:  # what SFT alone did (the base's KL is to rho, the SFT policy)
+            s["win_rate_sft_vs_base"] = win_rate(e["sft"]["gold"], e["base"]["gold"])
+            s["kl_to_sft_base"] = e["base"]["kl_to_ref"]
         return s
 
     last = hist[-max(1, len(hist) // 5):]
@@ -412,11 +459,12 @@ def run_instruct_demo(out_dir: Path, cfg: InstructDemoConfig, data_dir: Path | N
         "beta_final": hist[-1]["kl_coef_next"], "ppo_steps": len(hist), "ppo_beta0_steps": len(hist0),
         "ppo_samples_per_second": float(np.median([h["samples_per_second"] for h in hist])),
         "rho_parameters": count_parameters(rho), "finetune": cfg.ppo.finetune, "ppo_reward": cfg.ppo_reward,
+        "sft": cfg.sft, **sft_info,
         "constraint_kinds": dict(Counter(c.kind for t in test for c in t.constraints)),
         "prompts": {k: len(v) for k, v in splits.items()}, "eval_prompts": {"validation": len(valid), "test": len(test)},
         "label_prompts": len(label_prompts), "stage_seconds": stage,
         "wall_seconds": time.perf_counter() - t_start,
-        "models": {"sft": str(rho_path), "rm": str(rm_dir), "ppo": str(ppo_dir), "ppo_beta0": str(b0_dir)},
+        "models": {"base": str(base_path), "sft": str(rho_path), "rm": str(rm_dir), "ppo": str(ppo_dir), "ppo_beta0": str(b0_dir)},
     })
     (out_dir / "history_ppo.json").write_text(json.dumps(hist, indent=1) + "\n")
     (out_dir / "history_ppo_beta0.json").write_text(json.dumps(hist0, indent=1) + "\n")

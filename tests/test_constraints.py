@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from rlhf.constraints import (KINDS, Constraint, ConstraintJudge, Task, attach_constraints, load_instructions,
-                              split_tasks)
+from rlhf.constraints import (KINDS, Constraint, ConstraintJudge, Task, attach_constraints, demonstration,
+                              load_instructions, split_tasks, words)
 from rlhf.errors import DataError
 
 
@@ -155,3 +155,59 @@ def test_gold_reward_is_the_gold_score_standardised_over_rho(judge):
     assert got[0] > got[1] > got[2]  # the judge's order: all constraints met > one met > empty
     with pytest.raises(DataError, match="constant"):
         GoldReward(judge, np.zeros(4))  # nothing to standardise by
+
+
+_REF = ("**Wrapping a gift** takes a few steps. First, measure the paper against the box. Fold the edges under, "
+        "then tape them down.\n\n- Add a ribbon for a finish.\n- A bow on top makes the present look neat. "
+        "Enjoy wrapping your present!")
+
+
+def _task(*constraints: tuple[str, str]) -> Task:
+    return Task("t", "alpaca-eval", "How do I wrap a present neatly?", _REF,
+                tuple(Constraint(k, a) for k, a in constraints))
+
+
+@pytest.mark.parametrize("constraints", [
+    (("max_words", "25"), ("end_with", "Hope this helps!")),
+    (("include_word", "ribbon"), ("start_with", "Sure")),
+    (("avoid_word", "present"), ("no_commas", "")),
+    (("bullets", "3"), ("no_commas", "")),
+    (("start_with", "Here"), ("max_words", "35")),
+])
+def test_a_demonstration_is_the_reference_edited_to_meet_every_constraint(constraints):
+    task = _task(*constraints)
+    d = demonstration(task)
+    assert d is not None and all(task.met(d)) and 12 <= len(words(d)) <= 40
+    assert "**" not in d  # markup gone
+    # its sentences are the reference's (less commas where they are forbidden), in whole
+    ref = _REF.replace("**", "")
+    ref = ref.replace(",", "") if ("no_commas", "") in constraints else ref
+    body = [ln.removeprefix("- ") for ln in d.splitlines()] if ("bullets", "3") in constraints else [d]
+    for part in body:
+        for sentence in part.split(". "):
+            core = sentence.strip().rstrip(".!")
+            if core and core not in ("Sure!", "Here is my answer", "Hope this helps", "Sure"):
+                assert core.removeprefix("Sure! ").removeprefix("Here is my answer. ") in ref, core
+
+
+def test_demonstration_details():
+    # the sentence with the word to use comes first when the opening ones lack it
+    d = demonstration(_task(("include_word", "bow"), ("max_words", "25")))
+    assert d.startswith("A bow on top") and len(words(d)) <= 25
+    # sentences with the word to avoid are left out, not edited
+    d = demonstration(_task(("avoid_word", "paper"), ("end_with", "That is all.")))
+    assert "paper" not in d.lower() and "measure" not in d and d.endswith("That is all.")
+    # the limit counts the opener and the ending phrase
+    d = demonstration(_task(("start_with", "Certainly"), ("max_words", "25")))
+    assert d.startswith("Certainly! ") and len(words(d)) <= 25
+    # a list item without a full stop gets one; a heading's markup is dropped
+    assert demonstration(_task(("bullets", "2"), ("no_commas", ""))).startswith("- Wrapping a gift takes a few steps.\n- ")
+
+
+def test_no_demonstration_when_the_reference_cannot_meet_the_constraints():
+    assert demonstration(_task(("include_word", "scissors"), ("max_words", "50"))) is None  # not in the reference
+    assert demonstration(_task(("bullets", "4"), ("avoid_word", "present"))) is not None
+    assert demonstration(_task(("bullets", "4"), ("avoid_word", "ribbon"), ("avoid_word", "present"))) is None  # 3 left
+    assert demonstration(_task(("max_words", "25"), ("no_commas", "")), min_words=30) is None  # too short then
+    few = Task("t", "self-instruct", "Name a color.", "Blue.", (Constraint("no_commas"),))
+    assert demonstration(few) is None  # under min_words

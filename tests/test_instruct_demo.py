@@ -37,14 +37,14 @@ def test_instruct_demo_quick_on_smollm2(tmp_path, monkeypatch):
     out = tmp_path / "run"
     assert main(["demo", "--model", "smollm2", "--quick", "--out", str(out)]) == 0
     s = json.loads((out / "summary.json").read_text())
-    for name in ("sft", "ppo", "ppo_beta0"):
+    for name in ("base", "sft", "ppo", "ppo_beta0"):
         for key in ("gold_score", "constraint_rate", "relevance_fluency", "proxy_reward", "distinct2",
                     "perplexity_under_sft"):
             assert f"{key}_{name}" in s and f"{key}_{name}" in s["validation"], (key, name)
     assert s["split_reported"] == "test" and s["eval_prompts"] == {"validation": 4, "test": 4}
     assert s["finetune"] == "lora" and s["ppo_steps"] == 2 and s["ppo_beta0_steps"] == 2
     assert 0 <= s["win_rate_ppo_vs_sft"] <= 1 and s["kl_to_sft_ppo"] != 0.0
-    assert set(s["stage_seconds"]) == {"import_and_load", "judge", "sample_for_labels", "reward_model", "ppo",
+    assert set(s["stage_seconds"]) == {"import_and_load", "judge", "sft", "sample_for_labels", "reward_model", "ppo",
                                        "ppo_beta0", "evaluate"}
     # every labeled prompt is a comparison; those whose answers all tie by the gold score order nothing
     # and train nothing, the rest are split into RM training and held-out comparisons
@@ -63,4 +63,11 @@ def test_instruct_demo_quick_on_smollm2(tmp_path, monkeypatch):
     ppo = load_file(str(out / "models" / "ppo" / "model.safetensors"))
     base = load_file(str(s["models"]["sft"] + "/model.safetensors"))
     assert not any("lora" in k for k in ppo) and any(not torch.equal(base[k].to(ppo[k].dtype), ppo[k]) for k in base)
+    # rho is the SFT policy (the base with the SFT adapters folded in), trained on demonstrations of
+    # train prompts only
+    assert s["sft"] and s["models"]["sft"] == str(out / "models" / "sft") and s["sft_demonstrations"] >= 4
+    assert s["models"]["base"] != s["models"]["sft"] and 0 <= s["win_rate_sft_vs_base"] <= 1
+    demos = [json.loads(x) for x in (out / "demonstrations.jsonl").read_text().splitlines()]
+    train_chat = {t["prompt"] for t in tasks if t["split"] == "train"}
+    assert len(demos) == s["sft_demonstrations"] and all(any(p in d["prompt"] for p in train_chat) for d in demos[:20])
     assert src.suffix == ".gguf" and json.loads((out / "config.json").read_text())["model"] == "smollm2"
