@@ -200,7 +200,8 @@ def demonstration(task: Task, max_words: int = 40, min_words: int = 12) -> str |
     the prompt it scores)."""
     kinds = {c.kind: c.arg for c in task.constraints}
     limit = min([max_words] + [int(c.arg) for c in task.constraints if c.kind == "max_words"])
-    opener = _OPENERS.get(kinds.get("start_with", ""), f"{kinds['start_with']}." if "start_with" in kinds else "")
+    start = kinds.get("start_with")
+    opener = _OPENERS.get(start, f"{start}.") if start else ""
     ending = kinds.get("end_with", "")
     budget = limit - len(words(opener)) - len(words(ending))
     sents = [s for s in _sentences(task.reference)
@@ -215,18 +216,16 @@ def demonstration(task: Task, max_words: int = 40, min_words: int = 12) -> str |
     n = int(kinds["bullets"]) if "bullets" in kinds else None
     kept, used = [], 0
     for s in sents:
-        if used + len(words(s)) > budget or (n is not None and len(kept) == n):
+        size = len(words(s))
+        if used + size > budget or (n is not None and len(kept) == n):
             break
         kept.append(s)
-        used += len(words(s))
-    if n is not None:
-        if len(kept) < n:
-            return None
-        body = "\n".join(f"- {s}" for s in kept)
-    else:
-        body = " ".join(kept)
-    text = "\n".join(p for p in ((opener + " " + body).strip() if opener else body, ending) if p) if n is not None \
-        else " ".join(p for p in (opener, body, ending) if p)
+        used += size
+    if n is not None and len(kept) < n:
+        return None
+    body = "\n".join(f"- {s}" for s in kept) if n is not None else " ".join(kept)
+    head = " ".join(p for p in (opener, body) if p)
+    text = ("\n" if n is not None else " ").join(p for p in (head, ending) if p)  # bullets: the ending on its own line
     if len(words(text)) < min_words or not all(task.met(text)):
         return None
     return text

@@ -16,9 +16,9 @@
 5. PPO against the RM with LoRA adapters (rho = the base with the adapters off), under the
    adaptive KL controller; then the same PPO with beta = 0 (``ppo_reward=gold``: against the gold
    score itself instead, the ceiling a perfect RM would reach)
-6. the base (when SFT ran), rho and both policies answer the validation prompts (for tuning) and the test prompts (for
-   reporting; nothing is tuned on them): gold score, win rate, constraint rate,
-   relevance-and-fluency, KL to rho, diversity
+6. the base (when SFT ran), rho and both policies answer the validation prompts (for tuning) and
+   the test prompts (for reporting; nothing is tuned on them): gold score, win rate, constraint
+   rate, relevance-and-fluency, KL to rho, diversity
 
 It writes what ``rlhf demo`` writes: summary.json (the test split's figures under the small demo's
 keys, the validation split's under "validation"), samples_<policy>.jsonl, the PPO histories and
@@ -253,8 +253,7 @@ def sft_stage(base_path: Path, tok, tasks: list[Task], cfg: InstructDemoConfig, 
     ids, attn, loss_mask = encode_demonstrations(tok, demos, cfg.sft_train.max_length)
     model = lora.add_lora(load_causal_lm(base_path, dtype=_dtype(cfg)), cfg.ppo.lora_rank, cfg.ppo.lora_alpha,
                           cfg.ppo.lora_target_modules)
-    steps = cfg.sft_train.max_steps or max(1, int(cfg.sft_train.epochs * math.ceil(len(demos) / cfg.sft_train.batch_size)))
-    bar = progress.add(f"SFT on {len(demos)} demonstrations (LoRA)", total=steps)
+    bar = progress.add(f"SFT on {len(demos)} demonstrations (LoRA)", total=cfg.sft_train.total_steps(len(demos)))
     hist = train_lm(model, ids, attn, loss_mask, cfg.sft_train,
                     lambda m: progress.update(bar, advance=1, info=f"loss {m['loss']:.3f}"))
     path = save_pretrained(lora.merged(model), tok, out_dir / "models" / "sft", manifest={
@@ -464,7 +463,8 @@ def run_instruct_demo(out_dir: Path, cfg: InstructDemoConfig, data_dir: Path | N
         "prompts": {k: len(v) for k, v in splits.items()}, "eval_prompts": {"validation": len(valid), "test": len(test)},
         "label_prompts": len(label_prompts), "stage_seconds": stage,
         "wall_seconds": time.perf_counter() - t_start,
-        "models": {"base": str(base_path), "sft": str(rho_path), "rm": str(rm_dir), "ppo": str(ppo_dir), "ppo_beta0": str(b0_dir)},
+        "models": {"base": str(base_path), "sft": str(rho_path), "rm": str(rm_dir), "ppo": str(ppo_dir),
+                   "ppo_beta0": str(b0_dir)},
     })
     (out_dir / "history_ppo.json").write_text(json.dumps(hist, indent=1) + "\n")
     (out_dir / "history_ppo_beta0.json").write_text(json.dumps(hist0, indent=1) + "\n")

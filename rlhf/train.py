@@ -353,7 +353,7 @@ def run_sft(job: SFTJob, io: JobIO) -> dict:
     src = ckpt.pinned("model", lambda: io.policy(job.model, "model"))
     tok, model = load_tokenizer(src.path), load_causal_lm(src.path).to(world.device)
     ids, attn, lm = encode_demonstrations(tok, demos, job.sft.max_length)
-    total = job.sft.max_steps or max(1, int(job.sft.epochs * -(-len(demos) // job.sft.batch_size)))
+    total = job.sft.total_steps(len(demos))
     if world.main:
         io.event(f"fine-tuning on {len(demos)} demonstrations" + (f" in {world.size} processes" if world.distributed else ""), 0.1)
     t0 = time.perf_counter()

@@ -122,6 +122,13 @@ class SFTConfig:
         "epochs": Range(0, 10_000, lo_open=True), "max_steps": count(), "batch_size": count(1, 65_536),
         "lr": Range(0, 1), "min_lr_ratio": UNIT, "warmup_steps": count(0), "weight_decay": UNIT,
         "max_length": count(2, 1_000_000), "seed": SEED}
+
+    def total_steps(self, rows: int) -> int:
+        """Optimizer steps of a run over ``rows`` training rows: ``max_steps`` when set, else
+        ``epochs`` x the steps of one epoch (at least one)."""
+        if self.max_steps is not None:
+            return self.max_steps
+        return max(1, int(self.epochs * math.ceil(rows / self.batch_size)))
 def lr_at(step: int, total: int, cfg) -> float:
     """Learning rate of optimizer step ``step`` (0-based) of ``total``: linear warm-up over
     ``cfg.warmup_steps``, then cosine decay from ``cfg.lr`` to ``cfg.lr * cfg.min_lr_ratio``.
@@ -147,8 +154,7 @@ def train_lm(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_
     N = input_ids.shape[0]
     if N == 0:
         raise DataError("no training examples")
-    steps_per_epoch = math.ceil(N / cfg.batch_size)
-    total = cfg.max_steps if cfg.max_steps is not None else max(1, int(cfg.epochs * steps_per_epoch))
+    total = cfg.total_steps(N)
     device = next(model.parameters()).device
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
