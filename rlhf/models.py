@@ -307,6 +307,11 @@ class RewardModel(nn.Module):
 
     def raw_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Unnormalised scores (B,) for token ids in this model's own vocabulary."""
+        return self.head(self.pooled(input_ids, attention_mask)).squeeze(-1).float()  # (B,)
+
+    def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The features the scalar head reads, (B, H): the causal trunk's last token, the encoder's
+        mean over tokens."""
         if self.config.backbone == "causal":
             out = self.backbone(
                 input_ids=input_ids,
@@ -320,7 +325,7 @@ class RewardModel(nn.Module):
             out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
             m = attention_mask.unsqueeze(-1).to(out.last_hidden_state.dtype)  # (B, T, 1)
             pooled = (out.last_hidden_state * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, H)
-        return self.head(pooled).squeeze(-1).float()  # (B,)
+        return pooled
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, raw: bool = False) -> torch.Tensor:
         """Normalised scores (B,); ``raw``: unnormalised, as training sees them (through forward,

@@ -21,6 +21,7 @@ After training the scores are shifted so that reference (SFT) outputs score 0 on
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -36,6 +37,7 @@ from rlhf.config import SEED, UNIT, Range, count
 from rlhf.data import Comparison
 from rlhf.distributed import Strategy, World, unwrap
 from rlhf.errors import DataError
+from rlhf.models import hidden_size_of
 from rlhf.runtime.threads import fit_threads
 
 LossKind = Literal["ranking", "best_of_k", "pairwise"]
@@ -314,14 +316,21 @@ def train_reward_model(rm, train: Sequence[Comparison], cfg: RMTrainConfig,
     if cfg.loss == "pairwise":  # the unit of a batch is a pair: batch_size counts pairs
         train = split_into_pairs(train)
     rm.config.max_length = cfg.max_length  # saved with the model: it scores at the length it learned
-    # frozen for this training only: the embeddings' own requires_grad flag comes back afterwards
-    emb = rm.backbone.get_input_embeddings().weight if cfg.freeze_embeddings else None
+    world = world or World()
+    with frozen_embeddings(rm, cfg.freeze_embeddings):
+        return _train_epochs(world.wrap(rm, strategy), train, cfg, on_step, world, checkpointing)
+
+
+@contextlib.contextmanager
+def frozen_embeddings(rm, freeze: bool):
+    """The backbone's input token embeddings frozen inside the block when ``freeze`` (for this
+    training only): their own requires_grad flag comes back afterwards."""
+    emb = rm.backbone.get_input_embeddings().weight if freeze else None
     trainable = emb.requires_grad if emb is not None else True
     if emb is not None:
         emb.requires_grad_(False)
-    world = world or World()
     try:
-        return _train_epochs(world.wrap(rm, strategy), train, cfg, on_step, world, checkpointing)
+        yield
     finally:
         if emb is not None:
             emb.requires_grad_(trainable)
@@ -392,6 +401,78 @@ def _train_epochs(net, train: Sequence[Comparison], cfg: RMTrainConfig, on_step:
                     {"epoch": epoch, "position": position, "epoch_order": epoch_order, "epoch_rng": epoch_rng,
                      "history": history}, {}))
         start = 0
+    return history
+
+
+# ----------------------------------------------------------------------------------------------
+# Labeler metadata: a first training stage for the trunk
+# ----------------------------------------------------------------------------------------------
+
+
+def train_on_metadata(rm, prompts: Sequence[str], responses: Sequence[str], labels: torch.Tensor,
+                      asked: torch.Tensor, cfg: RMTrainConfig, on_step: Callable[[dict], None] | None = None
+                      ) -> list[dict]:
+    """Fine-tune the RM's trunk on labelers' yes/no metadata about single responses, before the
+    comparisons: InstructGPT's labelers answer such questions for every output they rank ("follows
+    the explicit constraints in the instruction", Ouyang et al. 2022, table 3), and a response
+    judged on its own is a denser signal than its place in a ranking.
+
+    ``labels`` (N, Q) holds the answers (0/1) for the N (prompt, response) pairs and ``asked`` (N, Q)
+    which of the Q questions apply to each. A fresh linear head over :meth:`RewardModel.pooled`
+    learns them (binary cross-entropy over the asked entries) and is dropped afterwards: the trunk
+    keeps what it learned, the scalar head is untouched. ``cfg``: batch_size counts responses; its
+    loss and normalisation settings do not apply. One process.
+    """
+    n = len(prompts)
+    if n == 0 or len(responses) != n:
+        raise DataError(f"metadata needs one response per prompt, got {n} prompts and {len(responses)} responses")
+    labels, asked = torch.as_tensor(labels, dtype=torch.float32), torch.as_tensor(asked, dtype=torch.bool)
+    if labels.dim() != 2 or labels.shape[0] != n or asked.shape != labels.shape:
+        raise DataError(f"labels and asked must both be ({n}, questions), got {tuple(labels.shape)} and "
+                        f"{tuple(asked.shape)}")
+    if not asked.any():
+        raise DataError("no metadata question was asked of any response")
+    if not bool(((labels == 0) | (labels == 1))[asked].all()):
+        raise DataError("metadata labels must be 0 or 1")
+    rm.config.max_length = cfg.max_length
+    device = next(rm.parameters()).device
+    head = torch.nn.Linear(hidden_size_of(rm.backbone), labels.shape[1])
+    torch.nn.init.normal_(head.weight, std=1.0 / (head.in_features + 1) ** 0.5,
+                          generator=torch.Generator().manual_seed(cfg.seed))
+    torch.nn.init.zeros_(head.bias)
+    head.to(device)
+    rng = random.Random(cfg.seed)
+    lengths = None
+    if cfg.group_by_length:
+        lengths = rm.encode(list(prompts), list(responses), max_length=cfg.max_length)["attention_mask"].sum(1).tolist()
+    total, step, history = math.ceil(n / cfg.batch_size) * cfg.epochs, 0, []
+    with frozen_embeddings(rm, cfg.freeze_embeddings):
+        params = [p for p in rm.backbone.parameters() if p.requires_grad] + list(head.parameters())
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        for epoch in range(cfg.epochs):
+            order = list(range(n))
+            rng.shuffle(order)
+            for batch in epoch_batches(order, cfg.batch_size, lengths, rng):
+                rm.train()
+                fit_threads()
+                for g in opt.param_groups:
+                    g["lr"] = lr_at(step, total, cfg)
+                enc = rm.encode([prompts[j] for j in batch], [responses[j] for j in batch], max_length=cfg.max_length)
+                y, m = labels[batch].to(device), asked[batch].to(device)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                    logits = head(rm.pooled(enc["input_ids"].to(device), enc["attention_mask"].to(device))).float()
+                loss = F.binary_cross_entropy_with_logits(logits[m], y[m])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                step += 1
+                with torch.no_grad():
+                    acc = ((logits[m] > 0).float() == y[m]).float().mean().item()
+                history.append({"step": step, "epoch": epoch, "loss": loss.item(), "accuracy": acc,
+                                "lr": opt.param_groups[0]["lr"], "total_steps": total})
+                if on_step:
+                    on_step(history[-1])
     return history
 
 

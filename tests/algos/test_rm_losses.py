@@ -28,6 +28,7 @@ from rlhf.algos.rm import (
     pairwise_loss,
     ranking_loss,
     set_normalization,
+    train_on_metadata,
     train_reward_model,
 )
 from rlhf.data import Comparison
@@ -565,3 +566,53 @@ def test_rm_training_accuracy_counts_a_tie_in_score_as_wrong(tok):
     train = _comparisons(random.Random(6), 1)[:4]
     hist = train_reward_model(rm, train, RMTrainConfig(batch_size=4, lr=0.0, max_length=2))
     assert hist[0]["accuracy"] == 0.0
+
+
+def test_metadata_stage_learns_the_labelers_marks_and_leaves_the_scalar_head_alone(tok):
+    # question 0, asked of every response: is it "good"? question 1, asked of half: is it "bad"?
+    # the unasked entries hold garbage that must neither count nor be refused
+    rng = random.Random(0)
+    prompts, responses, labels, asked = [], [], [], []
+    for _ in range(160):
+        s, a = rng.choice(SUBJECTS), rng.choice(ADJS)
+        prompts.append(f"Tell me about {s}.")
+        responses.append(f" It is {a}.")
+        ask_bad = rng.random() < 0.5
+        labels.append([float(a == "good"), float(a == "bad") if ask_bad else 7.0])
+        asked.append([True, ask_bad])
+    rm = _rm(tok)
+    head = {k: v.clone() for k, v in rm.head.state_dict().items()}
+    trunk = {k: v.clone() for k, v in rm.backbone.state_dict().items()}
+    cfg = RMTrainConfig(batch_size=16, lr=3e-3, epochs=3, max_length=32)
+    hist = train_on_metadata(rm, prompts, responses, torch.tensor(labels), torch.tensor(asked), cfg)
+    assert len(hist) == 30 and hist[-1]["total_steps"] == 30  # 160 / 16 x 3
+    assert statistics.mean(h["loss"] for h in hist[-5:]) < 0.5 * statistics.mean(h["loss"] for h in hist[:5])
+    assert statistics.mean(h["accuracy"] for h in hist[-5:]) > 0.9
+    assert all(torch.equal(v, head[k]) for k, v in rm.head.state_dict().items())  # the scalar head is untouched
+    assert any(not torch.equal(v, trunk[k]) for k, v in rm.backbone.state_dict().items())  # the trunk learned
+    assert rm.config.max_length == 32
+    # frozen embeddings stay as they were, and trainable again afterwards
+    emb = rm.backbone.get_input_embeddings().weight
+    before = emb.detach().clone()
+    cfg = RMTrainConfig(batch_size=16, lr=3e-3, epochs=1, max_length=32, freeze_embeddings=True)
+    train_on_metadata(rm, prompts[:32], responses[:32], torch.tensor(labels[:32]), torch.tensor(asked[:32]), cfg)
+    assert torch.equal(emb, before) and emb.requires_grad
+
+
+def test_metadata_stage_refuses_bad_input(tok):
+    rm = _rm(tok)
+    cfg = RMTrainConfig(batch_size=2, max_length=32)
+    ok_labels, ok_asked = torch.tensor([[1.0], [0.0]]), torch.tensor([[True], [True]])
+    cases = [
+        (["p"], ["a", "b"], ok_labels, ok_asked, "one response per prompt"),
+        ([], [], torch.zeros(0, 1), torch.zeros(0, 1, dtype=torch.bool), "one response per prompt"),
+        (["p", "q"], ["a", "b"], torch.tensor([1.0, 0.0]), torch.tensor([True, True]), "must both be"),
+        (["p", "q"], ["a", "b"], ok_labels, torch.tensor([[True, True], [True, True]]), "must both be"),
+        (["p", "q"], ["a", "b"], ok_labels, torch.tensor([[False], [False]]), "no metadata question"),
+        (["p", "q"], ["a", "b"], torch.tensor([[0.5], [1.0]]), ok_asked, "0 or 1"),
+    ]
+    before = {k: v.clone() for k, v in rm.state_dict().items()}
+    for prompts, responses, labels, asked, msg in cases:
+        with pytest.raises(DataError, match=msg):
+            train_on_metadata(rm, prompts, responses, labels, asked, cfg)
+    assert all(torch.equal(v, before[k]) for k, v in rm.state_dict().items())  # nothing trained
