@@ -231,6 +231,32 @@ def demonstration(task: Task, max_words: int = 40, min_words: int = 12) -> str |
     return text
 
 
+def constraint_metadata(tasks: Sequence[Task], responses: Sequence[str], kinds: Sequence[str] = KINDS,
+                        error: float = 0.0, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A simulated labeler's metadata for each (task, response): for every constraint of the task,
+    whether the response follows it, as InstructGPT's labelers mark "follows explicit constraints
+    in the instruction" beside their rankings (Ouyang et al. 2022, table 3), one answer per
+    constraint. Each answer is wrong with probability ``error`` (seeded): a person misses one now
+    and then.
+
+    Returns (labels, asked), each (N, len(kinds)): labels 1.0 where the response follows the
+    constraint of that kind, asked True where the task has one."""
+    if len(tasks) != len(responses):
+        raise DataError(f"{len(tasks)} tasks and {len(responses)} responses: one response per task")
+    if not 0.0 <= error < 0.5:
+        raise DataError(f"a labeler's error rate must be in [0, 0.5), got {error}")
+    index = {k: i for i, k in enumerate(kinds)}
+    labels, asked = np.zeros((len(tasks), len(kinds))), np.zeros((len(tasks), len(kinds)), dtype=bool)
+    for n, (t, r) in enumerate(zip(tasks, responses)):
+        for c, ok in zip(t.constraints, t.met(r)):
+            if c.kind not in index:
+                raise DataError(f"constraint kind {c.kind!r} is not among the metadata kinds {list(kinds)}")
+            labels[n, index[c.kind]], asked[n, index[c.kind]] = float(ok), True
+    flip = np.random.default_rng(seed).random(labels.shape) < error
+    labels = np.where(flip & asked, 1.0 - labels, labels)
+    return labels, asked
+
+
 def load_instructions(data_dir: Path | None = None, max_words: int = 40) -> list[Task]:
     """Instructions of at most ``max_words`` words with a reference answer, without constraints:
     AlpacaEval (instruction, its example output), the self-instruct seed tasks (instruction and

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from rlhf.constraints import (KINDS, Constraint, ConstraintJudge, Task, attach_constraints, demonstration,
-                              load_instructions, split_tasks, words)
+from rlhf.constraints import (KINDS, Constraint, ConstraintJudge, Task, attach_constraints, constraint_metadata,
+                              demonstration, load_instructions, split_tasks, words)
 from rlhf.errors import DataError
 
 
@@ -211,3 +211,35 @@ def test_no_demonstration_when_the_reference_cannot_meet_the_constraints():
     assert demonstration(_task(("max_words", "25"), ("no_commas", "")), min_words=30) is None  # too short then
     few = Task("t", "self-instruct", "Name a color.", "Blue.", (Constraint("no_commas"),))
     assert demonstration(few) is None  # under min_words
+
+
+def test_constraint_metadata_marks_each_constraint_followed():
+    a = Task("a", "t", "Describe tea.", "", (Constraint("include_word", "leaf"), Constraint("no_commas")))
+    b = Task("b", "t", "Describe tea.", "", (Constraint("max_words", "3"),))
+    kinds = ("max_words", "include_word", "no_commas")
+    labels, asked = constraint_metadata([a, a, b, b], ["A leaf, dried.", "Hot water", "Hot tea.", "Tea is very hot."],
+                                        kinds)
+    assert asked.tolist() == [[False, True, True], [False, True, True], [True, False, False], [True, False, False]]
+    assert labels.tolist() == [[0, 1, 0], [0, 0, 1], [1, 0, 0], [0, 0, 0]]
+
+
+def test_constraint_metadata_errors_flip_only_asked_marks_at_the_given_rate():
+    t = Task("a", "t", "Describe tea.", "", (Constraint("no_commas"),))
+    exact, asked = constraint_metadata([t] * 4000, ["No commas here."] * 4000, ("max_words", "no_commas"))
+    noisy, asked2 = constraint_metadata([t] * 4000, ["No commas here."] * 4000, ("max_words", "no_commas"),
+                                        error=0.1, seed=3)
+    assert (asked == asked2).all() and exact[:, 1].all() and not exact[:, 0].any()
+    assert not noisy[:, 0].any()  # a question not asked stays 0
+    assert 0.08 < 1 - noisy[:, 1].mean() < 0.12  # about 10 % of the asked marks are wrong
+    again, _ = constraint_metadata([t] * 4000, ["No commas here."] * 4000, ("max_words", "no_commas"), error=0.1, seed=3)
+    assert (again == noisy).all()  # seeded
+
+
+def test_constraint_metadata_refuses_bad_input():
+    t = Task("a", "t", "Describe tea.", "", (Constraint("no_commas"),))
+    with pytest.raises(DataError, match="one response per task"):
+        constraint_metadata([t, t], ["x"])
+    with pytest.raises(DataError, match="error rate"):
+        constraint_metadata([t], ["x"], error=0.5)
+    with pytest.raises(DataError, match="not among the metadata kinds"):
+        constraint_metadata([t], ["x"], kinds=("max_words",))

@@ -12,6 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from rlhf.cli import main
+from rlhf.constraints import Constraint, Task
+from rlhf.instruct_demo import prefers_more_met
 from rlhf.model_import import resolve_source
 from tests.llama_helpers import llama_dir
 
@@ -35,7 +37,8 @@ def test_instruct_demo_quick_on_smollm2(tmp_path, monkeypatch):
     # the imported model is cached under RLHF_TEST_MODEL_CACHE when set (else this run's tmp dir)
     monkeypatch.setenv("RLHF_CACHE_DIR", os.environ.get("RLHF_TEST_MODEL_CACHE") or str(tmp_path / "cache"))
     out = tmp_path / "run"
-    assert main(["demo", "--model", "smollm2", "--quick", "--out", str(out)]) == 0
+    # with the labelers' metadata stage of the RM (a trial, off by default), so that it runs end to end
+    assert main(["demo", "--model", "smollm2", "--quick", "--out", str(out), "--set", "rm_metadata=true"]) == 0
     s = json.loads((out / "summary.json").read_text())
     for name in ("base", "sft", "ppo", "ppo_beta0"):
         for key in ("gold_score", "constraint_rate", "relevance_fluency", "proxy_reward", "distinct2",
@@ -51,6 +54,12 @@ def test_instruct_demo_quick_on_smollm2(tmp_path, monkeypatch):
     assert s["rm_comparisons_train"] + s["rm_comparisons_heldout"] + s["rm_comparisons_all_tied"] == s["label_prompts"]
     records = [json.loads(x) for x in (out / "comparisons.jsonl").read_text().splitlines()]
     assert len(records) == s["label_prompts"] and s["rm_pairs_train"] >= s["rm_comparisons_train"]
+    # the RM's trunk first learned the labelers' metadata (constraints followed) on every answer
+    # outside the held-out comparisons, one mark per constraint of the prompt
+    assert s["rm_metadata"] and s["rm_metadata_answers"] == 4 * (s["label_prompts"] - s["rm_comparisons_heldout"])
+    assert s["rm_metadata_answers"] <= s["rm_metadata_marks"] <= 2 * s["rm_metadata_answers"]
+    for key in ("rm_prefers_more_constraints_met_heldout", "labels_prefer_more_constraints_met"):
+        assert s[key] is None or 0 <= s[key] <= 1, key
     # the test split never feeds labels or PPO: its prompts are not among the comparisons
     tasks = [json.loads(x) for x in (out / "tasks.jsonl").read_text().splitlines()]
     test_prompts = {t["prompt"] for t in tasks if t["split"] == "test"}
@@ -71,3 +80,15 @@ def test_instruct_demo_quick_on_smollm2(tmp_path, monkeypatch):
     train_chat = {t["prompt"] for t in tasks if t["split"] == "train"}
     assert len(demos) == s["sft_demonstrations"] and all(any(p in d["prompt"] for p in train_chat) for d in demos[:20])
     assert src.suffix == ".gguf" and json.loads((out / "config.json").read_text())["model"] == "smollm2"
+
+
+def test_prefers_more_met_counts_the_pairs_that_differ_in_constraints_met():
+    t = Task("a", "t", "Describe tea.", "", (Constraint("include_word", "leaf"), Constraint("no_commas")))
+    answers = ["A leaf.", "A leaf, dried.", "Hot, wet."]  # 2, 1 and 0 constraints met
+    # pairs that differ: (0 > 1), (0 > 2), (1 > 2); these scores order the first two right and tie the third
+    assert prefers_more_met([t], [answers], [[3.0, 1.0, 1.0]]) == pytest.approx(2.5 / 3)
+    assert prefers_more_met([t], [answers], [[0.0, 1.0, 2.0]]) == 0.0
+    assert prefers_more_met([t, t], [answers, ["A leaf.", "Leaf."]], [[3, 2, 1], [0, 5]]) == 1.0  # the second: equal
+    assert prefers_more_met([t], [["Hot, wet.", "Cold, dry."]], [[1.0, 0.0]]) is None  # no pair differs
+    with pytest.raises(ValueError):
+        prefers_more_met([t], [answers], [])  # every group needs its scores
