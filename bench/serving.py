@@ -3,14 +3,14 @@
     .venv/bin/python bench/serving.py [--threads N] [--repeats N] [--stream-interval 1,4]
                                       [--engine-process off,on] [--sampler plain,penalties,json_schema]
                                       [--name NAME] [--only engine,server] [--quick]
-                                      [--model smollm2]
+                                      [--model smollm2] [--batch 16]
 
 On the demo-sized GPT-2 (4 layers, width 256, vocab 4096, random weights; the tokenizer is a
 4096-token BPE trained on the IMDB sample when it is there):
 
-1. engine: new tokens per second for a batch of 16 prompts (32 tokens each, 48 new tokens, EOS
-   never sampled, temperature 1, no top-k/top-p, fp32) through ``rlhf.inference`` (16 requests
-   submitted at once to an InferenceEngine, text included), beside ``transformers``'
+1. engine: new tokens per second for a batch of 16 prompts (``--batch``; 32 tokens each, 48 new
+   tokens, EOS never sampled, temperature 1, no top-k/top-p, fp32) through ``rlhf.inference`` (as
+   many requests submitted at once to an InferenceEngine, text included), beside ``transformers``'
    ``model.generate(do_sample=True)`` and ``rlhf.generation.sample`` on the same model and ids.
    One fresh process; sides alternated; ``--repeats`` rounds of 4 batches each.
 2. server: 64 concurrent clients, each sending streaming ``/v1/completions`` requests one after
@@ -142,7 +142,7 @@ def build_assets(quick: bool, real_model: str | None = None) -> tuple[Path, str,
 
 
 def engine_vs_generate(registry: Path, version: str, prompts: list[str], repeats: int, batches: int,
-                       samplers: list[str] = ("plain",)) -> dict:
+                       samplers: list[str] = ("plain",), batch_size: int = BATCH) -> dict:
     """Tokens per second of each side, ``repeats`` alternated turns of ``batches`` timed batches
     (after one untimed batch). Each turn's torch work runs on a thread of its own that ends with the
     turn (the engine's worker; a fresh thread for the others), so only one OpenMP thread team is alive
@@ -160,9 +160,9 @@ def engine_vs_generate(registry: Path, version: str, prompts: list[str], repeats
     path = ModelRegistry(registry).path("policy", version)
     policy = PolicyEngine(path, version)
     model, tok = policy.model, policy.tokenizer
-    rows = prompts[:BATCH]
+    rows = prompts[:batch_size]
     ids, mask = tokenize_prompts(tok, rows, 512)
-    assert ids.shape == (BATCH, PROMPT_TOKENS), ids.shape
+    assert ids.shape == (batch_size, PROMPT_TOKENS), ids.shape
     eos = tok.eos_token_id
     loop = asyncio.new_event_loop()
 
@@ -212,7 +212,7 @@ def engine_vs_generate(registry: Path, version: str, prompts: list[str], repeats
             out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, max_new_tokens=NEW_TOKENS,
                                  min_new_tokens=NEW_TOKENS, top_k=0, top_p=1.0, temperature=1.0, pad_token_id=eos,
                                  eos_token_id=eos)
-        return (out.shape[1] - ids.shape[1]) * BATCH
+        return (out.shape[1] - ids.shape[1]) * batch_size
 
     def old() -> int:
         r = sample(model, ids, mask, SamplingParams(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS), eos, eos)
@@ -233,7 +233,7 @@ def engine_vs_generate(registry: Path, version: str, prompts: list[str], repeats
 
 
 def profile_engine_step(engine, loop, rows, req) -> dict:
-    """Where a batch-16 generation's time goes, from the engine's own timers (seconds per batch)."""
+    """Where one batch's generation time goes, from the engine's own timers (seconds per batch)."""
     from dataclasses import asdict
 
     from rlhf.inference.engine import complete
@@ -491,6 +491,7 @@ def main() -> None:
                          "request (each run in every round)")
     ap.add_argument("--quick", action="store_true", help="a tiny model and short runs (smoke test)")
     ap.add_argument("--model", help="a real model instead of the demo-shaped GPT-2, as rlhf import-model takes it (smollm2)")
+    ap.add_argument("--batch", type=int, default=BATCH, help="prompts per batch of the engine-vs-generate part (1-64)")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
@@ -500,13 +501,17 @@ def main() -> None:
         prepare_process()  # as `rlhf serve` does: intra-op threads (OMP_NUM_THREADS) for the model thread only
         prompts = json.loads(Path(prompts_file).read_text())
         if kind == "engine":
-            res = engine_vs_generate(Path(registry), version, prompts, int(rest[0]), int(rest[1]), rest[2].split(","))
+            res = engine_vs_generate(Path(registry), version, prompts, int(rest[0]), int(rest[1]), rest[2].split(","),
+                                     int(rest[3]))
         else:
             res = raw_engine_closed_loop(Path(registry), version, prompts, int(rest[0]))
         print(json.dumps(res))
         return
 
-    name = a.name or (f"cpu-{a.threads}threads" if not a.quick else "cpu-quick") + (f"-{a.model}" if a.model else "")
+    name = a.name or ((f"cpu-{a.threads}threads" if not a.quick else "cpu-quick") + (f"-{a.model}" if a.model else "")
+                      + (f"-batch{a.batch}" if a.batch != BATCH else ""))
+    if not 1 <= a.batch <= 64:
+        ap.error("--batch: 1 to 64 prompts")
     intervals = [int(x) for x in a.stream_interval.split(",")]
     if not intervals or min(intervals) < 1:
         ap.error("--stream-interval: integers >= 1")
@@ -523,13 +528,13 @@ def main() -> None:
     pf.write_text(json.dumps(prompts))
     only = set(a.only.split(","))
     res: dict = {"machine": machine_info("cpu", a.threads), "threads": a.threads, "shape": a.model or SHAPE,
-                 "batch": BATCH, "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS, "clients": CLIENTS,
+                 "batch": a.batch, "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS, "clients": CLIENTS,
                  "requests_per_client": rpc, "stream_intervals": intervals, "engine_process": modes,
                  "samplers": samplers,
                  "loadavg_start": loadavg()}
     if "engine" in only:
-        r = run_worker(["engine", str(registry), version, str(pf), str(repeats), str(batches), ",".join(samplers)],
-                       a.threads)
+        r = run_worker(["engine", str(registry), version, str(pf), str(repeats), str(batches), ",".join(samplers),
+                        str(a.batch)], a.threads)
         res["engine"] = {k: summary(v) for k, v in r["tokens_per_second"].items()}
         res["engine"]["runner"] = r["runner"]
         res["engine"]["profile"] = r["profile"]
