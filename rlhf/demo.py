@@ -447,17 +447,18 @@ def run_demo(out_dir: Path, cfg: DemoConfig, data_dir: Path | None = None, progr
     return summary
 
 
+def ranking_places(r) -> dict[int, int]:
+    """Each response's place in a ranking (0 = best; tied responses share a place). A ranking is a
+    list of indices, best first, or a sequence of tie groups of indices."""
+    return {i: k for k, g in enumerate(r) for i in ((g,) if isinstance(g, int) else g)}
+
+
 def _ranking_agreement(r1, r2) -> float:
     """Share of within-prompt pairs that two labelers relate the same way (same order, or both tied).
-
-    A ranking is a list of indices, best first, or a sequence of tie groups of indices.
-    """
-    def places(r) -> dict[int, int]:
-        return {i: k for k, g in enumerate(r) for i in ((g,) if isinstance(g, int) else g)}
-
+    Rankings as :func:`ranking_places` takes them."""
     same = total = 0
     for a, b in zip(r1, r2):
-        pa, pb = places(a), places(b)
+        pa, pb = ranking_places(a), ranking_places(b)
         for i in range(len(pa)):
             for j in range(i + 1, len(pa)):
                 same += np.sign(pa[i] - pa[j]) == np.sign(pb[i] - pb[j])

@@ -132,7 +132,7 @@ def render() -> str:
         "reward model would reach with the same PPO budget; the RM is still trained and reported.",
         "`--set rm_metadata=true` (a trial, off by default) first trains the reward model's trunk on the",
         "labeler's metadata, which of the prompt's constraints each labeled answer follows (InstructGPT's",
-        "table 3), then on the rankings; on seed 0 it did not raise the RM's held-out accuracy.",
+        "table 3), then on the rankings; on seeds 0 and 1 it did not raise the RM's held-out accuracy.",
         "",
         "## `rlhf import-model`",
         "",

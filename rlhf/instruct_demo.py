@@ -51,7 +51,7 @@ from rlhf.constraints import (DEFAULT_KINDS, ConstraintJudge, Task, attach_const
                               demonstration, load_instructions, split_tasks)
 from rlhf.data import Comparison, Demonstration, write_jsonl
 from rlhf.errors import DataError
-from rlhf.demo import _oracle_accuracy, _ranking_agreement, begin_run, cache_root
+from rlhf.demo import _oracle_accuracy, _ranking_agreement, begin_run, cache_root, ranking_places
 from rlhf.evaluate import distinct_n, mean_length, repetition_rate, win_rate
 from rlhf.generation import Rollout, SamplingParams, decode_responses, sample, tokenize_prompts
 from rlhf.labeler import SimulatedLabeler
@@ -404,17 +404,18 @@ def run_instruct_demo(out_dir: Path, cfg: InstructDemoConfig, data_dir: Path | N
     task_of = {t.prompt: t for t in label_tasks}
     if cfg.rm_metadata:
         held_ids = {id(c) for c in held}
-        answers = [(task_of[c.prompt], r) for c in comparisons if id(c) not in held_ids for r in c.responses]
-        labels, asked = constraint_metadata([t for t, _ in answers], [r for _, r in answers], cfg.constraint_kinds,
-                                            cfg.metadata_error, seed=cfg.seed)
+        marked = [c for c in comparisons if id(c) not in held_ids]
+        m_tasks = [task_of[c.prompt] for c in marked for _ in c.responses]
+        m_answers = [r for c in marked for r in c.responses]
+        labels, asked = constraint_metadata(m_tasks, m_answers, cfg.constraint_kinds, cfg.metadata_error, seed=cfg.seed)
         mcfg = cfg.rm_metadata_train
         bar = progress.add("reward model: the labelers' metadata (constraints followed)",
-                           total=math.ceil(len(answers) / mcfg.batch_size) * mcfg.epochs)
-        mh = train_on_metadata(rm, [t.prompt for t, _ in answers], [r for _, r in answers], torch.from_numpy(labels),
+                           total=math.ceil(len(m_answers) / mcfg.batch_size) * mcfg.epochs)
+        mh = train_on_metadata(rm, [t.prompt for t in m_tasks], m_answers, torch.from_numpy(labels),
                                torch.from_numpy(asked), mcfg,
                                lambda m: progress.update(bar, advance=1, info=f"loss {m['loss']:.3f}"))
         window = mh[-max(1, len(mh) // 5):]
-        meta_info = {"rm_metadata_answers": len(answers), "rm_metadata_marks": int(asked.sum()),
+        meta_info = {"rm_metadata_answers": len(m_answers), "rm_metadata_marks": int(asked.sum()),
                      "rm_metadata_loss_first": mh[0]["loss"],
                      "rm_metadata_loss_final": float(np.mean([m["loss"] for m in window])),
                      "rm_metadata_accuracy_final": float(np.mean([m["accuracy"] for m in window]))}
@@ -428,7 +429,7 @@ def run_instruct_demo(out_dir: Path, cfg: InstructDemoConfig, data_dir: Path | N
     # does the RM see the constraints? (held out), and how much do the labels reward them? (all)
     rm_more_met = prefers_more_met([task_of[c.prompt] for c in held], [list(c.responses) for c in held],
                                    scores[: len(held)])
-    places = [[-next(k for k, g in enumerate(c.ranking) if i in g) for i in range(c.K)] for c in comparisons]
+    places = [[-p for _, p in sorted(ranking_places(c.ranking).items())] for c in comparisons]
     labels_more_met = prefers_more_met([task_of[c.prompt] for c in comparisons],
                                        [list(c.responses) for c in comparisons], places)
     set_normalization(rm, torch.cat(scores), cfg.rm.normalize_unit_variance)  # rho's answers score 0 on average

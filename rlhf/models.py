@@ -266,6 +266,19 @@ class RewardConfig:
     max_length: int = 512
 
 
+def linear_head(backbone: PreTrainedModel, outputs: int, seed: int | None = None) -> nn.Linear:
+    """A fresh linear layer over ``backbone``'s hidden states, as Ziegler et al. put on rho: "initialize
+    r to rho, using random initialization for the final linear layer"; a small std keeps initial
+    outputs near 0. A seed gives the same head whatever else the process drew (the jobs pass
+    theirs); None draws from torch's RNG."""
+    with _LOAD_LOCK:
+        head = nn.Linear(hidden_size_of(backbone), outputs)
+    nn.init.normal_(head.weight, std=1.0 / (head.in_features + 1) ** 0.5,
+                    generator=None if seed is None else torch.Generator().manual_seed(seed))
+    nn.init.zeros_(head.bias)
+    return head
+
+
 class RewardModel(nn.Module):
     """r(x, y): a backbone plus a scalar head, normalised by (bias, gain)."""
 
@@ -275,16 +288,7 @@ class RewardModel(nn.Module):
         self.backbone = backbone
         self.tokenizer = tokenizer
         self.config = config
-        if head is None:
-            # Ziegler et al.: "initialize r to rho, using random initialization for the final
-            # linear layer"; a small std keeps initial scores near 0. A seed gives the same head
-            # whatever else the process drew (the jobs pass theirs); None draws from torch's RNG.
-            with _LOAD_LOCK:
-                head = nn.Linear(hidden_size_of(backbone), 1)
-            nn.init.normal_(head.weight, std=1.0 / (hidden_size_of(backbone) + 1) ** 0.5,
-                            generator=None if seed is None else torch.Generator().manual_seed(seed))
-            nn.init.zeros_(head.bias)
-        self.head = head
+        self.head = head if head is not None else linear_head(backbone, 1, seed)
 
     # -- construction ---------------------------------------------------------------------------
 

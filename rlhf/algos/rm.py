@@ -37,7 +37,7 @@ from rlhf.config import SEED, UNIT, Range, count
 from rlhf.data import Comparison
 from rlhf.distributed import Strategy, World, unwrap
 from rlhf.errors import DataError
-from rlhf.models import hidden_size_of
+from rlhf.models import linear_head
 from rlhf.runtime.threads import fit_threads
 
 LossKind = Literal["ranking", "best_of_k", "pairwise"]
@@ -436,11 +436,7 @@ def train_on_metadata(rm, prompts: Sequence[str], responses: Sequence[str], labe
         raise DataError("metadata labels must be 0 or 1")
     rm.config.max_length = cfg.max_length
     device = next(rm.parameters()).device
-    head = torch.nn.Linear(hidden_size_of(rm.backbone), labels.shape[1])
-    torch.nn.init.normal_(head.weight, std=1.0 / (head.in_features + 1) ** 0.5,
-                          generator=torch.Generator().manual_seed(cfg.seed))
-    torch.nn.init.zeros_(head.bias)
-    head.to(device)
+    head = linear_head(rm.backbone, labels.shape[1], cfg.seed).to(device)
     rng = random.Random(cfg.seed)
     lengths = None
     if cfg.group_by_length:
